@@ -1,0 +1,12 @@
+"""ream-exp analysis: from run directories to the paper's Pareto frontiers, plots and tables.
+
+Modules (each runnable on its own):
+  collect.py  run dirs (or a W&B project) -> one row per run     python -m analysis.collect outputs/
+  pareto.py   frontier + hypervolume per (method, experts)      python -m analysis.pareto --csv FILE
+  plots.py    MC-vs-GEN scatter with frontier steps             (library; used by report.py)
+  tables.py   best-GEN-mix table and the per-mix MC/GEN table   (library; used by report.py)
+  report.py   everything above into one folder                  python -m analysis.report --runs outputs/
+
+Scores are percentage points everywhere in this package (collect_runs multiplies the fractions in
+metrics.json by 100), the units of the paper's tables.
+"""

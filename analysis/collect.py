@@ -1,0 +1,251 @@
+"""Collect ream-exp runs (Hydra run directories, or a W&B project) into one pandas table.
+
+A run directory holds config.yaml (or Hydra's .hydra/config.yaml) and either metrics.json or
+error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_after), ratio, mix
+('0:.3:.7'), mix_general/mix_math/mix_code, seed, mc, gen, avg, status, error, and one
+`task/<name>` column per evaluated task. A failed run (error.txt without metrics.json, an unreadable
+metrics.json, or "status": "failed") is kept with status='failed' and NaN scores so that a sweep's
+holes stay visible; everything downstream drops rows without scores.
+
+Scores are stored in metrics.json as fractions; here they are multiplied by 100 (percentage points),
+the units of the paper's tables. Pareto reference points and table cells are in these units.
+
+Run:  python -m analysis.collect outputs/ [more dirs] [--csv runs.csv]
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from analysis.naming import MIX_PARTS, format_mix, parse_mix
+
+SCALE = 100.0  # fraction -> percentage points
+COLUMNS = ["run_dir", "model", "method", "experts", "ratio", "mix",
+           *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", "status", "error"]
+CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")
+# W&B run states -> our status, used when the run's summary does not say.
+WANDB_STATES = {"finished": "done", "failed": "failed", "crashed": "failed", "killed": "failed"}
+
+
+# ---------------------------------------------------------------- local run directories
+
+def collect_runs(*roots) -> pd.DataFrame:
+    """One row per run directory found (recursively) under the given roots."""
+    rows = [run_dir_row(run_dir) for root in roots for run_dir in find_run_dirs(root)]
+    return to_frame(rows)
+
+
+def find_run_dirs(root):
+    """Yield run directories under root in a stable (sorted) order; hidden dirs are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such run folder: {root}")
+    for dirpath, dirnames, filenames in os.walk(root):
+        if is_run_dir(Path(dirpath), filenames):
+            dirnames.clear()  # a run's own subfolders (checkpoints, wandb/) hold no further runs
+            yield Path(dirpath)
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+
+def is_run_dir(path: Path, filenames) -> bool:
+    has_result = "metrics.json" in filenames or "error.txt" in filenames
+    return has_result and _config_path(path) is not None
+
+
+def _config_path(run_dir: Path):
+    return next((run_dir / name for name in CONFIG_FILES if (run_dir / name).is_file()), None)
+
+
+def run_dir_row(run_dir: Path) -> dict:
+    config_path = _config_path(run_dir)
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path else {}
+    metrics, problem = _read_metrics(run_dir / "metrics.json")
+    if metrics is None:
+        return make_row(config, {}, run_dir=run_dir, status="failed",
+                        error=problem or _last_line(run_dir / "error.txt"))
+    status = str(metrics.get("status", "done"))
+    error = metrics.get("error") or (_last_line(run_dir / "error.txt") if status != "done" else None)
+    return make_row(config, metrics, run_dir=run_dir, status=status, error=error)
+
+
+def _read_metrics(path: Path):
+    """(metrics dict, None), or (None, why not) when the file is absent or unreadable."""
+    if not path.is_file():
+        return None, None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable metrics.json: {exc}"
+    if not isinstance(metrics, dict):
+        return None, "metrics.json is not a JSON object"
+    return metrics, None
+
+
+def _last_line(path: Path):
+    """The last non-empty line of an error file (a traceback's exception message)."""
+    if not path.is_file():
+        return None
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "error.txt is empty"
+
+
+# ---------------------------------------------------------------- config + metrics -> row
+
+def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -> dict:
+    """Map one run's resolved config and metrics (same schema locally and on W&B) to a row."""
+    mix = parse_mix(_first(metrics.get("mix"), dig(config, "calib.mix")))
+    row = {
+        "run_dir": str(run_dir),
+        "model": dig(config, "model.name"),
+        "method": _first(metrics.get("method"), dig(config, "method.name")),
+        "experts": metrics.get("experts_after"),
+        "ratio": _first(metrics.get("ratio"), dig(config, "ratio")),
+        "mix": format_mix(mix),
+        "seed": dig(config, "seed"),
+        "status": status,
+        "error": error,
+    }
+    row.update({f"mix_{part}": (mix[i] if mix else math.nan) for i, part in enumerate(MIX_PARTS)})
+    if status == "done":
+        evaluation = metrics.get("eval")
+        row.update(score_columns(evaluation if isinstance(evaluation, dict) else metrics))
+    return row
+
+
+def score_columns(evaluation: dict) -> dict:
+    """mc, gen, avg and task/<name> in percentage points; avg = (mc + gen) / 2 when not given."""
+    scores = {key: _percent(evaluation.get(key)) for key in ("mc", "gen", "avg")}
+    if math.isnan(scores["avg"]):
+        scores["avg"] = (scores["mc"] + scores["gen"]) / 2
+    for name, task in (evaluation.get("tasks") or {}).items():
+        value = task.get("score") if isinstance(task, dict) else task
+        scores[f"task/{name}"] = _percent(value)
+    return scores
+
+
+def _percent(value) -> float:
+    try:
+        return float(value) * SCALE
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def dig(tree, dotted: str):
+    """tree['a']['b'] for 'a.b'; None when any level is missing."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def to_frame(rows) -> pd.DataFrame:
+    """Rows -> DataFrame with every standard column present, task columns sorted at the end."""
+    frame = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    tasks = sorted(c for c in frame.columns if c.startswith("task/"))
+    frame = frame[COLUMNS + tasks]
+    frame["experts"] = pd.to_numeric(frame["experts"], errors="coerce").astype("Int64")
+    numeric = ["ratio", "mc", "gen", "avg", *(f"mix_{p}" for p in MIX_PARTS), *tasks]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
+    return frame
+
+
+# ---------------------------------------------------------------- Weights & Biases
+
+def collect_wandb(project: str, entity: str | None = None, filters: dict | None = None) -> pd.DataFrame:
+    """One row per run of a W&B project (same columns as collect_runs). Needs network + login."""
+    if not project:
+        raise ValueError("collect_wandb needs a W&B project name")
+    path = f"{entity}/{project}" if entity else project
+    try:
+        import wandb
+
+        rows = [wandb_row(run) for run in wandb.Api().runs(path, filters=filters)]
+    except Exception as exc:  # wandb raises many types (CommError, UsageError, HTTP, ValueError)
+        raise RuntimeError(
+            f"could not read the W&B project {path!r} ({type(exc).__name__}: {exc}). W&B needs "
+            "network access and a login (WANDB_API_KEY); offline, use collect_runs on the run dirs."
+        ) from exc
+    return to_frame(rows)
+
+
+def wandb_row(run) -> dict:
+    """Map a wandb.apis.public.Run (or any object with config, summary_metrics/summary, state)."""
+    config = unflatten(_unwrap_values(dict(run.config or {})), separators="/.")
+    summary = getattr(run, "summary_metrics", None)
+    summary = unflatten(dict(summary if summary is not None else run.summary or {}), separators="/")
+    state = str(getattr(run, "state", "") or "")
+    status = str(summary.get("status") or WANDB_STATES.get(state, state or "unknown"))
+    path = getattr(run, "path", None)
+    run_dir = "wandb:" + ("/".join(path) if path else str(getattr(run, "id", "?")))
+    return make_row(config, summary, run_dir=run_dir, status=status, error=summary.get("error"))
+
+
+def _unwrap_values(config: dict) -> dict:
+    """Raw W&B configs store {"key": {"value": v, "desc": ...}}; keep only v."""
+    def unwrap(v):
+        return v["value"] if isinstance(v, dict) and set(v) <= {"value", "desc"} and "value" in v else v
+    return {key: unwrap(value) for key, value in config.items()}
+
+
+def unflatten(flat: dict, separators: str = "/") -> dict:
+    """{'eval/mc': x, 'eval': {'gen': y}} -> {'eval': {'mc': x, 'gen': y}}; keys starting with _ dropped."""
+    tree: dict = {}
+    for key, value in flat.items():
+        if str(key).startswith("_"):
+            continue
+        parts = _split(str(key), separators)
+        if isinstance(value, dict):
+            value = unflatten(value, separators)
+        _insert(tree, parts, value)
+    return tree
+
+
+def _split(key: str, separators: str):
+    for sep in separators[1:]:
+        key = key.replace(sep, separators[0])
+    return key.split(separators[0])
+
+
+def _insert(tree: dict, parts, value):
+    for part in parts[:-1]:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    leaf = parts[-1]
+    if isinstance(value, dict) and isinstance(tree.get(leaf), dict):
+        tree[leaf].update(value)
+    else:
+        tree[leaf] = value
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("roots", nargs="+", help="folders searched recursively for run dirs")
+    parser.add_argument("--csv", help="write the table here instead of printing it")
+    args = parser.parse_args(argv)
+    frame = collect_runs(*args.roots)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    else:
+        frame.to_csv(sys.stdout, index=False)
+
+
+if __name__ == "__main__":
+    main()

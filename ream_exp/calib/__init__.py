@@ -1,0 +1,123 @@
+"""Calibration tokens: sources mixed by ratio, tokenised to [n, seq_len] with an attention mask.
+
+    calib = build_calibration(cfg.calib, tokenizer)     # {"input_ids", "attention_mask"} LongTensors
+    for batch in calibration_batches(calib, 8): ...
+
+A mix (a : b : c) takes int(n*a), int(n*b), int(n*c) sequences from the general, math and code sources
+(SPEC 6). Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
+and rows with less than `min_fill` real tokens are skipped (or, with `pack: true`, texts are joined with
+EOS and cut into full sequences). Pads are marked 0 in the attention mask and never count in statistics.
+`calib=pretokenized calib.path=FILE` instead loads a stored [n, seq_len] token file exactly as given.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .pretokenized import load_pretokenized
+from .sources import iter_texts, load_source
+
+DOMAINS = ("general", "math", "code")
+
+
+def validate_mix(mix) -> list[float]:
+    mix = [float(x) for x in mix]
+    if len(mix) != len(DOMAINS):
+        raise ValueError(f"calib.mix must have {len(DOMAINS)} ratios ({':'.join(DOMAINS)}), got {mix}")
+    if any(x < 0 for x in mix):
+        raise ValueError(f"calib.mix ratios must be >= 0, got {mix}")
+    if sum(mix) == 0:
+        raise ValueError(f"calib.mix is all zero ({mix}): at least one source needs a positive ratio")
+    return mix
+
+
+def counts_for_mix(n: int, mix) -> dict[str, int]:
+    return {d: int(n * r) for d, r in zip(DOMAINS, validate_mix(mix))}
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token to pad calibration sequences with")
+    return pad
+
+
+def _rows_truncated(texts, tokenizer, count, seq_len, min_fill):
+    need = max(1, int(min_fill * seq_len + 0.999999))
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
+        if len(ids) >= need:
+            yield ids
+            count -= 1
+            if count == 0:
+                return
+
+
+def _rows_packed(texts, tokenizer, count, seq_len):
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    for text in texts:
+        buf += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        while len(buf) >= seq_len:
+            yield buf[:seq_len]
+            buf = buf[seq_len:]
+            count -= 1
+            if count == 0:
+                return
+
+
+def tokenize_source(src, tokenizer, count: int, seq_len: int, seed: int, min_fill: float, pack: bool):
+    texts = iter_texts(src, seed)
+    rows = _rows_packed(texts, tokenizer, count, seq_len) if pack else _rows_truncated(
+        texts, tokenizer, count, seq_len, min_fill)
+    rows = list(tqdm(rows, total=count, desc=f"calib {src['path']}", leave=False))
+    if len(rows) < count:
+        raise ValueError(
+            f"calibration source {src['path']!r} gave only {len(rows)} of {count} sequences of {seq_len} tokens "
+            f"(min_fill={min_fill}, pack={pack}); lower calib.n or calib.seq_len, or add data"
+        )
+    return rows
+
+
+def is_pretokenized(cfg) -> bool:
+    return bool(cfg.get("path")) or cfg.get("name") == "pretokenized"
+
+
+def validate_calib(cfg) -> None:
+    """What can be checked before a model is loaded: the pre-tokenised file, or the mix of sources."""
+    if is_pretokenized(cfg):
+        load_pretokenized(cfg.get("path"))
+    else:
+        validate_mix(cfg.mix)
+
+
+def build_calibration(cfg, tokenizer) -> dict[str, torch.Tensor]:
+    if is_pretokenized(cfg):  # calib=pretokenized calib.path=FILE: the tokens exactly as stored
+        return load_pretokenized(cfg.get("path"))
+    counts = counts_for_mix(int(cfg.n), cfg.mix)
+    seq_len, pad = int(cfg.seq_len), _pad_id(tokenizer)
+    rows: list[list[int]] = []
+    for domain, count in counts.items():
+        if count == 0:
+            continue
+        src = cfg.sources.get(domain)
+        if src is None:
+            raise ValueError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r}")
+        rows += tokenize_source(src, tokenizer, count, seq_len, int(cfg.seed), float(cfg.get("min_fill", 0.9)),
+                                bool(cfg.get("pack", False)))
+    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
+    n = calib["input_ids"].shape[0]
+    return [{k: v[i:i + batch_size] for k, v in calib.items()} for i in range(0, n, batch_size)]
+
+
+__all__ = ["DOMAINS", "build_calibration", "calibration_batches", "counts_for_mix", "is_pretokenized",
+           "load_pretokenized", "load_source", "validate_calib", "validate_mix"]

@@ -1,0 +1,48 @@
+"""Config helpers: the `${pkg:...}` resolver and every check that must fail before a model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import PACKAGE_DIR
+
+if not OmegaConf.has_resolver("pkg"):
+    # ${pkg:toy/checkpoint} -> absolute path inside the installed ream_exp package
+    OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
+
+
+def _is_local_path(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def check_model_path(model_cfg: DictConfig) -> None:
+    path = model_cfg.get("path")
+    if path in (None, "", "???"):
+        raise ValueError(f"model={model_cfg.get('name')} needs model.path (a checkpoint directory or hub id)")
+    path = str(path)
+    must_be_local = model_cfg.get("name") == "local" or _is_local_path(path)
+    if must_be_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"model.path {path!r} is not a directory (model={model_cfg.get('name')})")
+
+
+def check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio={ratio} is outside [0, 1): it is the fraction of experts removed per MoE layer")
+    return ratio
+
+
+def check_expert_counts(model_config, ratio: float) -> None:
+    """N' = N - round(N * ratio) must keep at least top_k experts (SPEC 1)."""
+    from .moe import family_for
+    from .plan import experts_to_keep
+
+    family = family_for(model_config.model_type)
+    n = int(getattr(model_config, family.count_key))
+    k = int(model_config.num_experts_per_tok)
+    n_keep = experts_to_keep(n, ratio)
+    if n_keep < k:
+        raise ValueError(f"ratio={ratio} keeps {n_keep} of {n} experts, fewer than top_k={k}; "
+                         f"the largest ratio allowed here is {(n - k) / n:.4f}")

@@ -1,0 +1,317 @@
+"""lm-evaluation-harness over an in-memory model: the MC, GEN and AVG scores of one eval config.
+
+    from ream_exp.evaluate import check_tasks, evaluate
+    check_tasks(cfg.eval)                            # before the model is loaded: bad names fail here
+    metrics = evaluate(model, tokenizer, cfg.eval)   # {"tasks", "mc", "gen", "avg", "percent", "skipped"}
+
+The eval config is one of conf/eval/*.yaml. Every name in its `tasks` list is scored as ONE task:
+a leaf task by its own metric, a group (mmlu) by the group's aggregate score, a tag by each of the
+tasks it stands for. Whether a task is MC or GEN is read from lm-eval's own `output_type`
+(multiple_choice / loglikelihood -> MC, generate_until -> GEN), never from a list kept here.
+Primary metric: MC -> acc (SPEC 8: acc, not acc_norm); GEN -> the task's first metric under its
+first filter (gsm8k: exact_match,strict-match; ifeval: prompt_level_strict_acc,none; humaneval:
+pass_at_k,create_test = pass@1). `metrics: {task: "metric,filter"}` in the config overrides this.
+MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG = (MC + GEN) / 2 (SPEC 8).
+
+Backends: the model already in memory is wrapped in lm-eval's HFLM (no reload). `backend: vllm`
+runs the GEN tasks with lm-eval's vLLM backend instead, which must load the model itself, so it
+needs the saved `checkpoint_dir`; MC (loglikelihood) tasks always stay on the in-memory model.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# lm-eval output types answered by scoring fixed continuations (no sampling): the MC side.
+MC_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
+MC_METRIC = "acc"  # SPEC 8 scores MC by acc, not acc_norm
+CODE_EVAL_HINT = "set eval.allow_code_eval=true to run it (executes model-written code)"
+
+
+@dataclass
+class Entry:
+    """One scored task: a requested name with the lm-eval Task or Group that answers it."""
+
+    name: str
+    requested: str  # the name in the config (differs from `name` only for a tag's tasks)
+    obj: Any  # lm_eval Task or Group
+    leaves: list  # the leaf Tasks that run
+    kind: str  # "mc" | "gen"
+    metric: str  # the "metric,filter" key lm-eval reports
+
+    @property
+    def unsafe(self) -> bool:
+        # lm-eval sets Task.UNSAFE_CODE from the YAML's `unsafe_code` (code-executing tasks).
+        return any(getattr(task, "UNSAFE_CODE", False) for task in self.leaves)
+
+
+# ---------------------------------------------------------------- config checks (no model needed)
+def task_names(cfg) -> list[str]:
+    """The task names an eval config asks for; none for `name: none`."""
+    cfg = _as_dict(cfg)
+    if cfg.get("name") == "none":
+        return []
+    return list(cfg.get("tasks") or [])
+
+
+def check_tasks(cfg) -> list[str]:
+    """Validates an eval config before any model work and returns its task names.
+
+    Raises ValueError naming unknown tasks (checked against lm-eval's local task index, which needs
+    no network), stray keys in the per-task `num_fewshot` / `metrics` mappings, a missing
+    include_path or an unknown backend; ImportError when backend=vllm and vllm is not installed.
+    """
+    cfg = _as_dict(cfg)
+    names = task_names(cfg)
+    if not names:
+        return []
+    _check_backend(cfg.get("backend") or "hf")
+    known = set(_task_manager(_include_path(cfg)).all_tasks)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"eval '{cfg.get('name')}': unknown lm-eval task(s) {unknown}; "
+            "names must be lm-eval tasks, groups or tags (`lm-eval ls tasks`) or be defined "
+            "in eval.include_path"
+        )
+    for key in ("num_fewshot", "metrics"):
+        stray = [k for k in _mapping(cfg.get(key)) if k not in names]
+        if stray:
+            raise ValueError(f"eval.{key} names task(s) {stray} that are not in eval.tasks")
+    return names
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in LM_BUILDERS:
+        raise ValueError(f"eval.backend={backend!r}: choose one of {sorted(LM_BUILDERS)}")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "eval.backend=vllm needs the `vllm` package, which is not installed "
+            "(pip install vllm), or use eval.backend=hf"
+        )
+
+
+def _include_path(cfg) -> str | None:
+    path = cfg.get("include_path")
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError(f"eval.include_path {str(path)!r} is not a directory")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    # Indexing every lm-eval YAML takes seconds, so one manager per include_path is kept.
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = None) -> dict:
+    """Scores `model` on the eval config `cfg`; returns a JSON-serialisable dict.
+
+    {"tasks": {name: {"score", "metric", "kind", "n"}}, "mc", "gen", "avg" (fractions in [0, 1],
+    None when a side has no task), "percent": the same three x 100, "skipped": {name: reason}}.
+    `checkpoint_dir` (the saved model) is needed only by backend=vllm.
+    """
+    cfg = _as_dict(cfg)
+    names = check_tasks(cfg)
+    if not names:  # eval=none: lm-eval is not even imported
+        return {**summarise({}), "skipped": {}}
+    if cfg.get("backend") == "vllm" and checkpoint_dir is None:
+        raise ValueError("eval.backend=vllm loads the model from disk: pass checkpoint_dir")
+    task_manager = _task_manager(_include_path(cfg))
+    entries = [e for name in names for e in _entries_for(task_manager, name, cfg)]
+    entries, skipped = _drop_unsafe(entries, bool(cfg.get("allow_code_eval")))
+    _apply_num_fewshot(entries, cfg.get("num_fewshot"))
+    scores = {}
+    with _code_eval_env(bool(cfg.get("allow_code_eval"))):
+        for kind, group in _by_kind(entries).items():
+            lm = _make_lm(kind, model, tokenizer, cfg, checkpoint_dir)
+            raw = _run(lm, group, kind, cfg, task_manager)
+            scores.update({e.name: _score(e, raw) for e in group})
+    return {**summarise(scores), "skipped": skipped}
+
+
+def summarise(tasks: dict) -> dict:
+    """MC / GEN / AVG from per-task results (SPEC 8), plus the same in percent."""
+    mc = _mean([t["score"] for t in tasks.values() if t["kind"] == "mc"])
+    gen = _mean([t["score"] for t in tasks.values() if t["kind"] == "gen"])
+    avg = (mc + gen) / 2 if mc is not None and gen is not None else mc if mc is not None else gen
+    percent = {k: None if v is None else round(100 * v, 2) for k, v in zip(("mc", "gen", "avg"), (mc, gen, avg))}
+    return {"tasks": tasks, "mc": mc, "gen": gen, "avg": avg, "percent": percent}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]  # a task whose metric was missing is left out
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------- from names to scored entries
+def _entries_for(task_manager, name: str, cfg: dict) -> list[Entry]:
+    """Builds the lm-eval objects for one requested name (this loads the task's dataset)."""
+    loaded = task_manager.load([name])
+    override = _mapping(cfg.get("metrics")).get(name)
+    if name in loaded.get("groups", {}):
+        group = loaded["groups"][name]
+        if not group.has_aggregation:
+            raise ValueError(
+                f"lm-eval group '{name}' reports no aggregate score (no aggregate_metric_list); "
+                "list its subtasks in eval.tasks instead"
+            )
+        return [_entry(name, name, group, group.get_all_tasks(), override)]
+    return [_entry(t.task_name, name, t, [t], override) for t in loaded["tasks"].values()]
+
+
+def _entry(name: str, requested: str, obj, leaves: list, override: str | None) -> Entry:
+    kinds = {"mc" if t.OUTPUT_TYPE in MC_OUTPUT_TYPES else "gen" for t in leaves}
+    if len(kinds) != 1:
+        raise ValueError(f"lm-eval group '{name}' mixes MC and GEN subtasks; list them separately")
+    kind = kinds.pop()
+    return Entry(name, requested, obj, leaves, kind, _primary_metric(obj, leaves[0], kind, override))
+
+
+def _primary_metric(obj, first_leaf, kind: str, override: str | None) -> str:
+    if override:
+        metric = override
+    elif kind == "mc":
+        metric = MC_METRIC
+    elif hasattr(obj, "aggregate_metric_list"):  # a GEN group: its first aggregated metric
+        metric = obj.aggregate_metric_list[0].metric
+    else:  # aggregation() lists the task's metrics in its metric_list order
+        metric = next(iter(obj.aggregation()))
+    return metric if "," in metric else f"{metric},{_first_filter(first_leaf)}"
+
+
+def _first_filter(task) -> str:
+    # lm-eval reports every metric once per filter; tasks without filters report under "none".
+    filters = task.config.filter_list
+    return filters[0]["name"] if isinstance(filters, list) and filters else "none"
+
+
+def _drop_unsafe(entries: list[Entry], allowed: bool) -> tuple[list[Entry], dict]:
+    """Leaves out code-executing tasks unless allowed (lm-eval would raise mid-suite instead)."""
+    if allowed:
+        return entries, {}
+    unsafe = [e.name for e in entries if e.unsafe]
+    if unsafe:
+        log.warning("Skipping code-executing task(s) %s: %s", unsafe, CODE_EVAL_HINT)
+    skipped = {name: f"unsafe_code task skipped; {CODE_EVAL_HINT}" for name in unsafe}
+    return [e for e in entries if not e.unsafe], skipped
+
+
+def _apply_num_fewshot(entries: list[Entry], num_fewshot) -> None:
+    """A per-task {name: n} mapping is set on each task here; a single int goes to lm-eval."""
+    per_task = _mapping(num_fewshot)
+    for entry in entries:
+        if entry.requested in per_task:
+            for task in entry.leaves:
+                task.set_config(key="num_fewshot", value=int(per_task[entry.requested]))
+
+
+def _by_kind(entries: list[Entry]) -> dict[str, list[Entry]]:
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.kind, []).append(entry)
+    return groups
+
+
+# ---------------------------------------------------------------- running lm-eval
+def _hf_lm(model, tokenizer, cfg: dict, checkpoint_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.get("batch_size") or 1)
+
+
+def _vllm_lm(model, tokenizer, cfg: dict, checkpoint_dir):
+    _check_backend("vllm")
+    from lm_eval.models.vllm_causallms import VLLM
+
+    extra = _mapping(cfg.get("vllm_args"))  # e.g. gpu_memory_utilization, max_model_len
+    return VLLM(pretrained=str(checkpoint_dir), batch_size=cfg.get("batch_size") or "auto", **extra)
+
+
+LM_BUILDERS = {"hf": _hf_lm, "vllm": _vllm_lm}
+
+
+def _make_lm(kind: str, model, tokenizer, cfg: dict, checkpoint_dir):
+    # Only generation gains from vLLM; loglikelihood scoring stays on the in-memory model.
+    backend = (cfg.get("backend") or "hf") if kind == "gen" else "hf"
+    return LM_BUILDERS[backend](model, tokenizer, cfg, checkpoint_dir)
+
+
+def _run(lm, entries: list[Entry], kind: str, cfg: dict, task_manager) -> dict:
+    import lm_eval
+
+    num_fewshot = cfg.get("num_fewshot")
+    max_gen_toks = cfg.get("max_gen_toks")
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[e.obj for e in entries],
+        task_manager=task_manager,
+        limit=cfg.get("limit"),
+        num_fewshot=num_fewshot if isinstance(num_fewshot, int) else None,
+        gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+        apply_chat_template=_for_kind(cfg.get("apply_chat_template"), kind),
+        confirm_run_unsafe_code=bool(cfg.get("allow_code_eval")),
+        bootstrap_iters=0,  # stderrs are not reported; bootstrapping them costs minutes
+        log_samples=False,
+    )
+
+
+def _score(entry: Entry, raw: dict) -> dict:
+    reported = raw["results"].get(entry.name, {})
+    value = reported.get(entry.metric)
+    n = sum(int(raw["n-samples"][t.task_name]["effective"]) for t in entry.leaves)
+    if not isinstance(value, (int, float)):
+        available = sorted(k for k in reported if "," in k and "_stderr" not in k)
+        log.warning("%s reports no %r (has %s); left out of the means", entry.name, entry.metric, available)
+        value = None
+    return {"score": None if value is None else float(value), "metric": entry.metric, "kind": entry.kind, "n": n}
+
+
+@contextmanager
+def _code_eval_env(allowed: bool):
+    """HF_ALLOW_CODE_EVAL=1 (HF `evaluate`'s code_eval opt-in) only while allowed tasks run."""
+    if not allowed:
+        yield
+        return
+    previous = os.environ.get("HF_ALLOW_CODE_EVAL")
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = previous
+
+
+# ---------------------------------------------------------------- small helpers
+def _as_dict(cfg) -> dict:
+    if cfg is None:
+        return {"name": "none", "tasks": []}
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _mapping(value) -> dict:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _for_kind(value, kind: str) -> bool:
+    """A setting given as one bool or per kind ({mc: false, gen: true})."""
+    return bool(value.get(kind, False)) if isinstance(value, dict) else bool(value)

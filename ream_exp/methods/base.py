@@ -1,0 +1,63 @@
+"""What every method receives, and the shared step of pruning methods: keep the top-N' by score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calib import calibration_batches
+from ..moe import MoELayer, moe_layers
+from ..observe import LayerStats, observe
+from ..plan import LayerPlan, Plan, experts_to_keep
+
+
+@dataclass
+class Context:
+    """A compression job: the model, its calibration tokens and the settings of the method."""
+
+    model: nn.Module
+    calib: dict[str, torch.Tensor] | None
+    ratio: float
+    cfg: dict  # the method's config group
+    seed: int = 0
+    batch_size: int = 8
+    progress: bool = True
+    _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return moe_layers(self.model)
+
+    def n_keep(self, layer: MoELayer) -> int:
+        return experts_to_keep(layer.num_experts, self.ratio)
+
+    def batches(self):
+        if self.calib is None:
+            raise ValueError(f"method {self.cfg.get('name')!r} needs calibration data, but none was built")
+        return calibration_batches(self.calib, self.batch_size)
+
+    def stats(self) -> dict[int, LayerStats]:
+        """Routing statistics of the (uncompressed) model over the calibration tokens, observed once."""
+        if self._stats is None:
+            self._stats = observe(self.model, self.batches(), progress=self.progress)
+        return self._stats
+
+
+def top_experts(score: torch.Tensor, n_keep: int) -> list[int]:
+    """Indices of the n_keep highest scores (ties: lower index first), returned in ascending order."""
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+    return sorted(order[:n_keep])
+
+
+def prune_plan(ctx: Context, score_name: str) -> Plan:
+    """Per layer, drop the N - N' experts with the lowest `score_name` saliency (SPEC 3)."""
+    stats = ctx.stats()
+    layers = []
+    for layer in ctx.layers:
+        s = stats[layer.index]
+        score = s.score(score_name)
+        layers.append(LayerPlan(layer.index, layer.num_experts, top_experts(score, ctx.n_keep(layer)),
+                                saliency=score.tolist(), scores=s.to_dict()))
+    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)

@@ -1,0 +1,12 @@
+"""`method=ean`: expert activation norm pruning (REAP's EAN baseline).
+
+S_i = sum_{x in X_i} ||E_i(x)||_2 over the tokens routed to expert i (SPEC 2).
+"""
+
+from .base import Context, prune_plan
+
+NEEDS_CALIBRATION = True
+
+
+def plan(ctx: Context):
+    return prune_plan(ctx, "ean")

@@ -1,0 +1,43 @@
+"""`method=hc_smoe`: HC-SMoE, retraining-free merging by hierarchical clustering (arXiv 2410.08589), SPEC 5.
+
+Per MoE layer:
+    f_i       = mean_x E_i(x) over all calibration tokens (unweighted expert outputs)
+    clusters  = average-linkage agglomerative clustering of f on Euclidean distance, into N' clusters
+    centroid  = the member closest to its cluster's mean feature (its router row is kept)
+    W_c       = sum_j freq_j / sum(freq) P_j(W_j), P_j aligning neurons on activations (SPEC 4.4)
+Non-sequential by default, as HC-SMoE observes the original model (`method.sequential` switches it).
+"""
+
+from __future__ import annotations
+
+from ..plan import Plan
+from .base import Context
+from .layerwise import Needs, Timings, run_layerwise
+from .merging import align_groups, average_linkage, closest_to_mean, merge_layer_plan
+
+NEEDS_CALIBRATION = True
+
+DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64)
+
+
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
+    features = obs.mean_outputs
+    with timings("group"):
+        clusters = average_linkage(features, n_keep)
+        groups = []
+        for cluster in clusters:
+            rep = closest_to_mean(features, cluster)
+            groups.append([rep] + [j for j in cluster if j != rep])
+    with timings("align"):
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
+    return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
+
+
+def plan(ctx: Context) -> Plan:
+    s = {**DEFAULTS, **{k: v for k, v in ctx.cfg.items() if k != "name"}}
+    needs = Needs(dense="plain", align=s["align"] in ("both", "activations"), sim_tokens=s["sim_tokens"],
+                  align_tokens=int(s["align_tokens"]))
+    timings = Timings()
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
+                           bool(s["sequential"]), timings)
+    return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})

@@ -1,0 +1,354 @@
+"""Layer-wise driver of the merging methods: observe one MoE layer, plan it, apply it, move on.
+
+    plan_layers = run_layerwise(ctx, plan_layer, needs, sequential=True)
+
+The calibration hidden states are captured at the input of the first decoder layer: every decoder
+layer is briefly replaced by a stub that records the arguments the model passes it (attention masks,
+which differ per layer type in GPT-OSS, rotary embeddings, position ids) and returns its input, so one
+cheap call per batch yields everything needed to run the decoder layers ourselves, one at a time.
+For each MoE layer, in order (REAM, SPEC 4):
+
+1. observe: the decoder layer runs on the current hidden states while its experts module does exactly
+   the model's routed work and fills a `LayerObservation` (pads never count);
+2. plan: `plan_layer(layer, obs, n_keep)` returns the layer's LayerPlan (groups, weights, perms);
+3. apply: `apply_layer_plan` merges and slices the layer in place;
+4. propagate: sequential=true runs the compressed layer to get the next layer's inputs;
+   sequential=false keeps the original layer's outputs, computed while observing.
+
+Memory beyond the weights: the calibration hidden states plus one layer's observation
+(O(N*H + N^2) sums and the alignment token sample [T_a, H]), whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib import calibration_batches
+from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
+from ..plan import LayerPlan
+
+# Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
+DENSE_BLOCK = 1 << 26
+
+
+@dataclass
+class Needs:
+    """What a method needs observed beyond the exact routing sums (which are always kept)."""
+
+    dense: str | None = None  # mean expert outputs on the similarity sample: "gated" | "plain" | None
+    align: bool = False  # keep the MoE inputs of the alignment token sample
+    sim_tokens: int | None = None  # similarity sample size (None/0: every non-pad token, exact)
+    align_tokens: int = 32768
+
+
+@dataclass
+class LayerObservation:
+    """One MoE layer's statistics over the non-pad calibration tokens X (float64 sums)."""
+
+    num_experts: int
+    device: torch.device | str = "cpu"
+    tokens: int = 0  # |X|
+    count: torch.Tensor = field(init=False)  # |X_i|
+    reap: torch.Tensor = field(init=False)  # sum_{X_i} g_i ||E_i||     (g = routing weight applied)
+    sigma_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i ||E_i||   (sigma = full softmax/sigmoid)
+    sigma2_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i^2 ||E_i||
+    logit_gram: torch.Tensor = field(init=False)  # G^T G of the router logits G [|X|, N]
+    dense_tokens: int = 0
+    dense_hidden: torch.Tensor | None = None  # sum_t w_ti a_i(x_t) [N, I] (w = sigma or 1)
+    dense_weight: torch.Tensor | None = None  # sum_t w_ti [N]
+    mean_outputs: torch.Tensor | None = None  # mean_t w_ti E_i(x_t) [N, H], set by `finish`
+    align_chunks: list = field(default_factory=list, repr=False)
+    align_x: torch.Tensor | None = None  # MoE inputs of the alignment sample [T_a, H], set by `finish`
+
+    def __post_init__(self):
+        n, f64 = self.num_experts, dict(dtype=torch.float64, device=self.device)
+        self.count, self.reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
+        self.sigma_reap, self.sigma2_reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
+        self.logit_gram = torch.zeros(n, n, **f64)
+
+    # ---- SPEC 2 and 4.1 --------------------------------------------------------------------
+    @property
+    def freq(self) -> torch.Tensor:
+        return self.count / max(self.tokens, 1)
+
+    def _mean_routed(self, total: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.count > 0, total / self.count.clamp(min=1), torch.zeros_like(total))
+
+    @property
+    def reap_score(self) -> torch.Tensor:
+        """Paper/REAP form: mean over X_i of g_i(x) ||E_i(x)||, g the weight the model applies."""
+        return self._mean_routed(self.reap)
+
+    def sigma_score(self, power: int) -> torch.Tensor:
+        """Official-code form: mean over X_i of sigma_i(x)^power ||E_i(x)||, sigma not renormalised."""
+        return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
+
+    # ---- accumulation ------------------------------------------------------------------------
+    def add_routed(self, e: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Routed (token, expert e) pairs, non-pad only: outputs y [P, H], applied weights w, sigma_e [P]."""
+        norms = y.double().norm(dim=-1)
+        s = sigma.double()
+        self.count.index_add_(0, e, torch.ones_like(norms))
+        self.reap.index_add_(0, e, w.double() * norms)
+        self.sigma_reap.index_add_(0, e, s * norms)
+        self.sigma2_reap.index_add_(0, e, s * s * norms)
+
+    def add_dense(self, experts: nn.Module, x: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Accumulate sum_t w_ti a_i(x_t) for every expert on tokens x [t, H] (w [t, N], or 1)."""
+        n, t = self.num_experts, x.shape[0]
+        if t == 0:
+            return
+        width = experts.gate_up_proj[0].numel() // x.shape[1]  # 2I, whatever the layout
+        step = max(1, DENSE_BLOCK // (n * width))
+        for s in range(0, t, step):
+            a = experts_hidden(experts, x[s:s + step]).float()  # [N, t', I]
+            if weight is None:
+                part, wsum = a.sum(1), torch.full((n,), float(a.shape[1]), device=a.device)
+            else:
+                w = weight[s:s + step].float().T  # [N, t']
+                part, wsum = torch.bmm(w[:, None, :], a).squeeze(1), w.sum(1)
+            if self.dense_hidden is None:
+                self.dense_hidden = torch.zeros(part.shape, dtype=torch.float64, device=part.device)
+                self.dense_weight = torch.zeros(n, dtype=torch.float64, device=part.device)
+            self.dense_hidden += part.double()
+            self.dense_weight += wsum.double()
+        self.dense_tokens += t
+
+    @torch.no_grad()
+    def finish(self, experts: nn.Module, chunk: int = 8) -> None:
+        """mean_t w_ti E_i(x_t) = (down_i (sum_t w_ti a_i(x_t)) + b_i sum_t w_ti) / T, in float64."""
+        if self.dense_hidden is not None:
+            means = []
+            for s in range(0, self.num_experts, chunk):
+                idx = list(range(s, min(s + chunk, self.num_experts)))
+                w = canonical_weights(experts, idx)
+                m = torch.bmm(w["down"].double(), self.dense_hidden[idx, :, None]).squeeze(-1)
+                if w["down_bias"] is not None:
+                    m = m + w["down_bias"].double() * self.dense_weight[idx, None]
+                means.append(m)
+            self.mean_outputs = torch.cat(means) / max(self.dense_tokens, 1)
+            self.dense_hidden = None
+        if self.align_chunks:
+            self.align_x = torch.cat(self.align_chunks)
+            self.align_chunks = []
+
+
+# ---- token samples -------------------------------------------------------------------------------
+
+def token_sample(mask: torch.Tensor, k: int | None, seed: int) -> torch.Tensor:
+    """A seeded sample of k non-pad positions of `mask` [n, S] as a bool mask (all of them if k is None/0).
+
+    One seeded permutation serves every sample size, so a smaller sample is a subset of a larger one.
+    """
+    valid = mask.reshape(-1).bool()
+    pos = valid.nonzero().squeeze(1)
+    if not k or k >= pos.numel():
+        return valid.reshape(mask.shape)
+    gen = torch.Generator().manual_seed(int(seed))
+    pick = pos[torch.randperm(pos.numel(), generator=gen)[: int(k)]]
+    out = torch.zeros_like(valid)
+    out[pick] = True
+    return out.reshape(mask.shape)
+
+
+# ---- capturing and running decoder layers ---------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BatchState:
+    hidden: torch.Tensor  # input of the next decoder layer to run [B, S, H]
+    layer_args: list  # per decoder layer: (extra positional args, kwargs) the model passes it
+    valid: torch.Tensor  # [B*S] non-pad tokens
+    sim: torch.Tensor  # [B*S] tokens of the similarity sample
+    align: torch.Tensor  # [B*S] tokens of the alignment sample
+
+
+@contextlib.contextmanager
+def _replaced_forward(modules, make_forward):
+    """Temporarily give each module an instance `forward` (restoring any instance forward it had)."""
+    saved = [m.__dict__.get("forward") for m in modules]
+    for i, m in enumerate(modules):
+        m.forward = make_forward(i, m)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, batches: list[dict]) -> list[BatchState]:
+    """Per batch: the input of decoder layer 0 and the arguments the model passes every decoder layer."""
+    layers = list(decoder_layers(model))
+    device = next(model.parameters()).device
+    states = []
+    record: dict = {}
+
+    def make_stub(i, _layer):
+        def stub(self, hidden_states, *args, **kwargs):
+            if i == 0:
+                record["hidden"] = hidden_states
+            record["args"].append((args, kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+        return types.MethodType(stub, _layer)
+
+    with _replaced_forward(layers, make_stub):
+        for b in batches:
+            record.clear()
+            record["args"] = []
+            try:
+                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                      use_cache=False)
+            except _Stop:
+                pass
+            flat = lambda k: b[k].reshape(-1).bool().to(device)
+            states.append(BatchState(record["hidden"], record["args"], flat("attention_mask"), flat("sim"),
+                                     flat("align")))
+    return states
+
+
+def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, args) -> torch.Tensor:
+    out = layer(hidden, *args[0], **args[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def advance(states: list[BatchState], model: nn.Module, start: int, stop: int) -> None:
+    """Run decoder layers start..stop-1 on every batch's hidden states (in place)."""
+    layers = decoder_layers(model)
+    for s in states:
+        for i in range(start, stop):
+            s.hidden = run_decoder_layer(layers[i], s.hidden, s.layer_args[i])
+
+
+# ---- observing one MoE layer -------------------------------------------------------------------------
+
+def _observing_forward(layer: MoELayer, obs: LayerObservation, needs: Needs, current: dict):
+    """Experts forward doing the model's routed work while filling `obs` for the batch in `current`.
+
+    As in `ream_exp.observe`, the model's own experts kernel runs once per (token, top-k slot) with
+    weight 1, giving every routed E_i(x) unweighted; we weight and sum them as the model does.
+    """
+    kernel = type(layer.experts).forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        batch, logits = current["batch"], current["logits"]
+        t, k = top_k_index.shape
+        rows = torch.arange(t, device=hidden_states.device).repeat_interleave(k)
+        idx = top_k_index.reshape(-1)
+        y = kernel(self, hidden_states[rows], idx[:, None], torch.ones_like(top_k_weights.reshape(-1, 1)))
+        w = top_k_weights.reshape(-1)
+        out = torch.zeros_like(hidden_states).index_add_(0, rows, (y * w[:, None].to(y.dtype)).to(hidden_states.dtype))
+        sigma = router_probs(layer, logits)
+        ok = batch.valid[rows] & (idx < self.num_experts)  # non-pad, and not a kernel's "no expert" index
+        obs.add_routed(idx[ok], y[ok], w[ok], sigma[rows[ok], idx[ok]])
+        g = logits[batch.valid].double()
+        obs.logit_gram += g.T @ g
+        obs.tokens += int(batch.valid.sum())
+        if needs.dense:
+            weight = sigma[batch.sim] if needs.dense == "gated" else None
+            obs.add_dense(self, hidden_states[batch.sim], weight)
+        if needs.align:
+            obs.align_chunks.append(hidden_states[batch.align])
+        return out
+
+    return forward
+
+
+@contextlib.contextmanager
+def observing_layer(layer: MoELayer, needs: Needs):
+    """Within the block, forwards of the layer's sparse block fill the yielded LayerObservation; set
+    `current["batch"]` (a BatchState, for its token masks) before each forward. `finish` runs on exit."""
+    obs = LayerObservation(layer.num_experts, layer.router.weight.device)
+    current: dict = {}
+
+    def grab_logits(_module, _inputs, output):
+        current["logits"] = output[0] if isinstance(output, tuple) else output
+
+    hook = layer.router.register_forward_hook(grab_logits)
+    make = lambda _i, m: types.MethodType(_observing_forward(layer, obs, needs, current), m)
+    try:
+        with _replaced_forward([layer.experts], make):
+            yield obs, current
+    finally:
+        hook.remove()
+    obs.finish(layer.experts)
+
+
+@torch.no_grad()
+def observe_layer(model: nn.Module, layer: MoELayer, states: list[BatchState], needs: Needs,
+                  keep_outputs: bool) -> LayerObservation:
+    """Run decoder layer `layer.index` on every batch, observing its experts; optionally keep its outputs."""
+    dec = decoder_layers(model)[layer.index]
+    with observing_layer(layer, needs) as (obs, current):
+        for s in states:
+            current["batch"] = s
+            out = run_decoder_layer(dec, s.hidden, s.layer_args[layer.index])
+            if keep_outputs:
+                s.hidden = out
+    return obs
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+
+class Timings(dict):
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = round(self.get(stage, 0.0) + time.perf_counter() - start, 4)
+
+
+def calibration_states(ctx, needs: Needs) -> list[BatchState]:
+    """Calibration batches with their token samples, captured at the input of decoder layer 0."""
+    if ctx.calib is None:
+        raise ValueError(f"method {ctx.cfg.get('name')!r} needs calibration data, but none was built")
+    mask = ctx.calib["attention_mask"]
+    calib = {"input_ids": ctx.calib["input_ids"], "attention_mask": mask,
+             "sim": token_sample(mask, needs.sim_tokens, ctx.seed),
+             "align": token_sample(mask, needs.align_tokens, ctx.seed) if needs.align
+             else torch.zeros(mask.shape, dtype=torch.bool)}
+    return capture_inputs(ctx.model, calibration_batches(calib, ctx.batch_size))
+
+
+@torch.no_grad()
+def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None = None
+                  ) -> list[LayerPlan]:
+    """Observe, plan, apply and propagate MoE layer after MoE layer; returns the (applied) layer plans."""
+    timings = timings if timings is not None else Timings()
+    layers = ctx.layers
+    with timings("capture"):
+        states = calibration_states(ctx, needs)
+    plans, position = [], 0
+    for layer in tqdm(layers, desc=f"{ctx.cfg.get('name', 'merge')} layers", disable=not ctx.progress, leave=False):
+        with timings("propagate"):
+            advance(states, ctx.model, position, layer.index)
+        with timings("observe"):
+            obs = observe_layer(ctx.model, layer, states, needs, keep_outputs=not sequential)
+        lp = plan_layer(layer, obs, ctx.n_keep(layer), timings)
+        del obs
+        with timings("merge"):
+            apply_layer_plan(layer, lp)
+        if sequential and layer is not layers[-1]:
+            with timings("propagate"):
+                advance(states, ctx.model, layer.index, layer.index + 1)
+        position = layer.index + 1
+        plans.append(lp)
+    return plans

@@ -1,0 +1,39 @@
+"""`method=m_smoe`: the merge stage of MC-SMoE ("Merge, Then Compress", arXiv 2310.01334), SPEC 5.
+
+Per MoE layer:
+    dominant  = the N' experts with the highest frequency |X_i| / |X|
+    groups    = every other expert joins the dominant expert whose router-logit column is most similar
+                (cosine over the calibration tokens)
+    P_j       = Hungarian weight matching of j's neurons to the dominant expert's
+                (maximise sum_p <[gate|up|down]_c[p], [gate|up|down]_j[P p]>)
+    W_c       = sum_j freq_j / sum(freq) P_j(W_j)
+MC-SMoE allots dominant experts non-uniformly across layers; here every layer keeps N' (as in REAM's
+comparison). Non-sequential by default (`method.sequential` switches it).
+"""
+
+from __future__ import annotations
+
+from ..plan import Plan
+from .base import Context
+from .layerwise import Needs, Timings, run_layerwise
+from .merging import group_by_pseudo_pruning, logit_cosine, merge_layer_plan, weight_matching
+
+NEEDS_CALIBRATION = True
+
+DEFAULTS = dict(sequential=False)
+
+
+def plan_layer(layer, obs, n_keep: int, timings: Timings):
+    freq = obs.freq
+    with timings("group"):
+        groups = group_by_pseudo_pruning(freq, 1 - logit_cosine(obs.logit_gram), n_keep, 0)
+    with timings("align"):
+        perms = weight_matching(layer, groups)
+    return merge_layer_plan(layer, groups, freq, perms, freq, {"freq": freq.tolist()})
+
+
+def plan(ctx: Context) -> Plan:
+    s = {**DEFAULTS, **{k: v for k, v in ctx.cfg.items() if k != "name"}}
+    timings = Timings()
+    layers = run_layerwise(ctx, plan_layer, Needs(), bool(s["sequential"]), timings)
+    return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})

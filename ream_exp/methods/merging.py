@@ -1,0 +1,261 @@
+"""The pieces merging methods share: saliency floor, expert similarity, grouping, neuron alignment.
+
+Each function is one formula of SPEC 4 / 5 and works on one MoE layer:
+
+    floor_zero_saliency(S)                          S_i = 0 -> min(0.5, smallest non-zero S)      (4.1)
+    output_similarity(means), logit_distance(gram)  delta_E, d(i, j) of the router-logit columns   (4.2)
+    ream_distance(means, gram, gate_output)         1 - (delta_E + delta_g) / 2                    (4.2)
+    group_by_pseudo_pruning(S, dist, N', C)         centroids = top-N', greedy groups of size C    (4.3)
+    average_linkage(features, N')                   HC-SMoE's clustering                           (5)
+    align_groups(layer, groups, x, mode)            neuron permutations by linear_sum_assignment   (4.4)
+    merge_layer_plan(...)                           the LayerPlan: groups, weights, perms          (4.5)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from ..moe import MoELayer, canonical_weights, expert_hidden
+from ..plan import LayerPlan
+
+ALIGN_MODES = ("both", "activations", "weights", "none")
+
+
+# ---- saliency (4.1) ------------------------------------------------------------------------------
+
+def floor_zero_saliency(s: torch.Tensor) -> torch.Tensor:
+    """Experts with S_i = 0 get min(0.5, smallest non-zero S), so they can still be merged."""
+    s = s.double().clone()
+    nonzero = s[s > 0]
+    floor = min(0.5, float(nonzero.min())) if nonzero.numel() else 0.5
+    s[s <= 0] = floor
+    return s
+
+
+def normalized_weights(score: torch.Tensor, group: list[int]) -> list[float]:
+    """w_j = score_j / sum score over the group (uniform when the group's scores are all zero)."""
+    s = score.double()[group]
+    total = float(s.sum())
+    return (s / total).tolist() if total > 0 else [1.0 / len(group)] * len(group)
+
+
+# ---- similarity (4.2) ----------------------------------------------------------------------------
+
+def cosine_matrix(rows: torch.Tensor) -> torch.Tensor:
+    r = F.normalize(rows.double(), dim=1)
+    return r @ r.T
+
+
+def output_similarity(mean_outputs: torch.Tensor) -> torch.Tensor:
+    """delta_E(i, j) = (cos(mean o_i, mean o_j) + 1) / 2."""
+    return (cosine_matrix(mean_outputs) + 1) / 2
+
+
+def logit_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine between the router-logit columns, from their Gram matrix G^T G."""
+    norm = gram.diagonal().clamp(min=0).sqrt().clamp(min=1e-300)
+    return gram / norm[:, None] / norm[None, :]
+
+
+def logit_distance(gram: torch.Tensor) -> torch.Tensor:
+    """d(i, j) = || g_i/|g_i| - g_j/|g_j| ||, the Euclidean distance of the L2-normalised logit columns."""
+    d = (2 - 2 * logit_cosine(gram)).clamp(min=0).sqrt()
+    d.fill_diagonal_(0)
+    return d
+
+
+def ream_distance(mean_outputs: torch.Tensor, gram: torch.Tensor, gate_output: bool = True) -> torch.Tensor:
+    """distance = 1 - (delta_E + delta_g) / 2, delta_g = 1 - d / max d; 1 - delta_E when delta_g is off."""
+    delta_e = output_similarity(mean_outputs)
+    if not gate_output:
+        return 1 - delta_e
+    d = logit_distance(gram)
+    dmax = float(d.max())
+    delta_g = 1 - d / dmax if dmax > 0 else torch.ones_like(d)
+    return 1 - (delta_e + delta_g) / 2
+
+
+# ---- grouping (4.3) --------------------------------------------------------------------------------
+
+def ranked(score: torch.Tensor) -> list[int]:
+    """Experts by descending score (ties: lower index first)."""
+    values = score.tolist()
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+def check_group_size(num_experts: int, n_keep: int, group_size: int) -> None:
+    """N' groups of at most C members must hold all N experts (C = 0: no limit)."""
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0 (0 = each expert joins its nearest centroid), got {group_size}")
+    if group_size and n_keep * group_size < num_experts:
+        raise ValueError(f"group_size={group_size}: {n_keep} groups of at most {group_size} experts cannot hold "
+                         f"{num_experts} experts; use group_size >= {-(-num_experts // n_keep)} or 0")
+
+
+def group_by_pseudo_pruning(saliency: torch.Tensor, distance: torch.Tensor, n_keep: int,
+                            group_size: int) -> list[list[int]]:
+    """Groups (centroid first), in descending centroid saliency.
+
+    Centroids are the n_keep most salient experts. C > 0: in descending saliency each centroid takes its
+    nearest not-yet-assigned non-centroid experts until its group has C members, until none is left.
+    C = 0: each non-centroid joins its single nearest centroid (MC-SMoE grouping).
+    """
+    n = len(saliency)
+    check_group_size(n, n_keep, group_size)
+    order = ranked(saliency.cpu())
+    centroids, others = order[:n_keep], order[n_keep:]
+    dist = distance.double().cpu().tolist()
+    groups = {c: [c] for c in centroids}
+    if group_size == 0:
+        for j in others:
+            best = min(range(n_keep), key=lambda r: (dist[centroids[r]][j], r))
+            groups[centroids[best]].append(j)
+        return [groups[c] for c in centroids]
+    left = set(others)
+    for c in centroids:
+        if not left:
+            break
+        take = sorted(left, key=lambda j: (dist[c][j], j))[: group_size - 1]
+        groups[c] += take
+        left -= set(take)
+    return [groups[c] for c in centroids]
+
+
+# ---- HC-SMoE clustering (5) --------------------------------------------------------------------------
+
+def average_linkage(features: torch.Tensor, n_clusters: int) -> list[list[int]]:
+    """Agglomerative clustering with average linkage on Euclidean distances, stopped at n_clusters.
+
+    Repeatedly joins the two closest clusters (ties: lowest pair of cluster ids); the distance of a new
+    cluster follows Lance-Williams: d(k, a+b) = (n_a d(k, a) + n_b d(k, b)) / (n_a + n_b).
+    """
+    x = features.double().cpu()
+    d = torch.cdist(x, x).numpy()
+    n = len(d)
+    np.fill_diagonal(d, np.inf)
+    members = {i: [i] for i in range(n)}
+    while len(members) > n_clusters:
+        a, b = np.unravel_index(np.argmin(d), d.shape)
+        a, b = min(a, b), max(a, b)
+        na, nb = len(members[a]), len(members[b])
+        merged = (na * d[a] + nb * d[b]) / (na + nb)
+        d[a, :], d[:, a] = merged, merged
+        d[a, a] = np.inf
+        d[b, :], d[:, b] = np.inf, np.inf
+        members[a] += members.pop(b)
+    return [sorted(m) for m in members.values()]
+
+
+def closest_to_mean(features: torch.Tensor, cluster: list[int]) -> int:
+    """The member whose features are closest (Euclidean) to the cluster's mean (ties: lower index)."""
+    f = features.double()[cluster]
+    dist = (f - f.mean(0)).norm(dim=1)
+    return cluster[int(torch.argmin(dist))]
+
+
+# ---- neuron alignment (4.4) --------------------------------------------------------------------------
+
+def weight_features(layer: MoELayer, experts: list[int] | None = None) -> torch.Tensor:
+    """Per neuron p: [gate row p | up row p | down column p], [k, I, 3H] in float32 (all experts by default)."""
+    idx = list(range(layer.num_experts)) if experts is None else experts
+    w = canonical_weights(layer.experts, idx)
+    feats = torch.empty(*w["gate"].shape[:2], 3 * w["gate"].shape[2], dtype=torch.float32, device=w["gate"].device)
+    for k, part in enumerate((w["gate"], w["up"], w["down"].transpose(1, 2))):
+        feats[..., k * part.shape[2]:(k + 1) * part.shape[2]] = part  # one float32 copy, no cat
+    return feats
+
+
+def pca_weight_features(layer: MoELayer, dim: int, seed: int) -> torch.Tensor:
+    """Row-normalised neuron features, centred over the layer's neurons, reduced by a seeded randomised
+    PCA (torch.pca_lowrank, q = dim), projected as X V diag(s) and L2-normalised again: [N, I, q].
+
+    The random projection comes from the device's generator, so CPU and CUDA runs can differ slightly.
+    """
+    feats = weight_features(layer)
+    n, i, width = feats.shape
+    x = feats.reshape(n * i, width)
+    x.div_(x.norm(dim=1, keepdim=True).clamp(min=1e-12))  # in place: this matrix is the stage's peak memory
+    x.sub_(x.mean(0, keepdim=True))
+    q = min(dim, *x.shape)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        _, s, v = torch.pca_lowrank(x, q=q, center=False)
+    z = F.normalize((x @ v[:, :q]) * s[:q], dim=1)
+    return z.reshape(n, i, q)
+
+
+def activation_cost(a_c: torch.Tensor, a_j: torch.Tensor) -> torch.Tensor:
+    """cdist between the neurons' activation rows (a^T [I, T]), each L2-normalised over tokens."""
+    return torch.cdist(F.normalize(a_c.float().T, dim=1), F.normalize(a_j.float().T, dim=1))
+
+
+def match_neurons(cost: torch.Tensor) -> list[int]:
+    """perm[p] = the member neuron matched to centroid neuron p (minimum total cost)."""
+    rows, cols = linear_sum_assignment(cost.double().cpu().numpy())
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return perm.tolist()
+
+
+@torch.no_grad()
+def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | None, mode: str,
+                 pca_dim: int = 64, seed: int = 0) -> dict[int, list[int]]:
+    """Permutation of every non-centroid member's neurons onto its centroid's (SPEC 4.4).
+
+    cost = cdist(normalised activations on tokens x) ("activations") + cdist(PCA weight features)
+    ("weights"); "both" sums them, "none" aligns nothing.
+    """
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
+    if mode == "none" or all(len(g) == 1 for g in groups):
+        return {}
+    use_act, use_w = mode in ("both", "activations"), mode in ("both", "weights")
+    if use_act and (x is None or x.shape[0] == 0):
+        raise ValueError("activation alignment needs the MoE inputs of the alignment tokens")
+    z = pca_weight_features(layer, pca_dim, seed) if use_w else None
+    perms = {}
+    for group in groups:
+        if len(group) == 1:
+            continue
+        c = group[0]
+        a_c = expert_hidden(layer.experts, c, x) if use_act else None
+        for j in group[1:]:
+            cost = 0
+            if use_act:
+                cost = cost + activation_cost(a_c, expert_hidden(layer.experts, j, x))
+            if use_w:
+                cost = cost + torch.cdist(z[c], z[j])
+            perms[j] = match_neurons(cost)
+    return perms
+
+
+@torch.no_grad()
+def weight_matching(layer: MoELayer, groups: list[list[int]]) -> dict[int, list[int]]:
+    """M-SMoE's alignment: Hungarian on the weight rows, maximising sum_p <w_c[p], w_j[perm p]> over
+    [gate row | up row | down column] of each neuron (weight matching, no normalisation, no PCA)."""
+    perms = {}
+    for group in groups:
+        if len(group) == 1:
+            continue
+        feats = weight_features(layer, group).double()
+        for k, j in enumerate(group[1:], start=1):
+            perms[j] = match_neurons(-(feats[0] @ feats[k].T))
+    return perms
+
+
+# ---- the plan (4.5) --------------------------------------------------------------------------------
+
+def merge_layer_plan(layer: MoELayer, groups: list[list[int]], weight_score: torch.Tensor,
+                     perms: dict[int, list[int]], saliency: torch.Tensor, scores: dict) -> LayerPlan:
+    """Groups ordered by centroid index; keep[i] = centroid of groups[i]; w = score / group sum."""
+    groups = sorted(groups, key=lambda g: g[0])
+    keep = [g[0] for g in groups]
+    return LayerPlan(
+        layer.index, layer.num_experts, keep, groups=[list(map(int, g)) for g in groups],
+        merge_weights=[normalized_weights(weight_score, g) for g in groups], centroids=list(keep),
+        saliency=saliency.double().tolist(), scores=scores, perms=perms or None,
+    )

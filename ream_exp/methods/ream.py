@@ -1,0 +1,82 @@
+"""`method=ream`: Router-weighted Expert Activation Merging (REAM, arXiv 2604.04356), SPEC 4.
+
+One implementation serves `ream` (the paper's formulas), `ream_official` (the official code's choices)
+and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE layer, in order:
+
+    S_i      = reap  mean_{X_i} g_i(x) ||E_i(x)||        (saliency_form=paper: g = applied routing weight)
+                     mean_{X_i} sigma_i(x)^p ||E_i(x)||  (saliency_form=official: un-renormalised sigma,
+                                                          p = 2 with gated_sim, else 1)
+               freq  |X_i| / |X|
+    S_i = 0 -> min(0.5, smallest non-zero S)
+    delta_E  = (cos(mean_x o_i, mean_x o_j) + 1) / 2,  o_i = sigma_i E_i (gated_sim) or E_i
+    delta_g  = 1 - d / max d,  d = distance of the L2-normalised router-logit columns (gate_output)
+    distance = 1 - (delta_E + delta_g) / 2
+    groups   = pseudo-pruning: centroids = top-N' by S; each, in descending S, takes its nearest
+               unassigned non-centroids until it has C = group_size members (0: nearest centroid)
+    P_j      = linear_sum_assignment(cdist(activations) + cdist(PCA weight features))   (align)
+    W_c      = sum_j S_j / sum(S) P_j(W_j) in float32; the centroid's router row is kept.
+
+sequential=true (default) observes each layer on the outputs of the already-compressed layers.
+Similarity statistics can be estimated on `sim_tokens` sampled tokens; saliency is always exact.
+"""
+
+from __future__ import annotations
+
+from ..plan import Plan
+from .base import Context
+from .layerwise import Needs, Timings, run_layerwise
+from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
+                      merge_layer_plan, ream_distance)
+
+NEEDS_CALIBRATION = True
+
+DEFAULTS = dict(
+    saliency="reap", saliency_form="paper", gated_sim=True, gate_output=True, group_size=16,
+    align="both", pca_dim=64, align_tokens=32768, sim_tokens=None, sequential=True,
+)
+CHOICES = dict(saliency=("reap", "freq"), saliency_form=("paper", "official"), align=ALIGN_MODES)
+
+
+def settings(cfg: dict) -> dict:
+    """The method config with defaults filled in and every choice checked."""
+    unknown = set(cfg) - set(DEFAULTS) - {"name"}
+    if unknown:
+        raise ValueError(f"unknown REAM setting(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    s = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "name"}}
+    for key, valid in CHOICES.items():
+        if s[key] not in valid:
+            raise ValueError(f"method.{key}={s[key]!r}; valid: {', '.join(valid)}")
+    s["group_size"] = int(s["group_size"])
+    return s
+
+
+def saliency(obs, s: dict):
+    if s["saliency"] == "freq":
+        return obs.freq
+    if s["saliency_form"] == "official":
+        return obs.sigma_score(2 if s["gated_sim"] else 1)
+    return obs.reap_score
+
+
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
+    score = floor_zero_saliency(saliency(obs, s))
+    with timings("group"):
+        distance = ream_distance(obs.mean_outputs, obs.logit_gram, bool(s["gate_output"]))
+        groups = group_by_pseudo_pruning(score, distance, n_keep, s["group_size"])
+    with timings("align"):
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
+    scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
+              "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
+    return merge_layer_plan(layer, groups, score, perms, score, scores)
+
+
+def plan(ctx: Context) -> Plan:
+    s = settings(ctx.cfg)
+    for layer in ctx.layers:  # reject an impossible C before any calibration runs
+        check_group_size(layer.num_experts, ctx.n_keep(layer), s["group_size"])
+    needs = Needs(dense="gated" if s["gated_sim"] else "plain", align=s["align"] in ("both", "activations"),
+                  sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]))
+    timings = Timings()
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
+                           bool(s["sequential"]), timings)
+    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})

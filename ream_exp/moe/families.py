@@ -1,0 +1,65 @@
+"""What ream-exp knows about each MoE architecture of transformers 5.
+
+transformers 5 stores the routed experts of a layer as one module with fused 3D tensors
+(`gate_up_proj`, `down_proj`, optional biases) and a router module whose `.weight` is [E, H].
+Everything that differs between families is written down here, once:
+
+- where the sparse block lives in a decoder layer and what its router is called;
+- which config key holds the expert count;
+- how the router turns logits into the probabilities sigma(x) (softmax or sigmoid);
+- how the fused expert tensors are laid out (concatenated or interleaved gate/up, transposed or not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    count_key: str                  # config key of the routed-expert count
+    router_attr: str = "gate"       # attribute of the sparse block holding the router
+    scoring: str = "softmax"        # how sigma(x) comes from the router logits: softmax | sigmoid
+    # Router tensors indexed by expert along dim 0 besides `.weight` (sliced/merged with it).
+    router_extra: tuple[str, ...] = ()
+    # Shared (always-on) experts live next to the routed ones and are never touched.
+    shared: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("qwen3_moe", ("qwen3_moe",), "num_experts"),
+        Family("qwen2_moe", ("qwen2_moe",), "num_experts", shared=("shared_expert", "shared_expert_gate")),
+        Family("mixtral", ("mixtral",), "num_local_experts"),
+        Family("olmoe", ("olmoe",), "num_experts"),
+        Family(
+            "deepseek_v3",
+            ("deepseek_v3",),
+            "n_routed_experts",
+            scoring="sigmoid",
+            router_extra=("e_score_correction_bias",),
+            shared=("shared_experts",),
+        ),
+        Family("gpt_oss", ("gpt_oss",), "num_local_experts", router_attr="router", router_extra=("bias",)),
+    )
+}
+
+_BY_MODEL_TYPE = {mt: f for f in FAMILIES.values() for mt in f.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_for(model_type: str) -> Family:
+    """The family of a transformers `config.model_type`, or a clear error listing what is supported."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise ValueError(
+            f"model_type {model_type!r} is not a supported MoE architecture; "
+            f"supported: {', '.join(supported_model_types())}"
+        ) from None

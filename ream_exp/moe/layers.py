@@ -1,0 +1,159 @@
+"""Find the routed-expert layers of a transformers MoE model and read/write single experts.
+
+Every supported family stores the experts of a layer as fused tensors; the experts module says how
+(`is_transposed`, `is_concatenated`, `has_bias`, set by transformers' `use_experts_implementation`).
+This file turns that into one canonical view per expert, whatever the family:
+
+    gate [I, H], up [I, H], down [H, I]   (+ gate_bias [I], up_bias [I], down_bias [H] when present)
+
+and gives the expert's forward pass E_e(x) and its intermediate activation a_e(x) = act(gate x) * up x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families import Family, family_for
+
+
+@dataclass
+class MoELayer:
+    """One decoder layer's routed experts: the sparse block, its router and its experts module."""
+
+    index: int  # position of the decoder layer in the model
+    name: str  # module path of the sparse block, e.g. "model.layers.3.mlp"
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    family: Family
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.weight.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    @property
+    def intermediate_size(self) -> int:
+        return canonical_weights(self.experts, [0])["gate"].shape[1]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layer list at model.model.layers")
+    return layers
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The layers with routed experts, in order; dense layers (mlp_only_layers, first_k_dense) are skipped."""
+    family = family_for(model.config.model_type)
+    found = []
+    for i, layer in enumerate(decoder_layers(model)):
+        block = getattr(layer, "mlp", None)
+        experts = getattr(block, "experts", None)
+        if experts is None or not hasattr(experts, "gate_up_proj"):
+            continue
+        router = getattr(block, family.router_attr)
+        found.append(MoELayer(i, f"model.layers.{i}.mlp", block, router, experts, family))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no routed-expert layers")
+    return found
+
+
+# ---- one expert's forward pass --------------------------------------------------------------
+
+def _up_projection(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    w = experts.gate_up_proj[e]
+    h = x @ w if experts.is_transposed else F.linear(x, w)
+    if experts.has_bias:
+        h = h + experts.gate_up_proj_bias[e]
+    return h
+
+
+def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """a_e(x) = act(gate_e x) * up_e x, the expert's intermediate activation [T, I]."""
+    return experts._apply_gate(_up_projection(experts, e, x))
+
+
+def expert_output(experts: nn.Module, e: int, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """E_e(x), the unweighted output of expert e on tokens x [T, H] (pass `hidden` to reuse a_e(x))."""
+    h = expert_hidden(experts, e, x) if hidden is None else hidden
+    w = experts.down_proj[e]
+    out = h @ w if experts.is_transposed else F.linear(h, w)
+    if experts.has_bias:
+        out = out + experts.down_proj_bias[e]
+    return out
+
+
+def experts_hidden(experts: nn.Module, x: torch.Tensor, experts_slice: slice = slice(None)) -> torch.Tensor:
+    """a_e(x) for the experts in `experts_slice` (all by default) on the same tokens x [T, H]: [k, T, I].
+
+    One batched matmul over experts instead of a python loop; `experts_slice` bounds the memory.
+    """
+    w = experts.gate_up_proj[experts_slice]
+    h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
+    if experts.has_bias:
+        h = h + experts.gate_up_proj_bias[experts_slice][:, None, :]
+    return experts._apply_gate(h)
+
+
+# ---- canonical weights -----------------------------------------------------------------------
+
+def _split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the fused [.., 2I, ..] axis (dim 1) into gate and up."""
+    if concatenated:
+        return t.chunk(2, dim=1)
+    return t[:, 0::2], t[:, 1::2]
+
+
+def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, concatenated: bool) -> torch.Tensor:
+    if concatenated:
+        return torch.cat([gate, up], dim=1)
+    return torch.stack([gate, up], dim=2).flatten(1, 2)  # g0 u0 g1 u1 ...
+
+
+def canonical_weights(experts: nn.Module, idx) -> dict[str, torch.Tensor | None]:
+    """Weights of experts `idx` as gate/up [k, I, H], down [k, H, I] and biases (None when absent)."""
+    idx = torch.as_tensor(idx, dtype=torch.long, device=experts.gate_up_proj.device)
+    gate_up = experts.gate_up_proj[idx]
+    down = experts.down_proj[idx]
+    if experts.is_transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    gate, up = _split_gate_up(gate_up, experts.is_concatenated)
+    out = {"gate": gate, "up": up, "down": down, "gate_bias": None, "up_bias": None, "down_bias": None}
+    if experts.has_bias:
+        out["gate_bias"], out["up_bias"] = _split_gate_up(experts.gate_up_proj_bias[idx], experts.is_concatenated)
+        out["down_bias"] = experts.down_proj_bias[idx]
+    return out
+
+
+@torch.no_grad()
+def write_canonical_weights(experts: nn.Module, idx, w: dict[str, torch.Tensor | None]) -> None:
+    """Inverse of `canonical_weights`: write gate/up/down (+biases) of experts `idx` in place."""
+    idx = torch.as_tensor(idx, dtype=torch.long, device=experts.gate_up_proj.device)
+    gate_up = _join_gate_up(w["gate"], w["up"], experts.is_concatenated)
+    down = w["down"]
+    if experts.is_transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    experts.gate_up_proj.data[idx] = gate_up.to(experts.gate_up_proj.dtype)
+    experts.down_proj.data[idx] = down.to(experts.down_proj.dtype)
+    if experts.has_bias:
+        bias = _join_gate_up(w["gate_bias"], w["up_bias"], experts.is_concatenated)
+        experts.gate_up_proj_bias.data[idx] = bias.to(experts.gate_up_proj_bias.dtype)
+        experts.down_proj_bias.data[idx] = w["down_bias"].to(experts.down_proj_bias.dtype)
+
+
+def router_probs(layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
+    """sigma(x) over all experts: softmax of the router logits, or the sigmoid scores of sigmoid routers."""
+    logits = logits.float()
+    if layer.family.scoring == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)

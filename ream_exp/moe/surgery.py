@@ -1,0 +1,100 @@
+"""The one place that changes a model: apply a plan (merge, then slice) to the MoE layers.
+
+Removing experts slices every tensor indexed by expert (fused expert weights and biases, router rows,
+router bias, DeepSeek-V3's e_score_correction_bias) and updates every expert count (config, router,
+experts module, the causal-LM wrapper), so `save_pretrained` writes a checkpoint that stock
+transformers reloads with N' experts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..plan import LayerPlan, Plan
+from .layers import MoELayer, canonical_weights, moe_layers, write_canonical_weights
+
+
+def _slice_expert_dim(module: nn.Module, keep: torch.Tensor, n: int) -> None:
+    """Index dim 0 of every direct parameter/buffer of `module` that has one entry per expert."""
+    for name, p in list(module.named_parameters(recurse=False)):
+        if p.dim() >= 1 and p.shape[0] == n:
+            setattr(module, name, nn.Parameter(p.data[keep].clone(), requires_grad=p.requires_grad))
+    for name, b in list(module.named_buffers(recurse=False)):
+        if b is not None and b.dim() >= 1 and b.shape[0] == n:
+            module._buffers[name] = b[keep].clone()
+
+
+def keep_experts(layer: MoELayer, keep: list[int]) -> None:
+    """Keep only experts `keep` (in that order) in this layer's experts module and router."""
+    n = layer.num_experts
+    idx = torch.as_tensor(keep, dtype=torch.long, device=layer.router.weight.device)
+    for module in (layer.experts, layer.router):
+        _slice_expert_dim(module, idx, n)
+        if hasattr(module, "num_experts"):
+            module.num_experts = len(keep)
+    if getattr(layer.router, "num_group", 1) > 1 and len(keep) != n:
+        # Group-limited routing splits experts into n_group equal contiguous blocks; once experts chosen
+        # per layer are gone those blocks no longer exist, so this layer routes over all experts.
+        warnings.warn(f"layer {layer.index}: n_group={layer.router.num_group} group-limited routing cannot "
+                      "survive expert removal; routing over all experts (n_group=1, topk_group=1)")
+        layer.router.num_group, layer.router.topk_group = 1, 1
+
+
+@torch.no_grad()
+def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: dict[int, list[int]] | None) -> None:
+    """W_centroid <- sum_j w_j P_j(W_j) in float32 (SPEC 4.5); group[0] is the centroid."""
+    w = canonical_weights(layer.experts, group)
+    coef = torch.tensor(weights, dtype=torch.float32, device=w["gate"].device)
+    merged = {}
+    for name, t in w.items():
+        if t is None:
+            merged[name] = None
+            continue
+        t = t.float().clone()
+        for j, member in enumerate(group):
+            if perms and member in perms and name != "down_bias":
+                p = torch.as_tensor(perms[member], device=t.device)
+                # neurons are rows of gate/up, columns of down, entries of gate/up biases
+                t[j] = t[j][:, p] if name == "down" else t[j][p]
+        shape = (-1,) + (1,) * (t.dim() - 1)
+        merged[name] = (coef.view(shape) * t).sum(0, keepdim=True)
+    write_canonical_weights(layer.experts, [group[0]], merged)
+
+
+def apply_layer_plan(layer: MoELayer, lp: LayerPlan) -> None:
+    if lp.applied:
+        return
+    if layer.num_experts != lp.num_experts:
+        raise ValueError(f"layer {lp.layer}: plan expects {lp.num_experts} experts, model has {layer.num_experts}")
+    if lp.groups is not None:
+        for group, weights in zip(lp.groups, lp.merge_weights):
+            if len(group) > 1:
+                merge_group(layer, group, weights, lp.perms)
+    if len(lp.keep) != lp.num_experts or lp.keep != sorted(lp.keep):
+        keep_experts(layer, lp.keep)
+    lp.applied = True
+
+
+def update_expert_counts(model: nn.Module, n: int) -> None:
+    """Write the new expert count into the config and every module attribute that caches it."""
+    layers = moe_layers(model)
+    cfg = model.config
+    setattr(cfg, layers[0].family.count_key, n)
+    if getattr(cfg, "n_group", None) and all(getattr(l.router, "num_group", 1) == 1 for l in layers):
+        cfg.n_group, cfg.topk_group = 1, 1  # the routers already fell back (keep_experts); say so in config
+    if hasattr(model, "num_experts"):
+        model.num_experts = n
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> None:
+    """Apply every layer of `plan`; all MoE layers end with the same expert count."""
+    by_index = {layer.index: layer for layer in moe_layers(model)}
+    for lp in plan.layers:
+        apply_layer_plan(by_index[lp.layer], lp)
+    counts = {layer.num_experts for layer in moe_layers(model)}
+    if len(counts) != 1:
+        raise ValueError(f"MoE layers ended with different expert counts {sorted(counts)}; plans must be uniform")
+    update_expert_counts(model, counts.pop())

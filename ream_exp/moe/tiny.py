@@ -1,0 +1,97 @@
+"""Tiny random models of every supported family, for tests and benchmarks (no downloads).
+
+    from ream_exp.moe.tiny import tiny_model
+    model = tiny_model("deepseek_v3", num_experts=8, top_k=2)
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 112
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII (ids < VOCAB), with pad/bos/eos/unk."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(_SPECIALS)}
+    for c in map(chr, range(32, 127)):
+        vocab[c] = len(vocab)
+    vocab["\n"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _config(family: str, num_experts: int, top_k: int, hidden: int, layers: int, width: int, **extra):
+    common = dict(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=top_k,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if family == "qwen3_moe":
+        cfg = dict(num_experts=num_experts, moe_intermediate_size=width, intermediate_size=2 * width,
+                   norm_topk_prob=True, mlp_only_layers=[1] if layers > 2 else [], head_dim=hidden // 4)
+        return tf.Qwen3MoeConfig(**{**common, **cfg, **extra})
+    if family == "qwen2_moe":
+        cfg = dict(num_experts=num_experts, moe_intermediate_size=width, intermediate_size=2 * width,
+                   shared_expert_intermediate_size=2 * width, norm_topk_prob=False,
+                   mlp_only_layers=[1] if layers > 2 else [])
+        return tf.Qwen2MoeConfig(**{**common, **cfg, **extra})
+    if family == "mixtral":
+        return tf.MixtralConfig(**{**common, "num_local_experts": num_experts, "intermediate_size": width,
+                                   "head_dim": hidden // 4, **extra})
+    if family == "olmoe":
+        return tf.OlmoeConfig(**{**common, "num_experts": num_experts, "intermediate_size": width, **extra})
+    if family == "deepseek_v3":
+        cfg = dict(n_routed_experts=num_experts, moe_intermediate_size=width, intermediate_size=2 * width,
+                   n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1 if layers > 2 else 0,
+                   kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                   norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True, num_key_value_heads=4)
+        return tf.DeepseekV3Config(**{**common, **cfg, **extra})
+    if family == "gpt_oss":
+        cfg = dict(num_local_experts=num_experts, intermediate_size=width, head_dim=hidden // 4,
+                   sliding_window=16, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                   + ["sliding_attention"] * (layers % 2))
+        return tf.GptOssConfig(**{**common, **cfg, **extra})
+    raise ValueError(f"no tiny config for family {family!r}")
+
+
+_CLASSES = {
+    "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+}
+TINY_FAMILIES = tuple(_CLASSES)
+
+
+@torch.no_grad()
+def tiny_model(family: str = "qwen3_moe", num_experts: int = 8, top_k: int = 2, hidden: int = 32,
+               layers: int = 3, width: int = 16, seed: int = 0, std: float = 0.2, **extra):
+    """A randomly initialised CausalLM of `family`; weights drawn with a visible spread so routing varies."""
+    torch.manual_seed(seed)
+    cfg = _config(family, num_experts, top_k, hidden, layers, width, **extra)
+    model = getattr(tf, _CLASSES[family])(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 or name.endswith(("router.bias", "proj_bias")):
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model
+
+
+def tiny_batch(batch: int = 4, seq: int = 16, seed: int = 0, pad_last: int = 3):
+    """input_ids and attention_mask with right padding on every other row (pads must never count)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1::2, seq - pad_last:] = 0
+    ids[mask == 0] = 0
+    return ids, mask

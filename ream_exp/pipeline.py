@@ -1,0 +1,88 @@
+"""The stages of one run, each a plain function: load, calibrate, compress, save, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model(model_cfg: DictConfig, device: str):
+    """AutoModelForCausalLM + AutoTokenizer from a directory or hub id (after the config was checked)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = model_cfg.get("dtype", "float32")
+    kwargs = dict(dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                  trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    if model_cfg.get("device_map"):
+        kwargs["device_map"] = model_cfg.device_map
+    model = AutoModelForCausalLM.from_pretrained(str(model_cfg.path), **kwargs).eval()
+    if not model_cfg.get("device_map"):
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_cfg.path), trust_remote_code=kwargs["trust_remote_code"])
+    return model, tokenizer
+
+
+def load_model_config(model_cfg: DictConfig):
+    """Only config.json: enough to reject an unsupported architecture or impossible ratio before download."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_cfg.path), trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_json(path: Path, data) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated results file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def baseline_key(model_cfg: DictConfig, eval_cfg: DictConfig) -> str:
+    """Cache key of the uncompressed model's scores: the model (path + weights' mtime) and the eval config."""
+    path = Path(str(model_cfg.path)).expanduser()
+    stamp = max((f.stat().st_mtime for f in path.glob("*.safetensors")), default=0) if path.is_dir() else 0
+    blob = json.dumps([OmegaConf.to_container(model_cfg, resolve=True), stamp,
+                       OmegaConf.to_container(eval_cfg, resolve=True)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def score_table(rows: dict[str, dict]) -> str:
+    """A plain text table: one row per model, columns MC / GEN / AVG and each task, in %."""
+    tasks = sorted({t for r in rows.values() for t in (r.get("tasks") or {})})
+    head = ["model", "MC", "GEN", "AVG"] + tasks
+    lines = [head]
+    fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    for name, r in rows.items():
+        lines.append([name, fmt(r.get("mc")), fmt(r.get("gen")), fmt(r.get("avg"))]
+                     + [fmt((r.get("tasks") or {}).get(t, {}).get("score")) for t in tasks])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)

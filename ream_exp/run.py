@@ -1,0 +1,177 @@
+"""One ream-exp run, from a Hydra config to a compressed checkpoint and its scores.
+
+    ream-exp                                   # toy model, default method, ratio 0.25, eval=toy
+    ream-exp model=local model.path=DIR method=reap ratio=0.5 eval=none logger=none hydra.run.dir=OUT
+
+The run directory gets config.yaml (resolved), plan.json, metrics.json and checkpoint/ (unless save=false).
+Tests call `run(cfg)` directly; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import PACKAGE_DIR
+from . import config as _config  # noqa: F401  (registers the ${pkg:...} resolver)
+from .calib import build_calibration, validate_calib
+from .config import check_expert_counts, check_model_path, check_ratio
+from .methods import Context, get_method
+from .moe import apply_plan, moe_layers
+from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, resolve_device,
+                       score_table, write_json)
+
+log = logging.getLogger("ream_exp")
+
+RESULT_FILES = ("metrics.json", "plan.json", "checkpoint")
+
+
+def guard_run_dir(run_dir: Path) -> None:
+    """Never overwrite results: a run dir holding any of them is refused before anything runs."""
+    found = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if found:
+        raise FileExistsError(f"run directory {run_dir} already holds results ({', '.join(found)}); "
+                              "choose another hydra.run.dir or remove it yourself")
+
+
+def validate(cfg: DictConfig):
+    """Every check that can fail before a model is loaded. Returns the model's transformers config."""
+    from .evaluate import check_tasks
+
+    ratio = check_ratio(cfg.ratio)
+    method = get_method(cfg.method.name)
+    if getattr(method, "NEEDS_CALIBRATION", True):
+        validate_calib(cfg.calib)
+    check_tasks(cfg.eval)
+    check_model_path(cfg.model)
+    model_config = load_model_config(cfg.model)
+    check_expert_counts(model_config, ratio)
+    return model_config
+
+
+def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None) -> dict:
+    from .evaluate import evaluate
+
+    return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir)
+
+
+def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | None:
+    """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk."""
+    if not cfg.get("baseline") or not list(cfg.eval.get("tasks") or []) or cfg.method.name == "none":
+        return None
+    import json
+
+    path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with timer("baseline_eval"):
+        scores = _evaluate(model, tokenizer, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, scores)
+    return scores
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Load -> calibrate -> compress -> save -> evaluate; returns (and writes) metrics.json's content."""
+    from .tracking import make_logger
+
+    run_dir = Path(run_dir or cfg.get("run_dir") or "outputs/run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    guard_run_dir(run_dir)
+    validate(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    torch.manual_seed(int(cfg.seed))
+    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    timer = Timer()
+    try:
+        metrics = _run_stages(cfg, run_dir, timer, logger)
+    finally:
+        logger.finish()
+    return metrics
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
+    method = get_method(cfg.method.name)
+    with timer("load"):
+        model, tokenizer = load_model(cfg.model, resolve_device(cfg.device))
+    experts_before = moe_layers(model)[0].num_experts
+    params_before = count_parameters(model)
+    baseline = cached_baseline(model, tokenizer, cfg, timer)
+
+    calib = None
+    if getattr(method, "NEEDS_CALIBRATION", True):
+        with timer("calibrate"):
+            calib = build_calibration(cfg.calib, tokenizer)
+    ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
+                  seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress))
+    with timer("compress"):
+        plan = method.plan(ctx)
+        apply_plan(model, plan)
+    plan.save(run_dir)
+    logger.log_plan(run_dir / "plan.json")
+
+    if cfg.save:
+        with timer("save"):
+            model.save_pretrained(run_dir / "checkpoint")
+            tokenizer.save_pretrained(run_dir / "checkpoint")
+    with timer("evaluate"):
+        scores = _evaluate(model, tokenizer, cfg, run_dir / "checkpoint" if cfg.save else None)
+
+    metrics = {
+        "status": "done",
+        "method": cfg.method.name,
+        "ratio": float(cfg.ratio),
+        "model": cfg.model.name,
+        "mix": list(cfg.calib.mix) if calib is not None and cfg.calib.get("mix") is not None else None,
+        "experts_before": experts_before,
+        "experts_after": moe_layers(model)[0].num_experts,
+        "params_before": params_before,
+        "params_after": count_parameters(model),
+        "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
+        "eval": scores,
+        "baseline": baseline,
+        "timings": timer.seconds,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    logger.log_metrics(metrics)
+    rows = {"uncompressed": baseline} if baseline else {}
+    rows[f"{cfg.method.name} ({metrics['experts_after']}/{experts_before} experts)"] = scores
+    if scores.get("tasks"):
+        print(score_table(rows))
+    log.info("run finished: %s", run_dir)
+    return metrics
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """A failed run leaves its error in its own directory (never over finished results)."""
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+
+
+CONF_DIR = str(PACKAGE_DIR.parent / "conf")  # the repo's conf/ (absolute: works from any working directory)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        return run(cfg, run_dir)
+    except Exception as exc:
+        if not (run_dir / "metrics.json").exists():
+            record_failure(run_dir, exc)
+        if hc.mode == RunMode.MULTIRUN:  # one failed run must not sink the sweep
+            log.error("run failed (%s): %s; details in %s", type(exc).__name__, exc, run_dir / "error.txt")
+            return None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Tests of analysis/: run collection, Pareto frontiers + hypervolume, plots, tables, report.
+
+The paper's per-mix table (SPEC section 9) lives in tests/data/paper_table.csv; hypervolumes are
+checked against brute-force computations written here independently of analysis.pareto.
+Run:  pytest tests/test_analysis.py
+"""
+
+import csv
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import tables
+from analysis.collect import collect_runs, collect_wandb, wandb_row
+from analysis.naming import format_mix, parse_mix
+from analysis.pareto import frontiers, hypervolume, pareto_front, read_points_csv
+from analysis.plots import plot_frontiers
+from analysis.report import main as report_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_CSV = ROOT / "tests" / "data" / "paper_table.csv"
+PAPER_MIXES = [".3:.3:.3", ".5:.5:0", ".5:0:.5", "0:.5:.5", ".2:.5:.3",
+               ".1:.8:.1", "0:.7:.3", ".2:.25:.55", ".1:.1:.8", "0:.3:.7"]
+
+
+# ---------------------------------------------------------------- independent references
+
+def dominates(p, q):
+    return p[0] >= q[0] and p[1] >= q[1] and (p[0] > q[0] or p[1] > q[1])
+
+
+def grid_hypervolume_tenths(points, ref):
+    """Area dominated above ref by counting 0.1 x 0.1 cells; exact for values printed to one decimal."""
+    pts = np.array([[round(x * 10), round(y * 10)] for x, y in points])
+    rx, ry = round(ref[0] * 10), round(ref[1] * 10)
+    xs = np.arange(rx, pts[:, 0].max())  # lower-left corners of the cells
+    ys = np.arange(ry, pts[:, 1].max())
+    covered = np.zeros((len(xs), len(ys)), dtype=bool)
+    for px, py in pts:  # cell [x, x+1] x [y, y+1] lies in box [ref, p] iff x + 1 <= px and y + 1 <= py
+        covered |= (xs[:, None] + 1 <= px) & (ys[None, :] + 1 <= py)
+    return covered.sum() * 0.01
+
+
+def inclusion_exclusion_area(points, ref):
+    """Area of the union of boxes [ref, p] by inclusion-exclusion over all non-empty subsets."""
+    total = 0.0
+    for size in range(1, len(points) + 1):
+        for subset in itertools.combinations(points, size):
+            width = max(0.0, min(p[0] for p in subset) - ref[0])
+            height = max(0.0, min(p[1] for p in subset) - ref[1])
+            total += (-1) ** (size + 1) * width * height
+    return total
+
+
+def paper_rows():
+    with open(PAPER_CSV, newline="") as handle:
+        return [dict(r, experts=int(r["experts"]), mc=float(r["mc"]), gen=float(r["gen"]))
+                for r in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return read_points_csv(PAPER_CSV)
+
+
+# ---------------------------------------------------------------- the paper table
+
+def test_paper_csv_is_the_full_table():
+    rows = paper_rows()
+    assert len(rows) == 80
+    combos = {(r["method"], r["experts"], r["mix"]) for r in rows}
+    assert combos == set(itertools.product(["freq", "reap", "hc_smoe", "ream"], [96, 64], PAPER_MIXES))
+
+
+def test_pareto_cli_on_paper_table_matches_brute_force():
+    result = subprocess.run([sys.executable, "-m", "analysis.pareto", "--csv", str(PAPER_CSV)],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    reported = {(r["method"], r["experts"]): r for r in json.loads(result.stdout)}
+    rows = paper_rows()
+    assert len(reported) == 8
+    for experts in (96, 64):
+        at_count = [r for r in rows if r["experts"] == experts]
+        ref = (min(r["mc"] for r in at_count) - 1, min(r["gen"] for r in at_count) - 1)
+        for method in ("freq", "reap", "hc_smoe", "ream"):
+            mine = [r for r in at_count if r["method"] == method]
+            points = [(r["mc"], r["gen"]) for r in mine]
+            front = {r["mix"] for r in mine if not any(dominates(q, (r["mc"], r["gen"])) for q in points)}
+            entry = reported[(method, experts)]
+            assert entry["reference"] == pytest.approx(ref)
+            assert entry["hypervolume"] == pytest.approx(grid_hypervolume_tenths(points, ref), abs=1e-6)
+            assert entry["frontier_size"] == len(front)
+            assert {f["mix"] for f in entry["frontier"]} == front
+
+
+def test_paper_frontiers_are_exactly_the_non_dominated_points(paper):
+    table = frontiers(paper)
+    for row in table.itertuples():
+        group = paper[(paper.method == row.method) & (paper.experts == row.experts)]
+        points = list(zip(group.mc, group.gen))
+        on_front = {f["mix"] for f in row.frontier}
+        for mix, p in zip(group.mix, points):
+            dominated = any(dominates(q, p) for q in points)
+            assert dominated == (mix not in on_front), (row.method, row.experts, mix)
+
+
+def test_best_gen_mixes_match_the_paper(paper):
+    best = tables.best_gen_table(paper)
+    at96 = best[best.experts == 96].set_index("method")
+    expected = {"Freq": ("0:.3:.7", 67.6), "HC-SMoE": (".5:0:.5", 67.4),
+                "REAP": (".2:.25:.55", 68.6), "REAM": ("0:.5:.5", 69.8)}
+    for label, (mix, gen) in expected.items():
+        assert at96.loc[label, "mix"] == mix
+        assert at96.loc[label, "gen"] == pytest.approx(gen)
+    assert list(best.experts) == [96] * 4 + [64] * 4
+
+
+def test_mix_table_reproduces_the_printed_cells(paper):
+    table = tables.mix_table(paper)
+    assert list(table.columns) == ["mix"] + [f"{m} {e}" for e in (96, 64)
+                                             for m in ("Freq", "REAP", "HC-SMoE", "REAM")]
+    assert len(table) == 10
+    cells = table.set_index("mix")
+    labels = {"freq": "Freq", "reap": "REAP", "hc_smoe": "HC-SMoE", "ream": "REAM"}
+    for r in paper_rows():  # every printed cell comes back, formatted as printed
+        assert cells.loc[r["mix"], f"{labels[r['method']]} {r['experts']}"] == f"{r['mc']:.1f}/{r['gen']:.1f}"
+    assert cells.loc[".3:.3:.3", "Freq 96"] == "56.2/60.3" and cells.loc["0:.3:.7", "REAM 64"] == "48.7/58.7"
+    assert list(table["mix"]) == [r["mix"] for r in paper_rows()[:10]]  # rows keep the data's order
+    markdown, latex = tables.to_markdown(table), tables.to_latex(table)
+    assert "| .3:.3:.3" in markdown and "66.3/64.0" in markdown
+    assert "\\begin{tabular}" in latex and "HC-SMoE 96" in latex and "69.2/47.7" in latex
+    best_latex = tables.to_latex(tables.best_gen_table(paper))
+    assert "69.8" in best_latex and "\\begin{tabular}" in best_latex
+
+
+# ---------------------------------------------------------------- geometry on random data
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hypervolume_matches_inclusion_exclusion(seed):
+    rng = np.random.default_rng(seed)
+    points = [tuple(p) for p in rng.uniform(0, 10, size=(7, 2))]
+    points += [points[0], (points[1][0], points[2][1])]  # a duplicate and a shared coordinate
+    ref = (2.0, 3.0)  # some points lie below it in one coordinate: they add nothing
+    assert hypervolume(points, ref) == pytest.approx(inclusion_exclusion_area(points, ref), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pareto_front_is_non_dominated_and_covers_the_rest(seed):
+    rng = np.random.default_rng(seed)
+    points = [tuple(p) for p in rng.integers(0, 6, size=(25, 2)).astype(float)]  # many ties
+    front = list(pareto_front(points))
+    for i, p in enumerate(points):
+        assert any(dominates(q, p) for q in points) == (i not in front)
+    shuffled = rng.permutation(len(points))
+    again = [points[shuffled[i]] for i in pareto_front([points[j] for j in shuffled])]
+    assert sorted(again) == sorted(points[i] for i in front)
+    assert front == list(pareto_front(points))
+
+
+def test_duplicates_and_edge_cases():
+    assert list(pareto_front([(1, 1), (0, 0), (1, 1)])) == [0, 2]
+    assert list(pareto_front([(3, 1), (1, 3), (2, 2)])) == [1, 2, 0]  # MC ascending
+    assert hypervolume([(1, 1), (1, 1)], (0, 0)) == pytest.approx(1.0)
+    assert hypervolume([(5, -1)], (0, 0)) == 0.0
+    assert hypervolume([], (0, 0)) == 0.0
+    with pytest.raises(ValueError):
+        pareto_front([(1, float("nan"))])
+
+
+def test_mix_strings_follow_the_paper():
+    assert format_mix([0, 0.3, 0.7]) == "0:.3:.7"
+    assert format_mix((1.0, 0.0, 0.0)) == "1:0:0"
+    assert format_mix([0.2, 0.25, 0.55]) == ".2:.25:.55"
+    assert format_mix("0.1:0.1:0.8") == ".1:.1:.8" and format_mix([0.3333333, 1.5, 0]) == ".3333:1.5:0"
+    assert format_mix({"general": 0.5, "math": 0.5, "code": 0}) == ".5:.5:0"
+    for mix in PAPER_MIXES:
+        assert format_mix(parse_mix(mix)) == mix
+
+
+# ---------------------------------------------------------------- run directories
+
+def write_run(path: Path, method, mix, experts=None, scores=None, status="done", error=None):
+    path.mkdir(parents=True)
+    config = {"model": {"name": "toy-moe"}, "calib": {"mix": list(mix)}, "method": {"name": method},
+              "ratio": 0.25, "seed": 0}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    if error is not None:
+        (path / "error.txt").write_text("Traceback (most recent call last):\n  ...\n" + error + "\n")
+    if scores is None and status == "done":
+        return
+    mc, gen = scores or (None, None)
+    tasks = {"arc_easy": {"score": mc, "metric": "acc", "kind": "mc"},
+             "gsm8k": {"score": gen, "metric": "exact_match", "kind": "gen"}} if scores else {}
+    metrics = {"status": status, "method": method, "ratio": 0.25, "experts_before": 8,
+               "experts_after": experts, "mix": list(mix),
+               "eval": {"mc": mc, "gen": gen, "avg": None if mc is None else (mc + gen) / 2,
+                        "tasks": tasks}}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture()
+def run_root(tmp_path):
+    root = tmp_path / "outputs"
+    sweep = root / "multirun" / "2026-01-01"
+    write_run(sweep / "0", "reap", (0, 0.3, 0.7), experts=6, scores=(0.5, 0.6))
+    write_run(sweep / "1", "reap", (0.5, 0.5, 0), experts=6, scores=(0.7, 0.4))
+    write_run(sweep / "2", "ream", (0, 0.3, 0.7), experts=6, scores=(0.55, 0.65))
+    write_run(sweep / "3", "ream", (0.5, 0.5, 0), experts=6, error="RuntimeError: CUDA out of memory")
+    write_run(sweep / "4", "freq", (0.2, 0.25, 0.55), experts=6, status="failed",
+              error="ValueError: keeping fewer experts than top_k")
+    write_run(root / "base", "none", (1, 0, 0), experts=8, scores=(0.8, 0.7))
+    (sweep / "0" / ".hydra").mkdir()
+    (sweep / "0" / ".hydra" / "config.yaml").write_text("a: 1\n")  # Hydra's copy: not a run
+    (root / "notes").mkdir()
+    (root / "notes" / "config.yaml").write_text("a: 1\n")  # config without results: not a run
+    return root
+
+
+def test_collect_runs_reads_done_and_failed_runs(run_root):
+    runs = collect_runs(run_root).set_index("run_dir")
+    assert len(runs) == 6
+    done = runs.loc[str(run_root / "multirun" / "2026-01-01" / "0")]
+    assert (done.method, done.experts, done.mix, done.status) == ("reap", 6, "0:.3:.7", "done")
+    assert (done.mix_general, done.mix_math, done.mix_code) == (0, 0.3, 0.7)
+    assert done.mc == pytest.approx(50) and done.gen == pytest.approx(60) and done.avg == pytest.approx(55)
+    assert done["task/gsm8k"] == pytest.approx(60) and done["task/arc_easy"] == pytest.approx(50)
+    assert done.model == "toy-moe" and done.ratio == 0.25
+    oom = runs.loc[str(run_root / "multirun" / "2026-01-01" / "3")]
+    assert (oom.status, oom.method, oom.mix) == ("failed", "ream", ".5:.5:0")
+    assert "out of memory" in oom.error and math.isnan(oom.mc) and math.isnan(oom.gen)
+    flagged = runs.loc[str(run_root / "multirun" / "2026-01-01" / "4")]
+    assert flagged.status == "failed" and "top_k" in flagged.error and math.isnan(flagged.avg)
+    assert sorted(runs.status) == ["done"] * 4 + ["failed"] * 2
+
+
+def test_failed_runs_do_not_break_the_analysis(run_root, tmp_path):
+    runs = collect_runs(run_root)
+    table = frontiers(runs).set_index("method")
+    assert set(table.index) == {"reap", "ream"}  # 'none' and the all-failed 'freq' are not compared
+    assert table.loc["reap", "frontier_size"] == 2 and table.loc["ream", "n_points"] == 1
+    ref = (table.loc["reap", "ref_mc"], table.loc["reap", "ref_gen"])
+    assert ref == pytest.approx((49.0, 39.0))
+    assert table.loc["ream", "hypervolume"] == pytest.approx(inclusion_exclusion_area([(55, 65)], ref))
+    assert tables.mix_table(runs).set_index("mix").loc[".5:.5:0", "REAM 6"] == tables.MISSING
+    out = json.loads(subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(run_root)],
+                                    cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert {(r["method"], r["experts"]) for r in out} == {("reap", 6), ("ream", 6)}
+
+
+def test_report_writes_every_artefact(run_root, tmp_path):
+    out = tmp_path / "report"
+    report_main(["--runs", str(run_root), "--out", str(out)])
+    for name in ("runs.csv", "frontiers.json", "frontiers.png", "frontiers.pdf",
+                 "best_gen.md", "best_gen.tex", "mix_table.md", "mix_table.tex"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(pd.read_csv(out / "runs.csv")) == 6
+
+
+# ---------------------------------------------------------------- plots
+
+def test_plot_frontiers_writes_png_and_pdf(paper, tmp_path):
+    with_base = pd.concat([paper, pd.DataFrame([{"method": "none", "experts": 128, "mix": "-",
+                                                  "mc": 69.7, "gen": 70.9}])], ignore_index=True)
+    paths = plot_frontiers(with_base, tmp_path / "figs" / "paper")
+    assert [p.name for p in paths] == ["paper.png", "paper.pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_plot_without_finished_runs(tmp_path):
+    empty = pd.DataFrame(columns=["method", "experts", "mix", "mc", "gen"])
+    paths = plot_frontiers(empty, tmp_path / "empty")
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+# ---------------------------------------------------------------- Weights & Biases (offline)
+
+class FakeRun:
+    def __init__(self, config, summary, state="finished"):
+        self.config, self.summary_metrics, self.state = config, summary, state
+        self.path = ["me", "ream-exp", "abc123"]
+
+
+def test_wandb_row_maps_nested_and_flattened_runs():
+    nested = FakeRun({"model": {"name": "qwen"}, "calib": {"mix": [0, 0.5, 0.5]},
+                      "method": {"name": "ream"}, "seed": 1, "_wandb": {"x": 1}},
+                     {"status": "done", "method": "ream", "experts_after": 96, "ratio": 0.25,
+                      "eval": {"mc": 0.61, "gen": 0.698, "tasks": {"gsm8k": {"score": 0.9}}},
+                      "_runtime": 5})
+    row = wandb_row(nested)
+    assert (row["method"], row["experts"], row["mix"], row["model"]) == ("ream", 96, "0:.5:.5", "qwen")
+    assert row["gen"] == pytest.approx(69.8) and row["avg"] == pytest.approx(65.4)
+    assert row["task/gsm8k"] == pytest.approx(90) and row["run_dir"] == "wandb:me/ream-exp/abc123"
+    flat = FakeRun({"model.name": {"value": "qwen"}, "calib/mix": [0, 0.5, 0.5], "method.name": "ream"},
+                   {"experts_after": 64, "eval/mc": 0.5, "eval/gen": 0.6, "eval/tasks/gsm8k/score": 0.7},
+                   state="crashed")
+    row = wandb_row(flat)
+    assert (row["status"], row["method"], row["experts"], row["model"]) == ("failed", "ream", 64, "qwen")
+    assert math.isnan(row.get("mc", math.nan))  # a crashed run's partial scores are not used
+
+
+def test_collect_wandb_reports_an_unreachable_project(monkeypatch):
+    import wandb
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "Api", offline)
+    with pytest.raises(RuntimeError, match="could not read the W&B project 'me/proj'"):
+        collect_wandb("proj", entity="me")
+
+
+def test_report_on_a_folder_without_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    report_main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "report")])
+    assert json.loads((tmp_path / "report" / "frontiers.json").read_text()) == []
+    assert (tmp_path / "report" / "frontiers.png").stat().st_size > 0

@@ -1,0 +1,273 @@
+"""ream_exp/evaluate.py on a tiny real Qwen3-MoE and the tiny lm-eval tasks in tests/data/tiny_tasks/.
+
+    pytest tests/test_evaluate.py
+
+CPU and offline: the model and tokenizer are built here, the task data are local JSONL files, and
+lm-eval's task index is read from the installed package. lm_eval.simple_evaluate is wrapped by a spy
+so that every score can be checked against what lm-eval itself reported.
+"""
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from ream_exp import evaluate as ev  # noqa: E402
+
+TASK_DIR = Path(__file__).resolve().parent / "data" / "tiny_tasks"
+CONF_EVAL = Path(__file__).resolve().parents[1] / "conf" / "eval"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer over printable ASCII with pad/bos/eos/unk and a minimal chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", "\n"])}
+    vocab.update({chr(c): len(vocab) + i for i, c in enumerate(range(32, 127))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                      eos_token="</s>", unk_token="<unk>")
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_moe(vocab_size: int):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():  # a visible spread of weights, so predictions differ from doc to doc
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def eval_cfg(tasks, **overrides):
+    cfg = {"name": "tiny", "tasks": list(tasks), "include_path": str(TASK_DIR), "limit": None, "batch_size": 4,
+           "num_fewshot": None, "max_gen_toks": None, "allow_code_eval": False, "apply_chat_template": False,
+           "backend": "hf"}
+    return {**cfg, **overrides}
+
+
+class Spy:
+    """Wraps lm_eval.simple_evaluate: records its arguments, HF_ALLOW_CODE_EVAL and its raw output."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, **kwargs):
+        raw = self.real(**kwargs)
+        self.calls.append({"kwargs": kwargs, "code_eval_env": os.environ.get("HF_ALLOW_CODE_EVAL"), "raw": raw})
+        return raw
+
+    def call_for(self, task: str) -> dict:
+        return next(c for c in self.calls if task in c["raw"]["results"])
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    import lm_eval
+
+    recorder = Spy(lm_eval.simple_evaluate)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recorder)
+    return recorder
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tokenizer = tiny_tokenizer()
+    return tiny_moe(len(tokenizer)), tokenizer
+
+
+@pytest.fixture(scope="module")
+def suite(model_and_tokenizer):
+    """One evaluation of MC, grouped MC, GEN and an unsafe task; chat template on the GEN side only."""
+    import lm_eval
+
+    model, tokenizer = model_and_tokenizer
+    cfg = eval_cfg(["tiny_mc", "tiny_group", "tiny_gen", "tiny_unsafe"],
+                   apply_chat_template={"mc": False, "gen": True})
+    with pytest.MonkeyPatch.context() as mp:
+        recorder = Spy(lm_eval.simple_evaluate)
+        mp.setattr(lm_eval, "simple_evaluate", recorder)
+        result = ev.evaluate(model, tokenizer, cfg)
+    return result, recorder
+
+
+def test_kind_follows_lm_eval_output_type(suite):
+    result, recorder = suite
+    for name, entry in result["tasks"].items():
+        output_type = recorder.call_for(name)["raw"]["configs"].get(name, {}).get("output_type")
+        if output_type is not None:  # groups have no config of their own
+            assert entry["kind"] == ("gen" if output_type == "generate_until" else "mc"), name
+    kinds = {name: entry["kind"] for name, entry in result["tasks"].items()}
+    assert kinds == {"tiny_mc": "mc", "tiny_group": "mc", "tiny_gen": "gen"}
+
+
+def test_scores_are_the_primary_metrics_lm_eval_reported(suite):
+    result, recorder = suite
+    mc, gen = result["tasks"]["tiny_mc"], result["tasks"]["tiny_gen"]
+    mc_raw = recorder.call_for("tiny_mc")["raw"]
+    gen_raw = recorder.call_for("tiny_gen")["raw"]
+    reported = mc_raw["results"]["tiny_mc"]
+    assert reported["acc,none"] != reported["acc_norm,none"]  # else this test could not tell them apart
+    assert mc["metric"] == "acc,none" and mc["score"] == pytest.approx(reported["acc,none"])
+    # tiny_gen's first metric is lower_share (exact_match comes second).
+    assert gen["metric"] == "lower_share,none"
+    assert gen["score"] == pytest.approx(gen_raw["results"]["tiny_gen"]["lower_share,none"])
+    assert (mc["n"], gen["n"]) == (12, 6)
+    assert all(0.0 <= t["score"] <= 1.0 for t in result["tasks"].values())
+
+
+def test_group_counts_once_by_its_size_weighted_aggregate(suite):
+    result, recorder = suite
+    assert not any(name.startswith("tiny_group_") for name in result["tasks"])
+    raw = recorder.call_for("tiny_group")["raw"]
+    assert "tiny_group" in raw["groups"] and raw["group_subtasks"]["tiny_group"] == ["tiny_group_a", "tiny_group_b"]
+    a, b = raw["results"]["tiny_group_a"]["acc,none"], raw["results"]["tiny_group_b"]["acc,none"]
+    assert a != b  # else size weighting would be invisible
+    group = result["tasks"]["tiny_group"]
+    assert group["score"] == pytest.approx((12 * a + 6 * b) / 18)
+    assert group["n"] == 18
+
+
+def test_mc_gen_avg_are_means_of_the_task_scores(suite):
+    result, _ = suite
+    tasks = result["tasks"]
+    mc = (tasks["tiny_mc"]["score"] + tasks["tiny_group"]["score"]) / 2
+    gen = tasks["tiny_gen"]["score"]
+    assert result["mc"] == pytest.approx(mc) and result["gen"] == pytest.approx(gen)
+    assert result["avg"] == pytest.approx((mc + gen) / 2)
+    assert result["percent"]["avg"] == pytest.approx(100 * (mc + gen) / 2, abs=0.006)
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_chat_template_setting_is_applied_per_kind(suite):
+    _, recorder = suite
+    assert recorder.call_for("tiny_mc")["kwargs"]["apply_chat_template"] is False
+    assert recorder.call_for("tiny_gen")["kwargs"]["apply_chat_template"] is True
+
+
+def test_unsafe_task_is_skipped_in_a_mixed_suite(suite):
+    result, recorder = suite
+    assert "tiny_unsafe" not in result["tasks"] and "allow_code_eval" in result["skipped"]["tiny_unsafe"]
+    assert all(c["kwargs"]["confirm_run_unsafe_code"] is False and c["code_eval_env"] is None for c in recorder.calls)
+
+
+def test_unsafe_task_alone_is_skipped_with_a_warning(model_and_tokenizer, spy, caplog, monkeypatch):
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    caplog.set_level(logging.WARNING, logger=ev.__name__)
+    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_unsafe"]))
+    assert result["tasks"] == {} and result["avg"] is None and spy.calls == []
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "tiny_unsafe" in warning and "allow_code_eval" in warning
+
+
+def test_unsafe_task_runs_when_allowed(model_and_tokenizer, spy, monkeypatch):
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_unsafe"], allow_code_eval=True, limit=2))
+    assert result["tasks"]["tiny_unsafe"]["kind"] == "gen" and result["tasks"]["tiny_unsafe"]["n"] == 2
+    assert spy.calls[0]["kwargs"]["confirm_run_unsafe_code"] is True and spy.calls[0]["code_eval_env"] == "1"
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ  # only set while the allowed tasks ran
+
+
+def test_per_task_fewshot_metric_override_and_gen_cap(model_and_tokenizer, spy):
+    cfg = eval_cfg(["tiny_mc", "tiny_gen"], limit=3, num_fewshot={"tiny_mc": 2},
+                   metrics={"tiny_gen": "exact_match"}, max_gen_toks=2)
+    result = ev.evaluate(*model_and_tokenizer, cfg)
+    assert spy.call_for("tiny_mc")["raw"]["n-shot"]["tiny_mc"] == 2
+    gen_call = spy.call_for("tiny_gen")
+    assert gen_call["raw"]["n-shot"]["tiny_gen"] == 0
+    assert gen_call["kwargs"]["gen_kwargs"] == {"max_gen_toks": 2}
+    assert result["tasks"]["tiny_gen"]["metric"] == "exact_match,none"
+    assert result["tasks"]["tiny_gen"]["score"] == gen_call["raw"]["results"]["tiny_gen"]["exact_match,none"]
+    assert result["tasks"]["tiny_mc"]["n"] == 3
+
+
+def test_eval_none_never_touches_lm_eval(monkeypatch):
+    import lm_eval
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("lm-eval was used for eval=none")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", forbidden)
+    monkeypatch.setattr(ev, "_task_manager", forbidden)
+    none_cfg = yaml.safe_load((CONF_EVAL / "none.yaml").read_text())
+    for cfg in (none_cfg, {"name": "mc", "tasks": []}, None):
+        result = ev.evaluate(object(), object(), cfg)
+        assert result["tasks"] == {} and result["mc"] is None and result["gen"] is None and result["avg"] is None
+
+
+def test_unknown_task_fails_before_any_model_work(spy):
+    cfg = eval_cfg(["tiny_mc", "no_such_task_xyz"])
+    with pytest.raises(ValueError, match="no_such_task_xyz"):
+        ev.check_tasks(cfg)
+    with pytest.raises(ValueError, match="no_such_task_xyz"):
+        ev.evaluate(object(), object(), cfg)  # not a model: any model work would fail differently
+    assert spy.calls == []
+
+
+def test_stray_per_task_settings_are_rejected():
+    with pytest.raises(ValueError, match="tiny_gen"):
+        ev.check_tasks(eval_cfg(["tiny_mc"], num_fewshot={"tiny_gen": 5}))
+    with pytest.raises(ValueError, match="tiny_typo"):
+        ev.check_tasks(eval_cfg(["tiny_mc"], metrics={"tiny_typo": "acc"}))
+
+
+def test_vllm_backend_needs_vllm_and_a_checkpoint(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def vllm_spec(found):
+        return lambda name, *args: (object() if found else None) if name == "vllm" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", vllm_spec(False))
+    with pytest.raises(ImportError, match="vllm"):
+        ev.check_tasks(eval_cfg(["tiny_gen"], backend="vllm"))
+    monkeypatch.setattr(importlib.util, "find_spec", vllm_spec(True))
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        ev.evaluate(object(), object(), eval_cfg(["tiny_gen"], backend="vllm"))
+
+
+@pytest.mark.parametrize("path", sorted(CONF_EVAL.glob("*.yaml")), ids=lambda p: p.stem)
+def test_conf_eval_tasks_exist_in_lm_eval(path):
+    """Every task name in conf/eval is known to lm-eval's local index (no network needed)."""
+    cfg = yaml.safe_load(path.read_text())
+    assert ev.check_tasks(cfg) == ([] if cfg["name"] == "none" else cfg["tasks"])
+
+
+def test_paper_suite_is_mc_plus_gen_and_composes():
+    from hydra import compose, initialize_config_dir
+
+    load = {name: yaml.safe_load((CONF_EVAL / f"{name}.yaml").read_text()) for name in ("mc", "gen", "paper", "none")}
+    assert load["paper"]["tasks"] == load["mc"]["tasks"] + load["gen"]["tasks"]
+    assert load["paper"]["num_fewshot"] == load["gen"]["num_fewshot"]
+    with initialize_config_dir(config_dir=str(CONF_EVAL.parent), version_base="1.3"):
+        for name in ("mc", "gen", "paper", "none"):
+            cfg = compose(overrides=[f"+eval={name}"])
+            assert cfg.eval.name == name and list(cfg.eval.tasks) == load[name]["tasks"]
+
+
+def test_summarise_handles_one_side_only():
+    only_mc = ev.summarise({"a": {"score": 0.25, "kind": "mc"}, "b": {"score": 0.75, "kind": "mc"}})
+    assert only_mc["mc"] == 0.5 and only_mc["gen"] is None and only_mc["avg"] == 0.5
+    only_gen = ev.summarise({"g": {"score": 0.1, "kind": "gen"}, "x": {"score": None, "kind": "gen"}})
+    assert math.isclose(only_gen["avg"], 0.1) and only_gen["percent"]["gen"] == 10.0

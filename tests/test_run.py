@@ -1,0 +1,77 @@
+"""`run(cfg)` end to end on a tiny model with tiny local lm-eval tasks, and the documented CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ream_exp.moe import apply_plan, moe_layers
+from ream_exp.moe.tiny import tiny_batch
+from ream_exp.plan import Plan
+from ream_exp.run import run
+from tests.test_config import make_cfg
+
+TINY_TASKS = Path(__file__).parent / "data" / "tiny_tasks"
+
+
+def _cfg(tiny_checkpoint, calib_files, tmp_path, *extra):
+    return make_cfg(
+        "model=local", f"model.path={tiny_checkpoint}", "calib=local", "calib.n=16", "calib.seq_len=32",
+        *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()],
+        "eval=mc", "eval.name=tiny", "eval.tasks=[tiny_mc,tiny_gen]", f"eval.include_path={TINY_TASKS}",
+        "eval.batch_size=4", "logger=wandb", f"cache_dir={tmp_path / 'cache'}", "progress=false", *extra)
+
+
+def test_run_end_to_end(tiny_checkpoint, calib_files, tmp_path):
+    out = tmp_path / "run"
+    metrics = run(_cfg(tiny_checkpoint, calib_files, tmp_path, "method=reap", "ratio=0.5"), out)
+    for name in ("config.yaml", "plan.json", "metrics.json", "checkpoint/config.json", "checkpoint/tokenizer.json"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["status"] == "done" and saved["experts_before"] == 8 and saved["experts_after"] == 4
+    assert saved["params_after"] < saved["params_before"]
+    assert {"load", "calibrate", "compress", "save", "evaluate", "baseline_eval"} <= set(saved["timings"])
+    assert set(saved["eval"]["tasks"]) == {"tiny_mc", "tiny_gen"} and saved["eval"]["mc"] is not None
+    assert saved["baseline"]["tasks"].keys() == saved["eval"]["tasks"].keys()
+    assert saved["calib_tokens"] == int(16 * 32 * 0.9) or saved["calib_tokens"] > 0
+
+    # the checkpoint is the original model with plan.json applied, bit for bit
+    plan = Plan.load(out / "plan.json")
+    assert all(len(lp.keep) == 4 and len(lp.saliency) == 8 for lp in plan.layers)
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    apply_plan(original, plan)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint").eval()
+    assert [l.num_experts for l in moe_layers(reloaded)] == [4] * len(moe_layers(reloaded))
+    ids, mask = tiny_batch()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits,
+                           original(input_ids=ids, attention_mask=mask).logits)
+    assert any(Path(out).rglob("*.wandb")), "the offline W&B run lives in the run directory"
+
+    # the uncompressed model's scores are cached: a second run does not evaluate them again
+    again = run(_cfg(tiny_checkpoint, calib_files, tmp_path, "method=freq", "ratio=0.25", "save=false"),
+                tmp_path / "run2")
+    assert "baseline_eval" not in again["timings"] and again["baseline"] == saved["baseline"]
+    assert not (tmp_path / "run2" / "checkpoint").exists() and again["experts_after"] == 6
+
+
+def test_documented_cli(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [str(Path(sys.executable).parent / "ream-exp"), "model=local", f"model.path={tiny_checkpoint}", "method=reap",
+           "ratio=0.5", "eval=none", "logger=none", f"hydra.run.dir={out}", "calib.n=8", "calib.seq_len=32",
+           "calib.mix=[0.0,0.3,0.7]", "progress=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["experts_after"] == 4 and metrics["mix"] == [0.0, 0.3, 0.7]
+    assert (out / "checkpoint" / "model.safetensors").exists()
+    # a second run into the same directory is refused and leaves the results alone
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode != 0 and "already holds results" in again.stderr
+    assert json.loads((out / "metrics.json").read_text()) == metrics
