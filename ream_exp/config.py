@@ -8,9 +8,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
 
+
+
+def group_size_for(table, ratio, default):
+    """REAM's group size C for this ratio from a model's {ratio: C} table (model.group_size), else default."""
+    if table is None:
+        return int(default)
+    by_ratio = {float(k): int(v) for k, v in table.items()}
+    return by_ratio.get(float(ratio), int(default))
+
+
 if not OmegaConf.has_resolver("pkg"):
     # ${pkg:toy/checkpoint} -> absolute path inside the installed ream_exp package
     OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
+if not OmegaConf.has_resolver("group_size"):
+    # ${group_size:${oc.select:model.group_size,null},${ratio},16} -> the paper's C for this model and ratio
+    OmegaConf.register_new_resolver("group_size", group_size_for)
 
 
 def _is_local_path(path: str) -> bool:

@@ -61,6 +61,16 @@ class LayerStats:
     def score(self, name: str) -> torch.Tensor:
         return {"freq": self.freq, "soft_freq": self.soft_freq, "ean": self.ean_score, "reap": self.reap_score}[name]
 
+    def state(self) -> dict:
+        return {"tokens": self.tokens, **{k: getattr(self, k).cpu() for k in ("count", "soft", "ean", "reap")}}
+
+    @classmethod
+    def from_state(cls, state: dict, device="cpu") -> "LayerStats":
+        stats = cls(len(state["count"]), device, int(state["tokens"]))
+        for k in ("count", "soft", "ean", "reap"):
+            setattr(stats, k, state[k].to(device=device, dtype=torch.float64))
+        return stats
+
     def to_dict(self) -> dict[str, list[float]]:
         return {k: self.score(k).tolist() for k in ("freq", "soft_freq", "ean", "reap")}
 
@@ -116,6 +126,22 @@ def observing(model: nn.Module, layers: list[MoELayer] | None = None):
     finally:
         for layer in layers:
             del layer.experts.forward  # back to the class's forward
+
+
+def save_stats(stats: dict[int, LayerStats], path) -> None:
+    """Write atomically, so a killed run never leaves a half-written cache entry behind."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({i: s.state() for i, s in stats.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_stats(path, device="cpu") -> dict[int, LayerStats]:
+    return {int(i): LayerStats.from_state(s, device) for i, s in torch.load(path, weights_only=True).items()}
 
 
 @torch.no_grad()

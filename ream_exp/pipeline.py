@@ -28,6 +28,12 @@ def load_model(model_cfg: DictConfig, device: str):
                   trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
     if model_cfg.get("device_map"):
         kwargs["device_map"] = model_cfg.device_map
+    quant = getattr(load_model_config(model_cfg), "quantization_config", None) or {}
+    if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
+        # gpt-oss ships MXFP4 experts; surgery needs the plain fused tensors, so dequantise on load.
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_cfg.path), **kwargs).eval()
     if not model_cfg.get("device_map"):
         model.to(device)
@@ -66,13 +72,28 @@ class Timer:
             self.seconds[stage] = round(time.perf_counter() - start, 3)
 
 
-def baseline_key(model_cfg: DictConfig, eval_cfg: DictConfig) -> str:
-    """Cache key of the uncompressed model's scores: the model (path + weights' mtime) and the eval config."""
+def _model_identity(model_cfg: DictConfig) -> list:
+    """The model config plus the weights' modification time, so a retrained local model is a new key."""
     path = Path(str(model_cfg.path)).expanduser()
     stamp = max((f.stat().st_mtime for f in path.glob("*.safetensors")), default=0) if path.is_dir() else 0
-    blob = json.dumps([OmegaConf.to_container(model_cfg, resolve=True), stamp,
-                       OmegaConf.to_container(eval_cfg, resolve=True)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return [OmegaConf.to_container(model_cfg, resolve=True), stamp]
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def baseline_key(model_cfg: DictConfig, eval_cfg: DictConfig) -> str:
+    """Cache key of the uncompressed model's scores: the model and the eval config."""
+    return _digest(_model_identity(model_cfg), OmegaConf.to_container(eval_cfg, resolve=True))
+
+
+def stats_key(model_cfg: DictConfig, calib: dict[str, torch.Tensor]) -> str:
+    """Cache key of routing statistics of the uncompressed model: the model and the exact calibration tokens."""
+    tokens = hashlib.sha256()
+    for name in ("input_ids", "attention_mask"):
+        tokens.update(calib[name].contiguous().numpy().tobytes())
+    return _digest(_model_identity(model_cfg), tokens.hexdigest())
 
 
 def score_table(rows: dict[str, dict]) -> str:

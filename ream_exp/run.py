@@ -9,7 +9,10 @@ Tests call `run(cfg)` directly; `main` is the thin Hydra entry point.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 import traceback
 from pathlib import Path
 
@@ -19,24 +22,43 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
 from . import config as _config  # noqa: F401  (registers the ${pkg:...} resolver)
-from .calib import build_calibration, validate_calib
+from .calib import validate_calib
+from .calib.cache import cached_calibration
 from .config import check_expert_counts, check_model_path, check_ratio
 from .methods import Context, get_method
 from .moe import apply_plan, moe_layers
 from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, resolve_device,
-                       score_table, write_json)
+                       score_table, stats_key, write_json)
 
 log = logging.getLogger("ream_exp")
 
-RESULT_FILES = ("metrics.json", "plan.json", "checkpoint")
+RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "error.txt")
 
 
-def guard_run_dir(run_dir: Path) -> None:
-    """Never overwrite results: a run dir holding any of them is refused before anything runs."""
-    found = [name for name in RESULT_FILES if (run_dir / name).exists()]
-    if found:
-        raise FileExistsError(f"run directory {run_dir} already holds results ({', '.join(found)}); "
-                              "choose another hydra.run.dir or remove it yourself")
+def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The metrics of a run already finished in `run_dir` with this very config, else None.
+
+    A finished run with a different config is refused: results are never overwritten. Leftovers of an
+    unfinished attempt (a crash, a kill) are moved to attempts/<time>/, not deleted, and the run starts over.
+    """
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        done = json.loads(metrics_path.read_text())
+        if done.get("status") == "done":
+            saved = run_dir / "config.yaml"
+            if saved.exists() and OmegaConf.to_container(OmegaConf.load(saved)) == \
+                    OmegaConf.to_container(cfg, resolve=True):
+                return done
+            raise FileExistsError(f"run directory {run_dir} already holds results of a different config; "
+                                  "choose another hydra.run.dir or remove it yourself")
+    leftovers = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if leftovers:
+        attempt = run_dir / "attempts" / time.strftime("%Y%m%d-%H%M%S")
+        attempt.mkdir(parents=True, exist_ok=True)
+        for name in leftovers:
+            os.replace(run_dir / name, attempt / name)
+        log.warning("unfinished earlier attempt in %s: moved %s to %s", run_dir, ", ".join(leftovers), attempt)
+    return None
 
 
 def validate(cfg: DictConfig):
@@ -64,8 +86,6 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
     """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk."""
     if not cfg.get("baseline") or not list(cfg.eval.get("tasks") or []) or cfg.method.name == "none":
         return None
-    import json
-
     path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -82,7 +102,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     run_dir = Path(run_dir or cfg.get("run_dir") or "outputs/run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    guard_run_dir(run_dir)
+    done = finished_run(run_dir, cfg)
+    if done is not None:
+        log.info("already finished with this config, skipped: %s", run_dir)
+        print(f"skipped (already finished with the same config): {run_dir}")
+        return done
     validate(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     torch.manual_seed(int(cfg.seed))
@@ -106,9 +130,11 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
     calib = None
     if getattr(method, "NEEDS_CALIBRATION", True):
         with timer("calibrate"):
-            calib = build_calibration(cfg.calib, tokenizer)
+            calib = cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))
+    stats_path = Path(cfg.cache_dir) / "stats" / f"{stats_key(cfg.model, calib)}.pt" if calib is not None else None
     ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
-                  seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress))
+                  seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress),
+                  stats_path=stats_path)
     with timer("compress"):
         plan = method.plan(ctx)
         apply_plan(model, plan)
@@ -165,7 +191,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         return run(cfg, run_dir)
     except Exception as exc:
-        if not (run_dir / "metrics.json").exists():
+        if not (run_dir / "metrics.json").exists():  # never over finished results
             record_failure(run_dir, exc)
         if hc.mode == RunMode.MULTIRUN:  # one failed run must not sink the sweep
             log.error("run failed (%s): %s; details in %s", type(exc).__name__, exc, run_dir / "error.txt")

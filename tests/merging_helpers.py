@@ -18,7 +18,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def method_cfg(name: str, *overrides: str) -> dict:
     """conf/method/<name>.yaml composed by Hydra (inheritance included), with `method.key=value` overrides."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=[f"+method={name}", *overrides])
+        cfg = compose("config", overrides=[f"method={name}", *overrides])
     return OmegaConf.to_container(cfg.method, resolve=True)
 
 

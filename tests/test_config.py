@@ -82,6 +82,13 @@ def test_unknown_group_option_lists_valid_ones():
 
 def test_existing_results_are_never_overwritten(tiny_checkpoint, calib_files, tmp_path):
     (tmp_path / "metrics.json").write_text('{"status": "done"}')
-    with pytest.raises(FileExistsError, match="already holds results"):
+    with pytest.raises(FileExistsError, match="already holds results of a different config"):
         run(_local(tiny_checkpoint, calib_files, "method=reap"), tmp_path)
     assert (tmp_path / "metrics.json").read_text() == '{"status": "done"}'
+
+
+def test_ream_group_size_follows_model_and_ratio():
+    assert make_cfg("method=ream", "ratio=0.25").method.group_size == 16  # toy: no table, default
+    assert make_cfg("method=ream", "model=qwen3_30b_a3b", "ratio=0.25").method.group_size == 16
+    assert make_cfg("method=ream_official", "model=qwen3_30b_a3b", "ratio=0.5").method.group_size == 32
+    assert make_cfg("method=ream", "model=qwen3_30b_a3b", "ratio=0.5", "method.group_size=4").method.group_size == 4

@@ -250,7 +250,11 @@ def test_vllm_backend_needs_vllm_and_a_checkpoint(monkeypatch):
 @pytest.mark.parametrize("path", sorted(CONF_EVAL.glob("*.yaml")), ids=lambda p: p.stem)
 def test_conf_eval_tasks_exist_in_lm_eval(path):
     """Every task name in conf/eval is known to lm-eval's local index (no network needed)."""
-    cfg = yaml.safe_load(path.read_text())
+    from omegaconf import OmegaConf
+
+    import ream_exp.config  # noqa: F401  (the ${pkg:...} resolver used by eval/toy.yaml)
+
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert ev.check_tasks(cfg) == ([] if cfg["name"] == "none" else cfg["tasks"])
 
 

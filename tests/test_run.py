@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -71,7 +72,45 @@ def test_documented_cli(tiny_checkpoint, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["experts_after"] == 4 and metrics["mix"] == [0.0, 0.3, 0.7]
     assert (out / "checkpoint" / "model.safetensors").exists()
-    # a second run into the same directory is refused and leaves the results alone
+    # the same command again is a finished run: skipped, results untouched
+    stamp = (out / "metrics.json").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert again.returncode != 0 and "already holds results" in again.stderr
+    assert again.returncode == 0 and "skipped" in again.stdout
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp
+    # another config into the same directory is refused and leaves the results alone
+    other = subprocess.run([*cmd, "ratio=0.25"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert other.returncode != 0 and "different config" in other.stderr
     assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_unfinished_attempt_is_kept_aside_and_rerun(tiny_checkpoint, calib_files, tmp_path):
+    out = tmp_path / "retry"
+    out.mkdir()
+    (out / "error.txt").write_text("Traceback: killed")
+    (out / "plan.json").write_text("{}")
+    cfg = _cfg(tiny_checkpoint, calib_files, tmp_path, "method=freq", "ratio=0.25", "eval.tasks=[]", "logger=none",
+               "save=false")
+    metrics = run(cfg, out)
+    assert metrics["status"] == "done" and not (out / "error.txt").exists()
+    (attempt,) = (out / "attempts").iterdir()
+    assert (attempt / "error.txt").read_text() == "Traceback: killed" and (attempt / "plan.json").read_text() == "{}"
+    assert run(cfg, out) == json.loads((out / "metrics.json").read_text())  # finished: skipped
+
+
+def test_pruning_statistics_are_shared_across_ratios(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
+    import ream_exp.methods.base as base
+
+    common = ("method=reap", "eval.tasks=[]", "logger=none", "save=false")
+    first = run(_cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.25"), tmp_path / "a")
+    (entry,) = (tmp_path / "cache" / "stats").glob("*.pt")
+    monkeypatch.setattr(base, "observe", lambda *a, **k: pytest.fail("observed again despite the cache"))
+    second = run(_cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.5"), tmp_path / "b")
+    plans = [Plan.load(tmp_path / d / "plan.json") for d in ("a", "b")]
+    assert [l.saliency for l in plans[0].layers] == [l.saliency for l in plans[1].layers]
+    assert (first["experts_after"], second["experts_after"]) == (6, 4)
+    # a damaged cache entry is not trusted: it is rebuilt
+    entry.write_bytes(b"garbage")
+    monkeypatch.setattr(base, "observe", __import__("ream_exp.observe", fromlist=["observe"]).observe)
+    with pytest.warns(UserWarning, match="unreadable statistics cache"):
+        run(_cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.5"), tmp_path / "c")
+    assert Plan.load(tmp_path / "c" / "plan.json").layers[0].saliency == plans[0].layers[0].saliency

@@ -7,16 +7,22 @@ A mix (a : b : c) takes int(n*a), int(n*b), int(n*c) sequences from the general,
 (SPEC 6). Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
 and rows with less than `min_fill` real tokens are skipped (or, with `pack: true`, texts are joined with
 EOS and cut into full sequences). Pads are marked 0 in the attention mask and never count in statistics.
+A source is raw text (`field`) or, with `format: chat`, rows rendered by the tokenizer's chat template
+(REAP's evol-codealpaca); `min_chars_per_seq_len: 0.9` keeps texts of at least 0.9 * seq_len characters.
 `calib=pretokenized calib.path=FILE` instead loads a stored [n, seq_len] token file exactly as given.
+Runs build through `cache.cached_calibration`, which stores each tokenised set on disk once.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .pretokenized import load_pretokenized
-from .sources import iter_texts, load_source
+from .sources import iter_texts, load_source, source_columns
 
 DOMAINS = ("general", "math", "code")
 
@@ -67,8 +73,18 @@ def _rows_packed(texts, tokenizer, count, seq_len):
                 return
 
 
+def resolve_source(src, seq_len: int) -> dict:
+    """The source as read: `min_chars_per_seq_len` (a fraction of seq_len) becomes a `min_chars` floor."""
+    src = dict(OmegaConf.to_container(src, resolve=True) if isinstance(src, DictConfig) else src)
+    frac = src.pop("min_chars_per_seq_len", None)
+    if frac is not None:
+        src["min_chars"] = max(int(src.get("min_chars") or 0), math.ceil(float(frac) * seq_len))
+    return src
+
+
 def tokenize_source(src, tokenizer, count: int, seq_len: int, seed: int, min_fill: float, pack: bool):
-    texts = iter_texts(src, seed)
+    src = resolve_source(src, seq_len)
+    texts = iter_texts(src, seed, tokenizer)
     rows = _rows_packed(texts, tokenizer, count, seq_len) if pack else _rows_truncated(
         texts, tokenizer, count, seq_len, min_fill)
     rows = list(tqdm(rows, total=count, desc=f"calib {src['path']}", leave=False))
@@ -90,20 +106,29 @@ def validate_calib(cfg) -> None:
         load_pretokenized(cfg.get("path"))
     else:
         validate_mix(cfg.mix)
+        for _, src in used_sources(cfg).values():  # a domain the mix needs is configured, in a known format
+            source_columns(src)
+
+
+def used_sources(cfg) -> dict[str, tuple[int, dict]]:
+    """{domain: (count, source config)} for every domain the mix takes sequences from."""
+    used = {}
+    for domain, count in counts_for_mix(int(cfg.n), cfg.mix).items():
+        if count == 0:
+            continue
+        src = (cfg.get("sources") or {}).get(domain)
+        if src is None:
+            raise ValueError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r}")
+        used[domain] = (count, src)
+    return used
 
 
 def build_calibration(cfg, tokenizer) -> dict[str, torch.Tensor]:
     if is_pretokenized(cfg):  # calib=pretokenized calib.path=FILE: the tokens exactly as stored
         return load_pretokenized(cfg.get("path"))
-    counts = counts_for_mix(int(cfg.n), cfg.mix)
     seq_len, pad = int(cfg.seq_len), _pad_id(tokenizer)
     rows: list[list[int]] = []
-    for domain, count in counts.items():
-        if count == 0:
-            continue
-        src = cfg.sources.get(domain)
-        if src is None:
-            raise ValueError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r}")
+    for count, src in used_sources(cfg).values():
         rows += tokenize_source(src, tokenizer, count, seq_len, int(cfg.seed), float(cfg.get("min_fill", 0.9)),
                                 bool(cfg.get("pack", False)))
     ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
@@ -120,4 +145,4 @@ def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
 
 
 __all__ = ["DOMAINS", "build_calibration", "calibration_batches", "counts_for_mix", "is_pretokenized",
-           "load_pretokenized", "load_source", "validate_calib", "validate_mix"]
+           "load_pretokenized", "load_source", "resolve_source", "used_sources", "validate_calib", "validate_mix"]

@@ -7,6 +7,12 @@ reads c4 or NuminaMath on a machine with hub access. A source config:
     split: validation                         field: text
     streaming: false                          min_chars: 0
     where: {source: [cn_k12, olympiads]}     (keep rows whose column value is listed)
+    revision: null                            (a hub dataset's git revision, to pin it)
+    format: text | chat                       (chat: render `fields` with the tokenizer's chat template)
+    fields: {user: instruction, assistant: output}   (format: chat; role -> column, in turn order)
+
+A local directory is read like a hub repository (its README's `configs:` name the configs and splits),
+so a test can lay out files the way allenai/c4 does and read them with name/split/streaming.
 """
 
 from __future__ import annotations
@@ -31,30 +37,73 @@ def load_source(src) -> "datasets.Dataset | datasets.IterableDataset":
             raise FileNotFoundError(f"calibration source file not found: {path}")
         return datasets.load_dataset(builder, data_files=path, split="train", streaming=src.get("streaming", False))
     if Path(path).is_dir():
-        return datasets.load_dataset(path, name=src.get("name"), split=src.get("split", "train"))
+        return datasets.load_dataset(path, name=src.get("name"), split=src.get("split", "train"),
+                                     streaming=src.get("streaming", False))
     return datasets.load_dataset(
-        path, name=src.get("name"), split=src.get("split", "train"), streaming=src.get("streaming", False)
+        path, name=src.get("name"), split=src.get("split", "train"), streaming=src.get("streaming", False),
+        revision=src.get("revision"),
     )
 
 
-def _keep(row, field: str, min_chars: int, where: dict | None) -> bool:
-    text = row.get(field)
-    if not isinstance(text, str) or len(text) < min_chars:
-        return False
+FORMATS = ("text", "chat")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def source_columns(src) -> list[str]:
+    """The dataset columns a source reads: its `field`, or the columns of its chat `fields`."""
+    fmt = src.get("format", "text")
+    if fmt not in FORMATS:
+        raise ValueError(f"calibration source {src['path']!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "text":
+        return [src.get("field", "text")]
+    fields = dict(src.get("fields") or {})
+    if not fields or any(role not in CHAT_ROLES for role in fields):
+        raise ValueError(f"calibration source {src['path']!r}: format: chat needs `fields` mapping roles "
+                         f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}; "
+                         f"got {fields}")
+    return list(fields.values())
+
+
+def _chat_renderer(src, tokenizer):
+    """row -> the conversation as the tokenizer's chat template writes it (text, special tokens included)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"calibration source {src['path']!r} has format: chat, but the tokenizer has no chat "
+                         "template; use a chat/instruct model's tokenizer or format: text")
+    fields = dict(src["fields"])
+
+    def render(row):
+        if not all(isinstance(row.get(col), str) for col in fields.values()):
+            return None
+        messages = [{"role": role, "content": row[col]} for role, col in fields.items()]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    return render
+
+
+def _where(row, where: dict | None) -> bool:
     return all(row.get(col) in set(values) for col, values in (where or {}).items())
 
 
-def iter_texts(src, seed: int):
-    """Texts of a source in a seeded random order, filtered; lazy, so only what is needed is read."""
+def iter_texts(src, seed: int, tokenizer=None):
+    """Texts of a source in a seeded random order, filtered; lazy, so only what is needed is read.
+
+    format: text yields the `field` column as is; format: chat yields each row's `fields` rendered as a
+    conversation by `tokenizer`'s chat template. `where` filters rows, `min_chars` the resulting texts.
+    """
+    columns = source_columns(src)
+    render = _chat_renderer(src, tokenizer) if src.get("format", "text") == "chat" else None
     ds = load_source(src)
-    field = src.get("field", "text")
-    if field not in (ds.column_names or [field]):
-        raise ValueError(f"calibration source {src['path']!r} has no field {field!r}; columns: {ds.column_names}")
+    missing = [c for c in columns if c not in (ds.column_names or columns)]
+    if missing:
+        raise ValueError(f"calibration source {src['path']!r} has no field {missing[0]!r}; columns: {ds.column_names}")
     if hasattr(ds, "to_iterable_dataset"):  # map-style: an exact seeded permutation
         ds = ds.shuffle(seed=seed)
     else:  # streamed: a seeded shuffle buffer
         ds = ds.shuffle(seed=seed, buffer_size=src.get("shuffle_buffer", 10_000))
-    min_chars, where = int(src.get("min_chars", 0)), src.get("where")
+    min_chars, where = int(src.get("min_chars") or 0), src.get("where")
     for row in ds:
-        if _keep(row, field, min_chars, where):
-            yield row[field]
+        if not _where(row, where):
+            continue
+        text = render(row) if render else row.get(columns[0])
+        if isinstance(text, str) and len(text) >= min_chars:
+            yield text

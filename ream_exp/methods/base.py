@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..calib import calibration_batches
 from ..moe import MoELayer, moe_layers
-from ..observe import LayerStats, observe
+from ..observe import LayerStats, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 
 
@@ -24,6 +26,9 @@ class Context:
     seed: int = 0
     batch_size: int = 8
     progress: bool = True
+    # Routing statistics of the uncompressed model depend only on model and tokens, not on the ratio:
+    # pruning methods share them across ratios through this file (None = no cache).
+    stats_path: Path | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property
@@ -40,8 +45,15 @@ class Context:
 
     def stats(self) -> dict[int, LayerStats]:
         """Routing statistics of the (uncompressed) model over the calibration tokens, observed once."""
+        if self._stats is None and self.stats_path is not None and Path(self.stats_path).exists():
+            try:
+                self._stats = load_stats(self.stats_path, self.model.device)
+            except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
+                warnings.warn(f"ignoring unreadable statistics cache {self.stats_path}: {exc}")
         if self._stats is None:
             self._stats = observe(self.model, self.batches(), progress=self.progress)
+            if self.stats_path is not None:
+                save_stats(self._stats, self.stats_path)
         return self._stats
 
 

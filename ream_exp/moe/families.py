@@ -44,6 +44,19 @@ FAMILIES: dict[str, Family] = {
             shared=("shared_experts",),
         ),
         Family("gpt_oss", ("gpt_oss",), "num_local_experts", router_attr="router", router_extra=("bias",)),
+        # Qwen3-Next: Qwen2-MoE's block (softmax router, gated shared expert) between linear-attention layers.
+        Family("qwen3_next", ("qwen3_next",), "num_experts", shared=("shared_expert", "shared_expert_gate")),
+        # GLM-4.5 / 4.5-Air: DeepSeek-V3's router (sigmoid + e_score_correction_bias, n_group), shared experts.
+        Family(
+            "glm4_moe",
+            ("glm4_moe",),
+            "n_routed_experts",
+            scoring="sigmoid",
+            router_extra=("e_score_correction_bias",),
+            shared=("shared_experts",),
+        ),
+        # DeepSeek-V2(-Lite): softmax router (greedy or group-limited top-k), shared experts.
+        Family("deepseek_v2", ("deepseek_v2",), "n_routed_experts", shared=("shared_experts",)),
     )
 }
 

@@ -1,0 +1,161 @@
+"""A disk cache of tokenised calibration sets, so a sweep tokenises each (tokenizer, data) set once.
+
+    calib = cached_calibration(cfg.calib, tokenizer, cfg.cache_dir)   # same result as build_calibration
+
+The key hashes everything that decides the tokens: the tokenizer (name_or_path + a hash of its vocabulary,
+merges, normalisation, special tokens and chat template), the sources the mix reads (their resolved
+configs, plus size and mtime of local files), the mix and per-source counts, n, seq_len, seed, min_fill
+and pack. A set is stored at `<cache_dir>/calib/<key>.pt` with its key and a sha256 of its tensors;
+it is written to a temporary file and renamed, so a crash never leaves a half-written set under the
+final name. A file that cannot be read, has the wrong key, keys, dtypes or shapes, or fails its checksum
+is reported, deleted and rebuilt; it is never used. Pre-tokenised calibration (`calib=pretokenized`)
+bypasses the cache: it is a file already.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from . import build_calibration, counts_for_mix, is_pretokenized, resolve_source, used_sources
+
+log = logging.getLogger("ream_exp")
+
+FORMAT_VERSION = 1  # bump when the way calibration tokens are built changes
+TENSORS = ("input_ids", "attention_mask")
+
+
+def _sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What decides how the tokenizer turns text into ids, hashed (the name alone can change meaning)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: vocab, merges, normaliser...
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extras = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.pad_token_id,
+                         tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
+                        sort_keys=True, default=str)
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "hash": _sha256(body + extras)}
+
+
+def _file_stamp(path: str) -> list | None:
+    """Size and mtime of a local source file (editing it must miss the cache); None for hub ids."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return None
+
+
+def calibration_key_material(cfg, tokenizer) -> dict:
+    """Everything the calibration tokens depend on, as plain JSON-able data."""
+    seq_len = int(cfg.seq_len)
+    sources = {}
+    for domain, (count, src) in used_sources(cfg).items():
+        src = resolve_source(src, seq_len)
+        sources[domain] = {"count": count, "source": src, "files": _file_stamp(str(src["path"]))}
+    return {
+        "version": FORMAT_VERSION,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "sources": sources,
+        "mix": [float(x) for x in cfg.mix],
+        "counts": counts_for_mix(int(cfg.n), cfg.mix),
+        "n": int(cfg.n),
+        "seq_len": seq_len,
+        "seed": int(cfg.seed),
+        "min_fill": float(cfg.get("min_fill", 0.9)),
+        "pack": bool(cfg.get("pack", False)),
+    }
+
+
+def key_of(material: dict) -> str:
+    return _sha256(json.dumps(material, sort_keys=True, default=str))[:24]
+
+
+def calibration_key(cfg, tokenizer) -> str:
+    return key_of(calibration_key_material(cfg, tokenizer))
+
+
+def tensor_checksum(calib: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in TENSORS:
+        t = calib[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / "calib" / f"{key}.pt"
+
+
+def save_cached(path: Path, key: str, material: dict, calib: dict[str, torch.Tensor]) -> None:
+    """Write atomically: a temporary file in the same directory, then os.replace onto the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {name: calib[name].cpu() for name in TENSORS}
+    blob.update(key=key, meta=json.dumps(material, sort_keys=True, default=str), checksum=tensor_checksum(calib))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cached(path: Path, key: str, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The stored set, after every check; raises ValueError saying what is wrong with the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or not a torch file at all
+        raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(blob, dict) or not all(k in blob for k in (*TENSORS, "key", "checksum")):
+        raise ValueError(f"missing entries (has {sorted(blob) if isinstance(blob, dict) else type(blob).__name__})")
+    if blob["key"] != key:
+        raise ValueError(f"stored key {blob['key']!r} is not the file's name {key!r}")
+    for name in TENSORS:
+        t = blob[name]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.long or tuple(t.shape) != (rows, seq_len):
+            got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} is {got}, expected torch.int64 {(rows, seq_len)}")
+    calib = {name: blob[name] for name in TENSORS}
+    if tensor_checksum(calib) != blob["checksum"]:
+        raise ValueError("checksum mismatch (the tokens changed after they were written)")
+    return calib
+
+
+def cached_calibration(cfg, tokenizer, cache_dir: str | Path | None) -> dict[str, torch.Tensor]:
+    """build_calibration(cfg, tokenizer), read from `<cache_dir>/calib/` when this exact set was built before."""
+    if is_pretokenized(cfg) or cache_dir is None:
+        return build_calibration(cfg, tokenizer)
+    material = calibration_key_material(cfg, tokenizer)
+    key = key_of(material)
+    path = cache_path(cache_dir, key)
+    if path.exists():
+        try:
+            calib = load_cached(path, key, sum(material["counts"].values()), material["seq_len"])
+            log.info("calibration tokens from cache %s", path)
+            return calib
+        except ValueError as exc:
+            log.warning("calibration cache file %s is corrupt or partial: %s; deleting and rebuilding it", path, exc)
+            path.unlink(missing_ok=True)
+    calib = build_calibration(cfg, tokenizer)
+    save_cached(path, key, material, calib)
+    log.info("calibration tokens cached at %s", path)
+    return calib
+
+
+__all__ = ["cache_path", "cached_calibration", "calibration_key", "calibration_key_material", "load_cached",
+           "save_cached", "tokenizer_fingerprint"]

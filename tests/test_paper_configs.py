@@ -1,0 +1,213 @@
+"""The paper's named calibration mixes, the model configs, and the MoE families those models need.
+
+Every conf/model/<paper model>.yaml is checked against a local config.json of its architecture (the hub is
+never reached): it passes `validate` for ratio 0.25 and 0.5, and its REAM group size resolves. An
+architecture ream-exp cannot edit fails in `validate`, from config.json alone, before any weights load.
+Tiny random Qwen3-Next, GLM-4.5 and DeepSeek-V2 models show those families fit ream_exp.moe.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from omegaconf import OmegaConf
+
+from ream_exp.calib import validate_calib
+from ream_exp.methods import Context, get_method
+from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layers
+from ream_exp.moe.families import family_for
+from ream_exp.moe.tiny import VOCAB, tiny_batch
+from ream_exp.run import validate
+from tests.test_config import CONF, make_cfg, options
+
+MIXES = {  # conf/calib/<name>.yaml -> general : math : code (SPEC 6)
+    "mix_3_3_3": [0.3, 0.3, 0.3], "mix_5_5_0": [0.5, 0.5, 0], "mix_5_0_5": [0.5, 0, 0.5],
+    "mix_0_5_5": [0, 0.5, 0.5], "mix_2_5_3": [0.2, 0.5, 0.3], "mix_1_8_1": [0.1, 0.8, 0.1],
+    "mix_0_7_3": [0, 0.7, 0.3], "mix_2_25_55": [0.2, 0.25, 0.55], "mix_1_1_8": [0.1, 0.1, 0.8],
+    "mix_0_3_7": [0, 0.3, 0.7],
+    "mix_general_only": [1, 0, 0], "mix_math_only": [0, 1, 0], "mix_code_only": [0, 0, 1],
+}
+
+MODELS = {  # conf/model/<name>.yaml -> (model_type, routed experts, top_k, REAM C at ratio 0.25, at 0.5)
+    "qwen3_30b_a3b": ("qwen3_moe", 128, 8, 16, 32),
+    "qwen3_next_80b_a3b": ("qwen3_next", 512, 10, 32, 64),
+    "glm_4_5_air": ("glm4_moe", 128, 8, 16, 32),
+    "mixtral_8x7b": ("mixtral", 8, 2, 2, 2),
+    "olmoe_1b_7b": ("olmoe", 64, 8, 8, 16),
+    "qwen1_5_moe_a2_7b": ("qwen2_moe", 60, 4, 8, 15),
+    "deepseek_v2_lite": ("deepseek_v2", 64, 6, 8, 16),
+    "gpt_oss_20b": ("gpt_oss", 32, 4, 4, 8),
+}
+GROUP_SIZE = "${oc.select:'model.group_size[${ratio}]',16}"  # what method.group_size reads (see the yamls)
+
+
+def _cfg(*overrides, method="reap"):
+    return make_cfg("model=local", "eval=none", "logger=none", f"method={method}", *overrides)
+
+
+# ---- calibration mixes -----------------------------------------------------------------------------
+
+def test_every_named_mix_is_listed():
+    assert {o for o in options("calib") if o.startswith("mix_")} == set(MIXES)
+
+
+@pytest.mark.parametrize("name", sorted(MIXES))
+def test_named_mix_composes_on_the_paper_sources(name):
+    calib = _cfg(f"calib={name}").calib
+    assert calib.name == name and list(calib.mix) == pytest.approx(MIXES[name])
+    assert (calib.n, calib.seq_len, calib.seed, calib.min_fill, calib.pack) == (3072, 512, 42, 0.9, False)
+    assert [calib.sources[d].path for d in ("general", "math", "code")] == [
+        "allenai/c4", "AI-MO/NuminaMath-1.5", "bigcode/the-stack-smol"]
+    validate_calib(calib)
+
+
+def test_free_ratios_and_bad_ratios():
+    assert list(_cfg("calib=paper", "calib.mix=[0.2,0.25,0.55]").calib.mix) == [0.2, 0.25, 0.55]
+    assert list(_cfg("calib=mix_0_5_5", "calib.mix=[0.1,0.1,0.8]").calib.mix) == [0.1, 0.1, 0.8]
+    for mix, message in [("[0.5,-0.1,0.5]", "must be >= 0"), ("[0,0,0]", "all zero"), ("[0.5,0.5]", "3 ratios")]:
+        with pytest.raises(ValueError, match=message):
+            validate_calib(_cfg("calib=paper", f"calib.mix={mix}").calib)
+
+
+def test_reap_calibration_config():
+    calib = _cfg("calib=reap").calib
+    src = calib.sources.code
+    assert (calib.n, calib.seq_len, calib.pack, list(calib.mix)) == (1024, 2048, True, [0, 0, 1])
+    assert src.path == "theblackcat102/evol-codealpaca-v1" and src.format == "chat"
+    assert dict(src.fields) == {"user": "instruction", "assistant": "output"}
+
+
+# ---- model configs ---------------------------------------------------------------------------------
+
+def test_every_model_config_is_listed():
+    assert set(options("model")) - {"local", "toy"} == set(MODELS)
+
+
+def _config_json(tmp_path, model_type, n, k):
+    """A local config.json of the architecture (tiny sizes, the real expert count and top-k)."""
+    family = family_for(model_type)
+    cfg = tf.AutoConfig.for_model(model_type, num_experts_per_tok=k, hidden_size=32, num_hidden_layers=2)
+    setattr(cfg, family.count_key, n)
+    cfg.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_config_validates_before_loading(name, tmp_path, monkeypatch):
+    import ream_exp.pipeline as pipeline
+
+    model_type, n, k, c25, c50 = MODELS[name]
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights loaded during validate"))
+    cfg = _cfg(f"model={name}", "calib=paper", method="ream")
+    assert cfg.model.name == name and "/" in cfg.model.path and not cfg.model.path.startswith(("/", "."))
+    assert (cfg.model.dtype, cfg.model.device_map, cfg.model.trust_remote_code) == ("bfloat16", "auto", False)
+    cfg.model.path = str(_config_json(tmp_path, model_type, n, k))
+    for ratio, c in ((0.25, c25), (0.5, c50)):
+        cfg.ratio = ratio
+        assert validate(cfg).model_type == model_type
+        cfg.method.group_size = GROUP_SIZE
+        assert OmegaConf.to_container(cfg.method, resolve=True)["group_size"] == c
+
+
+def test_group_size_falls_back_for_models_without_a_table(tmp_path):
+    cfg = _cfg(f"model.path={tmp_path}", "ratio=0.5", method="ream")
+    cfg.method.group_size = GROUP_SIZE
+    assert cfg.method.group_size == 16
+
+
+def test_unsupported_architecture_fails_from_config_json(tmp_path, monkeypatch):
+    import ream_exp.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    tf.AutoConfig.for_model("granitemoe", num_local_experts=8, num_experts_per_tok=2).save_pretrained(tmp_path)
+    cfg = _cfg("model=qwen3_30b_a3b", "calib=paper", f"model.path={tmp_path}")
+    with pytest.raises(ValueError, match=r"model_type 'granitemoe' is not a supported MoE architecture; "
+                                         r"supported: .*glm4_moe.*qwen3_moe"):
+        validate(cfg)
+
+
+# ---- the families the model configs add ------------------------------------------------------------
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+
+
+def _tiny_config(model_type):
+    if model_type == "qwen3_next":  # linear / full / linear attention; the middle layer dense
+        return tf.Qwen3NextConfig(**COMMON, num_experts=8, moe_intermediate_size=16, intermediate_size=32,
+                                  shared_expert_intermediate_size=32, norm_topk_prob=True, head_dim=8,
+                                  linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                                  linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[1],
+                                  layer_types=["linear_attention", "full_attention", "linear_attention"])
+    if model_type == "glm4_moe":  # sigmoid router with correction bias, shared expert, first layer dense
+        return tf.Glm4MoeConfig(**COMMON, n_routed_experts=8, moe_intermediate_size=16, intermediate_size=32,
+                                n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, head_dim=8,
+                                norm_topk_prob=True, routed_scaling_factor=2.5)
+    if model_type == "deepseek_v2":  # softmax router, shared expert, MLA attention, first layer dense
+        return tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, n_routed_experts=8,
+                                   moe_intermediate_size=16, intermediate_size=32, n_shared_experts=1, n_group=1,
+                                   topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy")
+    raise ValueError(model_type)
+
+
+@torch.no_grad()
+def _tiny(model_type):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_tiny_config(model_type)).eval()
+    gen = torch.Generator().manual_seed(0)
+    for _, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model
+
+
+NEW_FAMILIES = ("qwen3_next", "glm4_moe", "deepseek_v2")
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def tiny_new(request):
+    return _tiny(request.param)
+
+
+def test_new_family_layers_and_expert_layout(tiny_new):
+    layers = moe_layers(tiny_new)
+    dense = 1 if tiny_new.config.model_type == "qwen3_next" else 0  # mlp_only_layers / first_k_dense_replace
+    assert [l.index for l in layers] == [i for i in range(3) if i != dense]
+    layer = layers[0]
+    assert layer.family.name == tiny_new.config.model_type and layer.num_experts == 8 and layer.top_k == 2
+    x = torch.randn(5, 32)
+    w = {k: v[0] for k, v in canonical_weights(layer.experts, [3]).items() if v is not None}
+    expected = (torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+    torch.testing.assert_close(expert_output(layer.experts, 3, x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["reap", "ream"])
+def test_new_family_compresses_and_reloads(tiny_new, method, tmp_path):
+    model = copy.deepcopy(tiny_new)
+    family = family_for(model.config.model_type)
+    router_rows = {(l.index, n): t.clone() for l in moe_layers(model) for n, t in l.router.named_buffers()}
+    ids, mask = tiny_batch(batch=8, seq=16)
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{method}.yaml"))
+    ctx = Context(model, {"input_ids": ids, "attention_mask": mask}, 0.5, {**cfg, "group_size": 3},
+                  batch_size=4, progress=False)
+    plan = get_method(method).plan(ctx)
+    apply_plan(model, plan)
+    assert getattr(model.config, family.count_key) == 4
+    for layer, lp in zip(moe_layers(model), plan.layers):
+        assert layer.num_experts == layer.router.num_experts == layer.experts.num_experts == 4
+        for name, t in layer.router.named_buffers():  # e_score_correction_bias: the kept experts' entries
+            assert torch.equal(t, router_rows[layer.index, name][lp.keep])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(expected).all()
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
