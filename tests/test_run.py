@@ -114,3 +114,24 @@ def test_pruning_statistics_are_shared_across_ratios(tiny_checkpoint, calib_file
     with pytest.warns(UserWarning, match="unreadable statistics cache"):
         run(_cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.5"), tmp_path / "c")
     assert Plan.load(tmp_path / "c" / "plan.json").layers[0].saliency == plans[0].layers[0].saliency
+
+
+@pytest.mark.parametrize("method", ["hc_smoe", "ream_nonseq"])
+def test_non_sequential_observations_are_shared_across_ratios(method, tiny_checkpoint, calib_files, tmp_path,
+                                                               monkeypatch):
+    import ream_exp.methods.layerwise as layerwise
+
+    common = (f"method={method}", "eval.tasks=[]", "logger=none", "save=false")
+    if method == "ream_nonseq":
+        common += ("method.group_size=4",)
+    fresh = run(_cfg(tiny_checkpoint, calib_files, tmp_path / "fresh", *common, "ratio=0.5"), tmp_path / "fresh")
+    run(_cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.25"), tmp_path / "a")
+    assert list((tmp_path / "cache" / "stats").glob("*-layers-*.pt"))
+    monkeypatch.setattr(layerwise, "observe_layer", lambda *a, **k: pytest.fail("observed again despite the cache"))
+    cached = run(_cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.5"), tmp_path / "b")
+    assert cached["experts_after"] == fresh["experts_after"] == 4
+    want, got = (json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("fresh", "b"))
+    for w, g in zip(want, got):
+        assert (w["keep"], w["groups"]) == (g["keep"], g["groups"])
+        for ww, gw in zip(w["merge_weights"], g["merge_weights"]):
+            assert ww == pytest.approx(gw)

@@ -22,9 +22,12 @@ Memory beyond the weights: the calibration hidden states plus one layer's observ
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -328,20 +331,58 @@ def calibration_states(ctx, needs: Needs) -> list[BatchState]:
     return capture_inputs(ctx.model, calibration_batches(calib, ctx.batch_size))
 
 
+def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Path] | None:
+    """Per-layer cache files of a non-sequential method's observations (None: no cache configured).
+
+    Without propagation through compressed layers the observations depend only on the model, the
+    calibration tokens (both in ctx.stats_path's key), what is observed and the sampling seed, not on
+    the ratio: a sweep over ratios observes once.
+    """
+    if ctx.stats_path is None:
+        return None
+    key = hashlib.sha256(repr((sorted(vars(needs).items()), ctx.seed)).encode()).hexdigest()[:12]
+    stem = Path(ctx.stats_path)
+    return {l.index: stem.with_name(f"{stem.stem}-layers-{key}-{l.index}.pt") for l in layers}
+
+
+def save_observation(obs: LayerObservation, path: Path) -> None:
+    state = {k: v for k, v in vars(obs).items() if k not in ("align_chunks", "device")}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a killed run never leaves a half-written entry
+
+
+def load_observation(path: Path, device) -> LayerObservation:
+    state = torch.load(path, weights_only=True, map_location=device)
+    obs = LayerObservation(int(state["num_experts"]), device)
+    obs.__dict__.update(state)
+    return obs
+
+
 @torch.no_grad()
 def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None = None
                   ) -> list[LayerPlan]:
     """Observe, plan, apply and propagate MoE layer after MoE layer; returns the (applied) layer plans."""
     timings = timings if timings is not None else Timings()
     layers = ctx.layers
+    cache = None if sequential else observation_cache(ctx, needs, layers)
+    cached = cache is not None and all(p.exists() for p in cache.values())
+    if cache is not None:
+        next(iter(cache.values())).parent.mkdir(parents=True, exist_ok=True)
     with timings("capture"):
-        states = calibration_states(ctx, needs)
+        states = [] if cached else calibration_states(ctx, needs)
     plans, position = [], 0
     for layer in tqdm(layers, desc=f"{ctx.cfg.get('name', 'merge')} layers", disable=not ctx.progress, leave=False):
-        with timings("propagate"):
-            advance(states, ctx.model, position, layer.index)
+        if not cached:
+            with timings("propagate"):
+                advance(states, ctx.model, position, layer.index)
         with timings("observe"):
-            obs = observe_layer(ctx.model, layer, states, needs, keep_outputs=not sequential)
+            if cached:
+                obs = load_observation(cache[layer.index], layer.router.weight.device)
+            else:
+                obs = observe_layer(ctx.model, layer, states, needs, keep_outputs=not sequential)
+                if cache is not None:
+                    save_observation(obs, cache[layer.index])
         lp = plan_layer(layer, obs, ctx.n_keep(layer), timings)
         del obs
         with timings("merge"):
