@@ -33,6 +33,14 @@ from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_m
 log = logging.getLogger("ream_exp")
 
 RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "error.txt")
+# Settings that change how a run is shown or logged, not what it computes.
+PRESENTATION_KEYS = ("progress", "logger")
+
+
+def experiment_config(cfg) -> dict:
+    """The resolved config without presentation settings: what decides whether two runs are the same."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
 
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -46,8 +54,7 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
         done = json.loads(metrics_path.read_text())
         if done.get("status") == "done":
             saved = run_dir / "config.yaml"
-            if saved.exists() and OmegaConf.to_container(OmegaConf.load(saved)) == \
-                    OmegaConf.to_container(cfg, resolve=True):
+            if saved.exists() and experiment_config(OmegaConf.load(saved)) == experiment_config(cfg):
                 return done
             raise FileExistsError(f"run directory {run_dir} already holds results of a different config; "
                                   "choose another hydra.run.dir or remove it yourself")

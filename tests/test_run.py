@@ -77,6 +77,10 @@ def test_documented_cli(tiny_checkpoint, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert again.returncode == 0 and "skipped" in again.stdout
     assert (out / "metrics.json").stat().st_mtime_ns == stamp
+    # progress bars and logging do not make a different run
+    shown = subprocess.run([*cmd, "progress=true", "logger=wandb"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+    assert shown.returncode == 0 and "skipped" in shown.stdout
     # another config into the same directory is refused and leaves the results alone
     other = subprocess.run([*cmd, "ratio=0.25"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert other.returncode != 0 and "different config" in other.stderr
