@@ -139,3 +139,15 @@ def test_non_sequential_observations_are_shared_across_ratios(method, tiny_check
         assert (w["keep"], w["groups"]) == (g["keep"], g["groups"])
         for ww, gw in zip(w["merge_weights"], g["merge_weights"]):
             assert ww == pytest.approx(gw)
+
+
+def test_pretokenized_calibration_through_the_pipeline(tiny_checkpoint, tmp_path):
+    from tests.test_config import make_cfg as compose_cfg
+
+    ids, mask = tiny_batch(batch=6, seq=20, seed=5)
+    torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "calib.pt")
+    cfg = compose_cfg("model=local", f"model.path={tiny_checkpoint}", "method=reap", "ratio=0.5", "eval=none",
+                      "logger=none", "save=false", "calib=pretokenized", f"calib.path={tmp_path / 'calib.pt'}",
+                      f"cache_dir={tmp_path / 'cache'}", "progress=false")
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["calib_tokens"] == int(mask.sum()) and metrics["mix"] is None and metrics["experts_after"] == 4
