@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_torch_save
 from .moe import MoELayer, moe_layers
 
 
@@ -130,14 +131,7 @@ def observing(model: nn.Module, layers: list[MoELayer] | None = None):
 
 def save_stats(stats: dict[int, LayerStats], path) -> None:
     """Write atomically, so a killed run never leaves a half-written cache entry behind."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({i: s.state() for i, s in stats.items()}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({i: s.state() for i, s in stats.items()}, path)
 
 
 def load_stats(path, device="cpu") -> dict[int, LayerStats]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from .atomic import atomic_write
 
 
 def resolve_device(name: str) -> str:
@@ -54,9 +55,8 @@ def count_parameters(model) -> int:
 
 def write_json(path: Path, data) -> None:
     """Write atomically: a crash mid-write never leaves a truncated results file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, default=float).encode()
+    atomic_write(path, lambda f: f.write(text))
 
 
 class Timer:

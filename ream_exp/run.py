@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
-from . import config as _config  # noqa: F401  (registers the ${pkg:...} resolver)
 from .calib import validate_calib
 from .calib.cache import cached_calibration
 from .config import check_expert_counts, check_model_path, check_ratio

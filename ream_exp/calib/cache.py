@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_torch_save
 from . import build_calibration, counts_for_mix, is_pretokenized, resolve_source, used_sources
 
 log = logging.getLogger("ream_exp")
@@ -103,16 +103,7 @@ def save_cached(path: Path, key: str, material: dict, calib: dict[str, torch.Ten
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {name: calib[name].cpu() for name in TENSORS}
     blob.update(key=key, meta=json.dumps(material, sort_keys=True, default=str), checksum=tensor_checksum(calib))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(blob, path)
 
 
 def load_cached(path: Path, key: str, rows: int, seq_len: int) -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import time
 import types
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_torch_save
 from ..calib import calibration_batches
 from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
 from ..plan import LayerPlan
@@ -347,9 +347,7 @@ def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Pa
 
 def save_observation(obs: LayerObservation, path: Path) -> None:
     state = {k: v for k, v in vars(obs).items() if k not in ("align_chunks", "device")}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a killed run never leaves a half-written entry
+    atomic_torch_save(state, path)  # a killed run never leaves a half-written entry
 
 
 def load_observation(path: Path, device) -> LayerObservation:
