@@ -47,7 +47,7 @@ def check_ratio(ratio: float) -> float:
     return ratio
 
 
-def check_expert_counts(model_config, ratio: float) -> None:
+def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
     """N' = N - round(N * ratio) must keep at least top_k experts (SPEC 1)."""
     from .moe import family_for
     from .plan import experts_to_keep
@@ -59,3 +59,4 @@ def check_expert_counts(model_config, ratio: float) -> None:
     if n_keep < k:
         raise ValueError(f"ratio={ratio} keeps {n_keep} of {n} experts, fewer than top_k={k}; "
                          f"the largest ratio allowed here is {(n - k) / n:.4f}")
+    return n, n_keep

@@ -78,7 +78,9 @@ def validate(cfg: DictConfig):
     check_tasks(cfg.eval)
     check_model_path(cfg.model)
     model_config = load_model_config(cfg.model)
-    check_expert_counts(model_config, ratio)
+    num_experts, n_keep = check_expert_counts(model_config, ratio)
+    if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
+        method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
     return model_config
 
 

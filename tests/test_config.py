@@ -55,6 +55,8 @@ BAD = [
     (["calib.mix=[0,0,0]"], "all zero"),
     (["calib.mix=[0.5,0.5]"], "3 ratios"),
     (["method.name=magic"], "unknown method 'magic'; valid: .*reap"),
+    (["method=ream", "ratio=0.5", "method.group_size=1"], "group_size=1: 4 groups of at most 1"),
+    (["method=ream", "method.align=magic"], "method.align='magic'; valid"),
 ]
 
 

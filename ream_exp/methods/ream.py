@@ -50,6 +50,11 @@ def settings(cfg: dict) -> dict:
     return s
 
 
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """Settings and group size, checked from the model's config before any weights are loaded."""
+    check_group_size(num_experts, n_keep, settings(cfg)["group_size"])
+
+
 def saliency(obs, s: dict):
     if s["saliency"] == "freq":
         return obs.freq
