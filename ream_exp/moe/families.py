@@ -22,41 +22,27 @@ class Family:
     count_key: str                  # config key of the routed-expert count
     router_attr: str = "gate"       # attribute of the sparse block holding the router
     scoring: str = "softmax"        # how sigma(x) comes from the router logits: softmax | sigmoid
-    # Router tensors indexed by expert along dim 0 besides `.weight` (sliced/merged with it).
-    router_extra: tuple[str, ...] = ()
-    # Shared (always-on) experts live next to the routed ones and are never touched.
-    shared: tuple[str, ...] = ()
+    # Router tensors indexed by expert besides `.weight` (router bias, e_score_correction_bias) need no
+    # entry here: surgery slices every router/experts tensor whose first dim is the expert count.
+    # Shared (always-on) experts are separate modules of the block and are never touched.
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("qwen3_moe", ("qwen3_moe",), "num_experts"),
-        Family("qwen2_moe", ("qwen2_moe",), "num_experts", shared=("shared_expert", "shared_expert_gate")),
+        Family("qwen2_moe", ("qwen2_moe",), "num_experts"),  # + shared_expert, shared_expert_gate
         Family("mixtral", ("mixtral",), "num_local_experts"),
         Family("olmoe", ("olmoe",), "num_experts"),
-        Family(
-            "deepseek_v3",
-            ("deepseek_v3",),
-            "n_routed_experts",
-            scoring="sigmoid",
-            router_extra=("e_score_correction_bias",),
-            shared=("shared_experts",),
-        ),
-        Family("gpt_oss", ("gpt_oss",), "num_local_experts", router_attr="router", router_extra=("bias",)),
+        # sigmoid router with e_score_correction_bias and n_group; + shared_experts
+        Family("deepseek_v3", ("deepseek_v3",), "n_routed_experts", scoring="sigmoid"),
+        Family("gpt_oss", ("gpt_oss",), "num_local_experts", router_attr="router"),  # router bias
         # Qwen3-Next: Qwen2-MoE's block (softmax router, gated shared expert) between linear-attention layers.
-        Family("qwen3_next", ("qwen3_next",), "num_experts", shared=("shared_expert", "shared_expert_gate")),
+        Family("qwen3_next", ("qwen3_next",), "num_experts"),
         # GLM-4.5 / 4.5-Air: DeepSeek-V3's router (sigmoid + e_score_correction_bias, n_group), shared experts.
-        Family(
-            "glm4_moe",
-            ("glm4_moe",),
-            "n_routed_experts",
-            scoring="sigmoid",
-            router_extra=("e_score_correction_bias",),
-            shared=("shared_experts",),
-        ),
+        Family("glm4_moe", ("glm4_moe",), "n_routed_experts", scoring="sigmoid"),
         # DeepSeek-V2(-Lite): softmax router (greedy or group-limited top-k), shared experts.
-        Family("deepseek_v2", ("deepseek_v2",), "n_routed_experts", shared=("shared_experts",)),
+        Family("deepseek_v2", ("deepseek_v2",), "n_routed_experts"),
     )
 }
 
