@@ -74,8 +74,12 @@ def test_hc_smoe_clusters_mean_outputs_like_scipy(qwen16, batch):
         assert as_partition(lp.groups) == scipy_average_clusters(features, n_keep)
         freq = stats[layer.index].freq
         for group, weights in zip(lp.groups, lp.merge_weights):
+            # the reference features are float64, the method's come from float32 expert outputs
+            # (relative error ~ eps32 * sqrt(hidden)): near-ties between members may resolve either way
             dist = (features[group] - features[group].mean(0)).norm(dim=1)
-            assert group[0] == group[int(torch.argmin(dist))]
+            assert dist[0] <= dist.min() + 1e-4 * dist.max()
+            if len(group) == 2:  # a pair is an exact tie: the lower index represents it
+                assert group[0] == min(group)
             f = freq[group]
             expected = f / f.sum() if f.sum() > 0 else torch.full((len(group),), 1 / len(group))
             torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), expected.double())
