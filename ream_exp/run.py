@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 import traceback
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from .methods import Context, get_method
 from .moe import apply_plan, moe_layers
 from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, resolve_device,
                        score_table, stats_key, write_json)
+from .rundir import RunDirBusy, hold_run_dir, hydra_job_files, set_aside
 
 log = logging.getLogger("ream_exp")
 
@@ -46,25 +45,33 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
     """The metrics of a run already finished in `run_dir` with this very config, else None.
 
     A finished run with a different config is refused: results are never overwritten. Leftovers of an
-    unfinished attempt (a crash, a kill) are moved to attempts/<time>/, not deleted, and the run starts over.
+    unfinished attempt (a crash, a kill, a damaged metrics.json) are moved to attempts/<time>-<unique>/, not
+    deleted, and the run starts over.
     """
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
-        done = json.loads(metrics_path.read_text())
-        if done.get("status") == "done":
-            saved = run_dir / "config.yaml"
-            if saved.exists() and experiment_config(OmegaConf.load(saved)) == experiment_config(cfg):
-                return done
-            raise FileExistsError(f"run directory {run_dir} already holds results of a different config; "
-                                  "choose another hydra.run.dir or remove it yourself")
+    done = _finished_metrics(run_dir / "metrics.json")
+    if done is not None:
+        saved = run_dir / "config.yaml"
+        if saved.exists() and experiment_config(OmegaConf.load(saved)) == experiment_config(cfg):
+            return done
+        raise FileExistsError(f"run directory {run_dir} already holds results of a different config; "
+                              "choose another hydra.run.dir or remove it yourself")
     leftovers = [name for name in RESULT_FILES if (run_dir / name).exists()]
     if leftovers:
-        attempt = run_dir / "attempts" / time.strftime("%Y%m%d-%H%M%S")
-        attempt.mkdir(parents=True, exist_ok=True)
-        for name in leftovers:
-            os.replace(run_dir / name, attempt / name)
+        attempt = set_aside(run_dir, leftovers)
         log.warning("unfinished earlier attempt in %s: moved %s to %s", run_dir, ", ".join(leftovers), attempt)
     return None
+
+
+def _finished_metrics(path: Path) -> dict | None:
+    """metrics.json's content if it records a finished run; None if absent, unfinished or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # cut short by a kill, or written over by hand
+        log.warning("unreadable %s (%s): treated as an unfinished attempt", path, exc)
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("status") == "done" else None
 
 
 def validate(cfg: DictConfig):
@@ -105,16 +112,26 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Load -> calibrate -> compress -> save -> evaluate; returns (and writes) metrics.json's content."""
-    from .tracking import make_logger
+    """Load -> calibrate -> compress -> save -> evaluate; returns (and writes) metrics.json's content.
 
+    The run directory is held from before validation until metrics.json is written: a second process into
+    it (another config, or this one relaunched while it runs) is refused at once with RunDirBusy.
+    """
     run_dir = Path(run_dir or cfg.get("run_dir") or "outputs/run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    done = finished_run(run_dir, cfg)
-    if done is not None:
-        log.info("already finished with this config, skipped: %s", run_dir)
-        print(f"skipped (already finished with the same config): {run_dir}")
-        return done
+    with hold_run_dir(run_dir):
+        done = finished_run(run_dir, cfg)
+        if done is not None:
+            log.info("already finished with this config, skipped: %s", run_dir)
+            print(f"skipped (already finished with the same config): {run_dir}")
+            return done
+        with hydra_job_files(run_dir, cfg):  # only a run that computes writes Hydra's files and log
+            return _run_fresh(cfg, run_dir)
+
+
+def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
+    from .tracking import make_logger
+
     validate(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     torch.manual_seed(int(cfg.seed))
@@ -183,6 +200,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """A failed run leaves its error in its own directory (never over finished results)."""
+    if isinstance(exc, RunDirBusy):  # the directory is another live process's: write nothing into it
+        return
     (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
 
 

@@ -1,0 +1,147 @@
+"""One process at a time in a run directory, and nothing of an earlier attempt lost.
+
+`hold_run_dir(run_dir)` holds an OS file lock on run_dir/.lock (the `filelock` package: flock on Linux)
+for the whole run. The kernel drops such a lock when its process dies, however it dies (kill -9,
+preemption, out of memory), so a dead holder never blocks a relaunch. Beside the lock, .lock-holder.json
+names the holder (pid, host, start time) and is removed on release: finding one when the lock is free
+means the last holder died holding it, a stale lock, taken over with a warning. A second process into a
+held directory gets `RunDirBusy` at once, naming the holder.
+
+`set_aside(run_dir, names)` moves what an unfinished attempt left to attempts/<time>-<unique>/.
+
+`hydra_job_files(run_dir)` writes what Hydra would write into a job's directory (.hydra/*.yaml and the
+job's log file). conf/config.yaml turns Hydra's own writing off (hydra.output_subdir: null, a console-only
+job_logging) because Hydra writes before any of our code runs, so a refused run would rewrite the
+.hydra/ files and append to the log of the run it was refused from. Here they are written only by the
+process that holds the directory and is about to compute in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
+
+from .atomic import atomic_write
+
+log = logging.getLogger("ream_exp")
+
+LOCK_NAME = ".lock"
+HOLDER_NAME = ".lock-holder.json"
+HYDRA_RECORDS = ".hydra"  # where Hydra keeps config.yaml, hydra.yaml, overrides.yaml by default
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+def _this_process() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _read_holder(run_dir: Path) -> dict | None:
+    try:
+        holder = json.loads((run_dir / HOLDER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another process"
+    return f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})"
+
+
+def _refusal(run_dir: Path) -> RunDirBusy:
+    holder = _read_holder(run_dir)
+    if holder and holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+        holder = None  # the record of a dead holder: the live one has not written its own yet
+    return RunDirBusy(f"run directory {run_dir} is in use by {_describe(holder)}; wait for it to finish "
+                      "or choose another hydra.run.dir")
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path):
+    """Hold `run_dir` for this process; raise RunDirBusy at once if another live process holds it."""
+    lock = FileLock(str(run_dir / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise _refusal(run_dir) from None
+    try:
+        stale = _read_holder(run_dir)
+        if stale is not None:
+            log.warning("run directory %s: took over the lock of %s, which died without releasing it",
+                        run_dir, _describe(stale))
+        atomic_write(run_dir / HOLDER_NAME, lambda f: f.write(json.dumps(_this_process()).encode()))
+        try:
+            yield
+        finally:
+            (run_dir / HOLDER_NAME).unlink(missing_ok=True)
+    finally:
+        lock.release()
+
+
+def set_aside(run_dir: Path, names) -> Path:
+    """Move `names` (files or folders in run_dir) to a new attempts/<time>-<unique>/ folder."""
+    attempts = run_dir / "attempts"
+    attempts.mkdir(exist_ok=True)
+    # the unique suffix keeps two attempts within one second apart
+    attempt = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=attempts))
+    for name in names:
+        os.replace(run_dir / name, attempt / name)
+    return attempt
+
+
+def _hydra_job_for(run_dir: Path):
+    """Hydra's config when this process is the Hydra job whose output directory is run_dir, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.instance().cfg
+    output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir")
+    return hydra_cfg if output_dir and Path(output_dir).resolve() == run_dir.resolve() else None
+
+
+@contextmanager
+def hydra_job_files(run_dir: Path, cfg):
+    """Under Hydra: write .hydra/*.yaml and log to <job name>.log in run_dir while the block runs."""
+    hydra_cfg = _hydra_job_for(run_dir)
+    if hydra_cfg is None:
+        yield
+        return
+    records = run_dir / HYDRA_RECORDS
+    records.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, records / "config.yaml")
+    OmegaConf.save(hydra_cfg, records / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.hydra.overrides.task, records / "overrides.yaml")
+    handler = logging.FileHandler(run_dir / f"{hydra_cfg.hydra.job.name}.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -1,0 +1,73 @@
+"""The end of a multirun: which runs were done, skipped or failed, and a non-zero exit if any failed.
+
+`SweepSummary` is a Hydra callback (registered in conf/config.yaml under hydra.callbacks). A failed run
+never stops the others (ream_exp.run.main returns None for it in a multirun), so Hydra alone would exit 0
+after a sweep full of failures. The callback classifies each job as it ends, in the process that ran it:
+
+  failed   the job raised, or main returned None for it;
+  skipped  it returned metrics and metrics.json is the very file that was there when the job started;
+  done     it returned metrics from a fresh computation.
+
+After the last job it prints one line per run and exits 1 if any failed. With a remote launcher
+(hydra/launcher=slurm) the jobs end in other processes; the summary then says so, and each run's
+outcome is in its directory (metrics.json or error.txt).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def _stamp(path: Path):
+    """What tells one version of a file from another: inode, size, modification time; None if absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, Path, str]] = []  # (status, run directory, reason when failed)
+        self._before: dict[str, object] = {}
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.runtime.output_dir)
+        self._before = {name: _stamp(run_dir / name) for name in ("metrics.json", "error.txt")}
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        run_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status != JobStatus.COMPLETED or job_return.return_value is None:
+            error = run_dir / "error.txt"
+            fresh_error = error.exists() and _stamp(error) != self._before.get("error.txt")
+            reason = _last_line(error) if fresh_error else "see the log above"
+            self.outcomes.append(("failed", run_dir, reason))
+        elif self._before.get("metrics.json") is not None and \
+                _stamp(run_dir / "metrics.json") == self._before["metrics.json"]:
+            self.outcomes.append(("skipped", run_dir, ""))
+        else:
+            self.outcomes.append(("done", run_dir, ""))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not self.outcomes:
+            print("sweep summary: no run ended in this process (remote launcher); "
+                  "see metrics.json or error.txt in each run directory")
+            return
+        counts = {status: sum(o[0] == status for o in self.outcomes) for status in ("done", "skipped", "failed")}
+        print(f"sweep summary: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+        for status, run_dir, reason in self.outcomes:
+            print(f"  {status:<8} {run_dir}" + (f"  ({reason})" if reason else ""))
+        if counts["failed"]:
+            sys.stdout.flush()
+            sys.exit(1)  # SystemExit passes through Hydra's error reporting: a plain exit status, no trace
