@@ -327,3 +327,43 @@ def test_humaneval_is_replaced_by_the_contained_task():
     assert [m["k"] for m in mine["metric_list"]] == [m["k"] for m in builtin["metric_list"]]
     metric = mine["metric_list"][0]["metric"]
     assert metric.__name__ == "pass_at_k" and is_contained(metric)  # reported as pass_at_k,create_test
+
+
+HUMANEVAL_LIKE = [  # HumanEval's fields; the prompts end in a comment, so short completions stay inert
+    {"task_id": "t/0", "prompt": "def one():\n    return 1\n# ", "entry_point": "one",
+     "test": "def check(candidate):\n    assert candidate() == 1\n"},
+    {"task_id": "t/1", "prompt": "def two():\n    return 1\n# ", "entry_point": "two",
+     "test": "def check(candidate):\n    assert candidate() == 2\n"},
+]
+
+
+def test_contained_humaneval_scores_through_lm_eval(model_and_tokenizer, spy, monkeypatch, tmp_path):
+    """The shipped humaneval config, run by lm-eval on local HumanEval-shaped problems: every
+    candidate goes through the sandbox and the score lands under pass_at_k,create_test."""
+    from ream_exp.code_tasks import CODE_TASKS_DIR
+    from ream_exp.code_tasks import humaneval as contained_humaneval
+
+    (tmp_path / "local_problems.py").write_text(
+        "from datasets import Dataset, DatasetDict\n"
+        f"def load(**_):\n    return DatasetDict({{'test': Dataset.from_list({HUMANEVAL_LIKE!r})}})\n")
+    (tmp_path / "humaneval_local.yaml").write_text(
+        f"include: {CODE_TASKS_DIR / 'humaneval.yaml'}\ntask: humaneval_local\n"
+        "dataset_path: null\ncustom_dataset: !function local_problems.load\n")
+    programs = []
+    real_run_program = contained_humaneval.run_program
+
+    def recording_run_program(source, limits):
+        programs.append(source)
+        return real_run_program(source, limits)
+
+    monkeypatch.setattr(contained_humaneval, "run_program", recording_run_program)
+    cfg = eval_cfg(["humaneval_local"], include_path=str(tmp_path), allow_code_eval=True, max_gen_toks=2)
+    result = ev.evaluate(*model_and_tokenizer, cfg)
+    task = result["tasks"]["humaneval_local"]
+    reported = spy.calls[0]["raw"]["results"]["humaneval_local"]
+    assert task["metric"] == "pass_at_k,create_test" and task["score"] == reported["pass_at_k,create_test"]
+    assert task["n"] == 2 and result["gen_tasks"] == ["humaneval_local"] and result["gen"] == task["score"]
+    assert len(programs) == 2
+    for doc, program in zip(HUMANEVAL_LIKE, sorted(programs)):
+        assert program.startswith(doc["prompt"]) and program.endswith(f"{doc['test']}\ncheck({doc['entry_point']})\n")
+    assert task["score"] in (0.0, 0.5)  # t/1 can never pass; t/0 passes unless the completion broke it

@@ -14,7 +14,7 @@ import pytest
 from ream_exp.code_tasks import humaneval
 from ream_exp.sandbox import Limits, is_contained, run_program
 
-SETTLE_S = 1.5  # longer than the grandchildren below sleep before writing their marker
+SETTLE_S = 2.5  # longer than the grandchildren below sleep before writing their marker
 
 
 def _gone(pid: int) -> bool:
@@ -37,7 +37,7 @@ if pid == 0:
 print(pid, flush=True)
 {parent_tail}
 """
-WRITE_LATER = "import time; time.sleep(0.7); open({marker!r}, 'w').write('survived')"
+WRITE_LATER = "import time; time.sleep(1.5); open({marker!r}, 'w').write('survived')"
 
 
 def _fork_then_write(marker: Path, child_setup: str, environment: str, parent_tail: str) -> str:
