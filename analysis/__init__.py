@@ -8,5 +8,6 @@ Modules (each runnable on its own):
   report.py   everything above into one folder                  python -m analysis.report --runs outputs/
 
 Scores are percentage points everywhere in this package (collect_runs multiplies the fractions in
-metrics.json by 100), the units of the paper's tables.
+metrics.json by 100), the units of the paper's tables. Runs scored on different task sets
+(mc_tasks / gen_tasks) are never compared silently: analysis.pareto refuses them unless allowed.
 """

@@ -2,10 +2,15 @@
 
 A run directory holds config.yaml (or Hydra's .hydra/config.yaml) and either metrics.json or
 error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_after), ratio, mix
-('0:.3:.7'), mix_general/mix_math/mix_code, seed, mc, gen, avg, status, error, and one
-`task/<name>` column per evaluated task. A failed run (error.txt without metrics.json, an unreadable
+('0:.3:.7'), mix_general/mix_math/mix_code, seed, mc, gen, avg, mc_tasks, gen_tasks, status, error,
+and one `task/<name>` column per evaluated task. A failed run (error.txt without metrics.json, an unreadable
 metrics.json, or "status": "failed") is kept with status='failed' and NaN scores so that a sweep's
 holes stay visible; everything downstream drops rows without scores.
+
+mc_tasks / gen_tasks name the task set behind each mean: the sorted task names joined by '+'
+('-' for a suite without tasks). They come from the sets metrics.json records ("mc_tasks",
+"gen_tasks"), else from the per-task entries' kinds (older runs); when neither says (a W&B summary
+without kinds), they are left empty: unknown. analysis.pareto refuses to compare different sets.
 
 Scores are stored in metrics.json as fractions; here they are multiplied by 100 (percentage points),
 the units of the paper's tables. Pareto reference points and table cells are in these units.
@@ -27,7 +32,10 @@ from analysis.naming import MIX_PARTS, format_mix, parse_mix
 
 SCALE = 100.0  # fraction -> percentage points
 COLUMNS = ["run_dir", "model", "method", "experts", "ratio", "mix",
-           *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", "status", "error"]
+           *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", "mc_tasks", "gen_tasks",
+           "status", "error"]
+SUITES = ("mc", "gen")
+NO_TASKS = "-"  # the task set of a suite that scored no task (a CSV would read "" back as missing)
 CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")
 # W&B run states -> our status, used when the run's summary does not say.
 WANDB_STATES = {"finished": "done", "failed": "failed", "crashed": "failed", "killed": "failed"}
@@ -115,7 +123,9 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -
     row.update({f"mix_{part}": (mix[i] if mix else math.nan) for i, part in enumerate(MIX_PARTS)})
     if status == "done":
         evaluation = metrics.get("eval")
-        row.update(score_columns(evaluation if isinstance(evaluation, dict) else metrics))
+        evaluation = evaluation if isinstance(evaluation, dict) else metrics
+        row.update(score_columns(evaluation))
+        row.update(task_set_columns(evaluation))
     return row
 
 
@@ -128,6 +138,30 @@ def score_columns(evaluation: dict) -> dict:
         value = task.get("score") if isinstance(task, dict) else task
         scores[f"task/{name}"] = _percent(value)
     return scores
+
+
+def task_set_columns(evaluation: dict) -> dict:
+    """mc_tasks / gen_tasks: recorded sets first, else derived from per-task kinds, else None.
+
+    A derived set holds the tasks with a score only: older runs left a task without its metric
+    out of the mean, so those are the tasks the mean is over.
+    """
+    tasks = evaluation.get("tasks") if isinstance(evaluation.get("tasks"), dict) else {}
+    tasks = {name: task for name, task in tasks.items() if isinstance(task, dict)}
+    derivable = bool(tasks) and all(task.get("kind") in SUITES for task in tasks.values())
+    columns = {}
+    for suite in SUITES:
+        recorded = evaluation.get(f"{suite}_tasks")
+        if isinstance(recorded, (list, tuple)):
+            names = list(recorded)
+        elif derivable:
+            names = [name for name, task in tasks.items()
+                     if task["kind"] == suite and task.get("score") is not None]
+        else:
+            columns[f"{suite}_tasks"] = None
+            continue
+        columns[f"{suite}_tasks"] = "+".join(sorted(map(str, names))) or NO_TASKS
+    return columns
 
 
 def _percent(value) -> float:

@@ -10,18 +10,33 @@ run dirs it is one percentage point; a CSV is taken as is (use --offset if its u
 Rows with method 'none' (the uncompressed model) and rows without both scores (failed runs) are not
 compared. Repeated runs of the same (method, experts, mix), e.g. seeds, are averaged into one point.
 
+Task sets: MC and GEN are means over a suite's tasks, so points are comparable only when they were
+scored on the same tasks (columns mc_tasks / gen_tasks, see analysis.collect). A table whose scored
+rows (the baseline included) hold different task sets is refused with TaskSetMismatch, naming the
+runs of each set; allow_mixed_task_sets=True (--allow-mixed-task-sets) compares them anyway, with
+every point's task set kept apart (never averaged together) and the comparison flagged. A table
+without those columns (the paper CSV, older tables) counts as one unknown but uniform task set.
+
 Run:  python -m analysis.pareto --csv tests/data/paper_table.csv     (columns method,experts,mix,mc,gen)
       python -m analysis.pareto --runs outputs/ [more run folders]
 """
 
 import argparse
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
 
 BASELINE = "none"  # method name of the uncompressed model's rows
 KEYS = ["method", "experts"]
+TASK_SET_COLUMNS = {"mc_tasks": "MC", "gen_tasks": "GEN"}
+UNKNOWN = "?"  # a suite whose task set the table does not record
+RUNS_NAMED = 3  # runs named per task set in a mismatch message
+
+
+class TaskSetMismatch(ValueError):
+    """The points to compare were scored on different task sets."""
 
 
 # ---------------------------------------------------------------- geometry
@@ -66,11 +81,57 @@ def hypervolume(points, ref) -> float:
 
 # ---------------------------------------------------------------- tables of runs
 
-def compared_points(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, experts, mix) with finite MC and GEN, seeds averaged; baseline dropped."""
-    data = df[(df["method"] != BASELINE) & df["mc"].notna() & df["gen"].notna() & df["experts"].notna()]
-    data = data.assign(experts=data["experts"].astype(int), mix=data["mix"].astype(str))
-    return data.groupby(KEYS + ["mix"], sort=False, as_index=False)[["mc", "gen"]].mean()
+def compared_points(df: pd.DataFrame, allow_mixed_task_sets: bool = False) -> pd.DataFrame:
+    """One row per (method, experts, mix, task_set) with finite MC and GEN, seeds averaged; baseline
+    dropped. Columns task_set (its label) and mixed_task_sets (the table holds several) are added.
+    Raises TaskSetMismatch when the task sets differ, unless allow_mixed_task_sets."""
+    scored = df[df["mc"].notna() & df["gen"].notna()]
+    mixed = check_task_sets(scored, allow_mixed_task_sets)
+    data = scored[(scored["method"] != BASELINE) & scored["experts"].notna()]
+    data = data.assign(experts=data["experts"].astype(int), mix=data["mix"].astype(str),
+                       task_set=task_set_labels(data))
+    points = data.groupby(KEYS + ["mix", "task_set"], sort=False, as_index=False)[["mc", "gen"]].mean()
+    return points.assign(mixed_task_sets=mixed)
+
+
+def task_set_labels(df: pd.DataFrame) -> pd.Series:
+    """Each row's task sets as one label, e.g. 'MC: arc_easy+mmlu | GEN: gsm8k' ('?' = unknown)."""
+    parts = []
+    for column, suite in TASK_SET_COLUMNS.items():
+        values = df[column] if column in df else pd.Series(None, index=df.index, dtype=object)
+        parts.append(f"{suite}: " + values.astype(object).where(values.notna(), UNKNOWN).astype(str))
+    return parts[0] + " | " + parts[1]
+
+
+def check_task_sets(scored: pd.DataFrame, allow_mixed: bool = False) -> bool:
+    """Whether the scored rows hold more than one task set; raises TaskSetMismatch if they do and
+    mixing is not allowed, else warns."""
+    labels = task_set_labels(scored)
+    if labels.nunique() <= 1:
+        return False
+    described = "; ".join(_describe(scored[labels == label], label) for label in dict.fromkeys(labels))
+    if not allow_mixed:
+        raise TaskSetMismatch(
+            f"these runs were scored on different task sets, so their MC/GEN means are not "
+            f"comparable: {described}. Rerun them with one eval config, compare each set on its own, "
+            "or pass allow_mixed_task_sets=True (--allow-mixed-task-sets) to compare them flagged"
+        )
+    warnings.warn(f"comparing points scored on different task sets (flagged): {described}",
+                  stacklevel=3)
+    return True
+
+
+def _describe(rows: pd.DataFrame, label: str) -> str:
+    names = [_run_name(row) for _, row in rows.head(RUNS_NAMED).iterrows()]
+    more = f" and {len(rows) - RUNS_NAMED} more" if len(rows) > RUNS_NAMED else ""
+    return f"[{label}] {len(rows)} run(s): {', '.join(names)}{more}"
+
+
+def _run_name(row) -> str:
+    run_dir = row.get("run_dir")
+    if isinstance(run_dir, str) and run_dir:
+        return run_dir
+    return f"{row.get('method')}/{row.get('experts')}/{row.get('mix')}"
 
 
 def reference_points(points: pd.DataFrame, offset: float = 1.0) -> dict:
@@ -79,13 +140,15 @@ def reference_points(points: pd.DataFrame, offset: float = 1.0) -> dict:
     return {int(e): (float(r.mc), float(r.gen)) for e, r in lows.iterrows()}
 
 
-def frontiers(df: pd.DataFrame, offset: float = 1.0) -> pd.DataFrame:
-    """Per (method, experts): n_points, frontier_size, hypervolume, reference point, the frontier."""
-    points = compared_points(df)
+def frontiers(df: pd.DataFrame, offset: float = 1.0, allow_mixed_task_sets: bool = False) -> pd.DataFrame:
+    """Per (method, experts): n_points, frontier_size, hypervolume, reference point, the frontier,
+    the task sets of its points and whether the comparison mixes task sets (see compared_points)."""
+    points = compared_points(df, allow_mixed_task_sets)
     refs = reference_points(points, offset)
     rows = [_frontier_row(method, experts, group, refs[experts])
             for (method, experts), group in points.groupby(KEYS, sort=False)]
-    columns = KEYS + ["n_points", "frontier_size", "hypervolume", "ref_mc", "ref_gen", "frontier"]
+    columns = KEYS + ["n_points", "frontier_size", "hypervolume", "ref_mc", "ref_gen", "frontier",
+                      "task_sets", "mixed_task_sets"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -98,6 +161,8 @@ def _frontier_row(method, experts, group: pd.DataFrame, ref) -> dict:
         "ref_mc": ref[0], "ref_gen": ref[1],
         "frontier": [{"mix": m, "mc": float(x), "gen": float(y)}
                      for m, x, y in zip(front["mix"], front["mc"], front["gen"])],
+        "task_sets": sorted(set(group["task_set"])),
+        "mixed_task_sets": bool(group["mixed_task_sets"].any()),
     }
 
 
@@ -106,7 +171,8 @@ def frontiers_json(table: pd.DataFrame) -> list:
     return [
         {"method": str(r.method), "experts": int(r.experts), "hypervolume": float(r.hypervolume),
          "frontier_size": int(r.frontier_size), "n_points": int(r.n_points),
-         "reference": [float(r.ref_mc), float(r.ref_gen)], "frontier": r.frontier}
+         "reference": [float(r.ref_mc), float(r.ref_gen)], "frontier": r.frontier,
+         "task_sets": list(r.task_sets), "mixed_task_sets": bool(r.mixed_task_sets)}
         for r in table.itertuples(index=False)
     ]
 
@@ -127,6 +193,8 @@ def main(argv=None) -> None:
     source.add_argument("--csv", help="table with columns method, experts, mix, mc, gen (values as given)")
     source.add_argument("--runs", nargs="+", help="folders of run dirs (scores in percentage points)")
     parser.add_argument("--offset", type=float, default=1.0, help="reference point = minima - offset")
+    parser.add_argument("--allow-mixed-task-sets", action="store_true",
+                        help="compare points scored on different task sets (flagged) instead of refusing")
     args = parser.parse_args(argv)
     if args.csv:
         data = read_points_csv(args.csv)
@@ -134,7 +202,11 @@ def main(argv=None) -> None:
         from analysis.collect import collect_runs
 
         data = collect_runs(*args.runs)
-    print(json.dumps(frontiers_json(frontiers(data, args.offset)), indent=2))
+    try:
+        table = frontiers(data, args.offset, args.allow_mixed_task_sets)
+    except TaskSetMismatch as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps(frontiers_json(table), indent=2))
 
 
 if __name__ == "__main__":

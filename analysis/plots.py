@@ -4,7 +4,8 @@ One panel per expert count (most experts first), one colour per method, the fron
 staircase bounding its dominated area, frontier points labelled with their mix. Rows with method
 'none' (the uncompressed model) are drawn as a black star in every panel. Writes <stem>.png and
 <stem>.pdf. Uses matplotlib's object API (no pyplot), so no display or backend is needed.
-Library module; `python -m analysis.report` calls plot_frontiers.
+A comparison over different task sets is refused (analysis.pareto) unless allow_mixed_task_sets,
+and then every panel's title says so. Library module; `python -m analysis.report` calls it.
 """
 
 from pathlib import Path
@@ -18,9 +19,9 @@ from analysis.pareto import BASELINE, compared_points, pareto_front
 PANEL_SIZE = (5.0, 4.2)  # inches per expert-count panel
 
 
-def plot_frontiers(df: pd.DataFrame, out_stem) -> list[Path]:
+def plot_frontiers(df: pd.DataFrame, out_stem, allow_mixed_task_sets: bool = False) -> list[Path]:
     """Draw the frontier figure and save it as out_stem.png and out_stem.pdf; returns both paths."""
-    points = compared_points(df)
+    points = compared_points(df, allow_mixed_task_sets)
     baseline = df[(df["method"] == BASELINE) & df["mc"].notna() & df["gen"].notna()]
     experts = sorted(points["experts"].unique(), reverse=True) or [None]
     fig = Figure(figsize=(PANEL_SIZE[0] * len(experts), PANEL_SIZE[1]), layout="constrained")
@@ -41,7 +42,10 @@ def _draw_panel(ax, points: pd.DataFrame, colours: dict, baseline: pd.DataFrame,
         ax.scatter([mc], [gen], marker="*", s=160, color="black", zorder=4, label=label)
     if points.empty:
         ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{experts} experts" if experts is not None else "")
+    title = f"{experts} experts" if experts is not None else ""
+    if bool(points["mixed_task_sets"].any()):
+        title += " (MIXED TASK SETS: not comparable)"
+    ax.set_title(title)
     ax.set_xlabel("MC")
     ax.set_ylabel("GEN")
     ax.grid(alpha=0.3)

@@ -2,7 +2,8 @@
 
     from ream_exp.evaluate import check_tasks, evaluate
     check_tasks(cfg.eval)                            # before the model is loaded: bad names fail here
-    metrics = evaluate(model, tokenizer, cfg.eval)   # {"tasks", "mc", "gen", "avg", "percent", "skipped"}
+    metrics = evaluate(model, tokenizer, cfg.eval)   # {"tasks", "mc", "gen", "avg", "percent",
+                                                     #  "mc_tasks", "gen_tasks", "skipped"}
 
 The eval config is one of conf/eval/*.yaml. Every name in its `tasks` list is scored as ONE task:
 a leaf task by its own metric, a group (mmlu) by the group's aggregate score, a tag by each of the
@@ -12,6 +13,14 @@ Primary metric: MC -> acc (SPEC 8: acc, not acc_norm); GEN -> the task's first m
 first filter (gsm8k: exact_match,strict-match; ifeval: prompt_level_strict_acc,none; humaneval:
 pass_at_k,create_test = pass@1). `metrics: {task: "metric,filter"}` in the config overrides this.
 MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG = (MC + GEN) / 2 (SPEC 8).
+Each suite's task set is recorded ("mc_tasks", "gen_tasks": the tasks it was meant to score), so
+means over different task sets are never compared unknowingly; a task of the set whose metric is
+missing makes that suite's mean (and AVG) None, with an error logged, never a mean over fewer tasks.
+
+Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval) run only with
+allow_code_eval=true, and only when their scorer runs the code through ream_exp.sandbox
+(`sandbox.contained` hooks). lm-eval's own humaneval is replaced by ream_exp/code_tasks/humaneval.yaml,
+whose directory is always on the task search path; any other code-executing task is refused.
 
 Backends: the model already in memory is wrapped in lm-eval's HFLM (no reload). `backend: vllm`
 runs the GEN tasks with lm-eval's vLLM backend instead, which must load the model itself, so it
@@ -24,7 +33,6 @@ import functools
 import importlib.util
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 MC_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
 MC_METRIC = "acc"  # SPEC 8 scores MC by acc, not acc_norm
 CODE_EVAL_HINT = "set eval.allow_code_eval=true to run it (executes model-written code)"
+SUITES = ("mc", "gen")
 
 
 @dataclass
@@ -113,9 +122,13 @@ def _include_path(cfg) -> str | None:
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None):
     # Indexing every lm-eval YAML takes seconds, so one manager per include_path is kept.
+    # CODE_TASKS_DIR comes after lm-eval's tasks, so its humaneval replaces the built-in one.
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    from ream_exp.code_tasks import CODE_TASKS_DIR
+
+    paths = [str(CODE_TASKS_DIR)] + ([include_path] if include_path else [])
+    return TaskManager(include_path=paths)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -123,7 +136,8 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
     """Scores `model` on the eval config `cfg`; returns a JSON-serialisable dict.
 
     {"tasks": {name: {"score", "metric", "kind", "n"}}, "mc", "gen", "avg" (fractions in [0, 1],
-    None when a side has no task), "percent": the same three x 100, "skipped": {name: reason}}.
+    None when a side has no task or misses a score), "percent": the same three x 100, "mc_tasks",
+    "gen_tasks": the task set of each suite, "skipped": {name: reason}}.
     `checkpoint_dir` (the saved model) is needed only by backend=vllm.
     """
     cfg = _as_dict(cfg)
@@ -137,26 +151,36 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
     entries, skipped = _drop_unsafe(entries, bool(cfg.get("allow_code_eval")))
     _apply_num_fewshot(entries, cfg.get("num_fewshot"))
     scores = {}
-    with _code_eval_env(bool(cfg.get("allow_code_eval"))):
-        for kind, group in _by_kind(entries).items():
-            lm = _make_lm(kind, model, tokenizer, cfg, checkpoint_dir)
-            raw = _run(lm, group, kind, cfg, task_manager)
-            scores.update({e.name: _score(e, raw) for e in group})
+    for kind, group in _by_kind(entries).items():
+        lm = _make_lm(kind, model, tokenizer, cfg, checkpoint_dir)
+        raw = _run(lm, group, kind, cfg, task_manager)
+        scores.update({e.name: _score(e, raw) for e in group})
     return {**summarise(scores), "skipped": skipped}
 
 
 def summarise(tasks: dict) -> dict:
-    """MC / GEN / AVG from per-task results (SPEC 8), plus the same in percent."""
-    mc = _mean([t["score"] for t in tasks.values() if t["kind"] == "mc"])
-    gen = _mean([t["score"] for t in tasks.values() if t["kind"] == "gen"])
-    avg = (mc + gen) / 2 if mc is not None and gen is not None else mc if mc is not None else gen
-    percent = {k: None if v is None else round(100 * v, 2) for k, v in zip(("mc", "gen", "avg"), (mc, gen, avg))}
-    return {"tasks": tasks, "mc": mc, "gen": gen, "avg": avg, "percent": percent}
+    """MC / GEN / AVG from per-task results (SPEC 8), the same in percent, and the task sets.
+
+    A suite's task set is every task of that kind in `tasks`; one without a score makes the suite's
+    mean None (an error is logged), and AVG is None unless every suite that has tasks has a mean.
+    """
+    task_sets = {kind: [name for name, t in tasks.items() if t["kind"] == kind] for kind in SUITES}
+    means = {kind: _suite_mean(kind, names, tasks) for kind, names in task_sets.items()}
+    present = [means[kind] for kind in SUITES if task_sets[kind]]
+    avg = None if not present or None in present else sum(present) / len(present)
+    values = {**means, "avg": avg}
+    percent = {k: None if v is None else round(100 * v, 2) for k, v in values.items()}
+    return {"tasks": tasks, **values, "percent": percent,
+            **{f"{kind}_tasks": names for kind, names in task_sets.items()}}
 
 
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]  # a task whose metric was missing is left out
-    return sum(values) / len(values) if values else None
+def _suite_mean(kind: str, names: list[str], tasks: dict) -> float | None:
+    missing = [name for name in names if tasks[name]["score"] is None]
+    if missing:
+        log.error("%s mean not computed: task(s) %s of its task set %s have no score",
+                  kind.upper(), missing, names)
+        return None
+    return sum(tasks[name]["score"] for name in names) / len(names) if names else None
 
 
 # ---------------------------------------------------------------- from names to scored entries
@@ -202,14 +226,36 @@ def _first_filter(task) -> str:
 
 
 def _drop_unsafe(entries: list[Entry], allowed: bool) -> tuple[list[Entry], dict]:
-    """Leaves out code-executing tasks unless allowed (lm-eval would raise mid-suite instead)."""
+    """Leaves out code-executing tasks unless allowed (lm-eval would raise mid-suite instead);
+    allowed ones must run their code through ream_exp.sandbox."""
     if allowed:
+        _check_contained(entries)
         return entries, {}
     unsafe = [e.name for e in entries if e.unsafe]
     if unsafe:
         log.warning("Skipping code-executing task(s) %s: %s", unsafe, CODE_EVAL_HINT)
     skipped = {name: f"unsafe_code task skipped; {CODE_EVAL_HINT}" for name in unsafe}
     return [e for e in entries if not e.unsafe], skipped
+
+
+def _check_contained(entries: list[Entry]) -> None:
+    uncontained = sorted({t.task_name for e in entries for t in e.leaves
+                          if getattr(t, "UNSAFE_CODE", False) and not _runs_code_contained(t)})
+    if uncontained:
+        raise ValueError(
+            f"eval.tasks: {uncontained} execute model-written code outside ream_exp.sandbox; "
+            "code-executing tasks allowed with eval.allow_code_eval are toy_code and humaneval "
+            "(ream_exp/code_tasks/ holds the contained replacements of lm-eval tasks)"
+        )
+
+
+def _runs_code_contained(task) -> bool:
+    """Whether a code-executing task scores through a sandbox.contained hook (process_results or a
+    metric function), the only places lm-eval runs a task's own code on the model's output."""
+    from ream_exp.sandbox import is_contained
+
+    hooks = [task.config.process_results] + [m.get("metric") for m in task.config.metric_list or []]
+    return any(is_contained(hook) for hook in hooks if callable(hook))
 
 
 def _apply_num_fewshot(entries: list[Entry], num_fewshot) -> None:
@@ -277,26 +323,10 @@ def _score(entry: Entry, raw: dict) -> dict:
     n = sum(int(raw["n-samples"][t.task_name]["effective"]) for t in entry.leaves)
     if not isinstance(value, (int, float)):
         available = sorted(k for k in reported if "," in k and "_stderr" not in k)
-        log.warning("%s reports no %r (has %s); left out of the means", entry.name, entry.metric, available)
+        log.error("%s reports no %r (has %s): its suite's mean will be None", entry.name, entry.metric,
+                  available)
         value = None
     return {"score": None if value is None else float(value), "metric": entry.metric, "kind": entry.kind, "n": n}
-
-
-@contextmanager
-def _code_eval_env(allowed: bool):
-    """HF_ALLOW_CODE_EVAL=1 (HF `evaluate`'s code_eval opt-in) only while allowed tasks run."""
-    if not allowed:
-        yield
-        return
-    previous = os.environ.get("HF_ALLOW_CODE_EVAL")
-    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
-        else:
-            os.environ["HF_ALLOW_CODE_EVAL"] = previous
 
 
 # ---------------------------------------------------------------- small helpers

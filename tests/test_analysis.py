@@ -21,7 +21,7 @@ import yaml
 from analysis import tables
 from analysis.collect import collect_runs, collect_wandb, wandb_row
 from analysis.naming import format_mix, parse_mix
-from analysis.pareto import frontiers, hypervolume, pareto_front, read_points_csv
+from analysis.pareto import TaskSetMismatch, frontiers, hypervolume, pareto_front, read_points_csv
 from analysis.plots import plot_frontiers
 from analysis.report import main as report_main
 
@@ -322,3 +322,120 @@ def test_report_on_a_folder_without_runs(tmp_path):
     report_main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "report")])
     assert json.loads((tmp_path / "report" / "frontiers.json").read_text()) == []
     assert (tmp_path / "report" / "frontiers.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- task sets
+
+def write_scored_run(path: Path, method, mix, tasks: dict, recorded=True, experts=6):
+    """A finished run whose eval holds `tasks` {name: (kind, score)}; the means are over the scored
+    tasks of each kind; `recorded` writes mc_tasks / gen_tasks as evaluate() does now."""
+    path.mkdir(parents=True)
+    config = {"model": {"name": "toy-moe"}, "calib": {"mix": list(mix)}, "method": {"name": method},
+              "ratio": 0.25, "seed": 0}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    entries = {name: {"score": score, "metric": "m", "kind": kind} for name, (kind, score) in tasks.items()}
+    evaluation = {"tasks": entries}
+    for kind in ("mc", "gen"):
+        scores = [score for k, score in tasks.values() if k == kind and score is not None]
+        evaluation[kind] = sum(scores) / len(scores) if scores else None
+        if recorded:
+            evaluation[f"{kind}_tasks"] = [name for name, (k, _) in tasks.items() if k == kind]
+    metrics = {"status": "done", "method": method, "experts_after": experts, "mix": list(mix), "eval": evaluation}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+MC_TASKS = {"mmlu": ("mc", 0.5), "arc_easy": ("mc", 0.6)}
+
+
+@pytest.fixture()
+def mixed_root(tmp_path):
+    """Two REAM points on GEN = {gsm8k, humaneval}, one REAP point on GEN = {gsm8k} alone."""
+    root = tmp_path / "mixed"
+    write_scored_run(root / "a", "ream", (0, 0.5, 0.5), {**MC_TASKS, "gsm8k": ("gen", 0.6), "humaneval": ("gen", 0.2)})
+    write_scored_run(root / "b", "ream", (0.5, 0.5, 0), {**MC_TASKS, "gsm8k": ("gen", 0.5), "humaneval": ("gen", 0.3)})
+    write_scored_run(root / "c", "reap", (0, 0.5, 0.5), {**MC_TASKS, "gsm8k": ("gen", 0.6)})
+    return root
+
+
+def test_collect_carries_recorded_and_derived_task_sets(tmp_path):
+    new = write_scored_run(tmp_path / "new", "ream", (0, 0.5, 0.5), {**MC_TASKS, "gsm8k": ("gen", 0.6)})
+    # an older metrics.json: no recorded sets; its GEN mean left out the task without a score
+    old = write_scored_run(tmp_path / "old", "ream", (0.5, 0.5, 0),
+                           {**MC_TASKS, "gsm8k": ("gen", 0.6), "ifeval": ("gen", None)}, recorded=False)
+    runs = collect_runs(tmp_path).set_index("run_dir")
+    assert runs.loc[str(new), "mc_tasks"] == "arc_easy+mmlu" and runs.loc[str(new), "gen_tasks"] == "gsm8k"
+    assert runs.loc[str(old), "mc_tasks"] == "arc_easy+mmlu" and runs.loc[str(old), "gen_tasks"] == "gsm8k"
+    only_mc = write_scored_run(tmp_path / "more" / "mc", "ream", (0, 0, 1), MC_TASKS)
+    assert collect_runs(tmp_path / "more").set_index("run_dir").loc[str(only_mc), "gen_tasks"] == "-"
+    # a W&B summary without per-task kinds says nothing about its task sets
+    row = wandb_row(FakeRun({"method": {"name": "ream"}}, {"status": "done", "experts_after": 6,
+                                                           "eval": {"mc": 0.5, "gen": 0.6, "tasks": {"gsm8k": {"score": 0.6}}}}))
+    assert row["mc_tasks"] is None and row["gen_tasks"] is None
+
+
+def test_frontiers_refuse_different_task_sets_naming_the_runs(mixed_root):
+    runs = collect_runs(mixed_root)
+    for compare in (frontiers, tables.best_gen_table, tables.mix_table):
+        with pytest.raises(TaskSetMismatch) as caught:
+            compare(runs)
+        message = str(caught.value)
+        assert "[MC: arc_easy+mmlu | GEN: gsm8k+humaneval] 2 run(s)" in message
+        assert "[MC: arc_easy+mmlu | GEN: gsm8k] 1 run(s)" in message
+        assert all(str(mixed_root / name) in message for name in "abc")
+        assert "allow_mixed_task_sets" in message
+    # one task set alone is fine
+    same = frontiers(runs[runs["method"] == "ream"])
+    assert not same["mixed_task_sets"].any()
+    assert list(same["task_sets"]) == [["MC: arc_easy+mmlu | GEN: gsm8k+humaneval"]]
+
+
+def test_mixed_task_sets_can_be_compared_flagged_and_never_averaged(mixed_root, tmp_path):
+    runs = collect_runs(mixed_root)
+    # a second REAP seed at the same mix but on the REAM task set: kept as its own point
+    extra = write_scored_run(tmp_path / "extra" / "d", "reap", (0, 0.5, 0.5),
+                             {**MC_TASKS, "gsm8k": ("gen", 0.2), "humaneval": ("gen", 0.2)})
+    runs = pd.concat([runs, collect_runs(extra.parent)], ignore_index=True)
+    with pytest.warns(UserWarning, match="different task sets"):
+        table = frontiers(runs, allow_mixed_task_sets=True).set_index("method")
+    assert table["mixed_task_sets"].all()
+    assert table.loc["reap", "n_points"] == 2  # not one point averaged over two task sets
+    assert len(table.loc["reap", "task_sets"]) == 2
+    with pytest.warns(UserWarning):
+        best = tables.best_gen_table(runs, allow_mixed_task_sets=True)
+        mix = tables.mix_table(runs, allow_mixed_task_sets=True)
+    assert "task_set" in best.columns and "task_set" in mix.columns
+    assert len(mix[mix["mix"] == "0:.5:.5"]) == 2  # one row per (mix, task set)
+
+
+def test_report_refuses_mixed_task_sets_unless_allowed(mixed_root, tmp_path):
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit, match="error: .*different task sets"):
+        report_main(["--runs", str(mixed_root), "--out", str(out)])
+    assert not out.exists()  # refused before anything was written
+    with pytest.warns(UserWarning):
+        report_main(["--runs", str(mixed_root), "--out", str(out), "--allow-mixed-task-sets"])
+    fronts = json.loads((out / "frontiers.json").read_text())
+    assert fronts and all(f["mixed_task_sets"] for f in fronts)
+    assert "task_set" in (out / "mix_table.md").read_text()
+    refused = subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(mixed_root)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "different task sets" in refused.stderr
+
+
+def test_tables_without_task_sets_count_as_one_set(paper):
+    """The paper CSV and run tables written before task sets were recorded still compare."""
+    docs_runs = read_points_csv(ROOT / "docs" / "toy_pareto" / "runs.csv")
+    for table in (paper, docs_runs):
+        fronts = frontiers(table)
+        assert not fronts["mixed_task_sets"].any()
+        assert {s for sets in fronts["task_sets"] for s in sets} == {"MC: ? | GEN: ?"}
+
+
+def test_task_sets_survive_the_runs_csv(mixed_root, tmp_path):
+    runs = collect_runs(mixed_root)
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    again = read_points_csv(tmp_path / "runs.csv")
+    assert list(again["gen_tasks"]) == list(runs["gen_tasks"])
+    with pytest.raises(TaskSetMismatch):
+        frontiers(again)

@@ -67,14 +67,14 @@ def eval_cfg(tasks, **overrides):
 
 
 class Spy:
-    """Wraps lm_eval.simple_evaluate: records its arguments, HF_ALLOW_CODE_EVAL and its raw output."""
+    """Wraps lm_eval.simple_evaluate: records its arguments and its raw output."""
 
     def __init__(self, real):
         self.real, self.calls = real, []
 
     def __call__(self, **kwargs):
         raw = self.real(**kwargs)
-        self.calls.append({"kwargs": kwargs, "code_eval_env": os.environ.get("HF_ALLOW_CODE_EVAL"), "raw": raw})
+        self.calls.append({"kwargs": kwargs, "raw": raw})
         return raw
 
     def call_for(self, task: str) -> dict:
@@ -156,6 +156,7 @@ def test_mc_gen_avg_are_means_of_the_task_scores(suite):
     assert result["mc"] == pytest.approx(mc) and result["gen"] == pytest.approx(gen)
     assert result["avg"] == pytest.approx((mc + gen) / 2)
     assert result["percent"]["avg"] == pytest.approx(100 * (mc + gen) / 2, abs=0.006)
+    assert result["mc_tasks"] == ["tiny_mc", "tiny_group"] and result["gen_tasks"] == ["tiny_gen"]
     assert json.loads(json.dumps(result)) == result
 
 
@@ -168,11 +169,11 @@ def test_chat_template_setting_is_applied_per_kind(suite):
 def test_unsafe_task_is_skipped_in_a_mixed_suite(suite):
     result, recorder = suite
     assert "tiny_unsafe" not in result["tasks"] and "allow_code_eval" in result["skipped"]["tiny_unsafe"]
-    assert all(c["kwargs"]["confirm_run_unsafe_code"] is False and c["code_eval_env"] is None for c in recorder.calls)
+    assert all(c["kwargs"]["confirm_run_unsafe_code"] is False for c in recorder.calls)
+    assert "tiny_unsafe" not in result["gen_tasks"]  # a skipped task is not part of the task set
 
 
-def test_unsafe_task_alone_is_skipped_with_a_warning(model_and_tokenizer, spy, caplog, monkeypatch):
-    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+def test_unsafe_task_alone_is_skipped_with_a_warning(model_and_tokenizer, spy, caplog):
     caplog.set_level(logging.WARNING, logger=ev.__name__)
     result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_unsafe"]))
     assert result["tasks"] == {} and result["avg"] is None and spy.calls == []
@@ -180,12 +181,29 @@ def test_unsafe_task_alone_is_skipped_with_a_warning(model_and_tokenizer, spy, c
     assert "tiny_unsafe" in warning and "allow_code_eval" in warning
 
 
-def test_unsafe_task_runs_when_allowed(model_and_tokenizer, spy, monkeypatch):
-    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
-    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_unsafe"], allow_code_eval=True, limit=2))
-    assert result["tasks"]["tiny_unsafe"]["kind"] == "gen" and result["tasks"]["tiny_unsafe"]["n"] == 2
-    assert spy.calls[0]["kwargs"]["confirm_run_unsafe_code"] is True and spy.calls[0]["code_eval_env"] == "1"
-    assert "HF_ALLOW_CODE_EVAL" not in os.environ  # only set while the allowed tasks ran
+def test_contained_code_task_runs_when_allowed(model_and_tokenizer, spy, monkeypatch):
+    from ream_exp import sandbox
+
+    programs = []
+
+    def recording_run_program(source, limits=sandbox.Limits()):
+        programs.append(source)
+        return real_run_program(source, limits)
+
+    real_run_program = sandbox.run_program
+    monkeypatch.setattr(sandbox, "run_program", recording_run_program)
+    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_contained"], allow_code_eval=True, limit=2))
+    assert result["tasks"]["tiny_contained"]["kind"] == "gen" and result["tasks"]["tiny_contained"]["n"] == 2
+    assert len(programs) == 2  # every response ran through the sandbox
+    assert spy.calls[0]["kwargs"]["confirm_run_unsafe_code"] is True
+    reported = spy.calls[0]["raw"]["results"]["tiny_contained"]["ran,none"]
+    assert result["tasks"]["tiny_contained"]["score"] == reported
+
+
+def test_uncontained_code_task_is_refused_when_allowed(model_and_tokenizer, spy):
+    with pytest.raises(ValueError, match=r"tiny_unsafe.*outside ream_exp.sandbox"):
+        ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc", "tiny_unsafe"], allow_code_eval=True))
+    assert spy.calls == []  # refused before anything was generated or scored
 
 
 def test_per_task_fewshot_metric_override_and_gen_cap(model_and_tokenizer, spy):
@@ -273,5 +291,79 @@ def test_paper_suite_is_mc_plus_gen_and_composes():
 def test_summarise_handles_one_side_only():
     only_mc = ev.summarise({"a": {"score": 0.25, "kind": "mc"}, "b": {"score": 0.75, "kind": "mc"}})
     assert only_mc["mc"] == 0.5 and only_mc["gen"] is None and only_mc["avg"] == 0.5
-    only_gen = ev.summarise({"g": {"score": 0.1, "kind": "gen"}, "x": {"score": None, "kind": "gen"}})
+    assert only_mc["mc_tasks"] == ["a", "b"] and only_mc["gen_tasks"] == []
+    only_gen = ev.summarise({"g": {"score": 0.1, "kind": "gen"}})
     assert math.isclose(only_gen["avg"], 0.1) and only_gen["percent"]["gen"] == 10.0
+
+
+def test_a_missing_metric_makes_its_suite_mean_none(caplog):
+    caplog.set_level(logging.ERROR, logger=ev.__name__)
+    tasks = {"a": {"score": 0.5, "kind": "mc"}, "g": {"score": 0.6, "kind": "gen"},
+             "x": {"score": None, "kind": "gen"}}
+    result = ev.summarise(tasks)
+    # never the mean over the tasks that happen to have a score (0.6 here)
+    assert result["gen"] is None and result["avg"] is None and result["percent"]["gen"] is None
+    assert result["mc"] == 0.5 and result["gen_tasks"] == ["g", "x"] and result["tasks"] == tasks
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "GEN" in errors and "'x'" in errors
+
+
+def test_humaneval_is_replaced_by_the_contained_task():
+    """`humaneval` resolves to ream_exp/code_tasks/humaneval.yaml: lm-eval's task settings, scored by
+    the sandbox's pass@k."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from ream_exp.code_tasks import CODE_TASKS_DIR
+    from ream_exp.sandbox import is_contained
+
+    ours = CODE_TASKS_DIR / "humaneval.yaml"
+    assert Path(ev._task_manager(None).task_index["humaneval"].yaml_path).resolve() == ours.resolve()
+    builtin = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml", resolve_func=False)
+    mine = load_yaml(ours, resolve_func=True)
+    kept = ["task", "dataset_path", "unsafe_code", "output_type", "test_split", "doc_to_text", "doc_to_target",
+            "generation_kwargs", "repeats", "num_fewshot"]
+    assert {k: mine[k] for k in kept} == {k: builtin[k] for k in kept}
+    assert [m["k"] for m in mine["metric_list"]] == [m["k"] for m in builtin["metric_list"]]
+    metric = mine["metric_list"][0]["metric"]
+    assert metric.__name__ == "pass_at_k" and is_contained(metric)  # reported as pass_at_k,create_test
+
+
+HUMANEVAL_LIKE = [  # HumanEval's fields; the prompts end in a comment, so short completions stay inert
+    {"task_id": "t/0", "prompt": "def one():\n    return 1\n# ", "entry_point": "one",
+     "test": "def check(candidate):\n    assert candidate() == 1\n"},
+    {"task_id": "t/1", "prompt": "def two():\n    return 1\n# ", "entry_point": "two",
+     "test": "def check(candidate):\n    assert candidate() == 2\n"},
+]
+
+
+def test_contained_humaneval_scores_through_lm_eval(model_and_tokenizer, spy, monkeypatch, tmp_path):
+    """The shipped humaneval config, run by lm-eval on local HumanEval-shaped problems: every
+    candidate goes through the sandbox and the score lands under pass_at_k,create_test."""
+    from ream_exp.code_tasks import CODE_TASKS_DIR
+    from ream_exp.code_tasks import humaneval as contained_humaneval
+
+    (tmp_path / "local_problems.py").write_text(
+        "from datasets import Dataset, DatasetDict\n"
+        f"def load(**_):\n    return DatasetDict({{'test': Dataset.from_list({HUMANEVAL_LIKE!r})}})\n")
+    (tmp_path / "humaneval_local.yaml").write_text(
+        f"include: {CODE_TASKS_DIR / 'humaneval.yaml'}\ntask: humaneval_local\n"
+        "dataset_path: null\ncustom_dataset: !function local_problems.load\n")
+    programs = []
+    real_run_program = contained_humaneval.run_program
+
+    def recording_run_program(source, limits):
+        programs.append(source)
+        return real_run_program(source, limits)
+
+    monkeypatch.setattr(contained_humaneval, "run_program", recording_run_program)
+    cfg = eval_cfg(["humaneval_local"], include_path=str(tmp_path), allow_code_eval=True, max_gen_toks=2)
+    result = ev.evaluate(*model_and_tokenizer, cfg)
+    task = result["tasks"]["humaneval_local"]
+    reported = spy.calls[0]["raw"]["results"]["humaneval_local"]
+    assert task["metric"] == "pass_at_k,create_test" and task["score"] == reported["pass_at_k,create_test"]
+    assert task["n"] == 2 and result["gen_tasks"] == ["humaneval_local"] and result["gen"] == task["score"]
+    assert len(programs) == 2
+    for doc, program in zip(HUMANEVAL_LIKE, sorted(programs)):
+        assert program.startswith(doc["prompt"]) and program.endswith(f"{doc['test']}\ncheck({doc['entry_point']})\n")
+    assert task["score"] in (0.0, 0.5)  # t/1 can never pass; t/0 passes unless the completion broke it

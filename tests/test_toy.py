@@ -141,6 +141,30 @@ def test_code_scorer_passes_right_and_fails_wrong_or_endless():
     assert task_utils.process_code(doc, [f["body"] + "\n"]) == {"pass@1": 1.0}
 
 
+
+def _passes_in_process(prompt: str, body: str, tests: list[str]) -> float:
+    """Reference scorer for our own (known, harmless) bodies: exec in this interpreter."""
+    try:
+        exec(prompt + body + "\n\n" + "\n".join(tests) + "\n", {})
+    except Exception:
+        return 0.0
+    return 1.0
+
+
+def test_contained_code_scorer_agrees_with_running_in_process():
+    """pass@1 through ream_exp.sandbox is what plain execution gives, for right and wrong bodies."""
+    rng = random.Random(1)
+    seen = set()
+    for family, n, arg in rng.sample(codegen.all_keys(), 12):
+        f = codegen.make_function(family, n, arg)
+        wrong = codegen.make_function(family, n + 1 if isinstance(n, int) else n + "x", arg)["body"]
+        for body in (f["body"], wrong, "    return None"):
+            expected = _passes_in_process(f["prompt"], body, f["tests"])
+            assert task_utils.run_tests(f["prompt"], body, f["tests"]) == expected, (f["key"], body)
+            seen.add(expected)
+    assert seen == {0.0, 1.0}
+
+
 def test_arith_scorer_reads_the_final_number():
     doc = {"target": 19}
     assert task_utils.process_arith(doc, [" 12 + 7 = 19"]) == {"exact_match": 1.0}

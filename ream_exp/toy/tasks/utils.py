@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
+
+from ream_exp.sandbox import Limits, contained, run_program
 
 HERE = Path(__file__).parent
 
@@ -64,16 +64,12 @@ def function_body(completion: str) -> str:
 
 
 def run_tests(prompt: str, completion: str, tests: list[str], timeout: float = 3.0) -> float:
-    """1.0 if prompt + body passes every assert in a fresh interpreter within timeout, else 0.0.
-    -I isolates it from the environment and user site; the timeout catches endless loops."""
+    """1.0 if prompt + body passes every assert within `timeout` seconds, else 0.0. The program is
+    model-written, so it runs in ream_exp.sandbox (own process group, temporary cwd, limits)."""
     program = prompt + function_body(completion) + "\n\n" + "\n".join(tests) + "\n"
-    try:
-        done = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return 0.0
-    return float(done.returncode == 0)
+    return float(run_program(program, Limits(timeout_s=timeout)).passed)
 
 
+@contained
 def process_code(doc: dict, results: list[str]) -> dict:
     return {"pass@1": run_tests(doc["prompt"], results[0], doc["tests"])}

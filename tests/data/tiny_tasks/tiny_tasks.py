@@ -9,6 +9,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from ream_exp import sandbox
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -40,3 +42,10 @@ def score_gen(doc: dict, results: list[str]) -> dict:
 def first_half(dataset: Dataset) -> Dataset:
     """Makes a group's second subtask a different size, so size weighting is observable."""
     return dataset.select(range(len(dataset) // 2))
+
+
+@sandbox.contained
+def score_contained(doc: dict, results: list[str]) -> dict:
+    """Runs the response as a program (a tiny model's text is rarely valid Python: mostly 0.0).
+    Looked up on the module at call time, so a test can count the calls."""
+    return {"ran": float(sandbox.run_program(results[0], sandbox.Limits(timeout_s=2.0)).passed)}
