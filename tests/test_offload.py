@@ -3,7 +3,7 @@
 Decoder layers 0 and 3 (MoE) go to "disk", 1 (dense) and 2 (MoE) to "cpu": accelerate then keeps the
 disk layers' weights on the meta device and installs an instance-`forward` hook on every module with
 weights, which loads them for each forward. Observation, pruning and REAM must see the real weights,
-write their results where the hook finds them, and leave every hook in place.
+write their results where the hook (and save_pretrained) finds them, and leave every hook in place.
 """
 
 import pytest
@@ -89,7 +89,7 @@ def test_observation_equals_a_plain_load_and_keeps_the_hooks(checkpoint, tmp_pat
     torch.testing.assert_close(_logits(offloaded, ids, mask), _logits(plain, ids, mask), **CLOSE)
 
 
-@pytest.mark.parametrize("method", ["reap", "ream_official"])
+@pytest.mark.parametrize("method", ["reap", "ream_official", "m_smoe"])
 def test_compression_equals_a_plain_load_and_keeps_the_hooks(method, checkpoint, tmp_path):
     ids, mask = tiny_batch(batch=4, seq=12)
     plain, offloaded = _plain(checkpoint), _offloaded(checkpoint, tmp_path)
@@ -104,4 +104,8 @@ def test_compression_equals_a_plain_load_and_keeps_the_hooks(method, checkpoint,
     assert all(l.num_experts == 4 for l in moe_layers(offloaded))
     _assert_hooks_kept(offloaded, hooks)
     # the merged and sliced weights are where the hooks load them from: same model, same logits
-    torch.testing.assert_close(_logits(offloaded, ids, mask), _logits(plain, ids, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_logits(offloaded, ids, mask), _logits(plain, ids, mask), **CLOSE)
+    # and where save_pretrained reads offloaded weights: the checkpoint reloads as the plain compressed model
+    offloaded.save_pretrained(tmp_path / "compressed")
+    reloaded = _plain(tmp_path / "compressed")
+    torch.testing.assert_close(_logits(reloaded, ids, mask), _logits(plain, ids, mask), **CLOSE)

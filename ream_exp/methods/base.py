@@ -10,6 +10,7 @@ from torch import nn
 
 from ..calib import calibration_batches
 from ..moe import MoELayer, moe_layers
+from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 
@@ -45,7 +46,8 @@ class Context:
     def stats(self) -> dict[int, LayerStats]:
         """Routing statistics of the (uncompressed) model over the calibration tokens, observed once."""
         if self._stats is None and self.stats_path is not None:  # a damaged entry is deleted and rebuilt
-            self._stats = load_cache_entry(self.stats_path, lambda p: load_stats(p, self.model.device))
+            device = execution_device(self.model.get_input_embeddings())  # not meta when offloaded
+            self._stats = load_cache_entry(self.stats_path, lambda p: load_stats(p, device))
         if self._stats is None:
             self._stats = observe(self.model, self.batches(), progress=self.progress)
             if self.stats_path is not None:
