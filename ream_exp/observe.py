@@ -131,9 +131,10 @@ def _observing_forward(inner, num_experts: int, sink, token_mask):
     (token, top-k slot) with weight 1, hands the unweighted outputs to `sink` and returns the model's output.
 
     The model's own kernel (eager, grouped_mm, ...) thus yields every routed E_e(x) at the cost of the
-    model's expert compute; the weighted sum is then added per token in slot order, as the eager kernel
-    does for top-2 (for larger k only the order of the sum may differ, in the last bit). Kernels mark a
-    slot that routes nowhere with an index >= num_experts and give it output 0; it is never counted.
+    model's expert compute. The output is the model's up to the order of float32 sums: the weighted
+    outputs are added per token in slot order (eager kernels add them in expert order; the last bit may
+    differ). Kernels mark a slot that routes nowhere with an index >= num_experts and give it output 0;
+    it is never counted.
     """
     def forward(hidden_states, top_k_index, top_k_weights):
         t, k = top_k_index.shape
