@@ -9,13 +9,20 @@ applies) and accumulates, for the non-pad tokens X_i routed to expert i:
 
 No expert runs on a token that was not routed to it, so observing costs about one forward pass.
 Memory is one float64 vector per statistic and layer, whatever the number of tokens.
+
+`observing_experts` is the project's one observing experts forward: it hands each forward's routed
+pairs (expert, unweighted output, applied weight, token row) to a statistics sink, here `LayerStats`,
+in the layer-wise merging driver `LayerObservation`. Norms are float64 norms of the outputs cast to
+float64; pads and a kernel's "no expert" slots never count; nothing syncs with the host per batch.
+It wraps the module's forward as it was (accelerate's offloading hooks included) and restores it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save
 from .moe import MoELayer, moe_layers
+from .moe.offload import execution_device
 
 
 @dataclass
@@ -31,7 +39,7 @@ class LayerStats:
 
     num_experts: int
     device: torch.device | str = "cpu"
-    tokens: int = 0  # |X|: non-pad tokens seen
+    tokens: int = 0  # |X|: non-pad tokens seen (a device tensor while observing, see `add`)
     count: torch.Tensor = field(init=False)
     soft: torch.Tensor = field(init=False)
     ean: torch.Tensor = field(init=False)
@@ -75,6 +83,18 @@ class LayerStats:
     def to_dict(self) -> dict[str, list[float]]:
         return {k: self.score(k).tolist() for k in ("freq", "soft_freq", "ean", "reap")}
 
+    def add(self, routed: "Routed") -> None:
+        """Accumulate one forward's routed pairs; the token count stays a device tensor until `finish`."""
+        e, norms, w = routed.expert, routed.norms, routed.kept(routed.weight)
+        self.count.index_add_(0, e, routed.keep.double())
+        self.soft.index_add_(0, e, w)
+        self.ean.index_add_(0, e, norms)
+        self.reap.index_add_(0, e, w * norms)
+        self.tokens = self.tokens + routed.valid.sum()
+
+    def finish(self) -> None:
+        self.tokens = int(self.tokens)  # one host sync per layer, after every batch
+
 
 class _TokenMask:
     """The flattened attention mask of the batch in flight, shared by every observed layer."""
@@ -82,36 +102,73 @@ class _TokenMask:
     value: torch.Tensor | None = None
 
 
-def _observing_forward(layer: MoELayer, stats: LayerStats, mask: _TokenMask):
-    """The layer's own experts kernel, run once per (token, top-k slot) with weight 1.
+# ---- the one observing experts forward --------------------------------------------------------------
 
-    That yields every routed E_i(x) unweighted, from whatever kernel the model uses (eager, grouped_mm,
-    ...), at the cost of the model's own expert compute; we then weight and sum them as the model does.
+@dataclass
+class Routed:
+    """One forward's routed (token, top-k slot) pairs at an experts module, flattened to P = T*k pairs."""
+
+    x: torch.Tensor  # [T, H] tokens entering the experts module
+    valid: torch.Tensor  # [T] bool: non-pad tokens
+    row: torch.Tensor  # [P] token row of each pair
+    expert: torch.Tensor  # [P] expert index, clamped into range (a "no expert" slot is not kept)
+    y: torch.Tensor  # [P, H] unweighted expert output E_e(x), in the kernel's dtype
+    weight: torch.Tensor  # [P] routing weight the model applies to y
+    keep: torch.Tensor  # [P] bool: a non-pad token routed to a real expert
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """||E_e(x)|| in float64, computed from y in float64 (not in the model dtype), 0 where not kept."""
+        return torch.where(self.keep, self.y.double().norm(dim=-1), 0.0)
+
+    def kept(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` [P] in float64, 0 for pairs not kept: sums over pairs never see pads (no host sync)."""
+        return torch.where(self.keep, values.double(), 0.0)
+
+
+def _observing_forward(inner, num_experts: int, sink, token_mask):
+    """An experts forward that runs `inner` (the module's forward as it was, hooks included) once per
+    (token, top-k slot) with weight 1, hands the unweighted outputs to `sink` and returns the model's output.
+
+    The model's own kernel (eager, grouped_mm, ...) thus yields every routed E_e(x) at the cost of the
+    model's expert compute. The output is the model's up to the order of float32 sums: the weighted
+    outputs are added per token in slot order (eager kernels add them in expert order; the last bit may
+    differ). Kernels mark a slot that routes nowhere with an index >= num_experts and give it output 0;
+    it is never counted.
     """
-    experts = layer.experts
-    kernel = type(experts).forward
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+    def forward(hidden_states, top_k_index, top_k_weights):
         t, k = top_k_index.shape
         rows = torch.arange(t, device=hidden_states.device).repeat_interleave(k)
-        slot_index = top_k_index.reshape(-1, 1)
-        ones = torch.ones_like(top_k_weights.reshape(-1, 1))
-        y = kernel(self, hidden_states[rows], slot_index, ones)  # [t*k, H] = E_{i(t,k)}(x_t)
-        out = (y.view(t, k, -1) * top_k_weights[..., None].to(y.dtype)).sum(1).to(hidden_states.dtype)
-        # statistics without boolean indexing (no host sync): pads enter with weight 0
-        valid = mask.value[rows].double() if mask.value is not None else torch.ones(t * k, device=y.device,
-                                                                                       dtype=torch.float64)
-        e = slot_index.reshape(-1)
-        norms = torch.linalg.vector_norm(y, dim=-1).double() * valid
-        w = top_k_weights.reshape(-1).double() * valid
-        stats.count.index_add_(0, e, valid)
-        stats.soft.index_add_(0, e, w)
-        stats.ean.index_add_(0, e, norms)
-        stats.reap.index_add_(0, e, w * norms)
-        stats.tokens += int(mask.value.sum()) if mask.value is not None else t
+        idx = top_k_index.reshape(-1)
+        y = inner(hidden_states[rows], idx[:, None], torch.ones_like(top_k_weights.reshape(-1, 1)))
+        w = top_k_weights.reshape(-1).to(y.device)
+        out = torch.zeros_like(hidden_states).index_add_(0, rows, (y * w[:, None].to(y.dtype)).to(hidden_states.dtype))
+        valid = token_mask()
+        valid = torch.ones(t, dtype=torch.bool, device=y.device) if valid is None else valid.to(y.device)
+        real = idx < num_experts
+        sink(Routed(hidden_states, valid, rows, torch.where(real, idx, 0), y, w, valid[rows] & real))
         return out
 
-    return types.MethodType(forward, experts)
+    return forward
+
+
+@contextlib.contextmanager
+def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask):
+    """Within the block, every forward of `experts` also calls sink(Routed) for the batch in flight;
+    `token_mask()` gives that batch's flattened non-pad mask (None: every token counts).
+
+    The observing forward wraps whatever forward the module has (an accelerate hook's instance wrapper,
+    which loads offloaded weights, or the class's), and that very forward is restored on exit.
+    """
+    saved = experts.__dict__.get("forward")  # an instance forward, e.g. accelerate's hook
+    experts.forward = _observing_forward(experts.forward, num_experts, sink, token_mask)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del experts.forward  # back to the class's forward
+        else:
+            experts.forward = saved
 
 
 @contextlib.contextmanager
@@ -119,14 +176,14 @@ def observing(model: nn.Module, layers: list[MoELayer] | None = None):
     """Within the block, forwards of `model` fill and the context yields {layer index: LayerStats}."""
     layers = layers if layers is not None else moe_layers(model)
     mask = _TokenMask()
-    stats = {layer.index: LayerStats(layer.num_experts, layer.router.weight.device) for layer in layers}
-    for layer in layers:
-        layer.experts.forward = _observing_forward(layer, stats[layer.index], mask)
-    try:
-        yield stats, mask
-    finally:
+    stats = {layer.index: LayerStats(layer.num_experts, execution_device(layer.router)) for layer in layers}
+    with contextlib.ExitStack() as stack:
         for layer in layers:
-            del layer.experts.forward  # back to the class's forward
+            stack.enter_context(observing_experts(layer.experts, layer.num_experts, stats[layer.index].add,
+                                                  lambda: mask.value))
+        yield stats, mask
+    for s in stats.values():
+        s.finish()
 
 
 def save_stats(stats: dict[int, LayerStats], path) -> None:
@@ -134,14 +191,39 @@ def save_stats(stats: dict[int, LayerStats], path) -> None:
     atomic_torch_save({i: s.state() for i, s in stats.items()}, path)
 
 
+STATE_KEYS = ("tokens", "count", "soft", "ean", "reap")
+
+
 def load_stats(path, device="cpu") -> dict[int, LayerStats]:
-    return {int(i): LayerStats.from_state(s, device) for i, s in torch.load(path, weights_only=True).items()}
+    """The saved statistics; raises when the file is unreadable or an entry lacks a statistic."""
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(saved, dict) or not all(isinstance(s, dict) and set(STATE_KEYS) <= set(s) for s in saved.values()):
+        raise ValueError(f"missing entries (expected {{layer: {{{', '.join(STATE_KEYS)}}}}})")
+    return {int(i): LayerStats.from_state(s, device) for i, s in saved.items()}
+
+
+def load_cache_entry(path, load):
+    """`load(path)`, or None when there is no entry or it is damaged (torch.load fails, keys are missing).
+
+    A damaged entry (e.g. truncated by a full disk) is reported, deleted and so recomputed by the caller,
+    like every cache of the project: it is never trusted and never makes later runs fail.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except Exception as exc:
+        warnings.warn(f"ignoring unreadable statistics cache {path}: {type(exc).__name__}: {exc}; "
+                      "deleting it, it is recomputed")
+        path.unlink(missing_ok=True)
+        return None
 
 
 @torch.no_grad()
 def observe(model: nn.Module, batches, progress: bool = True) -> dict[int, LayerStats]:
     """Stream calibration `batches` (dicts with input_ids, attention_mask) through the model once."""
-    device = next(model.parameters()).device
+    device = execution_device(model.get_input_embeddings())  # not meta when offloaded
     with observing(model) as (stats, mask):
         for batch in tqdm(batches, desc="observe", disable=not progress, leave=False):
             ids = batch["input_ids"].to(device)

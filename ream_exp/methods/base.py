@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +10,8 @@ from torch import nn
 
 from ..calib import calibration_batches
 from ..moe import MoELayer, moe_layers
-from ..observe import LayerStats, load_stats, observe, save_stats
+from ..moe.offload import execution_device
+from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 
 
@@ -45,11 +45,9 @@ class Context:
 
     def stats(self) -> dict[int, LayerStats]:
         """Routing statistics of the (uncompressed) model over the calibration tokens, observed once."""
-        if self._stats is None and self.stats_path is not None and Path(self.stats_path).exists():
-            try:
-                self._stats = load_stats(self.stats_path, self.model.device)
-            except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
-                warnings.warn(f"ignoring unreadable statistics cache {self.stats_path}: {exc}")
+        if self._stats is None and self.stats_path is not None:  # a damaged entry is deleted and rebuilt
+            device = execution_device(self.model.get_input_embeddings())  # not meta when offloaded
+            self._stats = load_cache_entry(self.stats_path, lambda p: load_stats(p, device))
         if self._stats is None:
             self._stats = observe(self.model, self.batches(), progress=self.progress)
             if self.stats_path is not None:

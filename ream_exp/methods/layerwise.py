@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_torch_save
 from ..calib import calibration_batches
 from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
+from ..moe.offload import execution_device, materialised
+from ..observe import Routed, load_cache_entry, observing_experts
 from ..plan import LayerPlan
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
@@ -57,7 +59,7 @@ class LayerObservation:
 
     num_experts: int
     device: torch.device | str = "cpu"
-    tokens: int = 0  # |X|
+    tokens: int = 0  # |X| (a device tensor while observing, an int after `finish`)
     count: torch.Tensor = field(init=False)  # |X_i|
     reap: torch.Tensor = field(init=False)  # sum_{X_i} g_i ||E_i||     (g = routing weight applied)
     sigma_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i ||E_i||   (sigma = full softmax/sigmoid)
@@ -94,12 +96,11 @@ class LayerObservation:
         return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
 
     # ---- accumulation ------------------------------------------------------------------------
-    def add_routed(self, e: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> None:
-        """Routed (token, expert e) pairs, non-pad only: outputs y [P, H], applied weights w, sigma_e [P]."""
-        norms = y.double().norm(dim=-1)
-        s = sigma.double()
-        self.count.index_add_(0, e, torch.ones_like(norms))
-        self.reap.index_add_(0, e, w.double() * norms)
+    def add_routed(self, routed: Routed, sigma: torch.Tensor) -> None:
+        """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]."""
+        e, norms, s = routed.expert, routed.norms, routed.kept(sigma)
+        self.count.index_add_(0, e, routed.keep.double())
+        self.reap.index_add_(0, e, routed.kept(routed.weight) * norms)
         self.sigma_reap.index_add_(0, e, s * norms)
         self.sigma2_reap.index_add_(0, e, s * s * norms)
 
@@ -127,6 +128,7 @@ class LayerObservation:
     @torch.no_grad()
     def finish(self, experts: nn.Module, chunk: int = 8) -> None:
         """mean_t w_ti E_i(x_t) = (down_i (sum_t w_ti a_i(x_t)) + b_i sum_t w_ti) / T, in float64."""
+        self.tokens = int(self.tokens)  # the one host sync of the token count
         if self.dense_hidden is not None:
             means = []
             for s in range(0, self.num_experts, chunk):
@@ -196,7 +198,7 @@ def _replaced_forward(modules, make_forward):
 def capture_inputs(model: nn.Module, batches: list[dict]) -> list[BatchState]:
     """Per batch: the input of decoder layer 0 and the arguments the model passes every decoder layer."""
     layers = list(decoder_layers(model))
-    device = next(model.parameters()).device
+    device = execution_device(model.get_input_embeddings())  # not meta when offloaded
     states = []
     record: dict = {}
 
@@ -241,56 +243,46 @@ def advance(states: list[BatchState], model: nn.Module, start: int, stop: int) -
 
 # ---- observing one MoE layer -------------------------------------------------------------------------
 
-def _observing_forward(layer: MoELayer, obs: LayerObservation, needs: Needs, current: dict):
-    """Experts forward doing the model's routed work while filling `obs` for the batch in `current`.
-
-    As in `ream_exp.observe`, the model's own experts kernel runs once per (token, top-k slot) with
-    weight 1, giving every routed E_i(x) unweighted; we weight and sum them as the model does.
-    """
-    kernel = type(layer.experts).forward
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, current: dict):
+    """Statistics of one experts forward (see `ream_exp.observe.observing_experts`) for the batch in
+    `current`, whose router logits a forward hook put in `current["logits"]`."""
+    def sink(routed: Routed) -> None:
         batch, logits = current["batch"], current["logits"]
-        t, k = top_k_index.shape
-        rows = torch.arange(t, device=hidden_states.device).repeat_interleave(k)
-        idx = top_k_index.reshape(-1)
-        y = kernel(self, hidden_states[rows], idx[:, None], torch.ones_like(top_k_weights.reshape(-1, 1)))
-        w = top_k_weights.reshape(-1)
-        out = torch.zeros_like(hidden_states).index_add_(0, rows, (y * w[:, None].to(y.dtype)).to(hidden_states.dtype))
         sigma = router_probs(layer, logits)
-        ok = batch.valid[rows] & (idx < self.num_experts)  # non-pad, and not a kernel's "no expert" index
-        obs.add_routed(idx[ok], y[ok], w[ok], sigma[rows[ok], idx[ok]])
+        obs.add_routed(routed, sigma[routed.row, routed.expert])
         g = logits[batch.valid].double()
         obs.logit_gram += g.T @ g
-        obs.tokens += int(batch.valid.sum())
+        obs.tokens = obs.tokens + routed.valid.sum()  # a device tensor until `finish`
         if needs.dense:
             weight = sigma[batch.sim] if needs.dense == "gated" else None
-            obs.add_dense(self, hidden_states[batch.sim], weight)
+            obs.add_dense(layer.experts, routed.x[batch.sim], weight)
         if needs.align:
-            obs.align_chunks.append(hidden_states[batch.align])
-        return out
+            obs.align_chunks.append(routed.x[batch.align])
 
-    return forward
+    return sink
 
 
 @contextlib.contextmanager
 def observing_layer(layer: MoELayer, needs: Needs):
     """Within the block, forwards of the layer's sparse block fill the yielded LayerObservation; set
-    `current["batch"]` (a BatchState, for its token masks) before each forward. `finish` runs on exit."""
-    obs = LayerObservation(layer.num_experts, layer.router.weight.device)
-    current: dict = {}
+    `current["batch"]` (a BatchState, for its token masks) before each forward. `finish` runs on exit.
 
-    def grab_logits(_module, _inputs, output):
-        current["logits"] = output[0] if isinstance(output, tuple) else output
+    Offloaded experts and router weights are loaded once for the whole block (`materialised`)."""
+    with materialised([layer.experts, layer.router]):
+        obs = LayerObservation(layer.num_experts, execution_device(layer.router))
+        current: dict = {}
 
-    hook = layer.router.register_forward_hook(grab_logits)
-    make = lambda _i, m: types.MethodType(_observing_forward(layer, obs, needs, current), m)
-    try:
-        with _replaced_forward([layer.experts], make):
-            yield obs, current
-    finally:
-        hook.remove()
-    obs.finish(layer.experts)
+        def grab_logits(_module, _inputs, output):
+            current["logits"] = output[0] if isinstance(output, tuple) else output
+
+        hook = layer.router.register_forward_hook(grab_logits)
+        try:
+            with observing_experts(layer.experts, layer.num_experts, _observation_sink(layer, obs, needs, current),
+                                   lambda: current["batch"].valid):
+                yield obs, current
+        finally:
+            hook.remove()
+        obs.finish(layer.experts)
 
 
 @torch.no_grad()
@@ -350,9 +342,35 @@ def save_observation(obs: LayerObservation, path: Path) -> None:
     atomic_torch_save(state, path)  # a killed run never leaves a half-written entry
 
 
-def load_observation(path: Path, device) -> LayerObservation:
-    state = torch.load(path, weights_only=True, map_location=device)
-    obs = LayerObservation(int(state["num_experts"]), device)
+OBSERVATION_KEYS = tuple(f.name for f in fields(LayerObservation) if f.name not in ("align_chunks", "device"))
+
+
+def _observation_state(path: Path, num_experts: int, **load) -> dict:
+    """The saved state, after checking its keys and expert count; raises on any damage."""
+    state = torch.load(path, weights_only=True, **load)
+    missing = set(OBSERVATION_KEYS) - set(state) if isinstance(state, dict) else set(OBSERVATION_KEYS)
+    if missing:
+        raise ValueError(f"missing entries {sorted(missing)}")
+    if int(state["num_experts"]) != num_experts:
+        raise ValueError(f"{state['num_experts']} experts observed, the layer has {num_experts}")
+    return state
+
+
+def cached_observations(cache: dict[int, Path], layers: list[MoELayer]) -> bool:
+    """Whether every layer's entry is there and readable. Checked before any layer is compressed (a
+    memory-mapped read: structure and keys, no tensor data); damaged entries are reported and deleted."""
+    return all(load_cache_entry(cache[l.index], lambda p, n=l.num_experts: _observation_state(p, n, mmap=True))
+               is not None for l in layers)
+
+
+def load_observation(path: Path, device, num_experts: int) -> LayerObservation:
+    try:
+        state = _observation_state(path, num_experts, map_location=device)
+    except Exception as exc:  # damaged past what the up-front check reads: earlier layers are already merged
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"observation cache {path} is damaged ({type(exc).__name__}: {exc}); "
+                           "deleted it, rerun to recompute it") from exc
+    obs = LayerObservation(num_experts, device)
     obs.__dict__.update(state)
     return obs
 
@@ -364,9 +382,9 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
     timings = timings if timings is not None else Timings()
     layers = ctx.layers
     cache = None if sequential else observation_cache(ctx, needs, layers)
-    cached = cache is not None and all(p.exists() for p in cache.values())
     if cache is not None:
         next(iter(cache.values())).parent.mkdir(parents=True, exist_ok=True)
+    cached = cache is not None and cached_observations(cache, layers)
     with timings("capture"):
         states = [] if cached else calibration_states(ctx, needs)
     plans, position = [], 0
@@ -376,12 +394,13 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
                 advance(states, ctx.model, position, layer.index)
         with timings("observe"):
             if cached:
-                obs = load_observation(cache[layer.index], layer.router.weight.device)
+                obs = load_observation(cache[layer.index], execution_device(layer.router), layer.num_experts)
             else:
                 obs = observe_layer(ctx.model, layer, states, needs, keep_outputs=not sequential)
                 if cache is not None:
                     save_observation(obs, cache[layer.index])
-        lp = plan_layer(layer, obs, ctx.n_keep(layer), timings)
+        with materialised([layer.experts, layer.router]):  # plans may read weights (alignment, features)
+            lp = plan_layer(layer, obs, ctx.n_keep(layer), timings)
         del obs
         with timings("merge"):
             apply_layer_plan(layer, lp)

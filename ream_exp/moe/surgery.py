@@ -15,6 +15,7 @@ from torch import nn
 
 from ..plan import LayerPlan, Plan
 from .layers import MoELayer, canonical_weights, moe_layers, write_canonical_weights
+from .offload import materialised
 
 
 def _slice_expert_dim(module: nn.Module, keep: torch.Tensor, n: int) -> None:
@@ -65,16 +66,20 @@ def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: 
 
 
 def apply_layer_plan(layer: MoELayer, lp: LayerPlan) -> None:
+    """Merge, then slice, in place; offloaded experts/router get the result as their offloaded weights."""
     if lp.applied:
         return
     if layer.num_experts != lp.num_experts:
         raise ValueError(f"layer {lp.layer}: plan expects {lp.num_experts} experts, model has {layer.num_experts}")
-    if lp.groups is not None:
-        for group, weights in zip(lp.groups, lp.merge_weights):
-            if len(group) > 1:
+    pairs = zip(lp.groups, lp.merge_weights) if lp.groups is not None else []
+    merges = [(g, w) for g, w in pairs if len(g) > 1]
+    slices = len(lp.keep) != lp.num_experts or lp.keep != sorted(lp.keep)
+    if merges or slices:
+        with materialised([layer.experts, layer.router], write_back=True):
+            for group, weights in merges:
                 merge_group(layer, group, weights, lp.perms)
-    if len(lp.keep) != lp.num_experts or lp.keep != sorted(lp.keep):
-        keep_experts(layer, lp.keep)
+            if slices:
+                keep_experts(layer, lp.keep)
     lp.applied = True
 
 
