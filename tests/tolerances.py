@@ -33,11 +33,6 @@ def f32_atol(scale, terms: int, stages: int = 1) -> float:
     return SAFETY * stages * EPS32 * math.sqrt(terms) * size
 
 
-def f32_rtol(terms: int, stages: int = 1) -> float:
-    """The same bound relative to each value (for positive quantities without cancellation, e.g. norms)."""
-    return SAFETY * stages * EPS32 * math.sqrt(terms)
-
-
 def assert_f32_close(actual, expected, terms: int, stages: int = 1, scale=None, msg=None) -> None:
     """assert_close with atol = f32_atol(scale or expected, terms, stages) and no relative part."""
     atol = f32_atol(expected if scale is None else scale, terms, stages)
