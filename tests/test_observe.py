@@ -60,7 +60,8 @@ def test_scores_match_brute_force(family):
         s = stats[index]
         assert s.tokens == int(mask.sum())
         for name, value in want.items():
-            assert_f32_close(s.score(name).cpu(), value, model.config.hidden_size, stages, msg=f"{family} {index} {name}")
+            assert_f32_close(s.score(name).cpu(), value, model.config.hidden_size, stages,
+                             msg=f"{family} {index} {name}")
         assert (want["reap"][s.count == 0] == 0).all()
 
 

@@ -3,7 +3,7 @@ a reference derived by hand or computed another way: the half-way rounding of N'
 floor on experts that are never routed, the singular-value scaling of the PCA weight features, the
 normalised activation rows of the alignment cost, the GPT-OSS down-projection bias in the mean outputs,
 and sequential observation on the already-compressed layers. `make mutate` runs the deliberate bugs
-these tests must catch (tools/mutate.py)."""
+these tests must catch (tests/mutate.py)."""
 
 from __future__ import annotations
 
