@@ -36,4 +36,5 @@ def f32_atol(scale, terms: int, stages: int = 1) -> float:
 def assert_f32_close(actual, expected, terms: int, stages: int = 1, scale=None, msg=None) -> None:
     """assert_close with atol = f32_atol(scale or expected, terms, stages) and no relative part."""
     atol = f32_atol(expected if scale is None else scale, terms, stages)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg)
+    label = None if msg is None else (lambda details: f"{msg}: {details}")  # keep torch's mismatch report
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=label)
