@@ -1,6 +1,7 @@
 # ream-exp: one command to set up and run, one to set up and test.
 #   make demo    set up .venv and run the default job (toy MoE, REAM, ratio 0.25, toy benchmarks)
 #   make test    set up .venv and run the test suite (CPU, offline)
+#   make mutate  plant each deliberate bug of tests/mutate.py and check its tests catch it (a few minutes)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make setup TORCH=torch==2.13.0 TORCH_INDEX=` with CUDA wheels,
@@ -9,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test mutate bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# MUTANTS="name ..." runs only those mutants
+mutate: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m tests.mutate $(MUTANTS)
 
 bench: setup
 	$(BIN)/python -m ream_exp.bench observe

@@ -155,6 +155,7 @@ def test_mc_gen_avg_are_means_of_the_task_scores(suite):
     gen = tasks["tiny_gen"]["score"]
     assert result["mc"] == pytest.approx(mc) and result["gen"] == pytest.approx(gen)
     assert result["avg"] == pytest.approx((mc + gen) / 2)
+    # percent values are rounded to 2 decimals: off by at most 0.005
     assert result["percent"]["avg"] == pytest.approx(100 * (mc + gen) / 2, abs=0.006)
     assert result["mc_tasks"] == ["tiny_mc", "tiny_group"] and result["gen_tasks"] == ["tiny_gen"]
     assert json.loads(json.dumps(result)) == result

@@ -8,6 +8,7 @@ from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layer
 from ream_exp.moe.families import family_for
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model
 from ream_exp.plan import LayerPlan, Plan
+from tests.tolerances import assert_f32_close
 
 
 def _logits(model, ids, mask):
@@ -37,9 +38,9 @@ def test_expert_forward_matches_model_layout(family):
     model = tiny_model(family)
     layer = moe_layers(model)[0]
     x = torch.randn(5, model.config.hidden_size)
-    for e in (0, layer.num_experts - 1):
-        torch.testing.assert_close(expert_output(layer.experts, e, x).double(), _reference_expert(layer, e, x),
-                                   rtol=1e-4, atol=1e-5)
+    for e in (0, layer.num_experts - 1):  # float32 kernel vs float64: two matmuls, the longer over H
+        assert_f32_close(expert_output(layer.experts, e, x).double(), _reference_expert(layer, e, x),
+                         model.config.hidden_size, stages=2)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
