@@ -67,7 +67,7 @@ MUTANTS = [
            '.min() - offset', '.min() - 1.0',
            ("tests/test_pareto_reference.py::test_reference_point_and_hypervolume_follow_the_offset",)),
     Mutant("cli-offset-ignored", "analysis/pareto.py",
-           "frontiers(data, args.offset)", "frontiers(data)",
+           "frontiers(data, args.offset,", "frontiers(data, 1.0,",
            ("tests/test_pareto_reference.py::test_cli_passes_the_offset",)),
     Mutant("n-keep-rounds-half-to-even", "ream_exp/plan.py",
            "int(math.floor(num_experts * ratio + 0.5))", "round(num_experts * ratio)",
