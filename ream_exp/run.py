@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,13 +22,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
-from .calib import validate_calib
+from .calib import calibration_datasets, validate_calib
 from .calib.cache import cached_calibration
-from .config import check_expert_counts, check_model_path, check_ratio
+from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_ratio, check_seed
+from .dataset_check import check_datasets
 from .methods import Context, get_method
 from .moe import apply_plan, moe_layers
-from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, resolve_device,
-                       score_table, stats_key, write_json)
+from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
+                       resolve_device, score_table, stats_key, write_json)
+from .weight_files import check_weight_files
 
 log = logging.getLogger("ream_exp")
 
@@ -68,20 +71,58 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
 
 
 def validate(cfg: DictConfig):
-    """Every check that can fail before a model is loaded. Returns the model's transformers config."""
+    """Every check that can fail before a model is loaded. Returns the model's transformers config.
+
+    Cheap local checks first (settings, cache_dir, config.json, pre-tokenised ids, weight-file headers),
+    then the hub datasets the run reads; each failure is a ConfigError naming the setting.
+    """
     from .evaluate import check_tasks
 
     ratio = check_ratio(cfg.ratio)
+    check_seed(cfg.seed)
     method = get_method(cfg.method.name)
-    if getattr(method, "NEEDS_CALIBRATION", True):
-        validate_calib(cfg.calib)
+    needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
     check_tasks(cfg.eval)
+    check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
-    model_config = load_model_config(cfg.model)
+    model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
+    if needs_calibration:
+        validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
+    check_weight_files(cfg.model)
+    check_datasets(_datasets_needed(cfg, needs_calibration))
     return model_config
+
+
+def _model_config(model_cfg: DictConfig):
+    try:
+        return load_model_config(model_cfg)
+    except (OSError, ValueError) as exc:  # no config.json there, unreachable hub id, unknown model_type
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.path={str(model_cfg.path)!r}: its config.json cannot be read ({reason})") from exc
+
+
+def _datasets_needed(cfg: DictConfig, needs_calibration: bool) -> list:
+    """The hub datasets the run reads: its eval tasks', and its calibration sources' unless already tokenised."""
+    from .evaluate import task_datasets
+
+    needed = task_datasets(cfg.eval)
+    if needs_calibration:
+        sources = list(calibration_datasets(cfg.calib).items())
+        if sources and not _calibration_cached(cfg):
+            needed += sources
+    return needed
+
+
+def _calibration_cached(cfg: DictConfig) -> bool:
+    """Whether this calibration set is in the cache already (then its sources are never read)."""
+    from .calib.cache import cache_path, calibration_key
+
+    if not cfg.get("cache_dir") or not any((Path(cfg.cache_dir) / "calib").glob("*.pt")):
+        return False  # nothing cached: no need to load the tokenizer to compute the key
+    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, load_tokenizer(cfg.model))).exists()
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None) -> dict:
@@ -189,8 +230,23 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
 CONF_DIR = str(PACKAGE_DIR.parent / "conf")  # the repo's conf/ (absolute: works from any working directory)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+# Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1); main() records it before it sets the
+# variable itself, None when the task function runs without main().
+_user_wants_traces: bool | None = None
+
+
+def _full_error_wanted() -> bool:
+    if _user_wants_traces is not None:
+        return _user_wants_traces
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> dict | None:
+def hydra_main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -202,9 +258,43 @@ def main(cfg: DictConfig) -> dict | None:
         if not (run_dir / "metrics.json").exists():  # never over finished results
             record_failure(run_dir, exc)
         if hc.mode == RunMode.MULTIRUN:  # one failed run must not sink the sweep
-            log.error("run failed (%s): %s; details in %s", type(exc).__name__, exc, run_dir / "error.txt")
+            log.error("run failed (%s): %s; details in %s", type(exc).__name__, _one_line(exc), run_dir / "error.txt")
             return None
+        if isinstance(exc, ConfigError) and not _full_error_wanted():
+            # SystemExit passes Hydra's job runner (it catches Exception), so nothing else is printed.
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            sys.exit(1)
         raise
+
+
+def main() -> None:
+    """The `ream-exp` console script: Hydra's entry point, with errors raised on purpose as one line.
+
+    Hydra prints its own errors (an unknown group option like method=foo, a bad override) over several
+    lines unless HYDRA_FULL_ERROR=1, which makes it re-raise them; so it is set here, and those errors
+    become `error: ...` too. Every other exception keeps its full traceback.
+    """
+    global _user_wants_traces
+    from hydra.errors import CompactHydraException
+
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    _user_wants_traces = previous == "1"
+    if _user_wants_traces:  # Hydra's own behaviour, untouched
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except CompactHydraException as exc:  # config composition: unknown option, bad override syntax
+        options = getattr(exc, "options", None)  # MissingConfigException: the group's valid options
+        message = f"{str(exc).splitlines()[0]}; available: {', '.join(options)}" if options else _one_line(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":
