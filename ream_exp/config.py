@@ -24,6 +24,8 @@ def shown(value) -> str:
         value = OmegaConf.to_container(value, resolve=False)
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
     return repr(value) if isinstance(value, str) else str(value)
 
 
