@@ -4,7 +4,8 @@
     ream-exp model=local model.path=DIR method=reap ratio=0.5 eval=none logger=none hydra.run.dir=OUT
 
 The run directory gets config.yaml (resolved), plan.json, metrics.json and checkpoint/ (unless save=false).
-Tests call `run(cfg)` directly; `main` is the thin Hydra entry point.
+Tests call `run(cfg)` directly; `hydra_main` is the Hydra task and `main` the console script, which prints
+errors raised on purpose (ConfigError, Hydra's config composition errors) as one `error: ...` line.
 """
 
 from __future__ import annotations

@@ -242,7 +242,6 @@ def test_offline_paper_calibration_names_every_missing_dataset(tiny_checkpoint, 
         assert expected in message
 
 
-@pytest.mark.slow
 def test_offline_eval_names_the_task_datasets(tiny_checkpoint, tmp_path, monkeypatch, no_model_load):
     import datasets
 
@@ -356,7 +355,6 @@ def test_cli_unexpected_errors_keep_their_traceback(tiny_checkpoint, tmp_path):
     assert not any(line.startswith("error: ") for line in done.stderr.splitlines())
 
 
-@pytest.mark.slow
 def test_cli_multirun_logs_a_failed_run_and_goes_on(tiny_checkpoint, tmp_path):
     sweep = tmp_path / "sweep"
     done = _cli(tmp_path, "-m", "model=local", f"model.path={tiny_checkpoint}", "method=none", "save=false",
@@ -366,3 +364,41 @@ def test_cli_multirun_logs_a_failed_run_and_goes_on(tiny_checkpoint, tmp_path):
     assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "done"
     logged = [line for line in (done.stdout + done.stderr).splitlines() if "run failed (ConfigError)" in line]
     assert len(logged) == 1 and "ratio='abc' is not a number" in logged[0]
+
+
+def test_hub_calibration_sources_are_not_needed_once_tokenised(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from ream_exp.calib.cache import cache_path, calibration_key_material, key_of, save_cached
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    cfg = _local(tiny_checkpoint, calib_files, f"cache_dir={tmp_path / 'c'}", "calib.n=4", "calib.seq_len=8",
+                 "calib.sources.math.path=someorg/numbers")
+    with pytest.raises(ConfigError, match=r"someorg/numbers for calib.sources.math"):
+        validate(cfg)
+    material = calibration_key_material(cfg.calib, AutoTokenizer.from_pretrained(str(tiny_checkpoint)))
+    rows = sum(material["counts"].values())
+    tokens = torch.ones(rows, 8, dtype=torch.long)
+    save_cached(cache_path(cfg.cache_dir, key_of(material)), key_of(material), material,
+                {"input_ids": tokens, "attention_mask": tokens})
+    validate(cfg)  # the tokenised set is cached: the hub source is never read, so it need not be reachable
+
+
+def test_hub_model_weights_in_the_hub_cache_are_checked_too(tiny_checkpoint, calib_files, tmp_path, monkeypatch,
+                                                           no_model_load):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tiny-moe" / "snapshots" / "c0ffee"
+    shutil.copytree(tiny_checkpoint, snapshot)
+    (cache / "models--someorg--tiny-moe" / "refs").mkdir()
+    (cache / "models--someorg--tiny-moe" / "refs" / "main").write_text("c0ffee")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    cfg = _local(tiny_checkpoint, calib_files, f"cache_dir={tmp_path / 'c'}", "model=qwen3_30b_a3b",
+                 "model.path=someorg/tiny-moe", "model.group_size=null")
+    validate(cfg)  # the hub id resolves from the cache, its weights intact
+    _truncated(snapshot / "model.safetensors")
+    _run_refused(cfg, tmp_path / "run", rf"^weight file {snapshot / 'model.safetensors'} is truncated")
