@@ -78,9 +78,11 @@ def validate(cfg: DictConfig):
     then the hub datasets the run reads; each failure is a ConfigError naming the setting.
     """
     from .evaluate import check_tasks
+    from .tracking import check_logger
 
     ratio = check_ratio(cfg.ratio)
     check_seed(cfg.seed)
+    check_logger(cfg.get("logger"))
     method = get_method(cfg.method.name)
     needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
     check_tasks(cfg.eval)

@@ -65,6 +65,8 @@ BAD_SETTINGS = [
     (["method=m_smoe", "method.sequential=yes"], r"^method.sequential='yes' must be true or false"),
     (["method=hc_smoe", "method.align_tokens=many"], r"^method.align_tokens='many' is not an integer"),
     (["method=ream", "+method.groupsize=4"], r"^unknown REAM setting\(s\) method.groupsize"),
+    (["logger=wandb", "logger.mode=loud"], r"^logger.mode='loud': choose offline, online or disabled"),
+    (["logger=wandb", "logger.name=tensorboard"], r"^logger.name='tensorboard': choose wandb or none"),
 ]
 
 
