@@ -125,7 +125,11 @@ def _calibration_cached(cfg: DictConfig) -> bool:
 
     if not cfg.get("cache_dir") or not any((Path(cfg.cache_dir) / "calib").glob("*.pt")):
         return False  # nothing cached: no need to load the tokenizer to compute the key
-    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, load_tokenizer(cfg.model))).exists()
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except (OSError, ValueError):  # no tokenizer here yet: the sources will have to be read
+        return False
+    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, tokenizer)).exists()
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None) -> dict:
@@ -270,6 +274,15 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         raise
 
 
+def _hydra_error_line(exc) -> str:
+    """One line for a Hydra error: the missing option with the valid ones, or the override that did not parse."""
+    options = getattr(exc, "options", None)  # MissingConfigException: the group's valid options
+    if options:
+        return f"{str(exc).splitlines()[0]}; available: {', '.join(options)}"
+    override = getattr(exc, "override", None)  # OverrideParseException
+    return f"cannot parse override {override!r}: {_one_line(exc)}" if override else _one_line(exc)
+
+
 def main() -> None:
     """The `ream-exp` console script: Hydra's entry point, with errors raised on purpose as one line.
 
@@ -289,9 +302,7 @@ def main() -> None:
     try:
         hydra_main()
     except CompactHydraException as exc:  # config composition: unknown option, bad override syntax
-        options = getattr(exc, "options", None)  # MissingConfigException: the group's valid options
-        message = f"{str(exc).splitlines()[0]}; available: {', '.join(options)}" if options else _one_line(exc)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if previous is None:

@@ -344,6 +344,10 @@ def test_cli_unknown_group_option_is_one_line(tmp_path):
     (line,) = done.stderr.splitlines()
     assert line.startswith("error: In 'config': Could not find 'method/magic'; available: ean, freq, hc_smoe")
     assert "ream_official" in line
+    done = _cli(tmp_path, "ratio=[0.25,", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: cannot parse override 'ratio=[0.25,': ")
 
 
 def test_cli_unexpected_errors_keep_their_traceback(tiny_checkpoint, tmp_path):

@@ -113,7 +113,7 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
     if is_pretokenized(cfg):
         calib = load_pretokenized(cfg.get("path"))
         if vocab_size is not None:
-            check_token_ids(calib["input_ids"], int(vocab_size), cfg.get("path"))
+            check_token_ids(calib["input_ids"], int(vocab_size), f"calib.path={str(cfg.get('path'))!r}")
         return
     mix = validate_mix(cfg.mix)
     n = require_positive_int("calib.n", cfg.get("n"), "the number of calibration sequences")

@@ -23,12 +23,12 @@ def load_pretokenized(path) -> dict[str, torch.Tensor]:
         raise ConfigError("calib=pretokenized needs calib.path=FILE (a .pt dict with input_ids, attention_mask)")
     path = Path(str(path)).expanduser()
     if not path.is_file():
-        raise ConfigError(f"pre-tokenised calibration file not found: {path}")
+        raise ConfigError(f"calib.path={str(path)!r}: pre-tokenised calibration file not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"{path} is not a torch .pt file of tensors: {exc}") from exc
-    return check_pretokenized(data, path)
+        raise ConfigError(f"calib.path={str(path)!r} is not a torch .pt file of tensors: {exc}") from exc
+    return check_pretokenized(data, f"calib.path={str(path)!r}")
 
 
 def check_pretokenized(data, path="calibration data") -> dict[str, torch.Tensor]:

@@ -76,8 +76,8 @@ def source_columns(src) -> list[str]:
     fields = dict(src.get("fields") or {})
     if not fields or any(role not in CHAT_ROLES for role in fields):
         raise ConfigError(f"calibration source {src['path']!r}: format: chat needs `fields` mapping roles "
-                         f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}; "
-                         f"got {fields}")
+                          f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}; "
+                          f"got {fields}")
     return list(fields.values())
 
 
@@ -85,7 +85,7 @@ def _chat_renderer(src, tokenizer):
     """row -> the conversation as the tokenizer's chat template writes it (text, special tokens included)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"calibration source {src['path']!r} has format: chat, but the tokenizer has no chat "
-                         "template; use a chat/instruct model's tokenizer or format: text")
+                          "template; use a chat/instruct model's tokenizer or format: text")
     fields = dict(src["fields"])
 
     def render(row):
