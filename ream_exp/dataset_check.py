@@ -61,28 +61,38 @@ def _label(repo_id: str, names: list, users: list) -> str:
     return f"{repo_id}{f' ({shown})' if shown else ''} for {needs}"
 
 
-def check_datasets(needed: Iterable[tuple[str, tuple]]) -> None:
-    """Raises one ConfigError naming each needed dataset that is neither cached nor reachable.
-
-    `needed`: (who needs it, (hub id, config name or None, revision or None)) pairs.
-    """
-    missing: dict[tuple, tuple[list, list]] = {}  # (repo, revision) -> (configs, users) not cached
+def _not_cached(needed) -> dict[tuple, tuple[list, list]]:
+    """{(hub id, revision): (config names, who needs them)} of the needed datasets missing from the cache."""
+    missing: dict[tuple, tuple[list, list]] = {}
     for user, (repo_id, name, revision) in needed:
         if not is_cached(repo_id, name):
             configs, users = missing.setdefault((repo_id, revision), ([], []))
             configs.append(name)
             users.append(user)
-    if not missing:
-        return
+    return missing
+
+
+def _unreachable(keys: list[tuple]) -> dict[tuple, str]:
+    """{(hub id, revision): why} for those the hub does not serve here (all of them when offline)."""
     if is_offline():
-        reasons = {key: "offline" for key in missing}
-    else:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            found = pool.map(lambda key: unreachable_reason(*key), list(missing))
-            reasons = {key: why for key, why in zip(list(missing), found) if why is not None}
-    if reasons:
-        where = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) and not" if is_offline() else "neither reachable nor"
-        listed = " | ".join(_label(repo, *missing[(repo, rev)]) + ("" if why == "offline" else f" [{why}]")
-                           for (repo, rev), why in reasons.items())
-        raise ConfigError(f"dataset(s) {where} in the datasets cache: {listed}; go online (and `hf auth login` for "
-                          "gated ones) or cache them first, or choose other calib / eval settings")
+        return {key: "offline" for key in keys}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a few metadata requests, each with a short timeout
+        found = pool.map(lambda key: unreachable_reason(*key), keys)
+        return {key: why for key, why in zip(keys, found) if why is not None}
+
+
+def check_datasets(needed: Iterable[tuple[str, tuple]]) -> None:
+    """Raises one ConfigError naming each needed dataset that is neither cached nor reachable.
+
+    `needed`: (who needs it, (hub id, config name or None, revision or None)) pairs.
+    """
+    missing = _not_cached(needed)
+    reasons = _unreachable(list(missing)) if missing else {}
+    if not reasons:
+        return
+    offline = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) and not"
+    where = offline if is_offline() else "neither reachable nor"
+    listed = " | ".join(_label(repo, *missing[(repo, rev)]) + ("" if why == "offline" else f" [{why}]")
+                        for (repo, rev), why in reasons.items())
+    raise ConfigError(f"dataset(s) {where} in the datasets cache: {listed}; go online (and `hf auth login` for "
+                      "gated ones) or cache them first, or choose other calib / eval settings")

@@ -46,7 +46,8 @@ def load_tokenizer(model_cfg: DictConfig):
     """The model's tokenizer alone (no weights): enough to key the calibration cache before loading."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_cfg.path), trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+    trust = bool(model_cfg.get("trust_remote_code"))
+    return AutoTokenizer.from_pretrained(str(model_cfg.path), trust_remote_code=trust)
 
 
 def load_model_config(model_cfg: DictConfig):

@@ -53,7 +53,8 @@ def _check_tensor(path: Path, name: str, info, data_size: int) -> None:
     try:
         dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
     except (TypeError, KeyError, ValueError):
-        raise ConfigError(f"weight file {path}: tensor {name!r} has no dtype/shape/data_offsets in the header") from None
+        raise ConfigError(f"weight file {path}: tensor {name!r} has no dtype/shape/data_offsets "
+                          "in the header") from None
     if not 0 <= begin <= end <= data_size:
         raise ConfigError(f"weight file {path} is truncated: tensor {name!r} lies at bytes {begin}..{end} of the "
                           f"data, but the file holds only {data_size} data bytes")

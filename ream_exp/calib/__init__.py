@@ -173,5 +173,5 @@ def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
     return [{k: v[i:i + batch_size] for k, v in calib.items()} for i in range(0, n, batch_size)]
 
 
-__all__ = ["DOMAINS", "build_calibration", "calibration_batches", "calibration_datasets", "counts_for_mix", "is_pretokenized",
-           "load_pretokenized", "load_source", "resolve_source", "used_sources", "validate_calib", "validate_mix"]
+__all__ = ["DOMAINS", "build_calibration", "calibration_batches", "calibration_datasets", "counts_for_mix",
+           "is_pretokenized", "load_pretokenized", "load_source", "resolve_source", "used_sources", "validate_calib", "validate_mix"]

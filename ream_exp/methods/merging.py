@@ -90,7 +90,8 @@ def ranked(score: torch.Tensor) -> list[int]:
 def check_group_size(num_experts: int, n_keep: int, group_size: int) -> None:
     """N' groups of at most C members must hold all N experts (C = 0: no limit)."""
     if group_size < 0:
-        raise ConfigError(f"method.group_size must be >= 0 (0 = each expert joins its nearest centroid), got {group_size}")
+        raise ConfigError(f"method.group_size must be >= 0 (0 = each expert joins its nearest centroid), "
+                          f"got {group_size}")
     if group_size and n_keep * group_size < num_experts:
         raise ConfigError(f"group_size={group_size}: {n_keep} groups of at most {group_size} experts cannot hold "
                           f"{num_experts} experts; use method.group_size >= {-(-num_experts // n_keep)} or 0")
