@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import ream_exp.run as run_module
 from ream_exp.config import ConfigError
