@@ -1,12 +1,51 @@
-"""Config helpers: the `${pkg:...}` resolver and every check that must fail before a model is loaded."""
+"""Config helpers: the `${pkg:...}` resolver and every check that must fail before a model is loaded.
+
+Every error raised on purpose is a `ConfigError`: `ream-exp` prints it as one line (`error: ...`) and
+keeps the traceback in the run directory's error.txt; any other exception is a bug and shows its trace.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import PACKAGE_DIR
+
+
+class ConfigError(ValueError):
+    """A setting or input the run cannot use, with a message naming the setting and what is allowed."""
+
+
+def shown(value) -> str:
+    """A setting's value as the user would type it on the command line."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def require_number(setting: str, value, meaning: str, integer: bool = False):
+    """`value` as a float (an int when `integer`); otherwise a ConfigError naming the setting."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        hint = ""
+        if isinstance(value, (list, tuple, ListConfig)):
+            hint = f" (to sweep several values: ream-exp -m {setting}=" + ",".join(map(str, value)) + ")"
+        raise ConfigError(f"{setting}={shown(value)} is not {'an integer' if integer else 'a number'}: "
+                          f"{setting} is {meaning}{hint}")
+    return int(value) if integer else float(value)
+
+
+def require_positive_int(setting: str, value, meaning: str) -> int:
+    number = require_number(setting, value, meaning, integer=True)
+    if number < 1:
+        raise ConfigError(f"{setting}={number} must be a positive integer: {setting} is {meaning}")
+    return number
 
 
 
@@ -33,18 +72,37 @@ def _is_local_path(path: str) -> bool:
 def check_model_path(model_cfg: DictConfig) -> None:
     path = model_cfg.get("path")
     if path in (None, "", "???"):
-        raise ValueError(f"model={model_cfg.get('name')} needs model.path (a checkpoint directory or hub id)")
+        raise ConfigError(f"model={model_cfg.get('name')} needs model.path (a checkpoint directory or hub id)")
     path = str(path)
     must_be_local = model_cfg.get("name") == "local" or _is_local_path(path)
     if must_be_local and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"model.path {path!r} is not a directory (model={model_cfg.get('name')})")
+        raise ConfigError(f"model.path {path!r} is not a directory (model={model_cfg.get('name')})")
 
 
-def check_ratio(ratio: float) -> float:
-    ratio = float(ratio)
+def check_ratio(ratio) -> float:
+    meaning = "the fraction of experts removed per MoE layer, in [0, 1)"
+    ratio = require_number("ratio", ratio, meaning)
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio={ratio} is outside [0, 1): it is the fraction of experts removed per MoE layer")
+        raise ConfigError(f"ratio={ratio} is outside [0, 1): ratio is {meaning}")
     return ratio
+
+
+def check_seed(seed) -> int:
+    return require_number("seed", seed, "the integer seed of every random choice of the run", integer=True)
+
+
+def check_cache_dir(cache_dir) -> None:
+    """The caches are written after the model has loaded: make sure now that they can be."""
+    if cache_dir in (None, ""):
+        return
+    path = Path(str(cache_dir)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cache_dir={str(cache_dir)!r} cannot be written ({exc.strerror or exc}): cache_dir "
+                          "must be a writable directory (set cache_dir=DIR or REAM_EXP_CACHE)") from exc
 
 
 def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
@@ -52,11 +110,18 @@ def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
     from .moe import family_for
     from .plan import experts_to_keep
 
-    family = family_for(model_config.model_type)
+    try:
+        family = family_for(model_config.model_type)
+    except ValueError as exc:  # an architecture this project cannot compress
+        raise ConfigError(f"model.path: {exc}") from None
     n = int(getattr(model_config, family.count_key))
     k = int(model_config.num_experts_per_tok)
+    if not 1 <= k <= n:
+        raise ConfigError(f"model config {getattr(model_config, '_name_or_path', '')!r}: num_experts_per_tok "
+                          f"(top_k)={k} with {family.count_key}={n}; top_k must be between 1 and the number of "
+                          "experts")
     n_keep = experts_to_keep(n, ratio)
     if n_keep < k:
-        raise ValueError(f"ratio={ratio} keeps {n_keep} of {n} experts, fewer than top_k={k}; "
-                         f"the largest ratio allowed here is {(n - k) / n:.4f}")
+        raise ConfigError(f"ratio={ratio} keeps {n_keep} of {n} experts, fewer than top_k={k}; "
+                          f"the largest ratio allowed here is {(n - k) / n:.4f}")
     return n, n_keep

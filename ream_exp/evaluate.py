@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # lm-eval output types answered by scoring fixed continuations (no sampling): the MC side.
@@ -75,9 +77,9 @@ def task_names(cfg) -> list[str]:
 def check_tasks(cfg) -> list[str]:
     """Validates an eval config before any model work and returns its task names.
 
-    Raises ValueError naming unknown tasks (checked against lm-eval's local task index, which needs
+    Raises ConfigError naming unknown tasks (checked against lm-eval's local task index, which needs
     no network), stray keys in the per-task `num_fewshot` / `metrics` mappings, a missing
-    include_path or an unknown backend; ImportError when backend=vllm and vllm is not installed.
+    include_path, an unknown backend, or backend=vllm when vllm is not installed.
     """
     cfg = _as_dict(cfg)
     names = task_names(cfg)
@@ -87,7 +89,7 @@ def check_tasks(cfg) -> list[str]:
     known = set(_task_manager(_include_path(cfg)).all_tasks)
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"eval '{cfg.get('name')}': unknown lm-eval task(s) {unknown}; "
             "names must be lm-eval tasks, groups or tags (`lm-eval ls tasks`) or be defined "
             "in eval.include_path"
@@ -95,15 +97,65 @@ def check_tasks(cfg) -> list[str]:
     for key in ("num_fewshot", "metrics"):
         stray = [k for k in _mapping(cfg.get(key)) if k not in names]
         if stray:
-            raise ValueError(f"eval.{key} names task(s) {stray} that are not in eval.tasks")
+            raise ConfigError(f"eval.{key} names task(s) {stray} that are not in eval.tasks")
     return names
+
+
+# dataset_path values that name a datasets builder of local files, not a hub dataset
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
+
+
+def task_datasets(cfg) -> list[tuple[str, tuple]]:
+    """(f"eval task {name}", (hub id, config, revision)) for every hub dataset the eval's tasks read.
+
+    Read from lm-eval's task index (groups and tags expanded to their tasks), without building a task;
+    code-executing tasks that will be skipped, custom_dataset loaders and local files need none.
+    """
+    cfg = _as_dict(cfg)
+    names = task_names(cfg)
+    if not names:
+        return []
+    index = _task_manager(_include_path(cfg)).task_index
+    needed = []
+    for name in names:
+        for task in _leaf_configs(index, name, set()):
+            path = task.get("dataset_path")
+            if (not path or task.get("custom_dataset") or path in LOCAL_BUILDERS or Path(path).exists()
+                    or (task.get("unsafe_code") and not cfg.get("allow_code_eval"))):
+                continue
+            revision = _mapping(task.get("dataset_kwargs")).get("revision")
+            needed.append((f"eval task {name}", (str(path), task.get("dataset_name"), revision)))
+    return needed
+
+
+def _leaf_configs(index, name: str, seen: set) -> list[dict]:
+    """The YAML configs of the leaf tasks a task, group or tag name stands for."""
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return []
+    seen.add(name)
+    kind = entry.kind.name
+    if kind == "TAG":
+        members = [other for other, e in index.items() if name in e.tags]
+    elif kind == "GROUP":
+        members = list((entry.cfg or {}).get("task") or [])
+    else:
+        return [entry.cfg or {}]
+    leaves = []
+    for member in members:
+        if isinstance(member, dict):  # an inline task: its own keys over the task it names
+            base = index.get(member.get("task"))
+            leaves.append({**((base.cfg or {}) if base is not None else {}), **member})
+        else:
+            leaves += _leaf_configs(index, str(member), seen)
+    return leaves
 
 
 def _check_backend(backend: str) -> None:
     if backend not in LM_BUILDERS:
-        raise ValueError(f"eval.backend={backend!r}: choose one of {sorted(LM_BUILDERS)}")
+        raise ConfigError(f"eval.backend={backend!r}: choose one of {sorted(LM_BUILDERS)}")
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ImportError(
+        raise ConfigError(
             "eval.backend=vllm needs the `vllm` package, which is not installed "
             "(pip install vllm), or use eval.backend=hf"
         )
@@ -115,7 +167,7 @@ def _include_path(cfg) -> str | None:
         return None
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
-        raise ValueError(f"eval.include_path {str(path)!r} is not a directory")
+        raise ConfigError(f"eval.include_path {str(path)!r} is not a directory")
     return str(path)
 
 

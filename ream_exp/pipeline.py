@@ -42,6 +42,14 @@ def load_model(model_cfg: DictConfig, device: str):
     return model, tokenizer
 
 
+def load_tokenizer(model_cfg: DictConfig):
+    """The model's tokenizer alone (no weights): enough to key the calibration cache before loading."""
+    from transformers import AutoTokenizer
+
+    trust = bool(model_cfg.get("trust_remote_code"))
+    return AutoTokenizer.from_pretrained(str(model_cfg.path), trust_remote_code=trust)
+
+
 def load_model_config(model_cfg: DictConfig):
     """Only config.json: enough to reject an unsupported architecture or impossible ratio before download."""
     from transformers import AutoConfig

@@ -4,13 +4,16 @@
     ream-exp model=local model.path=DIR method=reap ratio=0.5 eval=none logger=none hydra.run.dir=OUT
 
 The run directory gets config.yaml (resolved), plan.json, metrics.json and checkpoint/ (unless save=false).
-Tests call `run(cfg)` directly; `main` is the thin Hydra entry point.
+Tests call `run(cfg)` directly; `hydra_main` is the Hydra task and `main` the console script, which prints
+errors raised on purpose (ConfigError, Hydra's config composition errors) as one `error: ...` line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -19,14 +22,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
-from .calib import validate_calib
+from .calib import calibration_datasets, validate_calib
 from .calib.cache import cached_calibration
-from .config import check_expert_counts, check_model_path, check_ratio
+from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_ratio, check_seed
+from .dataset_check import check_datasets
 from .methods import Context, get_method
 from .moe import apply_plan, moe_layers
-from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, resolve_device,
-                       score_table, stats_key, write_json)
-from .rundir import RunDirBusy, hold_run_dir, hydra_job_files, set_aside
+from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
+                       resolve_device, score_table, stats_key, write_json)
+from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
+from .weight_files import check_weight_files
 
 log = logging.getLogger("ream_exp")
 
@@ -53,8 +58,8 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
         saved = run_dir / "config.yaml"
         if saved.exists() and experiment_config(OmegaConf.load(saved)) == experiment_config(cfg):
             return done
-        raise FileExistsError(f"run directory {run_dir} already holds results of a different config; "
-                              "choose another hydra.run.dir or remove it yourself")
+        raise RunDirTaken(f"run directory {run_dir} already holds results of a different config; "
+                          "choose another hydra.run.dir or remove it yourself")
     leftovers = [name for name in RESULT_FILES if (run_dir / name).exists()]
     if leftovers:
         attempt = set_aside(run_dir, leftovers)
@@ -75,20 +80,64 @@ def _finished_metrics(path: Path) -> dict | None:
 
 
 def validate(cfg: DictConfig):
-    """Every check that can fail before a model is loaded. Returns the model's transformers config."""
+    """Every check that can fail before a model is loaded. Returns the model's transformers config.
+
+    Cheap local checks first (settings, cache_dir, config.json, pre-tokenised ids, weight-file headers),
+    then the hub datasets the run reads; each failure is a ConfigError naming the setting.
+    """
     from .evaluate import check_tasks
+    from .tracking import check_logger
 
     ratio = check_ratio(cfg.ratio)
+    check_seed(cfg.seed)
+    check_logger(cfg.get("logger"))
     method = get_method(cfg.method.name)
-    if getattr(method, "NEEDS_CALIBRATION", True):
-        validate_calib(cfg.calib)
+    needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
     check_tasks(cfg.eval)
+    check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
-    model_config = load_model_config(cfg.model)
+    model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
+    if needs_calibration:
+        validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
+    check_weight_files(cfg.model)
+    check_datasets(_datasets_needed(cfg, needs_calibration))
     return model_config
+
+
+def _model_config(model_cfg: DictConfig):
+    try:
+        return load_model_config(model_cfg)
+    except (OSError, ValueError) as exc:  # no config.json there, unreachable hub id, unknown model_type
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.path={str(model_cfg.path)!r}: its config.json cannot be read ({reason})") from exc
+
+
+def _datasets_needed(cfg: DictConfig, needs_calibration: bool) -> list:
+    """The hub datasets the run reads: its eval tasks', and its calibration sources' unless already tokenised."""
+    from .evaluate import task_datasets
+
+    needed = task_datasets(cfg.eval)
+    if needs_calibration:
+        sources = list(calibration_datasets(cfg.calib).items())
+        if sources and not _calibration_cached(cfg):
+            needed += sources
+    return needed
+
+
+def _calibration_cached(cfg: DictConfig) -> bool:
+    """Whether this calibration set is in the cache already (then its sources are never read)."""
+    from .calib.cache import cache_path, calibration_key
+
+    if not cfg.get("cache_dir") or not any((Path(cfg.cache_dir) / "calib").glob("*.pt")):
+        return False  # nothing cached: no need to load the tokenizer to compute the key
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except (OSError, ValueError):  # no tokenizer here yet: the sources will have to be read
+        return False
+    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, tokenizer)).exists()
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None) -> dict:
@@ -103,7 +152,10 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
         return None
     path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError:  # cut short or damaged: evaluate again and rewrite it
+            log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
     with timer("baseline_eval"):
         scores = _evaluate(model, tokenizer, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +167,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Load -> calibrate -> compress -> save -> evaluate; returns (and writes) metrics.json's content.
 
     The run directory is held from before validation until metrics.json is written: a second process into
-    it (another config, or this one relaunched while it runs) is refused at once with RunDirBusy.
+    it (another config, or this one relaunched while it runs) is refused at once with RunDirBusy. A run
+    that fails leaves error.txt while it still holds the directory, so no other process can step in between.
     """
     run_dir = Path(run_dir or cfg.get("run_dir") or "outputs/run")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +179,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             print(f"skipped (already finished with the same config): {run_dir}")
             return done
         with hydra_job_files(run_dir, cfg):  # only a run that computes writes Hydra's files and log
-            return _run_fresh(cfg, run_dir)
+            try:
+                return _run_fresh(cfg, run_dir)
+            except Exception as exc:
+                record_failure(run_dir, exc)
+                raise
 
 
 def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
@@ -200,7 +257,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """A failed run leaves its error in its own directory (never over finished results)."""
-    if isinstance(exc, RunDirBusy):  # the directory is another live process's: write nothing into it
+    if isinstance(exc, RunDirRefusal) or (run_dir / "metrics.json").exists():  # not this run's directory
         return
     (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
 
@@ -208,8 +265,23 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
 CONF_DIR = str(PACKAGE_DIR.parent / "conf")  # the repo's conf/ (absolute: works from any working directory)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+# Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1); main() records it before it sets the
+# variable itself, None when the task function runs without main().
+_user_wants_traces: bool | None = None
+
+
+def _full_error_wanted() -> bool:
+    if _user_wants_traces is not None:
+        return _user_wants_traces
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> dict | None:
+def hydra_main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -217,13 +289,53 @@ def main(cfg: DictConfig) -> dict | None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         return run(cfg, run_dir)
-    except Exception as exc:
-        if not (run_dir / "metrics.json").exists():  # never over finished results
-            record_failure(run_dir, exc)
+    except Exception as exc:  # run() has written error.txt, unless the directory refused the run
         if hc.mode == RunMode.MULTIRUN:  # one failed run must not sink the sweep
-            log.error("run failed (%s): %s; details in %s", type(exc).__name__, exc, run_dir / "error.txt")
+            details = "" if isinstance(exc, RunDirRefusal) else f"; details in {run_dir / 'error.txt'}"
+            log.error("run failed (%s): %s%s", type(exc).__name__, _one_line(exc), details)
             return None
+        if isinstance(exc, ConfigError) and not _full_error_wanted():
+            # SystemExit passes Hydra's job runner (it catches Exception), so nothing else is printed.
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            sys.exit(1)
         raise
+
+
+def _hydra_error_line(exc) -> str:
+    """One line for a Hydra error: the missing option with the valid ones, or the override that did not parse."""
+    options = getattr(exc, "options", None)  # MissingConfigException: the group's valid options
+    if options:
+        return f"{str(exc).splitlines()[0]}; available: {', '.join(options)}"
+    override = getattr(exc, "override", None)  # OverrideParseException
+    return f"cannot parse override {override!r}: {_one_line(exc)}" if override else _one_line(exc)
+
+
+def main() -> None:
+    """The `ream-exp` console script: Hydra's entry point, with errors raised on purpose as one line.
+
+    Hydra prints its own errors (an unknown group option like method=foo, a bad override) over several
+    lines unless HYDRA_FULL_ERROR=1, which makes it re-raise them; so it is set here, and those errors
+    become `error: ...` too. Every other exception keeps its full traceback.
+    """
+    global _user_wants_traces
+    from hydra.errors import CompactHydraException
+
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    _user_wants_traces = previous == "1"
+    if _user_wants_traces:  # Hydra's own behaviour, untouched
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except CompactHydraException as exc:  # config composition: unknown option, bad override syntax
+        print(f"error: {_hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":

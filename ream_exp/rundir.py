@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from .atomic import atomic_write
+from .config import ConfigError
 
 log = logging.getLogger("ream_exp")
 
@@ -40,8 +41,16 @@ HYDRA_RECORDS = ".hydra"  # where Hydra keeps config.yaml, hydra.yaml, overrides
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
 
 
-class RunDirBusy(RuntimeError):
+class RunDirRefusal(ConfigError):
+    """The run directory cannot take this run; nothing is written into it."""
+
+
+class RunDirBusy(RunDirRefusal):
     """Another live process holds the run directory."""
+
+
+class RunDirTaken(RunDirRefusal, FileExistsError):
+    """The run directory holds the finished results of another config."""
 
 
 def _this_process() -> dict:

@@ -18,6 +18,8 @@ import logging
 import numbers
 from pathlib import Path
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Modes tried in order: an online run that cannot reach W&B still records everything offline.
@@ -92,17 +94,26 @@ class WandbLogger:
             self.run.finish()
 
 
+def check_logger(cfg) -> str | None:
+    """The W&B mode a logger config asks for, None for no logging; ConfigError for a bad name or mode."""
+    cfg = _as_dict(cfg)
+    name, mode = cfg.get("name") or "none", cfg.get("mode") or "offline"
+    if name == "none" or mode == "disabled":
+        return None
+    if name != "wandb":
+        raise ConfigError(f"logger.name={name!r}: choose wandb or none")
+    if mode not in MODES:
+        raise ConfigError(f"logger.mode={mode!r}: choose offline, online or disabled")
+    return mode
+
+
 def make_logger(cfg, run_dir: str | Path, config_dict: dict | None = None) -> NullLogger | WandbLogger:
     """The logger a conf/logger/*.yaml asks for. cfg keys: name (wandb | none), project, entity,
     mode (offline | online | disabled), group, tags, run_name, init_timeout (seconds)."""
     cfg = _as_dict(cfg)
-    name, mode = cfg.get("name") or "none", cfg.get("mode") or "offline"
-    if name == "none" or mode == "disabled":
+    mode = check_logger(cfg)
+    if mode is None:
         return NullLogger()
-    if name != "wandb":
-        raise ValueError(f"logger.name={name!r}: choose wandb or none")
-    if mode not in MODES:
-        raise ValueError(f"logger.mode={mode!r}: choose offline, online or disabled")
     run = _start_first(cfg, Path(run_dir), config_dict, MODES[mode])
     return NullLogger() if run is None else WandbLogger(run)
 

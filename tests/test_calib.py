@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ream_exp.calib import build_calibration, calibration_batches, counts_for_mix
+from ream_exp.config import ConfigError
 from ream_exp.moe.tiny import tiny_tokenizer
 
 
@@ -66,7 +67,7 @@ def test_missing_field_and_file(calib_files, tmp_path):
         build_calibration(cfg, tiny_tokenizer())
     cfg = _cfg(calib_files)
     cfg.sources.code.path = str(tmp_path / "missing.jsonl")
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(ConfigError, match="missing.jsonl"):
         build_calibration(cfg, tiny_tokenizer())
 
 

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import ream_exp.config  # noqa: F401  (the ${pkg:...} resolver)
 from ream_exp import PACKAGE_DIR
+from ream_exp.config import ConfigError
 from ream_exp.run import run, validate
 
 CONF = PACKAGE_DIR.parent / "conf"
@@ -71,7 +72,7 @@ def test_bad_input_is_rejected_before_loading(overrides, message, tiny_checkpoin
 
 def test_missing_model_path(tmp_path):
     cfg = make_cfg("model=local", f"model.path={tmp_path / 'nope'}", "eval=none", "logger=none")
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         validate(cfg)
 
 

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from ream_exp import evaluate as ev  # noqa: E402
+from ream_exp.config import ConfigError  # noqa: E402
 
 TASK_DIR = Path(__file__).resolve().parent / "data" / "tiny_tasks"
 CONF_EVAL = Path(__file__).resolve().parents[1] / "conf" / "eval"
@@ -259,7 +260,7 @@ def test_vllm_backend_needs_vllm_and_a_checkpoint(monkeypatch):
         return lambda name, *args: (object() if found else None) if name == "vllm" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", vllm_spec(False))
-    with pytest.raises(ImportError, match="vllm"):
+    with pytest.raises(ConfigError, match="vllm"):
         ev.check_tasks(eval_cfg(["tiny_gen"], backend="vllm"))
     monkeypatch.setattr(importlib.util, "find_spec", vllm_spec(True))
     with pytest.raises(ValueError, match="checkpoint_dir"):

@@ -100,7 +100,7 @@ def test_model_config_validates_before_loading(name, tmp_path, monkeypatch):
 
     model_type, n, k, c25, c50 = MODELS[name]
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights loaded during validate"))
-    cfg = _cfg(f"model={name}", "calib=paper", method="ream")
+    cfg = _cfg(f"model={name}", "calib=toy", method="ream")
     assert cfg.model.name == name and "/" in cfg.model.path and not cfg.model.path.startswith(("/", "."))
     assert (cfg.model.dtype, cfg.model.device_map, cfg.model.trust_remote_code) == ("bfloat16", "auto", False)
     cfg.model.path = str(_config_json(tmp_path, model_type, n, k))

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ream_exp.calib import build_calibration, validate_calib
+from ream_exp.config import ConfigError
 from ream_exp.methods import Context, get_method
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 
@@ -59,7 +60,7 @@ def _bad(tmp_path, data, match):
 
 
 def test_missing_file_and_missing_path_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         build_calibration(_calib_cfg(tmp_path / "nope.pt"), None)
     with pytest.raises(ValueError, match="needs calib.path"):
         build_calibration(OmegaConf.create({"name": "pretokenized", "path": None, "mix": None}), None)

@@ -18,23 +18,27 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .pretokenized import load_pretokenized
-from .sources import iter_texts, load_source, source_columns
+from ..config import ConfigError, require_number, require_positive_int, shown
+from .pretokenized import check_token_ids, load_pretokenized
+from .sources import check_local_source, hub_dataset, iter_texts, load_source, source_columns
 
 DOMAINS = ("general", "math", "code")
 
 
 def validate_mix(mix) -> list[float]:
-    mix = [float(x) for x in mix]
+    meaning = f"{len(DOMAINS)} ratios ({' : '.join(DOMAINS)}), e.g. [0.3,0.3,0.3]"
+    if isinstance(mix, str) or not isinstance(mix, (list, tuple, ListConfig)):
+        raise ConfigError(f"calib.mix={shown(mix)} is not a list: calib.mix is {meaning}")
+    mix = [require_number(f"calib.mix[{i}]", x, f"one of the {meaning}") for i, x in enumerate(mix)]
     if len(mix) != len(DOMAINS):
-        raise ValueError(f"calib.mix must have {len(DOMAINS)} ratios ({':'.join(DOMAINS)}), got {mix}")
+        raise ConfigError(f"calib.mix must have {meaning}, got {mix}")
     if any(x < 0 for x in mix):
-        raise ValueError(f"calib.mix ratios must be >= 0, got {mix}")
+        raise ConfigError(f"calib.mix ratios must be >= 0, got {mix}")
     if sum(mix) == 0:
-        raise ValueError(f"calib.mix is all zero ({mix}): at least one source needs a positive ratio")
+        raise ConfigError(f"calib.mix is all zero ({mix}): at least one source needs a positive ratio")
     return mix
 
 
@@ -45,7 +49,7 @@ def counts_for_mix(n: int, mix) -> dict[str, int]:
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token to pad calibration sequences with")
+        raise ConfigError("tokenizer has neither a pad nor an eos token to pad calibration sequences with")
     return pad
 
 
@@ -89,7 +93,7 @@ def tokenize_source(src, tokenizer, count: int, seq_len: int, seed: int, min_fil
         texts, tokenizer, count, seq_len, min_fill)
     rows = list(tqdm(rows, total=count, desc=f"calib {src['path']}", leave=False))
     if len(rows) < count:
-        raise ValueError(
+        raise ConfigError(
             f"calibration source {src['path']!r} gave only {len(rows)} of {count} sequences of {seq_len} tokens "
             f"(min_fill={min_fill}, pack={pack}); lower calib.n or calib.seq_len, or add data"
         )
@@ -100,14 +104,31 @@ def is_pretokenized(cfg) -> bool:
     return bool(cfg.get("path")) or cfg.get("name") == "pretokenized"
 
 
-def validate_calib(cfg) -> None:
-    """What can be checked before a model is loaded: the pre-tokenised file, or the mix of sources."""
+def validate_calib(cfg, vocab_size: int | None = None) -> None:
+    """What can be checked before a model is loaded: the sizes, then the pre-tokenised file or the mix of sources.
+
+    With the model's `vocab_size`, pre-tokenised ids must also lie in [0, vocab_size).
+    """
+    require_positive_int("calib.batch_size", cfg.get("batch_size", 8), "the number of sequences per forward pass")
     if is_pretokenized(cfg):
-        load_pretokenized(cfg.get("path"))
-    else:
-        validate_mix(cfg.mix)
-        for _, src in used_sources(cfg).values():  # a domain the mix needs is configured, in a known format
-            source_columns(src)
+        calib = load_pretokenized(cfg.get("path"))
+        if vocab_size is not None:
+            check_token_ids(calib["input_ids"], int(vocab_size), f"calib.path={str(cfg.get('path'))!r}")
+        return
+    mix = validate_mix(cfg.mix)
+    n = require_positive_int("calib.n", cfg.get("n"), "the number of calibration sequences")
+    require_positive_int("calib.seq_len", cfg.get("seq_len"), "the length of every calibration sequence in tokens")
+    require_number("calib.seed", cfg.get("seed", 0), "the integer seed of each source's row order", integer=True)
+    min_fill = require_number("calib.min_fill", cfg.get("min_fill", 0.9), "the least share of real tokens per row")
+    if not 0 <= min_fill <= 1:
+        raise ConfigError(f"calib.min_fill={min_fill} is outside [0, 1]: it is the least share of real tokens per row")
+    used = used_sources(cfg)
+    if not used:
+        raise ConfigError(f"calib.n={n} with calib.mix={mix} takes int(n * ratio) = 0 sequences "
+                          "from every source: raise calib.n")
+    for _, src in used.values():  # a domain the mix needs is configured, in a known format, its file present
+        source_columns(src)
+        check_local_source(src)
 
 
 def used_sources(cfg) -> dict[str, tuple[int, dict]]:
@@ -118,9 +139,17 @@ def used_sources(cfg) -> dict[str, tuple[int, dict]]:
             continue
         src = (cfg.get("sources") or {}).get(domain)
         if src is None:
-            raise ValueError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r}")
+            raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r}")
         used[domain] = (count, src)
     return used
+
+
+def calibration_datasets(cfg) -> dict[str, tuple[str, str | None, str | None]]:
+    """{setting: (hub id, config name, revision)} of every hub dataset the calibration reads (none for a file)."""
+    if is_pretokenized(cfg):
+        return {}
+    hubs = {f"calib.sources.{domain}": hub_dataset(src) for domain, (_, src) in used_sources(cfg).items()}
+    return {setting: hub for setting, hub in hubs.items() if hub is not None}
 
 
 def build_calibration(cfg, tokenizer) -> dict[str, torch.Tensor]:
@@ -144,5 +173,5 @@ def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
     return [{k: v[i:i + batch_size] for k, v in calib.items()} for i in range(0, n, batch_size)]
 
 
-__all__ = ["DOMAINS", "build_calibration", "calibration_batches", "counts_for_mix", "is_pretokenized",
-           "load_pretokenized", "load_source", "resolve_source", "used_sources", "validate_calib", "validate_mix"]
+__all__ = ["DOMAINS", "build_calibration", "calibration_batches", "calibration_datasets", "counts_for_mix",
+           "is_pretokenized", "load_pretokenized", "load_source", "resolve_source", "used_sources", "validate_calib", "validate_mix"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import ConfigError
+
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -27,14 +29,29 @@ def _local_builder(path: str) -> str | None:
     return _LOCAL_BUILDERS.get(suffix.removesuffix(".gz"))
 
 
+def check_local_source(src) -> None:
+    """A source read from a local file must exist (checked before the model loads)."""
+    path = str(src["path"])
+    if _local_builder(path) is not None and not Path(path).expanduser().exists():
+        raise ConfigError(f"calibration source file not found: {path} (calib.sources.*.path: a local "
+                          f"{'/'.join(_LOCAL_BUILDERS)} file, a directory or a hub dataset id)")
+
+
+def hub_dataset(src) -> tuple[str, str | None, str | None] | None:
+    """(hub id, config name, revision) when the source is read from the hub; None for local files."""
+    path = str(src["path"])
+    if _local_builder(path) is not None or Path(path).expanduser().exists():
+        return None
+    return path, src.get("name"), src.get("revision")
+
+
 def load_source(src) -> "datasets.Dataset | datasets.IterableDataset":
     import datasets
 
     path = str(src["path"])
     builder = _local_builder(path)
     if builder is not None:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"calibration source file not found: {path}")
+        check_local_source(src)
         return datasets.load_dataset(builder, data_files=path, split="train", streaming=src.get("streaming", False))
     if Path(path).is_dir():
         return datasets.load_dataset(path, name=src.get("name"), split=src.get("split", "train"),
@@ -53,22 +70,22 @@ def source_columns(src) -> list[str]:
     """The dataset columns a source reads: its `field`, or the columns of its chat `fields`."""
     fmt = src.get("format", "text")
     if fmt not in FORMATS:
-        raise ValueError(f"calibration source {src['path']!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(f"calibration source {src['path']!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "text":
         return [src.get("field", "text")]
     fields = dict(src.get("fields") or {})
     if not fields or any(role not in CHAT_ROLES for role in fields):
-        raise ValueError(f"calibration source {src['path']!r}: format: chat needs `fields` mapping roles "
-                         f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}; "
-                         f"got {fields}")
+        raise ConfigError(f"calibration source {src['path']!r}: format: chat needs `fields` mapping roles "
+                          f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}; "
+                          f"got {fields}")
     return list(fields.values())
 
 
 def _chat_renderer(src, tokenizer):
     """row -> the conversation as the tokenizer's chat template writes it (text, special tokens included)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"calibration source {src['path']!r} has format: chat, but the tokenizer has no chat "
-                         "template; use a chat/instruct model's tokenizer or format: text")
+        raise ConfigError(f"calibration source {src['path']!r} has format: chat, but the tokenizer has no chat "
+                          "template; use a chat/instruct model's tokenizer or format: text")
     fields = dict(src["fields"])
 
     def render(row):
@@ -95,7 +112,7 @@ def iter_texts(src, seed: int, tokenizer=None):
     ds = load_source(src)
     missing = [c for c in columns if c not in (ds.column_names or columns)]
     if missing:
-        raise ValueError(f"calibration source {src['path']!r} has no field {missing[0]!r}; columns: {ds.column_names}")
+        raise ConfigError(f"calibration source {src['path']!r} has no field {missing[0]!r}; columns: {ds.column_names}")
     if hasattr(ds, "to_iterable_dataset"):  # map-style: an exact seeded permutation
         ds = ds.shuffle(seed=seed)
     else:  # streamed: a seeded shuffle buffer

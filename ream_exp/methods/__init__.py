@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from ..config import ConfigError
 from . import ean, freq, hc_smoe, m_smoe, none, random_prune, reap, ream
 from .base import Context, prune_plan, top_experts
 
@@ -29,7 +30,7 @@ def get_method(name: str) -> ModuleType:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}") from None
+        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}") from None
 
 
 __all__ = ["METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "top_experts"]

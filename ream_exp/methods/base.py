@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..calib import calibration_batches
+from ..config import ConfigError, require_number, shown
 from ..moe import MoELayer, moe_layers
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
@@ -53,6 +54,29 @@ class Context:
             if self.stats_path is not None:
                 save_stats(self._stats, self.stats_path)
         return self._stats
+
+
+def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, label: str = "method") -> dict:
+    """A method's config with `defaults` filled in; unknown keys, choices and types are checked.
+
+    Every key must be one of `defaults`; a key with `choices` must take one of them; a key whose default
+    is a bool must be true or false, an int an integer (a None default allows null or an integer).
+    """
+    method = cfg.get("name", label)
+    unknown = sorted(set(cfg) - set(defaults) - {"name"})
+    if unknown:
+        raise ConfigError(f"unknown {label} setting(s) {', '.join('method.' + k for k in unknown)} (method={method}); "
+                          f"allowed keys: {', '.join(sorted(defaults))}")
+    s = {**defaults, **{k: v for k, v in cfg.items() if k != "name"}}
+    for key, valid in (choices or {}).items():
+        if s[key] not in valid:
+            raise ConfigError(f"method.{key}={s[key]!r}; valid: {', '.join(valid)}")
+    for key, default in defaults.items():
+        if isinstance(default, bool) and not isinstance(s[key], bool):
+            raise ConfigError(f"method.{key}={shown(s[key])} must be true or false (method={method})")
+        if (default is None or type(default) is int) and s[key] is not None:
+            s[key] = require_number(f"method.{key}", s[key], f"an integer setting of method={method}", integer=True)
+    return s
 
 
 def top_experts(score: torch.Tensor, n_keep: int) -> list[int]:

@@ -11,13 +11,24 @@ Non-sequential by default, as HC-SMoE observes the original model (`method.seque
 from __future__ import annotations
 
 from ..plan import Plan
-from .base import Context
+from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
-from .merging import align_groups, average_linkage, closest_to_mean, merge_layer_plan
+from .merging import ALIGN_MODES, align_groups, average_linkage, closest_to_mean, merge_layer_plan
 
 NEEDS_CALIBRATION = True
 
 DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64)
+CHOICES = dict(align=ALIGN_MODES)
+
+
+def settings(cfg: dict) -> dict:
+    """The method config with defaults filled in; unknown keys and bad choices are refused."""
+    return method_settings(cfg, DEFAULTS, CHOICES, "HC-SMoE")
+
+
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """The settings, checked before any weights are loaded."""
+    settings(cfg)
 
 
 def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
@@ -34,7 +45,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
 
 
 def plan(ctx: Context) -> Plan:
-    s = {**DEFAULTS, **{k: v for k, v in ctx.cfg.items() if k != "name"}}
+    s = settings(ctx.cfg)
     needs = Needs(dense="plain", align=s["align"] in ("both", "activations"), sim_tokens=s["sim_tokens"],
                   align_tokens=int(s["align_tokens"]))
     timings = Timings()

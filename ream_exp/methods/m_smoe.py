@@ -14,13 +14,23 @@ comparison). Non-sequential by default (`method.sequential` switches it).
 from __future__ import annotations
 
 from ..plan import Plan
-from .base import Context
+from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
 from .merging import group_by_pseudo_pruning, logit_cosine, merge_layer_plan, weight_matching
 
 NEEDS_CALIBRATION = True
 
 DEFAULTS = dict(sequential=False)
+
+
+def settings(cfg: dict) -> dict:
+    """The method config with defaults filled in; unknown keys are refused."""
+    return method_settings(cfg, DEFAULTS, label="M-SMoE")
+
+
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """The settings, checked before any weights are loaded."""
+    settings(cfg)
 
 
 def plan_layer(layer, obs, n_keep: int, timings: Timings):
@@ -33,7 +43,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings):
 
 
 def plan(ctx: Context) -> Plan:
-    s = {**DEFAULTS, **{k: v for k, v in ctx.cfg.items() if k != "name"}}
+    s = settings(ctx.cfg)
     timings = Timings()
     layers = run_layerwise(ctx, plan_layer, Needs(), bool(s["sequential"]), timings)
     return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from ..config import ConfigError
 from ..moe import MoELayer, canonical_weights, expert_hidden
 from ..plan import LayerPlan
 
@@ -89,10 +90,11 @@ def ranked(score: torch.Tensor) -> list[int]:
 def check_group_size(num_experts: int, n_keep: int, group_size: int) -> None:
     """N' groups of at most C members must hold all N experts (C = 0: no limit)."""
     if group_size < 0:
-        raise ValueError(f"group_size must be >= 0 (0 = each expert joins its nearest centroid), got {group_size}")
+        raise ConfigError(f"method.group_size must be >= 0 (0 = each expert joins its nearest centroid), "
+                          f"got {group_size}")
     if group_size and n_keep * group_size < num_experts:
-        raise ValueError(f"group_size={group_size}: {n_keep} groups of at most {group_size} experts cannot hold "
-                         f"{num_experts} experts; use group_size >= {-(-num_experts // n_keep)} or 0")
+        raise ConfigError(f"group_size={group_size}: {n_keep} groups of at most {group_size} experts cannot hold "
+                          f"{num_experts} experts; use method.group_size >= {-(-num_experts // n_keep)} or 0")
 
 
 def group_by_pseudo_pruning(saliency: torch.Tensor, distance: torch.Tensor, n_keep: int,
@@ -210,7 +212,7 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
     ("weights"); "both" sums them, "none" aligns nothing.
     """
     if mode not in ALIGN_MODES:
-        raise ValueError(f"align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
+        raise ConfigError(f"method.align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
     if mode == "none" or all(len(g) == 1 for g in groups):
         return {}
     use_act, use_w = mode in ("both", "activations"), mode in ("both", "weights")

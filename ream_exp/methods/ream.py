@@ -23,7 +23,7 @@ Similarity statistics can be estimated on `sim_tokens` sampled tokens; saliency 
 from __future__ import annotations
 
 from ..plan import Plan
-from .base import Context
+from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
 from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
                       merge_layer_plan, ream_distance)
@@ -39,15 +39,7 @@ CHOICES = dict(saliency=("reap", "freq"), saliency_form=("paper", "official"), a
 
 def settings(cfg: dict) -> dict:
     """The method config with defaults filled in and every choice checked."""
-    unknown = set(cfg) - set(DEFAULTS) - {"name"}
-    if unknown:
-        raise ValueError(f"unknown REAM setting(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "name"}}
-    for key, valid in CHOICES.items():
-        if s[key] not in valid:
-            raise ValueError(f"method.{key}={s[key]!r}; valid: {', '.join(valid)}")
-    s["group_size"] = int(s["group_size"])
-    return s
+    return method_settings(cfg, DEFAULTS, CHOICES, "REAM")
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:

@@ -1,0 +1,112 @@
+"""The checkpoint's safetensors files, checked from their headers before anything is loaded.
+
+    check_weight_files(model_cfg)     # ConfigError naming the file, else None
+
+A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets: [begin, end]}} (plus an optional `__metadata__`), then the tensor bytes; offsets count from
+the end of the header. A truncated download or a file of another format fails one of these checks,
+read from the first bytes and the file size only. A sharded checkpoint's model.safetensors.index.json
+must name shards that exist. Hub ids are checked where their files are already in the local hub cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from .config import ConfigError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "E8M0": 8, "U16": 16, "I16": 16,
+        "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64,
+        "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def check_safetensors(path: Path) -> None:
+    """Header length, JSON header, and every tensor's offsets and size against the file's size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConfigError(f"weight file {path} is not a safetensors file: {size} bytes, shorter than its header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER, size - 8):
+            raise ConfigError(f"weight file {path} is truncated or not a safetensors file: header length "
+                              f"{header_len} bytes, file size {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"weight file {path} is not a safetensors file: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"weight file {path} is not a safetensors file: its header is not a JSON object")
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        if name != "__metadata__":
+            _check_tensor(path, name, info, data_size)
+
+
+def _check_tensor(path: Path, name: str, info, data_size: int) -> None:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ConfigError(f"weight file {path}: tensor {name!r} has no dtype/shape/data_offsets "
+                          "in the header") from None
+    if not 0 <= begin <= end <= data_size:
+        raise ConfigError(f"weight file {path} is truncated: tensor {name!r} lies at bytes {begin}..{end} of the "
+                          f"data, but the file holds only {data_size} data bytes")
+    bits = BITS.get(dtype)
+    if bits is not None and (end - begin) * 8 != math.prod(shape) * bits:
+        raise ConfigError(f"weight file {path}: tensor {name!r} ({dtype} {shape}) needs "
+                          f"{math.prod(shape) * bits // 8} bytes, but its data_offsets span {end - begin}")
+
+
+def _shards(directory: Path) -> list[Path]:
+    """The weight files a checkpoint directory loads from; [] when it has no safetensors weights."""
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{index} is not a safetensors index (no weight_map: {exc})") from None
+        shards = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:
+            raise ConfigError(f"{index} names weight file(s) that do not exist: {', '.join(missing)}")
+        return shards
+    return [directory / SINGLE] if (directory / SINGLE).is_file() else []
+
+
+def _cached_hub_shards(repo_id: str, revision: str | None) -> list[Path]:
+    """The safetensors files of a hub model already in the local hub cache (the rest is not read yet)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for filename in (INDEX, SINGLE):
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(cached, str):
+            found.append(Path(cached))
+    if not found:
+        return []
+    if found[0].name == INDEX:  # only the shards that are cached; from_pretrained fetches the others
+        weight_map = json.loads(found[0].read_text()).get("weight_map", {})
+        paths = (try_to_load_from_cache(repo_id, name, revision=revision) for name in sorted(set(weight_map.values())))
+        return [Path(p) for p in paths if isinstance(p, str)]
+    return found
+
+
+def check_weight_files(model_cfg) -> None:
+    """Every safetensors file the model would load, checked from its header (before any weights load)."""
+    path = Path(str(model_cfg.path)).expanduser()
+    if path.is_dir():
+        shards = _shards(path)
+    else:
+        try:
+            shards = _cached_hub_shards(str(model_cfg.path), model_cfg.get("revision"))
+        except (ValueError, OSError):  # not a valid repo id, or an unreadable cache: from_pretrained will say
+            shards = []
+    for shard in shards:
+        check_safetensors(shard)
