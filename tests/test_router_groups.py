@@ -13,11 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV3Config
 
+import ream_exp.pipeline as pipeline
 from ream_exp.config import check_expert_counts
 from ream_exp.methods import Context, get_method, top_experts
 from ream_exp.moe import apply_plan, moe_layers
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.plan import LayerPlan, Plan
+from ream_exp.run import validate
+from tests.test_config import make_cfg
 from tests.tolerances import assert_f32_close
 
 N, GROUPS = 16, 2
@@ -169,3 +172,12 @@ def test_ratios_that_break_the_router_groups_are_refused_before_loading():
     with pytest.raises(ValueError, match=r"topk_group=1 groups .* hold 2 < top_k=4"):
         check_expert_counts(DeepseekV3Config(n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                                              topk_group=1), 0.5)
+
+
+def test_run_refuses_such_a_ratio_before_loading_the_model(tmp_path, monkeypatch):
+    _v3_config(vocab_size=112).save_pretrained(tmp_path)  # config.json alone: no weights to load
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded despite bad ratio"))
+    cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=random", "ratio=0.125", "eval=none",
+                   "logger=none")
+    with pytest.raises(ValueError, match=r"ratio=0\.125 .*n_group=4"):
+        validate(cfg)

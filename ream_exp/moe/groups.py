@@ -13,7 +13,7 @@ its two best experts, so each group must keep at least two (`Family.group_score_
 
     within_router_groups(N, N', n_group, choose)   what each group keeps, chosen by choose(members, k)
     router_group_problem(...)                       why N -> N' would break the routing (None: it would not)
-    check_router_groups(model_config, ratio, N, N') the same from config.json, before any weights load
+    router_group_refusal(model_config, ratio, N, N') the same from config.json, before any weights load
 """
 
 from __future__ import annotations
@@ -106,15 +106,16 @@ def _allowed_ratios(num_experts: int, n_groups: int, topk_group: int, top_k: int
             f"({', '.join(shown)})")
 
 
-def check_router_groups(model_config, ratio: float, num_experts: int, n_keep: int) -> None:
-    """Raise (one line, from config.json alone) when keeping n_keep experts would break the routing."""
+def router_group_refusal(model_config, ratio: float, num_experts: int, n_keep: int) -> str | None:
+    """The one-line refusal (from config.json alone) when keeping n_keep experts would break the
+    routing, or None; config.check_expert_counts raises it before any weights load."""
     family = family_for(model_config.model_type)
     n_groups = router_groups(model_config, family)
     topk_group, top_k = int(getattr(model_config, "topk_group", 1) or 1), int(model_config.num_experts_per_tok)
     limits = (n_groups, topk_group, top_k, family.group_score_experts)
     problem = router_group_problem(num_experts, n_keep, *limits)
-    if problem is not None:
-        raise ValueError(f"ratio={ratio} keeps {n_keep} of N={num_experts} experts, but the group-limited router "
-                         f"(n_group={n_groups}, topk_group={topk_group}, top_k={top_k}) keeps each group's "
-                         f"own N'/n_group experts: {problem}; allowed ratios: "
-                         f"{_allowed_ratios(num_experts, *limits)}")
+    if problem is None:
+        return None
+    return (f"ratio={ratio} keeps {n_keep} of N={num_experts} experts, but the group-limited router "
+            f"(n_group={n_groups}, topk_group={topk_group}, top_k={top_k}) keeps each group's own N'/n_group "
+            f"experts: {problem}; allowed ratios: {_allowed_ratios(num_experts, *limits)}")
