@@ -106,8 +106,10 @@ def check_cache_dir(cache_dir) -> None:
 
 
 def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
-    """N' = N - round(N * ratio) must keep at least top_k experts (SPEC 1)."""
+    """N' = N - round(N * ratio) must keep at least top_k experts (SPEC 1), and a group-limited router's
+    groups (moe/groups.py)."""
     from .moe import family_for
+    from .moe.groups import router_group_refusal
     from .plan import experts_to_keep
 
     try:
@@ -124,4 +126,7 @@ def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
     if n_keep < k:
         raise ConfigError(f"ratio={ratio} keeps {n_keep} of {n} experts, fewer than top_k={k}; "
                           f"the largest ratio allowed here is {(n - k) / n:.4f}")
+    refusal = router_group_refusal(model_config, ratio, n, n_keep)
+    if refusal is not None:
+        raise ConfigError(refusal)
     return n, n_keep

@@ -111,11 +111,13 @@ def test_shared_experts_and_dense_layers_untouched():
             assert torch.equal(after[n], p), n
 
 
-def test_group_limited_routing_collapses_with_warning():
+def test_group_limited_routing_survives_balanced_removal():
+    """Three of each router group's four experts kept, in group order: n_group and topk_group stay
+    (tests/test_router_groups.py has the logits, the methods and the refusals)."""
     model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
-    with pytest.warns(UserWarning, match="n_group"):
-        apply_plan(model, _plan(model, lambda l: [0, 1, 2, 5, 6, 7]))
-    assert model.config.n_group == 1 and model.config.topk_group == 1
+    apply_plan(model, _plan(model, lambda l: [0, 1, 2, 5, 6, 7]))
+    assert model.config.n_group == 2 and model.config.topk_group == 1
+    assert all(l.router.num_group == 2 and l.num_experts == 6 for l in moe_layers(model))
     ids, mask = tiny_batch()
     assert torch.isfinite(_logits(model, ids, mask)).all()
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..calib import calibration_batches
 from ..config import ConfigError, require_number, shown
-from ..moe import MoELayer, moe_layers
+from ..moe import MoELayer, moe_layers, within_router_groups
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
@@ -79,19 +79,26 @@ def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, labe
     return s
 
 
-def top_experts(score: torch.Tensor, n_keep: int) -> list[int]:
-    """Indices of the n_keep highest scores (ties: lower index first), returned in ascending order."""
-    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
-    return sorted(order[:n_keep])
+def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1) -> list[int]:
+    """Indices of the n_keep highest scores (ties: lower index first), returned in ascending order.
+
+    With a group-limited router (router_groups = n_group > 1) each router group keeps its own
+    n_keep / n_group highest, so the same number is pruned from every group (moe/groups.py)."""
+    def best(members: list[int], k: int) -> list[int]:
+        return sorted(members, key=lambda i: (-float(score[i]), i))[:k]
+
+    return within_router_groups(len(score), n_keep, router_groups, best)
 
 
 def prune_plan(ctx: Context, score_name: str) -> Plan:
-    """Per layer, drop the N - N' experts with the lowest `score_name` saliency (SPEC 3)."""
+    """Per layer, drop the N - N' experts with the lowest `score_name` saliency (SPEC 3), the same number
+    from each router group of a group-limited router."""
     stats = ctx.stats()
     layers = []
     for layer in ctx.layers:
         s = stats[layer.index]
         score = s.score(score_name)
-        layers.append(LayerPlan(layer.index, layer.num_experts, top_experts(score, ctx.n_keep(layer)),
+        keep = top_experts(score, ctx.n_keep(layer), layer.router_groups)
+        layers.append(LayerPlan(layer.index, layer.num_experts, keep,
                                 saliency=score.tolist(), scores=s.to_dict()))
     return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)

@@ -5,6 +5,7 @@ Per MoE layer:
     clusters  = average-linkage agglomerative clustering of f on Euclidean distance, into N' clusters
     centroid  = the member closest to its cluster's mean feature (its router row is kept)
     W_c       = sum_j freq_j / sum(freq) P_j(W_j), P_j aligning neurons on activations (SPEC 4.4)
+A group-limited router's groups are clustered one at a time (N'/n_group clusters each).
 Non-sequential by default, as HC-SMoE observes the original model (`method.sequential` switches it).
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 from ..plan import Plan
 from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
-from .merging import ALIGN_MODES, align_groups, average_linkage, closest_to_mean, merge_layer_plan
+from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
+                      merge_layer_plan)
 
 NEEDS_CALIBRATION = True
 
@@ -31,14 +33,19 @@ def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     settings(cfg)
 
 
+def centred_clusters(features, n_clusters: int) -> list[list[int]]:
+    """Average-linkage clusters of the experts' features, each led by its member closest to the mean."""
+    groups = []
+    for cluster in average_linkage(features, n_clusters):
+        rep = closest_to_mean(features, cluster)
+        groups.append([rep] + [j for j in cluster if j != rep])
+    return groups
+
+
 def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
     features = obs.mean_outputs
     with timings("group"):
-        clusters = average_linkage(features, n_keep)
-        groups = []
-        for cluster in clusters:
-            rep = closest_to_mean(features, cluster)
-            groups.append([rep] + [j for j in cluster if j != rep])
+        groups = groups_per_router_group(layer, n_keep, lambda m, k: centred_clusters(features[m], k))
     with timings("align"):
         perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})

@@ -8,7 +8,8 @@ Per MoE layer:
                 (maximise sum_p <[gate|up|down]_c[p], [gate|up|down]_j[P p]>)
     W_c       = sum_j freq_j / sum(freq) P_j(W_j)
 MC-SMoE allots dominant experts non-uniformly across layers; here every layer keeps N' (as in REAM's
-comparison). Non-sequential by default (`method.sequential` switches it).
+comparison). A group-limited router's groups each get N'/n_group dominant experts and merge only their
+own experts. Non-sequential by default (`method.sequential` switches it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from ..plan import Plan
 from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
-from .merging import group_by_pseudo_pruning, logit_cosine, merge_layer_plan, weight_matching
+from .merging import group_by_pseudo_pruning, groups_per_router_group, logit_cosine, merge_layer_plan, weight_matching
 
 NEEDS_CALIBRATION = True
 
@@ -36,7 +37,9 @@ def check(cfg: dict, num_experts: int, n_keep: int) -> None:
 def plan_layer(layer, obs, n_keep: int, timings: Timings):
     freq = obs.freq
     with timings("group"):
-        groups = group_by_pseudo_pruning(freq, 1 - logit_cosine(obs.logit_gram), n_keep, 0)
+        distance = 1 - logit_cosine(obs.logit_gram)
+        groups = groups_per_router_group(layer, n_keep, lambda m, k: group_by_pseudo_pruning(
+            freq[m], distance[m][:, m], k, 0))
     with timings("align"):
         perms = weight_matching(layer, groups)
     return merge_layer_plan(layer, groups, freq, perms, freq, {"freq": freq.tolist()})

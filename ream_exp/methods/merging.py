@@ -7,6 +7,7 @@ Each function is one formula of SPEC 4 / 5 and works on one MoE layer:
     ream_distance(means, gram, gate_output)         1 - (delta_E + delta_g) / 2                    (4.2)
     group_by_pseudo_pruning(S, dist, N', C)         centroids = top-N', greedy groups of size C    (4.3)
     average_linkage(features, N')                   HC-SMoE's clustering                           (5)
+    groups_per_router_group(layer, N', form)        any grouping above, within each router group
     align_groups(layer, groups, x, mode)            neuron permutations by linear_sum_assignment   (4.4)
     merge_layer_plan(...)                           the LayerPlan: groups, weights, perms          (4.5)
 """
@@ -20,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..config import ConfigError
 from ..moe import MoELayer, canonical_weights, expert_hidden
+from ..moe.groups import group_members, per_group
 from ..plan import LayerPlan
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
@@ -124,6 +126,17 @@ def group_by_pseudo_pruning(saliency: torch.Tensor, distance: torch.Tensor, n_ke
         groups[c] += take
         left -= set(take)
     return [groups[c] for c in centroids]
+
+
+def groups_per_router_group(layer: MoELayer, n_keep: int, form) -> list[list[int]]:
+    """Merge groups that never leave a router group: `form(members, k)` groups one router group's experts
+    (members: their indices, to index the layer's statistics with) into k = N'/n_group groups, given as
+    positions in members. A layer without a group-limited router is one group of all its experts."""
+    groups = []
+    for members in group_members(layer.num_experts, layer.router_groups):
+        local = form(members, per_group(n_keep, layer.router_groups))
+        groups += [[members[i] for i in group] for group in local]
+    return groups
 
 
 # ---- HC-SMoE clustering (5) --------------------------------------------------------------------------

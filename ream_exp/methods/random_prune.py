@@ -1,7 +1,11 @@
-"""`method=random`: drop N - N' experts chosen uniformly at random per layer (seeded), a sanity floor."""
+"""`method=random`: drop N - N' experts chosen uniformly at random per layer (seeded), a sanity floor.
+
+A group-limited router's groups each drop (N - N') / n_group of their own experts, drawn the same way.
+"""
 
 import torch
 
+from ..moe import within_router_groups
 from ..plan import LayerPlan, Plan
 from .base import Context
 
@@ -10,8 +14,12 @@ NEEDS_CALIBRATION = False
 
 def plan(ctx: Context) -> Plan:
     gen = torch.Generator().manual_seed(int(ctx.cfg.get("seed", ctx.seed)))
+
+    def draw(members: list[int], k: int) -> list[int]:  # one layer has a single group unless group-limited
+        return [members[i] for i in torch.randperm(len(members), generator=gen)[:k].tolist()]
+
     layers = []
     for layer in ctx.layers:
-        keep = sorted(torch.randperm(layer.num_experts, generator=gen)[: ctx.n_keep(layer)].tolist())
+        keep = within_router_groups(layer.num_experts, ctx.n_keep(layer), layer.router_groups, draw)
         layers.append(LayerPlan(layer.index, layer.num_experts, keep))
     return Plan("random", ctx.ratio, layers)

@@ -12,7 +12,8 @@ and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE
     delta_g  = 1 - d / max d,  d = distance of the L2-normalised router-logit columns (gate_output)
     distance = 1 - (delta_E + delta_g) / 2
     groups   = pseudo-pruning: centroids = top-N' by S; each, in descending S, takes its nearest
-               unassigned non-centroids until it has C = group_size members (0: nearest centroid)
+               unassigned non-centroids until it has C = group_size members (0: nearest centroid);
+               with a group-limited router, inside each router group (N'/n_group centroids each)
     P_j      = linear_sum_assignment(cdist(activations) + cdist(PCA weight features))   (align)
     W_c      = sum_j S_j / sum(S) P_j(W_j) in float32; the centroid's router row is kept.
 
@@ -26,7 +27,7 @@ from ..plan import Plan
 from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
 from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
-                      merge_layer_plan, ream_distance)
+                      groups_per_router_group, merge_layer_plan, ream_distance)
 
 NEEDS_CALIBRATION = True
 
@@ -59,7 +60,8 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
     score = floor_zero_saliency(saliency(obs, s))
     with timings("group"):
         distance = ream_distance(obs.mean_outputs, obs.logit_gram, bool(s["gate_output"]))
-        groups = group_by_pseudo_pruning(score, distance, n_keep, s["group_size"])
+        groups = groups_per_router_group(layer, n_keep, lambda m, k: group_by_pseudo_pruning(
+            score[m], distance[m][:, m], k, s["group_size"]))
     with timings("align"):
         perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),

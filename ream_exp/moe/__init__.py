@@ -12,11 +12,12 @@ from .layers import (
     router_probs,
     write_canonical_weights,
 )
+from .groups import router_groups, within_router_groups
 from .surgery import apply_layer_plan, apply_plan, keep_experts, merge_group, update_expert_counts
 
 __all__ = [
     "FAMILIES", "Family", "family_for", "supported_model_types", "MoELayer", "canonical_weights",
     "decoder_layers", "expert_hidden", "expert_output", "experts_hidden", "moe_layers", "router_probs",
     "write_canonical_weights", "apply_layer_plan", "apply_plan", "keep_experts", "merge_group",
-    "update_expert_counts",
+    "update_expert_counts", "router_groups", "within_router_groups",
 ]

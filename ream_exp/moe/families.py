@@ -7,6 +7,7 @@ Everything that differs between families is written down here, once:
 - where the sparse block lives in a decoder layer and what its router is called;
 - which config key holds the expert count;
 - how the router turns logits into the probabilities sigma(x) (softmax or sigmoid);
+- whether the router is group-limited (n_group) and how it scores a group;
 - how the fused expert tensors are laid out (concatenated or interleaved gate/up, transposed or not).
 """
 
@@ -22,6 +23,9 @@ class Family:
     count_key: str                  # config key of the routed-expert count
     router_attr: str = "gate"       # attribute of the sparse block holding the router
     scoring: str = "softmax"        # how sigma(x) comes from the router logits: softmax | sigmoid
+    # Group-limited routers (n_group > 1, see moe/groups.py): how many of a router group's best experts
+    # make up the group's score, so each group must keep at least that many; 0 = no group-limited router.
+    group_score_experts: int = 0
     # Router tensors indexed by expert besides `.weight` (router bias, e_score_correction_bias) need no
     # entry here: surgery slices every router/experts tensor whose first dim is the expert count.
     # Shared (always-on) experts are separate modules of the block and are never touched.
@@ -35,14 +39,14 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", ("mixtral",), "num_local_experts"),
         Family("olmoe", ("olmoe",), "num_experts"),
         # sigmoid router with e_score_correction_bias and n_group; + shared_experts
-        Family("deepseek_v3", ("deepseek_v3",), "n_routed_experts", scoring="sigmoid"),
+        Family("deepseek_v3", ("deepseek_v3",), "n_routed_experts", scoring="sigmoid", group_score_experts=2),
         Family("gpt_oss", ("gpt_oss",), "num_local_experts", router_attr="router"),  # router bias
         # Qwen3-Next: Qwen2-MoE's block (softmax router, gated shared expert) between linear-attention layers.
         Family("qwen3_next", ("qwen3_next",), "num_experts"),
         # GLM-4.5 / 4.5-Air: DeepSeek-V3's router (sigmoid + e_score_correction_bias, n_group), shared experts.
-        Family("glm4_moe", ("glm4_moe",), "n_routed_experts", scoring="sigmoid"),
+        Family("glm4_moe", ("glm4_moe",), "n_routed_experts", scoring="sigmoid", group_score_experts=2),
         # DeepSeek-V2(-Lite): softmax router (greedy or group-limited top-k), shared experts.
-        Family("deepseek_v2", ("deepseek_v2",), "n_routed_experts"),
+        Family("deepseek_v2", ("deepseek_v2",), "n_routed_experts", group_score_experts=1),  # group max
     )
 }
 

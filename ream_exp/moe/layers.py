@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import Family, family_for
+from .groups import router_groups
 
 
 @dataclass
@@ -34,6 +35,11 @@ class MoELayer:
     @property
     def num_experts(self) -> int:
         return self.router.weight.shape[0]
+
+    @property
+    def router_groups(self) -> int:
+        """n_group of a group-limited router (experts in n_group contiguous blocks), else 1."""
+        return router_groups(self.router, self.family)
 
     @property
     def top_k(self) -> int:

@@ -3,17 +3,17 @@
 Removing experts slices every tensor indexed by expert (fused expert weights and biases, router rows,
 router bias, DeepSeek-V3's e_score_correction_bias) and updates every expert count (config, router,
 experts module, the causal-LM wrapper), so `save_pretrained` writes a checkpoint that stock
-transformers reloads with N' experts.
+transformers reloads with N' experts. Group-limited routers keep n_group and topk_group: plans keep
+N'/n_group experts of each router group, in group order (moe/groups.py), and surgery refuses any other.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
 
 from ..plan import LayerPlan, Plan
+from .groups import grouped_keep_problem, router_group_problem
 from .layers import MoELayer, canonical_weights, moe_layers, write_canonical_weights
 from .offload import materialised
 
@@ -29,19 +29,38 @@ def _slice_expert_dim(module: nn.Module, keep: torch.Tensor, n: int) -> None:
 
 
 def keep_experts(layer: MoELayer, keep: list[int]) -> None:
-    """Keep only experts `keep` (in that order) in this layer's experts module and router."""
+    """Keep only experts `keep` (in that order) in this layer's experts module and router.
+
+    A group-limited router keeps n_group and topk_group: `keep` must leave each router group N'/n_group
+    of its own experts, in group order (see moe/groups.py), else this raises before changing anything."""
     n = layer.num_experts
+    check_router_groups_kept(layer, keep)
     idx = torch.as_tensor(keep, dtype=torch.long, device=layer.router.weight.device)
     for module in (layer.experts, layer.router):
         _slice_expert_dim(module, idx, n)
         if hasattr(module, "num_experts"):
             module.num_experts = len(keep)
-    if getattr(layer.router, "num_group", 1) > 1 and len(keep) != n:
-        # Group-limited routing splits experts into n_group equal contiguous blocks; once experts chosen
-        # per layer are gone those blocks no longer exist, so this layer routes over all experts.
-        warnings.warn(f"layer {layer.index}: n_group={layer.router.num_group} group-limited routing cannot "
-                      "survive expert removal; routing over all experts (n_group=1, topk_group=1)")
-        layer.router.num_group, layer.router.topk_group = 1, 1
+
+
+def _router_group_problem(layer: MoELayer, keep: list[int], groups: list[list[int]]) -> str | None:
+    size = layer.num_experts // layer.router_groups
+    for group in groups:
+        if len({e // size for e in group}) > 1:
+            return f"merge group {group} spans router groups of {size} experts"
+    return grouped_keep_problem(keep, layer.num_experts, layer.router_groups) or router_group_problem(
+        layer.num_experts, len(keep), layer.router_groups, int(layer.router.topk_group), layer.top_k,
+        layer.family.group_score_experts)
+
+
+def check_router_groups_kept(layer: MoELayer, keep: list[int], groups: list[list[int]] = ()) -> None:
+    """Raise when `keep` or a merge group would break the layer's group-limited routing (a plan made
+    without the router's groups); a no-op for other routers."""
+    if layer.router_groups == 1:
+        return
+    problem = _router_group_problem(layer, keep, groups)
+    if problem is not None:
+        raise ValueError(f"layer {layer.index}: the plan keeps experts {keep} of {layer.num_experts}, which breaks "
+                         f"group-limited routing (n_group={layer.router_groups}): {problem}")
 
 
 @torch.no_grad()
@@ -75,6 +94,7 @@ def apply_layer_plan(layer: MoELayer, lp: LayerPlan) -> None:
     merges = [(g, w) for g, w in pairs if len(g) > 1]
     slices = len(lp.keep) != lp.num_experts or lp.keep != sorted(lp.keep)
     if merges or slices:
+        check_router_groups_kept(layer, lp.keep, [g for g, _ in merges])  # before any weight changes
         with materialised([layer.experts, layer.router], write_back=True):
             for group, weights in merges:
                 merge_group(layer, group, weights, lp.perms)
@@ -88,8 +108,6 @@ def update_expert_counts(model: nn.Module, n: int) -> None:
     layers = moe_layers(model)
     cfg = model.config
     setattr(cfg, layers[0].family.count_key, n)
-    if getattr(cfg, "n_group", None) and all(getattr(l.router, "num_group", 1) == 1 for l in layers):
-        cfg.n_group, cfg.topk_group = 1, 1  # the routers already fell back (keep_experts); say so in config
     if hasattr(model, "num_experts"):
         model.num_experts = n
 
