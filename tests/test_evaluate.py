@@ -290,6 +290,23 @@ def test_paper_suite_is_mc_plus_gen_and_composes():
             assert cfg.eval.name == name and list(cfg.eval.tasks) == load[name]["tasks"]
 
 
+def test_gen_suite_is_the_papers_six_tasks_with_code_run_contained():
+    """SPEC 8: GEN = ifeval, aime25, gsm8k, gpqa_diamond (5-shot), humaneval, livecodebench v6; the two
+    code-executing ones are ream-exp's tasks, scored by sandbox.contained hooks."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from ream_exp.sandbox import is_contained
+
+    gen = yaml.safe_load((CONF_EVAL / "gen.yaml").read_text())
+    assert gen["tasks"] == ["ifeval", "aime25", "gsm8k", "gpqa_diamond_generative_n_shot", "humaneval", "livecodebench"]
+    assert gen["num_fewshot"] == {name: 5 if name.startswith("gpqa") else 0 for name in gen["tasks"]}
+    index = ev._task_manager(None).task_index
+    for name in ("humaneval", "livecodebench"):
+        config = load_yaml(index[name].yaml_path, resolve_func=True)
+        hooks = [config.get("process_results")] + [m["metric"] for m in config["metric_list"]]
+        assert config["unsafe_code"] and any(callable(h) and is_contained(h) for h in hooks)
+
+
 def test_summarise_handles_one_side_only():
     only_mc = ev.summarise({"a": {"score": 0.25, "kind": "mc"}, "b": {"score": 0.75, "kind": "mc"}})
     assert only_mc["mc"] == 0.5 and only_mc["gen"] is None and only_mc["avg"] == 0.5
