@@ -13,11 +13,12 @@ from __future__ import annotations
 from ..plan import Plan
 from .base import Context
 from .layerwise import Needs, Timings, run_layerwise
-from .merging import align_groups, average_linkage, closest_to_mean, merge_layer_plan
+from .merging import align_groups, average_linkage, closest_to_mean, merge_layer_plan, pca_seed
 
 NEEDS_CALIBRATION = True
 
-DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64)
+# pca_seed: seed of the PCA used when align is both | weights (null: the run seed), as in REAM.
+DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None)
 
 
 def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
@@ -29,7 +30,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
             rep = closest_to_mean(features, cluster)
             groups.append([rep] + [j for j in cluster if j != rep])
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed))
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
 
 
