@@ -171,8 +171,11 @@ def _body(block: dict, config: dict, scores: dict | None, baseline: dict | None)
     if calib:
         made.append(f"- calibration: `{calib.get('name')}`, mix {calib.get('mix')}, n {calib.get('n')}, "
                     f"seq_len {calib.get('seq_len')}, seed {calib.get('seed')}")
-    made.append(f"- ream-exp {block['ream_exp']['version']}, commit {block['ream_exp']['commit']}")
-    text = [f"# {Path(str(base)).name} with {block['method']} at ratio {block['ratio']}", "",
+    code = block["ream_exp"]
+    made.append(f"- ream-exp {code['version']}, commit {code['commit']}"
+                + (" (with uncommitted changes)" if code.get("dirty") else ""))
+    name = hub_id(base) or (block["base_model"]["name"] if block["base_model"]["name"] != "local" else None)
+    text = [f"# {Path(name or str(base)).name} with {block['method']} at ratio {block['ratio']}", "",
             "Compressed with ream-exp by "
             + ("merging" if block["kind"] == "merging" else "removing") + " routed experts; the router and every "
             "other weight are the base model's. Every setting is in config.json's `compression` block and "
