@@ -90,7 +90,8 @@ def check_family(family: str, python: Path, workdir: Path) -> dict:
     out = compare_stacks(compressed_checkpoint(family, workdir), python, workdir)
     legacy, saved = out["legacy"], out["saved"]
     n = saved["compression"]["experts_per_layer"]["after"]
-    counts = {k: v for k, v in legacy["config"].items() if k in ("num_experts", "num_local_experts", "n_routed_experts")}
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    counts = {k: v for k, v in legacy["config"].items() if k in names}
     assert counts and set(counts.values()) == {n}, f"{family}: transformers 4.57 reads expert counts {counts}, not {n}"
     assert legacy["config"]["rope_theta"] == saved["rope_parameters"]["rope_theta"] == ROPE_THETA, family
     # the same float32 model in two implementations (per-expert loop vs fused): float32 rounding apart
