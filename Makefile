@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test mutate bench clean-venv
+.PHONY: setup demo test mutate bench bench-legacy clean-venv
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ mutate: setup
 
 bench: setup
 	$(BIN)/python -m ream_exp.bench observe
+
+# Checkpoints load in transformers 4.57: builds that environment once (outputs/.cache/tf457-venv), then checks
+bench-legacy: setup
+	$(BIN)/python -m ream_exp.bench_legacy
 
 clean-venv:
 	rm -rf $(VENV)

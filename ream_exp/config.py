@@ -49,19 +49,31 @@ def require_positive_int(setting: str, value, meaning: str) -> int:
 
 
 
-def group_size_for(table, ratio, default):
-    """REAM's group size C for this ratio from a model's {ratio: C} table (model.group_size), else default."""
+def group_size_for(table, ratio, default=None):
+    """REAM's group size C for this ratio from a model's {ratio: C} table (model.group_size), else default.
+
+    default None leaves C to `rule_group_size`, applied once the model's expert count N is known.
+    """
+    default = None if default is None else int(default)
     if table is None:
-        return int(default)
+        return default
     by_ratio = {float(k): int(v) for k, v in table.items()}
-    return by_ratio.get(float(ratio), int(default))
+    return by_ratio.get(float(ratio), default)
+
+
+def rule_group_size(num_experts: int, n_keep: int) -> int:
+    """The paper's rule C = max(2, ceil((N - N') / 2)), raised to ceil(N / N') where N' groups of C
+    could not hold all N experts (only at extreme ratios: 8 -> 2 gives 3, raised to 4)."""
+    rule = max(2, -(-(num_experts - n_keep) // 2))
+    return max(rule, -(-num_experts // max(n_keep, 1)))
 
 
 if not OmegaConf.has_resolver("pkg"):
     # ${pkg:toy/checkpoint} -> absolute path inside the installed ream_exp package
     OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
 if not OmegaConf.has_resolver("group_size"):
-    # ${group_size:${oc.select:model.group_size,null},${ratio},16} -> the paper's C for this model and ratio
+    # ${group_size:${oc.select:model.group_size,null},${ratio},null} -> the paper's C for this model and
+    # ratio, or null (then C follows rule_group_size from the model's N and N')
     OmegaConf.register_new_resolver("group_size", group_size_for)
 
 

@@ -52,20 +52,61 @@ class Plan:
         for layer in d["layers"]:
             layer.pop("perms")
             layer.pop("applied")
+        if self._perms():
+            d["perms_file"] = PERMS_FILE  # so a plan.json whose permutations went missing is refused
         return d
 
-    def save(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / "plan.json"
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        perms = {lp.layer: lp.perms for lp in self.layers if lp.perms}
-        if perms:
-            import torch
+    def _perms(self) -> dict[int, dict[int, list[int]]]:
+        return {lp.layer: lp.perms for lp in self.layers if lp.perms}
 
-            torch.save(perms, Path(run_dir) / "plan_perms.pt")
+    def save(self, run_dir: str | Path) -> Path:
+        """plan.json, and plan_perms.pt beside it when the plan aligns neurons (both written atomically)."""
+        from .atomic import atomic_torch_save, atomic_write
+
+        path = Path(run_dir) / "plan.json"
+        perms = self._perms()
+        if perms:  # the permutations first: a plan.json that names them never exists without them
+            atomic_torch_save(perms, Path(run_dir) / PERMS_FILE)
+        text = json.dumps(self.to_dict(), indent=1).encode()
+        atomic_write(path, lambda f: f.write(text))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        d = json.loads(Path(path).read_text())
+        """plan.json and, when it names one, its permutations file beside it (refused if missing)."""
+        path = Path(path)
+        d = json.loads(path.read_text())
+        named = d.pop("perms_file", None)
+        perms_path = path.parent / (named or PERMS_FILE)
+        # older plan.json files do not name their permutations file: take it when it lies beside them
+        perms = _load_perms(perms_path) if named or perms_path.exists() else {}
         layers = [LayerPlan(**lp) for lp in d.pop("layers")]
+        for lp in layers:
+            lp.perms = perms.pop(lp.layer, None)
+            _check_perms(lp)
+        if perms:
+            raise ValueError(f"{perms_path} has permutations for layers {sorted(perms)} "
+                             f"that {path} does not plan")
         return cls(layers=layers, **d)
+
+
+PERMS_FILE = "plan_perms.pt"
+
+
+def _load_perms(path: Path) -> dict[int, dict[int, list[int]]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent / 'plan.json'} merges with neuron permutations, but {path} is "
+                                "missing; copy it next to plan.json (a plan without them would merge unaligned)")
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def _check_perms(lp: LayerPlan) -> None:
+    """Every permutation belongs to a non-centroid member of this layer's groups."""
+    if not lp.perms:
+        return
+    members = {j for g in (lp.groups or []) for j in g[1:]}
+    stray = sorted(set(lp.perms) - members)
+    if stray:
+        raise ValueError(f"layer {lp.layer}: permutations for experts {stray}, which no group merges")

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import PACKAGE_DIR
 from .calib import calibration_datasets, validate_calib
 from .calib.cache import cached_calibration
+from .checkpoint import save_checkpoint, write_model_card
 from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_ratio, check_seed
 from .dataset_check import check_datasets
 from .methods import Context, get_method
@@ -223,10 +224,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
     plan.save(run_dir)
     logger.log_plan(run_dir / "plan.json")
 
-    if cfg.save:
+    if cfg.save:  # weights, tokenizer, plan, provenance and legacy keys in config.json, model card
         with timer("save"):
-            model.save_pretrained(run_dir / "checkpoint")
-            tokenizer.save_pretrained(run_dir / "checkpoint")
+            save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before)
     with timer("evaluate"):
         scores = _evaluate(model, tokenizer, cfg, run_dir / "checkpoint" if cfg.save else None)
 
@@ -245,6 +245,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
         "baseline": baseline,
         "timings": timer.seconds,
     }
+    if cfg.save:
+        write_model_card(run_dir / "checkpoint", scores, baseline)  # now with the scores
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics(metrics)
     rows = {"uncompressed": baseline} if baseline else {}

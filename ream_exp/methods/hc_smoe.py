@@ -15,11 +15,12 @@ from ..plan import Plan
 from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
 from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
-                      merge_layer_plan)
+                      merge_layer_plan, pca_seed)
 
 NEEDS_CALIBRATION = True
 
-DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64)
+# pca_seed: seed of the PCA used when align is both | weights (null: the run seed), as in REAM.
+DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None)
 CHOICES = dict(align=ALIGN_MODES)
 
 
@@ -47,7 +48,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
     with timings("group"):
         groups = groups_per_router_group(layer, n_keep, lambda m, k: centred_clusters(features[m], k))
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed))
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
 
 

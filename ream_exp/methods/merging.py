@@ -203,6 +203,16 @@ def pca_weight_features(layer: MoELayer, dim: int, seed: int) -> torch.Tensor:
     return z.reshape(n, i, q)
 
 
+def pca_seed(settings: dict, run_seed: int) -> int:
+    """The seed of the alignment PCA: method.pca_seed when set, else the run seed.
+
+    The official REAM code seeds this PCA with 0 whatever its --seed (ream_official sets pca_seed: 0), so
+    a seed sweep of that preset varies only what the official code varies: the sampled tokens.
+    """
+    seed = settings.get("pca_seed")
+    return int(run_seed if seed is None else seed)
+
+
 def activation_cost(a_c: torch.Tensor, a_j: torch.Tensor) -> torch.Tensor:
     """cdist between the neurons' activation rows (a^T [I, T]), each L2-normalised over tokens."""
     return torch.cdist(F.normalize(a_c.float().T, dim=1), F.normalize(a_j.float().T, dim=1))

@@ -15,6 +15,7 @@ and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE
                unassigned non-centroids until it has C = group_size members (0: nearest centroid);
                with a group-limited router, inside each router group (N'/n_group centroids each)
     P_j      = linear_sum_assignment(cdist(activations) + cdist(PCA weight features))   (align)
+               the randomised PCA is seeded with pca_seed (null: the run seed); token samples use the run seed
     W_c      = sum_j S_j / sum(S) P_j(W_j) in float32; the centroid's router row is kept.
 
 sequential=true (default) observes each layer on the outputs of the already-compressed layers.
@@ -23,17 +24,18 @@ Similarity statistics can be estimated on `sim_tokens` sampled tokens; saliency 
 
 from __future__ import annotations
 
+from ..config import rule_group_size
 from ..plan import Plan
 from .base import Context, method_settings
 from .layerwise import Needs, Timings, run_layerwise
 from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
-                      groups_per_router_group, merge_layer_plan, ream_distance)
+                      groups_per_router_group, merge_layer_plan, pca_seed, ream_distance)
 
 NEEDS_CALIBRATION = True
 
 DEFAULTS = dict(
     saliency="reap", saliency_form="paper", gated_sim=True, gate_output=True, group_size=16,
-    align="both", pca_dim=64, align_tokens=32768, sim_tokens=None, sequential=True,
+    align="both", pca_dim=64, pca_seed=None, align_tokens=32768, sim_tokens=None, sequential=True,
 )
 CHOICES = dict(saliency=("reap", "freq"), saliency_form=("paper", "official"), align=ALIGN_MODES)
 
@@ -43,9 +45,14 @@ def settings(cfg: dict) -> dict:
     return method_settings(cfg, DEFAULTS, CHOICES, "REAM")
 
 
+def group_size(s: dict, num_experts: int, n_keep: int) -> int:
+    """C as configured, or (method.group_size null: no model table, no override) the paper's rule."""
+    return rule_group_size(num_experts, n_keep) if s["group_size"] is None else s["group_size"]
+
+
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     """Settings and group size, checked from the model's config before any weights are loaded."""
-    check_group_size(num_experts, n_keep, settings(cfg)["group_size"])
+    check_group_size(num_experts, n_keep, group_size(settings(cfg), num_experts, n_keep))
 
 
 def saliency(obs, s: dict):
@@ -63,7 +70,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
         groups = groups_per_router_group(layer, n_keep, lambda m, k: group_by_pseudo_pruning(
             score[m], distance[m][:, m], k, s["group_size"]))
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), seed)
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed))
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
               "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
     return merge_layer_plan(layer, groups, score, perms, score, scores)
@@ -71,6 +78,8 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
 
 def plan(ctx: Context) -> Plan:
     s = settings(ctx.cfg)
+    first = ctx.layers[0]  # every MoE layer has the same N, so one C serves all (recorded in plan.info)
+    s["group_size"] = group_size(s, first.num_experts, ctx.n_keep(first))
     for layer in ctx.layers:  # reject an impossible C before any calibration runs
         check_group_size(layer.num_experts, ctx.n_keep(layer), s["group_size"])
     needs = Needs(dense="gated" if s["gated_sim"] else "plain", align=s["align"] in ("both", "activations"),
