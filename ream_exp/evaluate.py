@@ -17,7 +17,7 @@ Each suite's task set is recorded ("mc_tasks", "gen_tasks": the tasks it was mea
 means over different task sets are never compared unknowingly; a task of the set whose metric is
 missing makes that suite's mean (and AVG) None, with an error logged, never a mean over fewer tasks.
 
-Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval) run only with
+Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval, livecodebench) run only with
 allow_code_eval=true, and only when their scorer runs the code through ream_exp.sandbox
 (`sandbox.contained` hooks). lm-eval's own humaneval is replaced by ream_exp/code_tasks/humaneval.yaml,
 whose directory is always on the task search path; any other code-executing task is refused.
@@ -98,8 +98,54 @@ def check_tasks(cfg) -> list[str]:
         stray = [k for k in _mapping(cfg.get(key)) if k not in names]
         if stray:
             raise ConfigError(f"eval.{key} names task(s) {stray} that are not in eval.tasks")
+    if cfg.get("allow_code_eval"):
+        _check_code_tasks_contained(names, _task_manager(_include_path(cfg)).task_index)
     return names
 
+
+def _check_code_tasks_contained(names: list[str], index) -> None:
+    """Refuses, before any weights load, a code-executing task whose scoring hooks are not contained.
+
+    The task's YAML is read with its `!function` hooks resolved (lm-eval's own loader: it imports the
+    task's utils module, builds no dataset); `evaluate` checks the built tasks again.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from ream_exp.sandbox import is_contained
+
+    uncontained = []
+    for leaf in sorted({leaf for name in names for leaf in _leaf_names(index, name, set())}):
+        entry = index.get(leaf)
+        if entry is None or not (entry.cfg or {}).get("unsafe_code") or not getattr(entry, "yaml_path", None):
+            continue
+        cfg = load_yaml(entry.yaml_path, resolve_func=True)
+        hooks = [cfg.get("process_results")] + [m.get("metric") for m in cfg.get("metric_list") or []]
+        if not any(callable(h) and is_contained(h) for h in hooks):
+            uncontained.append(leaf)
+    if uncontained:
+        raise ConfigError(f"eval.tasks: {uncontained} execute model-written code outside ream_exp.sandbox; "
+                          f"with eval.allow_code_eval the code-executing tasks allowed are {CONTAINED_CODE_TASKS} "
+                          "(ream_exp/code_tasks/ holds the contained replacements of lm-eval tasks)")
+
+
+def _leaf_names(index, name: str, seen: set) -> list[str]:
+    """The leaf task names a task, group or tag name stands for (inline group members by the task they name)."""
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return []
+    seen.add(name)
+    kind = entry.kind.name
+    if kind == "TAG":
+        members = [other for other, e in index.items() if name in e.tags]
+    elif kind == "GROUP":
+        members = [m.get("task") if isinstance(m, dict) else m for m in (entry.cfg or {}).get("task") or []]
+    else:
+        return [name]
+    return [leaf for m in members if m for leaf in _leaf_names(index, str(m), seen)]
+
+
+# The code-executing tasks shipped with contained scoring (ream_exp.sandbox): named in refusals.
+CONTAINED_CODE_TASKS = "toy_code, humaneval and livecodebench"
 
 # dataset_path values that name a datasets builder of local files, not a hub dataset
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
@@ -294,9 +340,9 @@ def _check_contained(entries: list[Entry]) -> None:
     uncontained = sorted({t.task_name for e in entries for t in e.leaves
                           if getattr(t, "UNSAFE_CODE", False) and not _runs_code_contained(t)})
     if uncontained:
-        raise ValueError(
+        raise ConfigError(
             f"eval.tasks: {uncontained} execute model-written code outside ream_exp.sandbox; "
-            "code-executing tasks allowed with eval.allow_code_eval are toy_code and humaneval "
+            f"with eval.allow_code_eval the code-executing tasks allowed are {CONTAINED_CODE_TASKS} "
             "(ream_exp/code_tasks/ holds the contained replacements of lm-eval tasks)"
         )
 

@@ -3,8 +3,8 @@
     from ream_exp.sandbox import Limits, run_program
     outcome = run_program(source, Limits(timeout_s=3.0))   # outcome.passed: exit 0 in time
 
-Used by the toy_code task (ream_exp/toy/tasks/utils.py) and by humaneval (ream_exp/code_tasks/,
-which replaces lm-eval's humaneval so that its tests run here instead of in HF `evaluate`).
+Used by the toy_code task (ream_exp/toy/tasks/utils.py), humaneval and livecodebench (ream_exp/code_tasks/:
+humaneval replaces lm-eval's own, so that its tests run here instead of in HF `evaluate`).
 
 What containment means here -- resource, process and working-directory containment:
 - the program runs in a fresh Python interpreter (-I: no PYTHONPATH, no user site) in its own

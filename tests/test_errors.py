@@ -57,7 +57,7 @@ BAD_SETTINGS = [
     (["calib.n=2", "calib.mix=[0.3,0.3,0.3]"], r"^calib.n=2 with calib.mix=.* takes int\(n \* ratio\) = 0 sequences"),
     (["method=hc_smoe", "+method.sequental=true"],
      r"^unknown HC-SMoE setting\(s\) method.sequental \(method=hc_smoe\); allowed keys: align, align_tokens, "
-     r"pca_dim, sequential, sim_tokens$"),
+     r"pca_dim, pca_seed, sequential, sim_tokens$"),
     (["method=m_smoe", "+method.sequental=true"],
      r"^unknown M-SMoE setting\(s\) method.sequental \(method=m_smoe\); allowed keys: sequential$"),
     (["method=hc_smoe", "method.align=sideways"], r"^method.align='sideways'; valid: both, activations"),

@@ -208,6 +208,15 @@ def test_uncontained_code_task_is_refused_when_allowed(model_and_tokenizer, spy)
     assert spy.calls == []  # refused before anything was generated or scored
 
 
+def test_uncontained_code_task_is_refused_before_any_model_work():
+    # check_tasks runs in validate(), before the weights load: it reads the task YAML's hooks only
+    cfg = eval_cfg(["tiny_mc", "tiny_unsafe"], allow_code_eval=True)
+    with pytest.raises(ConfigError, match=r"\['tiny_unsafe'\] execute model-written code outside ream_exp.sandbox"):
+        ev.check_tasks(cfg)
+    assert ev.check_tasks(eval_cfg(["tiny_mc", "tiny_contained"], allow_code_eval=True)) == ["tiny_mc", "tiny_contained"]
+    assert ev.check_tasks(eval_cfg(["tiny_unsafe"], allow_code_eval=False)) == ["tiny_unsafe"]  # skipped, not run
+
+
 def test_per_task_fewshot_metric_override_and_gen_cap(model_and_tokenizer, spy):
     cfg = eval_cfg(["tiny_mc", "tiny_gen"], limit=3, num_fewshot={"tiny_mc": 2},
                    metrics={"tiny_gen": "exact_match"}, max_gen_toks=2)

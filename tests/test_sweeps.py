@@ -100,10 +100,13 @@ def _launch_and_kill(args, sweep: Path, log: Path, new_runs: int, rng: random.Ra
         sweep_process = subprocess.Popen([REAM_EXP, *args], stdout=out, stderr=subprocess.STDOUT, env=ENV,
                                          cwd=sweep.parent, start_new_session=True)
         deadline = time.monotonic() + 600
-        while (len(_finished(sweep)) < target or not _running(sweep)) and sweep_process.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.2))
+        alive = lambda: sweep_process.poll() is None and time.monotonic() < deadline
+        while alive():
+            while (len(_finished(sweep)) < target or not _running(sweep)) and alive():
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.2))
+            if _running(sweep):  # the pause may have outlasted that run: then wait for the next one
+                break
         os.killpg(sweep_process.pid, signal.SIGKILL)
         sweep_process.wait()
 
