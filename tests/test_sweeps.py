@@ -92,21 +92,18 @@ def _running(sweep: Path) -> set:
     return {d.name for d in sweep.glob("*") if (d / HOLDER_NAME).exists() and not (d / "metrics.json").exists()}
 
 
-def _launch_and_kill(args, sweep: Path, log: Path, new_runs: int, rng: random.Random) -> None:
+def _launch_and_kill(args, sweep: Path, log: Path, new_runs: int, pause: float) -> None:
     """Start the sweep; once `new_runs` more runs finished and the next one holds its directory, SIGKILL it
-    at a random moment of that run (loading, calibrating, observing, writing plan.json ...)."""
+    `pause` seconds later (0: just after it took its lock; else loading, calibrating, writing plan.json ...)."""
     target = len(_finished(sweep)) + new_runs
     with log.open("w") as out:
         sweep_process = subprocess.Popen([REAM_EXP, *args], stdout=out, stderr=subprocess.STDOUT, env=ENV,
                                          cwd=sweep.parent, start_new_session=True)
         deadline = time.monotonic() + 600
-        alive = lambda: sweep_process.poll() is None and time.monotonic() < deadline
-        while alive():
-            while (len(_finished(sweep)) < target or not _running(sweep)) and alive():
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.2))
-            if _running(sweep):  # the pause may have outlasted that run: then wait for the next one
-                break
+        while (len(_finished(sweep)) < target or not _running(sweep)) and sweep_process.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(pause)
         os.killpg(sweep_process.pid, signal.SIGKILL)
         sweep_process.wait()
 
@@ -121,7 +118,10 @@ def test_sweep_killed_at_random_points_loses_and_repeats_nothing(tiny_checkpoint
     rng = random.Random(11)
     seen, stale_after_kills = {}, set()
     for kill in range(3):
-        _launch_and_kill(args, sweep, tmp_path / f"kill{kill}.log", rng.randint(1, 3), rng)
+        # the first kill lands just after a run took its lock, the others at random moments (a toy run
+        # lasts about 0.3 s here, so those may also fall between two runs)
+        pause = 0.0 if kill == 0 else rng.uniform(0, 0.2)
+        _launch_and_kill(args, sweep, tmp_path / f"kill{kill}.log", rng.randint(1, 3), pause)
         now = _finished(sweep)
         assert {d: now[d] for d in seen} == seen, "a finished run was recomputed or lost"
         assert len(now) < 12, "the kill came after the last run"
