@@ -1,4 +1,13 @@
-"""What every method receives, and the shared step of pruning methods: keep the top-N' by score."""
+"""What every method receives, and the shared step of pruning methods: keep the top-N' by score.
+
+Pruning by a saliency (reap, freq) has two switches, `method.saliency_form` and `method.sequential`:
+
+    paper, sequential=false (default)  one pass over the uncompressed model (`prune_plan`), ties: lower index
+    official                           the official REAM code's score, floored like REAM's saliency (S = 0 ->
+                                       min(0.5, smallest non-zero S)), ties: higher index first
+    sequential=true                    each layer scored on the model whose earlier layers are already
+                                       pruned, through the layer-wise driver (`layerwise_prune_plan`)
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,13 @@ from ..moe import MoELayer, moe_layers
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
+from .layerwise import Needs, run_layerwise
+from .merging import floor_zero_saliency
+
+# The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form.
+PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False)
+SALIENCY_FORMS = ("paper", "official")
+TIE_RULES = ("lower", "higher")
 
 
 @dataclass
@@ -38,6 +54,11 @@ class Context:
     def n_keep(self, layer: MoELayer) -> int:
         return experts_to_keep(layer.num_experts, self.ratio)
 
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches of `batch_size` sequences (the official code averages its scores over them)."""
+        return len(self.batches())
+
     def batches(self):
         if self.calib is None:
             raise ValueError(f"method {self.cfg.get('name')!r} needs calibration data, but none was built")
@@ -55,9 +76,18 @@ class Context:
         return self._stats
 
 
-def top_experts(score: torch.Tensor, n_keep: int) -> list[int]:
-    """Indices of the n_keep highest scores (ties: lower index first), returned in ascending order."""
-    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+def top_experts(score: torch.Tensor, n_keep: int, ties: str = "lower") -> list[int]:
+    """Indices of the n_keep highest scores, returned in ascending order.
+
+    Among equal scores the lower index ranks first (ties="lower"), or the higher one (ties="higher"): the
+    official REAM code ranks by np.argsort(S)[::-1], an ascending sort reversed, which puts the higher of
+    two equal scores first wherever that sort is stable (numpy's default is for N <= 16; for larger N its
+    order of exact ties is unspecified, and ties="higher" is the stable reading).
+    """
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties={ties!r}; valid: {', '.join(TIE_RULES)}")
+    sign = 1 if ties == "lower" else -1
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), sign * i))
     return sorted(order[:n_keep])
 
 
@@ -71,3 +101,42 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
         layers.append(LayerPlan(layer.index, layer.num_experts, top_experts(score, ctx.n_keep(layer)),
                                 saliency=score.tolist(), scores=s.to_dict()))
     return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)
+
+
+def prune_settings(cfg: dict) -> dict:
+    """The switches of a saliency-pruning method (reap, freq) with defaults filled in, every value checked."""
+    unknown = set(cfg) - set(PRUNE_DEFAULTS) - {"name"}
+    if unknown:
+        raise ValueError(f"unknown {cfg.get('name')} setting(s) {sorted(unknown)}; valid: {sorted(PRUNE_DEFAULTS)}")
+    s = {**PRUNE_DEFAULTS, **{k: v for k, v in cfg.items() if k != "name"}}
+    if s["saliency_form"] not in SALIENCY_FORMS:
+        raise ValueError(f"method.saliency_form={s['saliency_form']!r}; valid: {', '.join(SALIENCY_FORMS)}")
+    if not isinstance(s["sequential"], bool):
+        raise ValueError(f"method.sequential={s['sequential']!r}; valid: true, false")
+    return s
+
+
+def saliency_prune_plan(ctx: Context, score_name: str, layer_score) -> Plan:
+    """reap / freq with their two switches: the one-pass `prune_plan` unless a switch is changed, else
+    layer by layer with `layer_score(obs, saliency_form, ctx)` on each observed layer."""
+    s = prune_settings(ctx.cfg)
+    if s == PRUNE_DEFAULTS:
+        return prune_plan(ctx, score_name)
+    return layerwise_prune_plan(ctx, s, layer_score)
+
+
+def layerwise_prune_plan(ctx: Context, s: dict, layer_score) -> Plan:
+    """Per MoE layer, in order: observe it (on the pruned earlier layers when sequential), keep the top N'."""
+    official = s["saliency_form"] == "official"
+
+    def plan_layer(layer, obs, n_keep, _timings):
+        score = layer_score(obs, s["saliency_form"], ctx)
+        if official:  # the official code floors the saliency before it ranks, pruning or merging
+            score = floor_zero_saliency(score)
+        keep = top_experts(score, n_keep, ties="higher" if official else "lower")
+        scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
+                  "reap_official": obs.sigma_score(2).tolist()}
+        return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=scores)
+
+    layers = run_layerwise(ctx, plan_layer, Needs(), s["sequential"])
+    return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s})
