@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,8 +177,6 @@ def test_tie_rules():
     assert top_experts(score, 3, ties="higher") == [0, 2, 4]
     assert top_experts(score, 3) == top_experts(score, 3, ties="lower") == [0, 1, 2]
     # the official code's ranking, a reversed ascending argsort, where numpy's sort is stable
-    import numpy as np
-
     assert sorted(np.argsort(score.numpy(), kind="stable")[::-1][:3].tolist()) == [0, 2, 4]
     with pytest.raises(ValueError, match="ties='middle'; valid: lower, higher"):
         top_experts(score, 3, ties="middle")

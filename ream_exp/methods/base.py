@@ -81,8 +81,9 @@ def top_experts(score: torch.Tensor, n_keep: int, ties: str = "lower") -> list[i
 
     Among equal scores the lower index ranks first (ties="lower"), or the higher one (ties="higher"): the
     official REAM code ranks by np.argsort(S)[::-1], an ascending sort reversed, which puts the higher of
-    two equal scores first wherever that sort is stable (numpy's default is for N <= 16; for larger N its
-    order of exact ties is unspecified, and ties="higher" is the stable reading).
+    two equal scores first wherever that sort keeps ties in index order (numpy's default sort does on small
+    arrays, N <= 16; on larger ones the order of exact ties is unspecified, and ties="higher" is the
+    reading of a stable sort).
     """
     if ties not in TIE_RULES:
         raise ValueError(f"ties={ties!r}; valid: {', '.join(TIE_RULES)}")
