@@ -95,16 +95,10 @@ def _check_against_reference(model, ids, mask, name, ratio, sequential):
     return plan, reference
 
 
-def _sparse_case():
-    """16 experts, top-2, 10 tokens: several experts are never routed in every layer (exact ties)."""
-    model = tiny_model("qwen3_moe", num_experts=16, top_k=2, layers=3, seed=3)
-    ids, mask = tiny_batch(batch=2, seq=5, pad_last=0)
-    return model, ids, mask
-
-
 @pytest.fixture(scope="module")
 def sparse():
-    return _sparse_case()
+    """16 experts, top-2, 10 tokens: several experts are never routed in every layer (exact ties)."""
+    return tiny_model("qwen3_moe", num_experts=16, top_k=2, layers=3, seed=3), *tiny_batch(batch=2, seq=5, pad_last=0)
 
 
 @pytest.fixture(scope="module")
