@@ -64,6 +64,12 @@ BAD_SETTINGS = [
     (["method=m_smoe", "method.sequential=yes"], r"^method.sequential='yes' must be true or false"),
     (["method=hc_smoe", "method.align_tokens=many"], r"^method.align_tokens='many' is not an integer"),
     (["method=ream", "+method.groupsize=4"], r"^unknown REAM setting\(s\) method.groupsize"),
+    (["method=reap", "+method.group_size=4"],
+     r"^unknown reap setting\(s\) method.group_size \(method=reap\); allowed keys: saliency_form, sequential$"),
+    (["method=freq_official", "method.saliency_form=renormalised"],
+     r"^method.saliency_form='renormalised'; valid: paper, official$"),
+    (["method=ean", "+method.sequential=true"], r"^unknown EAN setting\(s\) method.sequential \(method=ean\); allowed keys: $"),
+    (["method=random", "+method.sed=3"], r"^unknown random setting\(s\) method.sed \(method=random\); allowed keys: seed$"),
     (["logger=wandb", "logger.mode=loud"], r"^logger.mode='loud': choose offline, online or disabled"),
     (["logger=wandb", "logger.name=tensorboard"], r"^logger.name='tensorboard': choose wandb or none"),
 ]
@@ -341,7 +347,7 @@ def test_cli_unknown_group_option_is_one_line(tmp_path):
     done = _cli(tmp_path, "method=magic", f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
-    assert line.startswith("error: In 'config': Could not find 'method/magic'; available: ean, freq, hc_smoe")
+    assert line.startswith("error: In 'config': Could not find 'method/magic'; available: ean, freq, freq_official, hc_smoe")
     assert "ream_official" in line
     done = _cli(tmp_path, "ratio=[0.25,", f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 1

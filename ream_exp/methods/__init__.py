@@ -15,8 +15,10 @@ METHODS: dict[str, ModuleType] = {
     "none": none,
     "random": random_prune,
     "freq": freq,
+    "freq_official": freq,  # freq with saliency_form=official, sequential=true (conf/method/freq_official.yaml)
     "ean": ean,
     "reap": reap,
+    "reap_official": reap,  # reap with saliency_form=official, sequential=true (conf/method/reap_official.yaml)
     "hc_smoe": hc_smoe,
     "m_smoe": m_smoe,
 }

@@ -1,4 +1,13 @@
-"""What every method receives, and the shared step of pruning methods: keep the top-N' by score."""
+"""What every method receives, and the shared step of pruning methods: keep the top-N' by score.
+
+Pruning by a saliency (reap, freq) has two switches, `method.saliency_form` and `method.sequential`:
+
+    paper, sequential=false (default)  one pass over the uncompressed model (`prune_plan`), ties: lower index
+    official                           the official REAM code's score, floored like REAM's saliency (S = 0 ->
+                                       min(0.5, smallest non-zero S)), ties: higher index first
+    sequential=true                    each layer scored on the model whose earlier layers are already
+                                       pruned, through the layer-wise driver (`layerwise_prune_plan`)
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,13 @@ from ..moe import MoELayer, moe_layers, within_router_groups
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
+from .layerwise import Needs, run_layerwise
+from .merging import floor_zero_saliency
+
+# The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form.
+PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False)
+SALIENCY_FORMS = ("paper", "official")
+TIE_RULES = ("lower", "higher")
 
 
 @dataclass
@@ -38,6 +54,11 @@ class Context:
 
     def n_keep(self, layer: MoELayer) -> int:
         return experts_to_keep(layer.num_experts, self.ratio)
+
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches of `batch_size` sequences (the official code averages its scores over them)."""
+        return len(self.batches())
 
     def batches(self):
         if self.calib is None:
@@ -79,13 +100,22 @@ def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, labe
     return s
 
 
-def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1) -> list[int]:
-    """Indices of the n_keep highest scores (ties: lower index first), returned in ascending order.
+def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: str = "lower") -> list[int]:
+    """Indices of the n_keep highest scores, returned in ascending order.
 
-    With a group-limited router (router_groups = n_group > 1) each router group keeps its own
-    n_keep / n_group highest, so the same number is pruned from every group (moe/groups.py)."""
+    Among equal scores the lower index ranks first (ties="lower"), or the higher one (ties="higher"): the
+    official REAM code ranks by np.argsort(S)[::-1], an ascending sort reversed, which puts the higher of
+    two equal scores first wherever that sort keeps ties in index order (numpy's default sort does on small
+    arrays, N <= 16; on larger ones the order of exact ties is unspecified, and ties="higher" is the
+    reading of a stable sort). With a group-limited router (router_groups = n_group > 1) each router group
+    keeps its own n_keep / n_group highest, so the same number is pruned from every group (moe/groups.py).
+    """
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties={ties!r}; valid: {', '.join(TIE_RULES)}")
+    sign = 1 if ties == "lower" else -1
+
     def best(members: list[int], k: int) -> list[int]:
-        return sorted(members, key=lambda i: (-float(score[i]), i))[:k]
+        return sorted(members, key=lambda i: (-float(score[i]), sign * i))[:k]
 
     return within_router_groups(len(score), n_keep, router_groups, best)
 
@@ -102,3 +132,34 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
         layers.append(LayerPlan(layer.index, layer.num_experts, keep,
                                 saliency=score.tolist(), scores=s.to_dict()))
     return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)
+
+
+def prune_settings(cfg: dict) -> dict:
+    """The switches of a saliency-pruning method (reap, freq) with defaults filled in, every value checked."""
+    return method_settings(cfg, PRUNE_DEFAULTS, {"saliency_form": SALIENCY_FORMS}, str(cfg.get("name", "pruning")))
+
+
+def saliency_prune_plan(ctx: Context, score_name: str, layer_score) -> Plan:
+    """reap / freq with their two switches: the one-pass `prune_plan` unless a switch is changed, else
+    layer by layer with `layer_score(obs, saliency_form, ctx)` on each observed layer."""
+    s = prune_settings(ctx.cfg)
+    if s == PRUNE_DEFAULTS:
+        return prune_plan(ctx, score_name)
+    return layerwise_prune_plan(ctx, s, layer_score)
+
+
+def layerwise_prune_plan(ctx: Context, s: dict, layer_score) -> Plan:
+    """Per MoE layer, in order: observe it (on the pruned earlier layers when sequential), keep the top N'."""
+    official = s["saliency_form"] == "official"
+
+    def plan_layer(layer, obs, n_keep, _timings):
+        score = layer_score(obs, s["saliency_form"], ctx)
+        if official:  # the official code floors the saliency before it ranks, pruning or merging
+            score = floor_zero_saliency(score)
+        keep = top_experts(score, n_keep, layer.router_groups, ties="higher" if official else "lower")
+        scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
+                  "reap_official": obs.sigma_score(2).tolist()}
+        return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=scores)
+
+    layers = run_layerwise(ctx, plan_layer, Needs(), s["sequential"])
+    return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s})

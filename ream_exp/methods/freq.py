@@ -1,9 +1,25 @@
-"""`method=freq`: frequency pruning. S_i = |X_i| / |X|, the share of tokens routed to expert i (SPEC 2)."""
+"""`method=freq`: frequency pruning. S_i = |X_i| / |X|, the share of tokens routed to expert i (SPEC 2).
 
-from .base import Context, prune_plan
+`method=freq_official` is the official REAM code's frequency pruning baseline (its `--merging none
+--saliency freq`): method.sequential=true and method.saliency_form=official, where S_i is |X_i| per
+calibration batch, the scale that code scores on. The ranking is the same; the scale decides whether the
+zero floor min(0.5, smallest non-zero S) ties never-routed experts with the least-routed one (see `base`).
+"""
+
+from .base import Context, prune_settings, saliency_prune_plan
 
 NEEDS_CALIBRATION = True
 
 
+def layer_score(obs, form: str, ctx: Context):
+    """S of one observed layer in `form`."""
+    return obs.count / ctx.n_batches if form == "official" else obs.freq
+
+
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """Unknown or invalid settings fail before any weights are loaded."""
+    prune_settings(cfg)
+
+
 def plan(ctx: Context):
-    return prune_plan(ctx, "freq")
+    return saliency_prune_plan(ctx, "freq", layer_score)

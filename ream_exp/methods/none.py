@@ -1,9 +1,14 @@
 """`method=none`: the uncompressed model (every expert kept), the baseline of every comparison."""
 
 from ..plan import LayerPlan, Plan
-from .base import Context
+from .base import Context, method_settings
 
 NEEDS_CALIBRATION = False
+
+
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """The uncompressed model has no settings: any key is refused before weights load."""
+    method_settings(cfg, {}, label="none")
 
 
 def plan(ctx: Context) -> Plan:

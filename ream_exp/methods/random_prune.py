@@ -7,9 +7,14 @@ import torch
 
 from ..moe import within_router_groups
 from ..plan import LayerPlan, Plan
-from .base import Context
+from .base import Context, method_settings
 
 NEEDS_CALIBRATION = False
+
+
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """`method.seed` (default: the run seed) is the only setting; any other key is refused before weights load."""
+    method_settings(cfg, {"seed": None}, label="random")
 
 
 def plan(ctx: Context) -> Plan:
