@@ -103,6 +103,19 @@ def check_seed(seed) -> int:
     return require_number("seed", seed, "the integer seed of every random choice of the run", integer=True)
 
 
+def require_writable_dir(setting: str, value, meaning: str) -> Path:
+    """`value` as a directory this process can write (made if missing); otherwise a ConfigError."""
+    path = Path(str(value)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{setting}={str(value)!r} cannot be written ({exc.strerror or exc}): {setting} is "
+                          f"{meaning}, a writable directory") from exc
+    return path
+
+
 def check_cache_dir(cache_dir) -> None:
     """The caches are written after the model has loaded: make sure now that they can be."""
     if cache_dir in (None, ""):

@@ -28,6 +28,7 @@ from .checkpoint import save_checkpoint, write_model_card
 from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_ratio, check_seed
 from .dataset_check import check_datasets
 from .methods import Context, get_method
+from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
                        resolve_device, score_table, stats_key, write_json)
@@ -39,12 +40,19 @@ log = logging.getLogger("ream_exp")
 RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "error.txt")
 # Settings that change how a run is shown or logged, not what it computes.
 PRESENTATION_KEYS = ("progress", "logger")
+# Settings of a group that change only where intermediate data waits: the plans are the same bits.
+PLACEMENT_KEYS = {"calib": ("states_device", "states_dir")}
 
 
 def experiment_config(cfg) -> dict:
-    """The resolved config without presentation settings: what decides whether two runs are the same."""
+    """The resolved config without presentation and placement settings: what decides whether two runs
+    are the same."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
+    kept = {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
+    for group, keys in PLACEMENT_KEYS.items():
+        if isinstance(kept.get(group), dict):
+            kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
+    return kept
 
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -217,7 +225,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
     stats_path = Path(cfg.cache_dir) / "stats" / f"{stats_key(cfg.model, calib)}.pt" if calib is not None else None
     ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
                   seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress),
-                  stats_path=stats_path)
+                  stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")))
     with timer("compress"):
         plan = method.plan(ctx)
         apply_plan(model, plan)

@@ -14,6 +14,7 @@ from ..moe import MoELayer, moe_layers, within_router_groups
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
+from .states import StatesConfig
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Context:
     # Routing statistics of the uncompressed model depend only on model and tokens, not on the ratio:
     # pruning methods share them across ratios through this file (None = no cache).
     stats_path: Path | None = None
+    states: StatesConfig = StatesConfig()  # where the layer-wise methods keep the calibration hidden states
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property
