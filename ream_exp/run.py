@@ -25,13 +25,14 @@ from . import PACKAGE_DIR
 from .calib import calibration_datasets, validate_calib
 from .calib.cache import cached_calibration
 from .checkpoint import save_checkpoint, write_model_card
-from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_ratio, check_seed
+from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
+                     check_seed)
 from .dataset_check import check_datasets
 from .methods import Context, get_method
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
-                       resolve_device, score_table, stats_key, write_json)
+                       offload_scratch, resolve_device, score_table, stats_key, write_json)
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
@@ -105,6 +106,7 @@ def validate(cfg: DictConfig):
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
+    check_placement(cfg.model)
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
@@ -204,16 +206,17 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     timer = Timer()
     try:
-        metrics = _run_stages(cfg, run_dir, timer, logger)
+        with offload_scratch(cfg.model, run_dir) as offload_folder:  # removed when the run ends
+            metrics = _run_stages(cfg, run_dir, timer, logger, offload_folder)
     finally:
         logger.finish()
     return metrics
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
+def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_folder: Path | None = None) -> dict:
     method = get_method(cfg.method.name)
     with timer("load"):
-        model, tokenizer = load_model(cfg.model, resolve_device(cfg.device))
+        model, tokenizer = load_model(cfg.model, resolve_device(cfg.device), offload_folder)
     experts_before = moe_layers(model)[0].num_experts
     params_before = count_parameters(model)
     baseline = cached_baseline(model, tokenizer, cfg, timer)
