@@ -167,8 +167,8 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
             return json.loads(path.read_text())
         except ValueError:  # cut short or damaged: evaluate again and rewrite it
             log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
-    with timer("baseline_eval"):
-        scores = _evaluate(model, tokenizer, cfg)
+    with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
+        scores = _evaluate(model, tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
     return scores
