@@ -127,7 +127,7 @@ def test_plans_and_weights_are_the_same_bits_wherever_the_states_wait(method, tm
     assert any((tmp_path / "kept").glob("*-hidden.pt")), "a configured states_dir is kept"
 
 
-def test_disk_store_holds_nothing_in_memory_between_layers(tmp_path):
+def test_disk_store_keeps_tensors_in_files_and_removes_its_temporary_directory(tmp_path):
     with state_store(StatesConfig("disk", scratch_root=str(tmp_path))) as store:
         store.put("a", [torch.arange(3.0)])
         assert not store._held and torch.equal(store.get("a", "cpu")[0], torch.arange(3.0))

@@ -234,19 +234,29 @@ def _shared_with(obj, ref, memo: dict):
     return obj
 
 
-def _slotted(layer_args, resident: set[int]) -> tuple[list, list[torch.Tensor]]:
-    """The layer arguments with every tensor not in `resident` (ids) replaced by a _Slot, and those tensors."""
-    own, slot_of = [], {}
+class _SharedArgs:
+    """Splits each batch's layer arguments into tensors shared with the first batch (kept where they
+    are) and the batch's own, which go to the state store, replaced by _Slot in what is kept."""
 
-    def slot(x):
-        if not isinstance(x, torch.Tensor) or id(x) in resident:
-            return x
-        if id(x) not in slot_of:  # one tensor passed to many layers is stored once
-            slot_of[id(x)] = len(own)
-            own.append(x)
-        return _Slot(slot_of[id(x)])
+    def __init__(self):
+        self.first: list | None = None
+        self.resident: set[int] = set()  # ids of the first batch's tensors
 
-    return _map_leaves(layer_args, slot), own
+    def split(self, layer_args: list) -> tuple[list, list[torch.Tensor]]:
+        if self.first is None:
+            self.first = layer_args
+            _map_leaves(layer_args, lambda x: self.resident.add(id(x)) if isinstance(x, torch.Tensor) else None)
+        own, slot_of = [], {}
+
+        def slot(x):
+            if not isinstance(x, torch.Tensor) or id(x) in self.resident:
+                return x
+            if id(x) not in slot_of:  # one tensor passed to many layers is stored once
+                slot_of[id(x)] = len(own)
+                own.append(x)
+            return _Slot(slot_of[id(x)])
+
+        return _map_leaves(_shared_with(layer_args, self.first, {}), slot), own
 
 
 @contextlib.contextmanager
@@ -275,7 +285,7 @@ def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | No
     device = execution_device(model.get_input_embeddings())  # not meta when offloaded
     states = []
     record: dict = {}
-    first: list | None = None  # the first batch's layer arguments, which stay where they are
+    shared = _SharedArgs()
 
     def make_stub(i, _layer):
         def stub(self, hidden_states, *args, **kwargs):
@@ -295,10 +305,7 @@ def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | No
                 decoder_forward(model, b["input_ids"].to(device), b["attention_mask"].to(device))
             except _Stop:
                 pass
-            if first is None:
-                first, resident = record["args"], set()
-                _map_leaves(first, lambda x: resident.add(id(x)) if isinstance(x, torch.Tensor) else None)
-            layer_args, own = _slotted(_shared_with(record["args"], first, {}), resident)
+            layer_args, own = shared.split(record["args"])
             state = BatchState(store, f"batch{n}", device, layer_args, bool(own),
                                *(b[k].reshape(-1).bool().to(device) for k in ("attention_mask", "sim", "align")))
             if own:

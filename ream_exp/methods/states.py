@@ -14,14 +14,13 @@ know what they are (layerwise.BatchState does).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from ..atomic import atomic_torch_save
 
 PLACES = (None, "cpu", "disk")
 
@@ -52,8 +51,8 @@ class StateStore:
         self._held: dict[str, list[torch.Tensor]] = {}
 
     def put(self, key: str, tensors: list[torch.Tensor]) -> None:
-        if self.place == "disk":  # whole or absent: a file is never read half-written
-            atomic_torch_save(list(tensors), self.directory / f"{key}.pt")
+        if self.place == "disk":
+            _save_whole(list(tensors), self.directory / f"{key}.pt")
         elif self.place == "cpu":
             self._held[key] = [t.to("cpu") for t in tensors]
         else:
@@ -65,6 +64,18 @@ class StateStore:
             return torch.load(self.directory / f"{key}.pt", map_location=device, weights_only=True)
         tensors = self._held[key]
         return [t.to(device) for t in tensors] if self.place == "cpu" else tensors
+
+
+def _save_whole(obj, path: Path) -> None:
+    """Written beside and renamed: a file is whole or absent. Not fsynced (unlike the project's results):
+    these are scratch files rewritten for every layer, and an fsync per batch and layer adds minutes."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
