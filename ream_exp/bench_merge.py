@@ -22,6 +22,7 @@ import psutil
 import torch
 
 from .methods.layerwise import BatchState, Needs, observing_layer, token_sample
+from .methods.states import StateStore
 from .methods.merging import align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan, ream_distance
 from .moe import apply_layer_plan, expert_output, moe_layers, router_probs
 from .moe.tiny import tiny_model
@@ -95,8 +96,8 @@ def observe(layer, x, needs: Needs, chunk: int):
         for s in range(0, x.shape[0], chunk):
             part = slice(s, s + chunk)
             n = x[part].shape[0]
-            current["batch"] = BatchState(x[part], [], torch.ones(n, dtype=torch.bool, device=x.device),
-                                          sim[part], align[part])
+            current["batch"] = BatchState(StateStore(), "bench", x.device, [], False,
+                                          torch.ones(n, dtype=torch.bool, device=x.device), sim[part], align[part])
             layer.block(x[part][None])
     return obs
 

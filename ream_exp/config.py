@@ -91,6 +91,35 @@ def check_model_path(model_cfg: DictConfig) -> None:
         raise ConfigError(f"model.path {path!r} is not a directory (model={model_cfg.get('name')})")
 
 
+MEMORY_DEVICES = "GPU ordinals (0, 1, ...), cpu, mps or disk"
+
+
+def check_placement(model_cfg: DictConfig) -> None:
+    """model.max_memory and model.offload_folder: only with a device_map; devices and sizes accelerate reads."""
+    from accelerate.utils import convert_file_size_to_int
+
+    device_map, max_memory = model_cfg.get("device_map"), model_cfg.get("max_memory")
+    for key in ("max_memory", "offload_folder"):
+        if model_cfg.get(key) not in (None, "", {}) and not device_map:
+            raise ConfigError(f"model.{key} is set but model.device_map is null: {key} places weights only "
+                              "with a device_map (e.g. model.device_map=auto)")
+    if max_memory not in (None, "", {}):
+        if not isinstance(max_memory, (dict, DictConfig)):
+            raise ConfigError(f"model.max_memory={shown(max_memory)} is not a mapping: give {{device: size}}, "
+                              "e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}")
+        for device, size in max_memory.items():
+            if not (str(device).isdigit() or device in ("cpu", "mps", "disk")):
+                raise ConfigError(f"model.max_memory names device {device!r}: devices are {MEMORY_DEVICES}")
+            try:
+                convert_file_size_to_int(size)
+            except (ValueError, AttributeError):
+                raise ConfigError(f"model.max_memory.{device}={shown(size)} is not a size: give bytes or a size "
+                                  "with a unit, e.g. 70GiB") from None
+    if model_cfg.get("offload_folder"):
+        require_writable_dir("model.offload_folder", model_cfg.offload_folder,
+                             "where accelerate writes the weights the device map sends to disk")
+
+
 def check_ratio(ratio) -> float:
     meaning = "the fraction of experts removed per MoE layer, in [0, 1)"
     ratio = require_number("ratio", ratio, meaning)
@@ -101,6 +130,19 @@ def check_ratio(ratio) -> float:
 
 def check_seed(seed) -> int:
     return require_number("seed", seed, "the integer seed of every random choice of the run", integer=True)
+
+
+def require_writable_dir(setting: str, value, meaning: str) -> Path:
+    """`value` as a directory this process can write (made if missing); otherwise a ConfigError."""
+    path = Path(str(value)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{setting}={str(value)!r} cannot be written ({exc.strerror or exc}): {setting} is "
+                          f"{meaning}, a writable directory") from exc
+    return path
 
 
 def check_cache_dir(cache_dir) -> None:

@@ -22,9 +22,11 @@ allow_code_eval=true, and only when their scorer runs the code through ream_exp.
 (`sandbox.contained` hooks). lm-eval's own humaneval is replaced by ream_exp/code_tasks/humaneval.yaml,
 whose directory is always on the task search path; any other code-executing task is refused.
 
-Backends: the model already in memory is wrapped in lm-eval's HFLM (no reload). `backend: vllm`
-runs the GEN tasks with lm-eval's vLLM backend instead, which must load the model itself, so it
-needs the saved `checkpoint_dir`; MC (loglikelihood) tasks always stay on the in-memory model.
+Backends: the model already in memory is wrapped in lm-eval's HFLM (no reload), so it is evaluated
+as model.device_map / max_memory / offload_folder placed it. `backend: vllm` runs the GEN tasks with
+lm-eval's vLLM backend instead, which must load the model itself, so it needs the saved
+`checkpoint_dir`, split over `tensor_parallel_size` GPUs; MC (loglikelihood) tasks always stay on the
+in-memory model.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def check_tasks(cfg) -> list[str]:
     if not names:
         return []
     _check_backend(cfg.get("backend") or "hf")
+    _check_tensor_parallel(cfg)
     known = set(_task_manager(_include_path(cfg)).all_tasks)
     unknown = [name for name in names if name not in known]
     if unknown:
@@ -205,6 +208,17 @@ def _check_backend(backend: str) -> None:
             "eval.backend=vllm needs the `vllm` package, which is not installed "
             "(pip install vllm), or use eval.backend=hf"
         )
+
+
+def _check_tensor_parallel(cfg: dict) -> None:
+    """eval.tensor_parallel_size: the GPUs vLLM splits each layer over (backend=vllm), a positive integer."""
+    from .config import require_positive_int
+
+    if cfg.get("tensor_parallel_size") is not None:
+        require_positive_int("eval.tensor_parallel_size", cfg["tensor_parallel_size"],
+                             "the number of GPUs vLLM splits the model over (eval.backend=vllm)")
+    if "tensor_parallel_size" in _mapping(cfg.get("vllm_args")):
+        raise ConfigError("eval.vllm_args.tensor_parallel_size: set eval.tensor_parallel_size instead")
 
 
 def _include_path(cfg) -> str | None:
@@ -384,7 +398,8 @@ def _vllm_lm(model, tokenizer, cfg: dict, checkpoint_dir):
     from lm_eval.models.vllm_causallms import VLLM
 
     extra = _mapping(cfg.get("vllm_args"))  # e.g. gpu_memory_utilization, max_model_len
-    return VLLM(pretrained=str(checkpoint_dir), batch_size=cfg.get("batch_size") or "auto", **extra)
+    return VLLM(pretrained=str(checkpoint_dir), batch_size=cfg.get("batch_size") or "auto",
+                tensor_parallel_size=int(cfg.get("tensor_parallel_size") or 1), **extra)
 
 
 LM_BUILDERS = {"hf": _hf_lm, "vllm": _vllm_lm}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,15 +22,62 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_model(model_cfg: DictConfig, device: str):
-    """AutoModelForCausalLM + AutoTokenizer from a directory or hub id (after the config was checked)."""
+def max_memory_map(max_memory) -> dict:
+    """model.max_memory as accelerate takes it: GPU ordinals as ints ("0" or 0), "cpu", "mps", "disk"."""
+    plain = OmegaConf.to_container(max_memory, resolve=True) if isinstance(max_memory, DictConfig) else max_memory
+    return {int(k) if str(k).isdigit() else str(k): v for k, v in dict(plain).items()}
+
+
+def may_offload_to_disk(device_map) -> bool:
+    """Whether accelerate may put weights on disk: a map naming "disk", or one it computes (auto, ...)."""
+    if isinstance(device_map, str):
+        return True
+    plain = OmegaConf.to_container(device_map, resolve=True) if isinstance(device_map, DictConfig) else device_map
+    return "disk" in dict(plain).values()
+
+
+def placement_kwargs(model_cfg: DictConfig, offload_folder: str | Path | None = None) -> dict:
+    """from_pretrained's device_map, max_memory and offload_folder (model.offload_folder, else the
+    `offload_folder` given, used only when the map may send weights to disk); {} without a device_map."""
+    device_map = model_cfg.get("device_map")
+    if not device_map:
+        return {}
+    kwargs = {"device_map": OmegaConf.to_container(device_map, resolve=True) if isinstance(device_map, DictConfig)
+              else device_map}
+    if model_cfg.get("max_memory"):
+        kwargs["max_memory"] = max_memory_map(model_cfg.max_memory)
+    folder = model_cfg.get("offload_folder") or (offload_folder if may_offload_to_disk(device_map) else None)
+    if folder:
+        kwargs["offload_folder"] = str(Path(str(folder)).expanduser())
+    return kwargs
+
+
+@contextmanager
+def offload_scratch(model_cfg: DictConfig, run_dir: Path):
+    """The default offload folder of a run whose device map may send weights to disk: a fresh directory
+    in the run directory, removed when the run ends (None when model.offload_folder is set or no disk)."""
+    device_map = model_cfg.get("device_map")
+    if model_cfg.get("offload_folder") or not device_map or not may_offload_to_disk(device_map):
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="offload-", dir=run_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_model(model_cfg: DictConfig, device: str, offload_folder: str | Path | None = None):
+    """AutoModelForCausalLM + AutoTokenizer from a directory or hub id (after the config was checked).
+
+    With model.device_map, accelerate places the weights (model.max_memory per device; weights sent to
+    "disk" go to model.offload_folder, else to `offload_folder`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = model_cfg.get("dtype", "float32")
     kwargs = dict(dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                  trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
-    if model_cfg.get("device_map"):
-        kwargs["device_map"] = model_cfg.device_map
+                  trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+                  **placement_kwargs(model_cfg, offload_folder))
     quant = getattr(load_model_config(model_cfg), "quantization_config", None) or {}
     if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
         # gpt-oss ships MXFP4 experts; surgery needs the plain fused tensors, so dequantise on load.

@@ -25,12 +25,14 @@ from . import PACKAGE_DIR
 from .calib import calibration_datasets, validate_calib
 from .calib.cache import cached_calibration
 from .checkpoint import save_checkpoint, write_model_card
-from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_ratio, check_seed
+from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
+                     check_seed)
 from .dataset_check import check_datasets
 from .methods import Context, get_method
+from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
-                       resolve_device, score_table, stats_key, write_json)
+                       offload_scratch, resolve_device, score_table, stats_key, write_json)
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
@@ -39,12 +41,19 @@ log = logging.getLogger("ream_exp")
 RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "error.txt")
 # Settings that change how a run is shown or logged, not what it computes.
 PRESENTATION_KEYS = ("progress", "logger")
+# Settings of a group that change only where intermediate data waits: the plans are the same bits.
+PLACEMENT_KEYS = {"calib": ("states_device", "states_dir")}
 
 
 def experiment_config(cfg) -> dict:
-    """The resolved config without presentation settings: what decides whether two runs are the same."""
+    """The resolved config without presentation and placement settings: what decides whether two runs
+    are the same."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
+    kept = {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
+    for group, keys in PLACEMENT_KEYS.items():
+        if isinstance(kept.get(group), dict):
+            kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
+    return kept
 
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -97,6 +106,7 @@ def validate(cfg: DictConfig):
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
+    check_placement(cfg.model)
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
@@ -157,8 +167,8 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
             return json.loads(path.read_text())
         except ValueError:  # cut short or damaged: evaluate again and rewrite it
             log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
-    with timer("baseline_eval"):
-        scores = _evaluate(model, tokenizer, cfg)
+    with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
+        scores = _evaluate(model, tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
     return scores
@@ -196,16 +206,17 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     timer = Timer()
     try:
-        metrics = _run_stages(cfg, run_dir, timer, logger)
+        with offload_scratch(cfg.model, run_dir) as offload_folder:  # removed when the run ends
+            metrics = _run_stages(cfg, run_dir, timer, logger, offload_folder)
     finally:
         logger.finish()
     return metrics
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
+def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_folder: Path | None = None) -> dict:
     method = get_method(cfg.method.name)
     with timer("load"):
-        model, tokenizer = load_model(cfg.model, resolve_device(cfg.device))
+        model, tokenizer = load_model(cfg.model, resolve_device(cfg.device), offload_folder)
     experts_before = moe_layers(model)[0].num_experts
     params_before = count_parameters(model)
     baseline = cached_baseline(model, tokenizer, cfg, timer)
@@ -217,7 +228,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger) -> dict:
     stats_path = Path(cfg.cache_dir) / "stats" / f"{stats_key(cfg.model, calib)}.pt" if calib is not None else None
     ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
                   seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress),
-                  stats_path=stats_path)
+                  stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")))
     with timer("compress"):
         plan = method.plan(ctx)
         apply_plan(model, plan)

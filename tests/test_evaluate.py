@@ -276,6 +276,35 @@ def test_vllm_backend_needs_vllm_and_a_checkpoint(monkeypatch):
         ev.evaluate(object(), object(), eval_cfg(["tiny_gen"], backend="vllm"))
 
 
+def test_vllm_is_split_over_tensor_parallel_size_gpus(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    made = {}
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")  # lm-eval's module imports vllm, absent here
+    fake.VLLM = lambda **kwargs: made.update(kwargs) or "vllm lm"
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "vllm" else real_find_spec(name, *args))
+    cfg = eval_cfg(["tiny_gen"], backend="vllm", tensor_parallel_size=8, vllm_args={"max_model_len": 4096})
+    assert ev._make_lm("gen", None, None, cfg, "ckpt") == "vllm lm"
+    assert made == {"pretrained": "ckpt", "batch_size": 4, "tensor_parallel_size": 8, "max_model_len": 4096}
+    ev._make_lm("gen", None, None, eval_cfg(["tiny_gen"], backend="vllm"), "ckpt")
+    assert made["tensor_parallel_size"] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tensor_parallel_size": 0}, "eval.tensor_parallel_size=0 must be a positive integer"),
+    ({"tensor_parallel_size": "two"}, "eval.tensor_parallel_size='two' is not an integer"),
+    ({"vllm_args": {"tensor_parallel_size": 2}}, "set eval.tensor_parallel_size instead"),
+])
+def test_bad_tensor_parallel_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ev.check_tasks(eval_cfg(["tiny_gen"], **overrides))
+
+
 @pytest.mark.parametrize("path", sorted(CONF_EVAL.glob("*.yaml")), ids=lambda p: p.stem)
 def test_conf_eval_tasks_exist_in_lm_eval(path):
     """Every task name in conf/eval is known to lm-eval's local index (no network needed)."""

@@ -109,3 +109,94 @@ def test_compression_equals_a_plain_load_and_keeps_the_hooks(method, checkpoint,
     offloaded.save_pretrained(tmp_path / "compressed")
     reloaded = _plain(tmp_path / "compressed")
     torch.testing.assert_close(_logits(reloaded, ids, mask), _logits(plain, ids, mask), **CLOSE)
+
+
+# ---- whole runs: run(cfg) with model.device_map / max_memory / offload_folder --------------------------
+
+# conftest's tiny_checkpoint: decoder layers 0 and 2 are MoE, 1 is dense
+RUN_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+           "model.layers.1": "cpu", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+
+
+def _run_cfg(tiny_checkpoint, calib_files, tmp_path, method, *extra):
+    from tests.test_config import make_cfg
+
+    return make_cfg("model=local", f"model.path={tiny_checkpoint}", "calib=local", "calib.n=12", "calib.seq_len=24",
+                    *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()], "calib.batch_size=4",
+                    f"method={method}", "ratio=0.5", "eval=none", "logger=none", "progress=false",
+                    f"cache_dir={tmp_path / 'cache'}", *extra)
+
+
+def _run_outputs(cfg, run_dir):
+    from safetensors.torch import load_file
+
+    from ream_exp.plan import Plan
+    from ream_exp.run import run
+
+    run(cfg, run_dir)
+    weights = {}
+    for shard in sorted((run_dir / "checkpoint").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return Plan.load(run_dir / "plan.json"), weights
+
+
+def _assert_same_run(got, want):
+    (plan, weights), (want_plan, want_weights) = got, want
+    for g, w in zip(plan.layers, want_plan.layers, strict=True):
+        assert (g.layer, g.keep, g.groups) == (w.layer, w.keep, w.groups)
+        torch.testing.assert_close(torch.tensor(g.saliency), torch.tensor(w.saliency), **CLOSE)
+    assert weights.keys() == want_weights.keys()
+    for name in want_weights:
+        torch.testing.assert_close(weights[name], want_weights[name], **CLOSE, msg=name)
+
+
+@pytest.mark.parametrize("method", ["reap", "ream_official"])
+def test_a_run_on_a_disk_offloading_device_map_equals_a_plain_run(method, tiny_checkpoint, calib_files, tmp_path):
+    from omegaconf import OmegaConf
+
+    want = _run_outputs(_run_cfg(tiny_checkpoint, calib_files, tmp_path / "a", method), tmp_path / "plain")
+    cfg = _run_cfg(tiny_checkpoint, calib_files, tmp_path / "b", method, f"model.offload_folder={tmp_path / 'offload'}")
+    cfg.model.device_map = OmegaConf.create(RUN_MAP)  # dotted module names: set here, not as an override
+    _assert_same_run(_run_outputs(cfg, tmp_path / "offloaded"), want)
+    assert any((tmp_path / "offload").iterdir()), "accelerate wrote no disk weights: nothing was offloaded"
+
+
+def test_device_map_auto_with_max_memory_offloads_to_a_temporary_folder(tiny_checkpoint, calib_files, tmp_path,
+                                                                       monkeypatch):
+    """150 KB of CPU memory holds the embeddings and decoder layer 0 of the 180 KB model; the rest goes to
+    disk, into a folder of the run directory that is removed when the run ends."""
+    import ream_exp.run as run_module
+
+    want = _run_outputs(_run_cfg(tiny_checkpoint, calib_files, tmp_path / "a", "reap"), tmp_path / "plain")
+    maps, load = [], run_module.load_model
+
+    def recording_load(*args):
+        model, tokenizer = load(*args)
+        maps.append(dict(model.hf_device_map))
+        return model, tokenizer
+
+    monkeypatch.setattr(run_module, "load_model", recording_load)
+    cfg = _run_cfg(tiny_checkpoint, calib_files, tmp_path / "b", "reap", "model.device_map=auto",
+                   "model.max_memory={cpu:150KB}")
+    got = _run_outputs(cfg, tmp_path / "auto")
+    (placed,) = maps
+    assert "disk" in placed.values() and "cpu" in placed.values(), placed
+    _assert_same_run(got, want)
+    assert not list((tmp_path / "auto").glob("offload-*")), "the temporary offload folder was left behind"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.max_memory={cpu:1GiB}"], "model.max_memory is set but model.device_map is null"),
+    (["model.device_map=auto", "model.max_memory={gpu0:1GiB}"], "model.max_memory names device 'gpu0'"),
+    (["model.device_map=auto", "model.max_memory={cpu:lots}"], "model.max_memory.cpu='lots' is not a size"),
+    (["model.offload_folder=/tmp/x"], "model.offload_folder is set but model.device_map is null"),
+])
+def test_bad_placement_settings_fail_before_loading(overrides, message, tiny_checkpoint, calib_files, tmp_path,
+                                                    monkeypatch):
+    import ream_exp.run as run_module
+    from ream_exp.config import ConfigError
+
+    monkeypatch.setattr(run_module, "load_model", lambda *a: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=message) as err:
+        run_module.run(_run_cfg(tiny_checkpoint, calib_files, tmp_path, "reap", *overrides), tmp_path / "run")
+    assert "\n" not in str(err.value)

@@ -265,7 +265,7 @@ def test_layer_by_layer_propagation_reproduces_the_model(family):
     states = capture_inputs(model, [{"input_ids": ids, "attention_mask": mask, "sim": flags, "align": flags}])
     for i in range(len(decoder_layers(model))):
         advance(states, model, i, i + 1)
-        assert_f32_close(states[0].hidden, outputs[i], model.config.hidden_size, stages=i + 1)
+        assert_f32_close(states[0].load()[0], outputs[i], model.config.hidden_size, stages=i + 1)
 
 
 def test_dense_means_match_every_expert_on_every_sampled_token(qwen16, batch):

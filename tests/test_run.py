@@ -151,3 +151,17 @@ def test_pretokenized_calibration_through_the_pipeline(tiny_checkpoint, tmp_path
                       f"cache_dir={tmp_path / 'cache'}", "progress=false")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["calib_tokens"] == int(mask.sum()) and metrics["mix"] is None and metrics["experts_after"] == 4
+
+
+def test_vllm_evaluates_the_uncompressed_baseline_from_model_path(tmp_path, monkeypatch):
+    """vLLM loads the model itself: the uncompressed model's checkpoint is model.path."""
+    import ream_exp.run as run_module
+    from ream_exp.pipeline import Timer
+
+    seen = []
+    monkeypatch.setattr(run_module, "_evaluate", lambda model, tok, cfg, checkpoint_dir=None:
+                        seen.append(checkpoint_dir) or {"tasks": {}})
+    cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=reap", "eval=gen", "eval.backend=vllm",
+                   f"cache_dir={tmp_path / 'cache'}")
+    run_module.cached_baseline(None, None, cfg, Timer())
+    assert seen == [tmp_path]

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, require_number, require_positive_int, shown
+from ..config import ConfigError, require_number, require_positive_int, require_writable_dir, shown
 from .pretokenized import check_token_ids, load_pretokenized
 from .sources import check_local_source, hub_dataset, iter_texts, load_source, source_columns
 
@@ -110,6 +110,7 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
     With the model's `vocab_size`, pre-tokenised ids must also lie in [0, vocab_size).
     """
     require_positive_int("calib.batch_size", cfg.get("batch_size", 8), "the number of sequences per forward pass")
+    validate_states(cfg)
     if is_pretokenized(cfg):
         calib = load_pretokenized(cfg.get("path"))
         if vocab_size is not None:
@@ -129,6 +130,22 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
     for _, src in used.values():  # a domain the mix needs is configured, in a known format, its file present
         source_columns(src)
         check_local_source(src)
+
+
+STATES_PLACES = ("null (the model's execution device)", "cpu", "disk")
+
+
+def validate_states(cfg) -> None:
+    """calib.states_device and calib.states_dir: where the layer-wise hidden states wait (methods/states.py)."""
+    place, directory = cfg.get("states_device"), cfg.get("states_dir")
+    if place not in (None, "cpu", "disk"):
+        raise ConfigError(f"calib.states_device={shown(place)}: choose one of {', '.join(STATES_PLACES)}")
+    if directory in (None, ""):
+        return
+    if place != "disk":
+        raise ConfigError(f"calib.states_dir={shown(directory)} is set but calib.states_device={shown(place)}: "
+                          "states_dir is used only with calib.states_device=disk")
+    require_writable_dir("calib.states_dir", directory, "the directory of the calibration hidden states")
 
 
 def used_sources(cfg) -> dict[str, tuple[int, dict]]:

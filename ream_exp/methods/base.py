@@ -25,6 +25,7 @@ from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_st
 from ..plan import LayerPlan, Plan, experts_to_keep
 from .layerwise import Needs, run_layerwise
 from .merging import floor_zero_saliency
+from .states import StatesConfig
 
 # The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form.
 PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False)
@@ -46,6 +47,7 @@ class Context:
     # Routing statistics of the uncompressed model depend only on model and tokens, not on the ratio:
     # pruning methods share them across ratios through this file (None = no cache).
     stats_path: Path | None = None
+    states: StatesConfig = StatesConfig()  # where the layer-wise methods keep the calibration hidden states
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property

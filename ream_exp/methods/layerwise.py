@@ -17,6 +17,8 @@ For each MoE layer, in order (REAM, SPEC 4):
 
 Memory beyond the weights: the calibration hidden states plus one layer's observation
 (O(N*H + N^2) sums and the alignment token sample [T_a, H]), whatever the number of layers.
+The hidden states wait on the execution device, in CPU memory or on disk (calib.states_device,
+states.py), each batch brought to the device only while its layer runs.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from ..atomic import atomic_torch_save
 from ..calib import calibration_batches
 from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
 from ..moe.offload import execution_device, materialised
-from ..observe import Routed, load_cache_entry, observing_experts
+from ..observe import Routed, decoder_forward, load_cache_entry, observing_experts
 from ..plan import LayerPlan
+from .states import StateStore, state_store
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
 DENSE_BLOCK = 1 << 26
@@ -169,13 +172,91 @@ class _Stop(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Stands in a batch's layer arguments for its `index`-th own tensor, kept in the state store."""
+
+    index: int
+
+
 @dataclass
 class BatchState:
-    hidden: torch.Tensor  # input of the next decoder layer to run [B, S, H]
-    layer_args: list  # per decoder layer: (extra positional args, kwargs) the model passes it
+    """One calibration batch between decoder layers.
+
+    Its hidden states (the input of the next decoder layer to run, [B, S, H] in the model's dtype) and
+    the layer-argument tensors that are its own wait in `store` under `key`; `load` brings them to the
+    execution device for the layers that run now, `keep` stores a layer's output. Layer-argument
+    tensors equal to the first batch's (rotary cos/sin, position ids, and masks with the same padding)
+    are that batch's very tensors, shared: one copy for every batch and layer.
+    """
+
+    store: StateStore
+    key: str
+    device: torch.device  # where the decoder layers get their inputs (the embeddings' execution device)
+    layer_args: list  # per decoder layer: (extra positional args, kwargs), own tensors as _Slot
+    own_args: bool  # whether any layer argument is this batch's own (then stored under key-args)
     valid: torch.Tensor  # [B*S] non-pad tokens
     sim: torch.Tensor  # [B*S] tokens of the similarity sample
     align: torch.Tensor  # [B*S] tokens of the alignment sample
+
+    def load(self) -> tuple[torch.Tensor, list]:
+        """The hidden states and every decoder layer's (args, kwargs), on the execution device."""
+        hidden = self.store.get(f"{self.key}-hidden", self.device)[0]
+        own = self.store.get(f"{self.key}-args", self.device) if self.own_args else []
+        return hidden, _map_leaves(self.layer_args, lambda x: own[x.index] if isinstance(x, _Slot) else x)
+
+    def keep(self, hidden: torch.Tensor) -> None:
+        self.store.put(f"{self.key}-hidden", [hidden])
+
+
+def _map_leaves(obj, fn):
+    """`obj` with fn applied to everything inside its plain tuples, lists and dicts."""
+    if type(obj) in (tuple, list):
+        return type(obj)(_map_leaves(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_leaves(v, fn) for k, v in obj.items()}
+    return fn(obj)
+
+
+def _shared_with(obj, ref, memo: dict):
+    """`obj` with each tensor that equals the tensor at the same place in `ref` replaced by that one."""
+    if isinstance(obj, torch.Tensor):
+        pair = (id(obj), id(ref))  # the layers of a batch share their masks and rotary tables
+        if pair not in memo:
+            same = (isinstance(ref, torch.Tensor) and ref.shape == obj.shape and ref.dtype == obj.dtype
+                    and ref.device == obj.device and torch.equal(ref, obj))
+            memo[pair] = ref if same else obj
+        return memo[pair]
+    if type(obj) in (tuple, list) and type(ref) is type(obj) and len(ref) == len(obj):
+        return type(obj)(_shared_with(o, r, memo) for o, r in zip(obj, ref))
+    if isinstance(obj, dict) and isinstance(ref, dict):
+        return {k: _shared_with(v, ref.get(k), memo) for k, v in obj.items()}
+    return obj
+
+
+class _SharedArgs:
+    """Splits each batch's layer arguments into tensors shared with the first batch (kept where they
+    are) and the batch's own, which go to the state store, replaced by _Slot in what is kept."""
+
+    def __init__(self):
+        self.first: list | None = None
+        self.resident: set[int] = set()  # ids of the first batch's tensors
+
+    def split(self, layer_args: list) -> tuple[list, list[torch.Tensor]]:
+        if self.first is None:
+            self.first = layer_args
+            _map_leaves(layer_args, lambda x: self.resident.add(id(x)) if isinstance(x, torch.Tensor) else None)
+        own, slot_of = [], {}
+
+        def slot(x):
+            if not isinstance(x, torch.Tensor) or id(x) in self.resident:
+                return x
+            if id(x) not in slot_of:  # one tensor passed to many layers is stored once
+                slot_of[id(x)] = len(own)
+                own.append(x)
+            return _Slot(slot_of[id(x)])
+
+        return _map_leaves(_shared_with(layer_args, self.first, {}), slot), own
 
 
 @contextlib.contextmanager
@@ -195,12 +276,16 @@ def _replaced_forward(modules, make_forward):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, batches: list[dict]) -> list[BatchState]:
-    """Per batch: the input of decoder layer 0 and the arguments the model passes every decoder layer."""
+def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | None = None) -> list[BatchState]:
+    """Per batch: the input of decoder layer 0 and the arguments the model passes every decoder layer,
+    put in `store` (default: held where the model made them). No logits: the last layer's stub stops
+    the forward."""
+    store = store if store is not None else StateStore()
     layers = list(decoder_layers(model))
     device = execution_device(model.get_input_embeddings())  # not meta when offloaded
     states = []
     record: dict = {}
+    shared = _SharedArgs()
 
     def make_stub(i, _layer):
         def stub(self, hidden_states, *args, **kwargs):
@@ -213,17 +298,20 @@ def capture_inputs(model: nn.Module, batches: list[dict]) -> list[BatchState]:
         return types.MethodType(stub, _layer)
 
     with _replaced_forward(layers, make_stub):
-        for b in batches:
+        for n, b in enumerate(batches):
             record.clear()
             record["args"] = []
             try:
-                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                      use_cache=False)
+                decoder_forward(model, b["input_ids"].to(device), b["attention_mask"].to(device))
             except _Stop:
                 pass
-            flat = lambda k: b[k].reshape(-1).bool().to(device)
-            states.append(BatchState(record["hidden"], record["args"], flat("attention_mask"), flat("sim"),
-                                     flat("align")))
+            layer_args, own = shared.split(record["args"])
+            state = BatchState(store, f"batch{n}", device, layer_args, bool(own),
+                               *(b[k].reshape(-1).bool().to(device) for k in ("attention_mask", "sim", "align")))
+            if own:
+                store.put(f"{state.key}-args", own)
+            state.keep(record.pop("hidden"))
+            states.append(state)
     return states
 
 
@@ -234,11 +322,15 @@ def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, args) -> torch.Ten
 
 @torch.no_grad()
 def advance(states: list[BatchState], model: nn.Module, start: int, stop: int) -> None:
-    """Run decoder layers start..stop-1 on every batch's hidden states (in place)."""
+    """Run decoder layers start..stop-1 on every batch's hidden states (stored back in its place)."""
+    if start >= stop:
+        return
     layers = decoder_layers(model)
     for s in states:
+        hidden, layer_args = s.load()
         for i in range(start, stop):
-            s.hidden = run_decoder_layer(layers[i], s.hidden, s.layer_args[i])
+            hidden = run_decoder_layer(layers[i], hidden, layer_args[i])
+        s.keep(hidden)
 
 
 # ---- observing one MoE layer -------------------------------------------------------------------------
@@ -293,9 +385,10 @@ def observe_layer(model: nn.Module, layer: MoELayer, states: list[BatchState], n
     with observing_layer(layer, needs) as (obs, current):
         for s in states:
             current["batch"] = s
-            out = run_decoder_layer(dec, s.hidden, s.layer_args[layer.index])
+            hidden, layer_args = s.load()
+            out = run_decoder_layer(dec, hidden, layer_args[layer.index])
             if keep_outputs:
-                s.hidden = out
+                s.keep(out)
     return obs
 
 
@@ -311,7 +404,7 @@ class Timings(dict):
             self[stage] = round(self.get(stage, 0.0) + time.perf_counter() - start, 4)
 
 
-def calibration_states(ctx, needs: Needs) -> list[BatchState]:
+def calibration_states(ctx, needs: Needs, store: StateStore | None = None) -> list[BatchState]:
     """Calibration batches with their token samples, captured at the input of decoder layer 0."""
     if ctx.calib is None:
         raise ValueError(f"method {ctx.cfg.get('name')!r} needs calibration data, but none was built")
@@ -320,7 +413,7 @@ def calibration_states(ctx, needs: Needs) -> list[BatchState]:
              "sim": token_sample(mask, needs.sim_tokens, ctx.seed),
              "align": token_sample(mask, needs.align_tokens, ctx.seed) if needs.align
              else torch.zeros(mask.shape, dtype=torch.bool)}
-    return capture_inputs(ctx.model, calibration_batches(calib, ctx.batch_size))
+    return capture_inputs(ctx.model, calibration_batches(calib, ctx.batch_size), store)
 
 
 def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Path] | None:
@@ -375,10 +468,18 @@ def load_observation(path: Path, device, num_experts: int) -> LayerObservation:
     return obs
 
 
-@torch.no_grad()
 def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None = None
                   ) -> list[LayerPlan]:
-    """Observe, plan, apply and propagate MoE layer after MoE layer; returns the (applied) layer plans."""
+    """Observe, plan, apply and propagate MoE layer after MoE layer; returns the (applied) layer plans.
+
+    The calibration hidden states wait where calib.states_device says (ctx.states, see states.py)."""
+    with state_store(ctx.states) as store:
+        return _run_layerwise(ctx, plan_layer, needs, sequential, timings, store)
+
+
+@torch.no_grad()
+def _run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None,
+                   store: StateStore) -> list[LayerPlan]:
     timings = timings if timings is not None else Timings()
     layers = ctx.layers
     cache = None if sequential else observation_cache(ctx, needs, layers)
@@ -386,7 +487,7 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
         next(iter(cache.values())).parent.mkdir(parents=True, exist_ok=True)
     cached = cache is not None and cached_observations(cache, layers)
     with timings("capture"):
-        states = [] if cached else calibration_states(ctx, needs)
+        states = [] if cached else calibration_states(ctx, needs, store)
     plans, position = [], 0
     for layer in tqdm(layers, desc=f"{ctx.cfg.get('name', 'merge')} layers", disable=not ctx.progress, leave=False):
         if not cached:
