@@ -387,15 +387,20 @@ def load_observation(path: Path, device, num_experts: int) -> LayerObservation:
     return obs
 
 
-def _advance_to(ctx, stream, states: list[BatchState], start: int, stop: int, sequential: bool) -> None:
-    """Run decoder layers start..stop-1 on the hidden states, one layer in memory at a time when streamed.
+def _advance_to(ctx, stream, states: list[BatchState] | None, start: int, stop: int, sequential: bool) -> None:
+    """Run decoder layers start..stop-1 on the hidden states, one layer in memory at a time when streamed
+    (states None: observations come from the cache, nothing runs, layers are only copied).
 
     Layers an earlier attempt of this run finished (resume) are run as that attempt ran them: compressed,
     read back from their shard (sequential), or original with the observing forward whose outputs a
     non-sequential run propagates. Layers without routed experts are written as they are once run."""
     moe = {layer.index: layer for layer in ctx.layers}
     for i in range(start, stop):
-        if stream.done(i) and i in moe and not sequential:
+        if states is None:
+            if not stream.done(i):
+                stream.load(i)
+                stream.finished(i)
+        elif stream.done(i) and i in moe and not sequential:
             stream.load(i)
             observe_layer(ctx.model, moe[i], states, Needs(), keep_outputs=True)
             stream.release(i)
@@ -431,9 +436,8 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
         if stream.done(layer.index):  # written by an earlier attempt of this run (model.stream resume)
             plans.append(stream.plan_of(layer.index))
             continue
-        if not cached:
-            with timings("propagate"):
-                _advance_to(ctx, stream, states, position, layer.index, sequential)
+        with timings("propagate"):
+            _advance_to(ctx, stream, None if cached else states, position, layer.index, sequential)
         stream.load(layer.index)
         with timings("observe"):
             if cached:
