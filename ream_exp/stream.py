@@ -208,7 +208,12 @@ class LayerStream:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
+        from transformers.utils import logging as hf_logging
+
         with contextlib.ExitStack() as stack:
+            if hf_logging.is_progress_bar_enabled():  # one "Loading weights" bar per layer says nothing
+                hf_logging.disable_progress_bar()
+                stack.callback(hf_logging.enable_progress_bar)
             handles = {f: stack.enter_context(safe_open(f, "pt")) for f in sorted({files[k] for k in keys})}
             tensors = {k: handles[files[k]].get_slice(k) for k in keys}
             config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)

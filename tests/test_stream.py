@@ -18,11 +18,11 @@ from ream_exp.stream import PARTIAL, LayerStream
 from tests.test_config import make_cfg
 
 
-def _source(root: Path, family: str) -> Path:
+def _source(root: Path, family: str, dtype=torch.float32, **extra) -> Path:
     """A saved tiny model with 4 decoder layers (Qwen-style families: layer 1 is dense)."""
-    path = root / f"src-{family}"
+    path = root / "-".join(["src", family, str(dtype).split(".")[1], *(f"{k}_{v}" for k, v in sorted(extra.items()))])
     if not path.exists():
-        tiny_model(family, num_experts=8, top_k=2, layers=4).save_pretrained(path)
+        tiny_model(family, num_experts=8, top_k=2, layers=4, **extra).to(dtype).save_pretrained(path)
         tiny_tokenizer().save_pretrained(path)
     return path
 
@@ -57,6 +57,8 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         with torch.no_grad():
             logits.append(model(input_ids=ids, attention_mask=mask).logits)
     assert torch.equal(*logits)
+    assert {t.dtype for t in ta.values()} == {p.dtype for p in model.parameters()} | {
+        b.dtype for n, b in model.named_buffers() if n in model.state_dict()}
 
 
 def _streamed_index_is_complete(checkpoint: Path) -> None:
@@ -82,11 +84,16 @@ def test_streamed_checkpoint_equals_in_memory(method, calib_files, tmp_path):
         assert memory[key] == streamed[key], key
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
-def test_every_family_streams(family, calib_files, tmp_path):
-    source = _source(tmp_path, family)
-    for name, extra in (("memory", ()), ("streamed", ("model.stream=true",))):
-        run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", *extra), tmp_path / name)
+@pytest.mark.parametrize("family, dtype, extra", [
+    ("qwen2_moe", torch.float32, {}), ("mixtral", torch.float32, {}), ("olmoe", torch.float32, {}),
+    ("deepseek_v3", torch.float32, {}), ("gpt_oss", torch.float32, {}),
+    ("qwen3_moe", torch.float32, {"tie_word_embeddings": True}),  # no lm_head.weight in the checkpoint
+    ("qwen3_moe", torch.bfloat16, {}), ("deepseek_v3", torch.bfloat16, {}),  # model.dtype=auto: bf16 kept
+])
+def test_every_family_streams(family, dtype, extra, calib_files, tmp_path):
+    source = _source(tmp_path, family, dtype, **extra)
+    for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
+        run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.dtype=auto", *more), tmp_path / name)
     assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
 
 
