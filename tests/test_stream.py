@@ -190,3 +190,21 @@ def test_settings_streaming_cannot_honour_are_refused(override, message, calib_f
     stream = () if override[0].startswith("model.stream") else ("model.stream=true",)
     with pytest.raises(ConfigError, match=message):
         validate(_cfg(source, calib_files, tmp_path / "cache", "freq", *stream, *override))
+
+
+@pytest.mark.slow
+def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path):
+    """The streamed model is not in memory after compression: evaluation reloads the written checkpoint and
+    the baseline loads the original model; both score as the in-memory run scores."""
+    from tests.test_run import TINY_TASKS
+
+    source = _source(tmp_path, "qwen3_moe")
+    evaluation = ("eval=mc", "eval.name=tiny", "eval.tasks=[tiny_mc]", f"eval.include_path={TINY_TASKS}",
+                  "eval.batch_size=4", "baseline=true")
+    results = {}
+    for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
+        results[name] = run(_cfg(source, calib_files, tmp_path / f"cache-{name}", "reap", *evaluation, *more),
+                            tmp_path / name)
+    assert results["streamed"]["eval"]["tasks"] == results["memory"]["eval"]["tasks"]
+    assert results["streamed"]["baseline"] == results["memory"]["baseline"]
+    assert "baseline_eval" in results["streamed"]["timings"]
