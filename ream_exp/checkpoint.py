@@ -119,6 +119,12 @@ def rewrite_config(directory: Path, config, block: dict) -> dict:
 def save_checkpoint(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int) -> None:
     directory = Path(directory)
     model.save_pretrained(directory)
+    write_provenance(model, tokenizer, directory, cfg, plan, experts_before)
+
+
+def write_provenance(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int) -> None:
+    """Everything of the checkpoint beside the weights and config.json (which save_pretrained, or the
+    streamed writer of ream_exp/stream.py, wrote): tokenizer, plan, legacy keys, compression block, card."""
     tokenizer.save_pretrained(directory)
     plan.save(directory)
     experts_after = int(getattr(model.config, family_for(model.config.model_type).count_key))

@@ -33,6 +33,7 @@ from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
                        offload_scratch, resolve_device, score_table, stats_key, write_json)
+from .stream import PARTIAL, LayerStream, check_stream, config_digest, resumable
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
@@ -61,7 +62,8 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
 
     A finished run with a different config is refused: results are never overwritten. Leftovers of an
     unfinished attempt (a crash, a kill, a damaged metrics.json) are moved to attempts/<time>-<unique>/, not
-    deleted, and the run starts over.
+    deleted, and the run starts over; only a streamed run's finished layers (checkpoint.partial/ of this
+    very config, model.stream=true) stay, for the relaunch to continue from them.
     """
     done = _finished_metrics(run_dir / "metrics.json")
     if done is not None:
@@ -70,7 +72,10 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
             return done
         raise RunDirTaken(f"run directory {run_dir} already holds results of a different config; "
                           "choose another hydra.run.dir or remove it yourself")
-    leftovers = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    leftovers = [name for name in (*RESULT_FILES, PARTIAL) if (run_dir / name).exists()]
+    if PARTIAL in leftovers and resumable(run_dir / PARTIAL, config_digest(cfg)):
+        leftovers.remove(PARTIAL)
+        log.warning("unfinished streamed attempt in %s: continuing from its finished layers", run_dir / PARTIAL)
     if leftovers:
         attempt = set_aside(run_dir, leftovers)
         log.warning("unfinished earlier attempt in %s: moved %s to %s", run_dir, ", ".join(leftovers), attempt)
@@ -109,6 +114,7 @@ def validate(cfg: DictConfig):
     check_placement(cfg.model)
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
+    check_stream(cfg, model_config)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
     if needs_calibration:
@@ -158,7 +164,9 @@ def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None) -> dict
 
 
 def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | None:
-    """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk."""
+    """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk.
+
+    `model` is the model, or (model.stream=true, where it is not in memory) a function that loads it."""
     if not cfg.get("baseline") or not list(cfg.eval.get("tasks") or []) or cfg.method.name == "none":
         return None
     path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
@@ -168,7 +176,8 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
         except ValueError:  # cut short or damaged: evaluate again and rewrite it
             log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
-        scores = _evaluate(model, tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser())
+        scores = _evaluate(model if isinstance(model, torch.nn.Module) else model(), tokenizer, cfg,
+                           checkpoint_dir=Path(str(cfg.model.path)).expanduser())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
     return scores
@@ -215,11 +224,18 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_folder: Path | None = None) -> dict:
     method = get_method(cfg.method.name)
+    device = resolve_device(cfg.device)
+    stream = None
     with timer("load"):
-        model, tokenizer = load_model(cfg.model, resolve_device(cfg.device), offload_folder)
+        if cfg.model.get("stream"):  # a meta skeleton; decoder layers are loaded one at a time
+            stream = LayerStream.open(cfg.model, device, run_dir, config_digest(cfg))
+            model, tokenizer = stream.model, load_tokenizer(cfg.model)
+        else:
+            model, tokenizer = load_model(cfg.model, device, offload_folder)
     experts_before = moe_layers(model)[0].num_experts
     params_before = count_parameters(model)
-    baseline = cached_baseline(model, tokenizer, cfg, timer)
+    baseline = cached_baseline(model if stream is None else lambda: load_model(cfg.model, device)[0],
+                               tokenizer, cfg, timer)
 
     calib = None
     if getattr(method, "NEEDS_CALIBRATION", True):
@@ -228,16 +244,26 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
     stats_path = Path(cfg.cache_dir) / "stats" / f"{stats_key(cfg.model, calib)}.pt" if calib is not None else None
     ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
                   seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress),
-                  stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")))
+                  stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")),
+                  stream=stream)
     with timer("compress"):
         plan = method.plan(ctx)
+        if stream is not None:  # layers a method did not go through are written now, as planned
+            stream.complete(plan.layers)
         apply_plan(model, plan)
     plan.save(run_dir)
     logger.log_plan(run_dir / "plan.json")
 
     if cfg.save:  # weights, tokenizer, plan, provenance and legacy keys in config.json, model card
         with timer("save"):
-            save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before)
+            if stream is not None:
+                stream.save(tokenizer, run_dir / "checkpoint", cfg, plan, experts_before)
+            else:
+                save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before)
+    params_after = count_parameters(model)
+    if stream is not None and list(cfg.eval.get("tasks") or []):  # the compressed model is on disk only
+        model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),
+                           device)[0]
     with timer("evaluate"):
         scores = _evaluate(model, tokenizer, cfg, run_dir / "checkpoint" if cfg.save else None)
 
@@ -250,7 +276,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         "experts_before": experts_before,
         "experts_after": moe_layers(model)[0].num_experts,
         "params_before": params_before,
-        "params_after": count_parameters(model),
+        "params_after": params_after,
         "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
         "eval": scores,
         "baseline": baseline,

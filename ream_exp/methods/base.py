@@ -48,6 +48,9 @@ class Context:
     # pruning methods share them across ratios through this file (None = no cache).
     stats_path: Path | None = None
     states: StatesConfig = StatesConfig()  # where the layer-wise methods keep the calibration hidden states
+    # model.stream=true: the ream_exp.stream.LayerStream that loads, writes and frees decoder layers
+    # (the model is a meta skeleton); None: the model is in memory whole.
+    stream: object | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property
@@ -124,15 +127,19 @@ def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: 
 
 def prune_plan(ctx: Context, score_name: str) -> Plan:
     """Per layer, drop the N - N' experts with the lowest `score_name` saliency (SPEC 3), the same number
-    from each router group of a group-limited router."""
+    from each router group of a group-limited router.
+
+    A streamed model (ctx.stream) is observed layer by layer on the original layers' outputs, which sums
+    exactly what the one-pass observation of the whole model sums."""
+    if ctx.stream is not None:
+        from .layerwise import Needs, run_layerwise
+
+        def plan_layer(layer, obs, n_keep, _timings):
+            return _prune_layer(layer, obs.routing_stats(), n_keep, score_name)
+
+        return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False))
     stats = ctx.stats()
-    layers = []
-    for layer in ctx.layers:
-        s = stats[layer.index]
-        score = s.score(score_name)
-        keep = top_experts(score, ctx.n_keep(layer), layer.router_groups)
-        layers.append(LayerPlan(layer.index, layer.num_experts, keep,
-                                saliency=score.tolist(), scores=s.to_dict()))
+    layers = [_prune_layer(layer, stats[layer.index], ctx.n_keep(layer), score_name) for layer in ctx.layers]
     return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)
 
 
@@ -165,3 +172,9 @@ def layerwise_prune_plan(ctx: Context, s: dict, layer_score) -> Plan:
 
     layers = run_layerwise(ctx, plan_layer, Needs(), s["sequential"])
     return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s})
+
+
+def _prune_layer(layer: MoELayer, s: LayerStats, n_keep: int, score_name: str) -> LayerPlan:
+    score = s.score(score_name)
+    keep = top_experts(score, n_keep, layer.router_groups)
+    return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=s.to_dict())

@@ -38,8 +38,9 @@ from ..atomic import atomic_torch_save
 from ..calib import calibration_batches
 from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
 from ..moe.offload import execution_device, materialised
-from ..observe import Routed, decoder_forward, load_cache_entry, observing_experts
+from ..observe import LayerStats, Routed, decoder_forward, load_cache_entry, observing_experts
 from ..plan import LayerPlan
+from ..stream import InMemory
 from .states import StateStore, state_store
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
@@ -64,6 +65,8 @@ class LayerObservation:
     device: torch.device | str = "cpu"
     tokens: int = 0  # |X| (a device tensor while observing, an int after `finish`)
     count: torch.Tensor = field(init=False)  # |X_i|
+    soft: torch.Tensor = field(init=False)  # sum_{X_i} g_i             (the pruning statistics of
+    ean: torch.Tensor = field(init=False)  # sum_{X_i} ||E_i||          ream_exp/observe.py, layer by layer)
     reap: torch.Tensor = field(init=False)  # sum_{X_i} g_i ||E_i||     (g = routing weight applied)
     sigma_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i ||E_i||   (sigma = full softmax/sigmoid)
     sigma2_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i^2 ||E_i||
@@ -78,6 +81,7 @@ class LayerObservation:
     def __post_init__(self):
         n, f64 = self.num_experts, dict(dtype=torch.float64, device=self.device)
         self.count, self.reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
+        self.soft, self.ean = torch.zeros(n, **f64), torch.zeros(n, **f64)
         self.sigma_reap, self.sigma2_reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
         self.logit_gram = torch.zeros(n, n, **f64)
 
@@ -98,12 +102,20 @@ class LayerObservation:
         """Official-code form: mean over X_i of sigma_i(x)^power ||E_i(x)||, sigma not renormalised."""
         return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
 
+    def routing_stats(self) -> LayerStats:
+        """The pruning methods' statistics of this layer, as the one-pass `observe` sums them."""
+        stats = LayerStats(self.num_experts, self.count.device, int(self.tokens))
+        stats.count, stats.soft, stats.ean, stats.reap = self.count, self.soft, self.ean, self.reap
+        return stats
+
     # ---- accumulation ------------------------------------------------------------------------
     def add_routed(self, routed: Routed, sigma: torch.Tensor) -> None:
         """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]."""
-        e, norms, s = routed.expert, routed.norms, routed.kept(sigma)
+        e, norms, s, w = routed.expert, routed.norms, routed.kept(sigma), routed.kept(routed.weight)
         self.count.index_add_(0, e, routed.keep.double())
-        self.reap.index_add_(0, e, routed.kept(routed.weight) * norms)
+        self.soft.index_add_(0, e, w)
+        self.ean.index_add_(0, e, norms)
+        self.reap.index_add_(0, e, w * norms)
         self.sigma_reap.index_add_(0, e, s * norms)
         self.sigma2_reap.index_add_(0, e, s * s * norms)
 
@@ -468,11 +480,41 @@ def load_observation(path: Path, device, num_experts: int) -> LayerObservation:
     return obs
 
 
+def _advance_to(ctx, stream, states: list[BatchState] | None, start: int, stop: int, sequential: bool) -> None:
+    """Run decoder layers start..stop-1 on the hidden states, one layer in memory at a time when streamed
+    (states None: observations come from the cache, nothing runs, layers are only copied).
+
+    Layers an earlier attempt of this run finished (resume) are run as that attempt ran them: compressed,
+    read back from their shard (sequential), or original with the observing forward whose outputs a
+    non-sequential run propagates. Layers without routed experts are written as they are once run."""
+    moe = {layer.index: layer for layer in ctx.layers}
+    for i in range(start, stop):
+        if states is None:
+            if not stream.done(i):
+                stream.load(i)
+                stream.finished(i)
+        elif stream.done(i) and i in moe and not sequential:
+            stream.load(i)
+            observe_layer(ctx.model, moe[i], states, Needs(), keep_outputs=True)
+            stream.release(i)
+        elif stream.done(i):
+            stream.load_written(i)
+            advance(states, ctx.model, i, i + 1)
+            stream.release(i)
+        else:
+            stream.load(i)
+            advance(states, ctx.model, i, i + 1)
+            stream.finished(i)
+
+
+@torch.no_grad()
 def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None = None
                   ) -> list[LayerPlan]:
     """Observe, plan, apply and propagate MoE layer after MoE layer; returns the (applied) layer plans.
 
-    The calibration hidden states wait where calib.states_device says (ctx.states, see states.py)."""
+    The calibration hidden states wait where calib.states_device says (ctx.states, see states.py).
+    With `ctx.stream` (model.stream=true, ream_exp/stream.py) each decoder layer is loaded before it runs,
+    written and freed once done, and layers finished by an earlier attempt are taken from disk."""
     with state_store(ctx.states) as store:
         return _run_layerwise(ctx, plan_layer, needs, sequential, timings, store)
 
@@ -481,18 +523,23 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
 def _run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None,
                    store: StateStore) -> list[LayerPlan]:
     timings = timings if timings is not None else Timings()
+    stream = getattr(ctx, "stream", None) or InMemory()
     layers = ctx.layers
+    todo = [layer for layer in layers if not stream.done(layer.index)]
     cache = None if sequential else observation_cache(ctx, needs, layers)
     if cache is not None:
         next(iter(cache.values())).parent.mkdir(parents=True, exist_ok=True)
-    cached = cache is not None and cached_observations(cache, layers)
-    with timings("capture"):
-        states = [] if cached else calibration_states(ctx, needs, store)
+    cached = cache is not None and cached_observations(cache, todo)
+    with timings("capture"), stream.capturing():
+        states = [] if cached or not todo else calibration_states(ctx, needs, store)
     plans, position = [], 0
     for layer in tqdm(layers, desc=f"{ctx.cfg.get('name', 'merge')} layers", disable=not ctx.progress, leave=False):
-        if not cached:
-            with timings("propagate"):
-                advance(states, ctx.model, position, layer.index)
+        if stream.done(layer.index):  # written by an earlier attempt of this run (model.stream resume)
+            plans.append(stream.plan_of(layer.index))
+            continue
+        with timings("propagate"):
+            _advance_to(ctx, stream, None if cached else states, position, layer.index, sequential)
+        stream.load(layer.index)
         with timings("observe"):
             if cached:
                 obs = load_observation(cache[layer.index], execution_device(layer.router), layer.num_experts)
@@ -508,6 +555,8 @@ def _run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Tim
         if sequential and layer is not layers[-1]:
             with timings("propagate"):
                 advance(states, ctx.model, layer.index, layer.index + 1)
+        stream.finished(layer.index, lp)
         position = layer.index + 1
         plans.append(lp)
+    stream.complete(plans)
     return plans

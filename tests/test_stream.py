@@ -1,0 +1,210 @@
+"""model.stream=true: the streamed checkpoint equals the in-memory run's, one decoder layer in memory at a
+time, and a run killed mid-way resumes to the same checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from ream_exp import stream as stream_module
+from ream_exp.config import ConfigError
+from ream_exp.moe import decoder_layers
+from ream_exp.moe.tiny import tiny_batch, tiny_model, tiny_tokenizer
+from ream_exp.run import run, validate
+from ream_exp.stream import PARTIAL, LayerStream
+from tests.test_config import make_cfg
+
+
+def _source(root: Path, family: str, dtype=torch.float32, **extra) -> Path:
+    """A saved tiny model with 4 decoder layers (Qwen-style families: layer 1 is dense)."""
+    path = root / "-".join(["src", family, str(dtype).split(".")[1], *(f"{k}_{v}" for k, v in sorted(extra.items()))])
+    if not path.exists():
+        tiny_model(family, num_experts=8, top_k=2, layers=4, **extra).to(dtype).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _cfg(source, calib_files, cache, method, *extra):
+    return make_cfg("model=local", f"model.path={source}", "calib=local", "calib.n=16", "calib.seq_len=32",
+                    *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()], "eval=none", "logger=none",
+                    f"cache_dir={cache}", "progress=false", f"method={method}", "ratio=0.5", "baseline=false", *extra)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Same tensors (names, dtypes, bytes), same config.json and plan, and both load in stock transformers."""
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    plans = [json.loads((d / "plan.json").read_text()) for d in (a, b)]
+    assert plans[0]["layers"] == plans[1]["layers"]
+    ids, mask = tiny_batch()
+    logits = []
+    for d in (a, b):
+        model = AutoModelForCausalLM.from_pretrained(d).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(*logits)
+    assert {t.dtype for t in ta.values()} == {p.dtype for p in model.parameters()} | {
+        b.dtype for n, b in model.named_buffers() if n in model.state_dict()}
+
+
+def _streamed_index_is_complete(checkpoint: Path) -> None:
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    on_disk = {}
+    for f in checkpoint.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            on_disk.update({k: f.name for k in h.keys()})
+    assert index["weight_map"] == on_disk
+    assert not (checkpoint / stream_module.PROGRESS).exists() and not (checkpoint / stream_module.PLANS).exists()
+
+
+@pytest.mark.parametrize("method", ["ream_official", "ream_nonseq", "hc_smoe", "m_smoe", "freq", "ean", "reap",
+                                    "random", "none"])
+def test_streamed_checkpoint_equals_in_memory(method, calib_files, tmp_path):
+    source = _source(tmp_path, "qwen3_moe")
+    memory = run(_cfg(source, calib_files, tmp_path / "cache", method), tmp_path / "memory")
+    streamed = run(_cfg(source, calib_files, tmp_path / "cache", method, "model.stream=true"), tmp_path / "streamed")
+    assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
+    _streamed_index_is_complete(tmp_path / "streamed" / "checkpoint")
+    assert not (tmp_path / "streamed" / PARTIAL).exists()
+    for key in ("experts_before", "experts_after", "params_before", "params_after"):
+        assert memory[key] == streamed[key], key
+
+
+@pytest.mark.parametrize("family, dtype, extra", [
+    ("qwen2_moe", torch.float32, {}), ("mixtral", torch.float32, {}), ("olmoe", torch.float32, {}),
+    ("deepseek_v3", torch.float32, {}), ("gpt_oss", torch.float32, {}),
+    ("qwen3_moe", torch.float32, {"tie_word_embeddings": True}),  # no lm_head.weight in the checkpoint
+    ("qwen3_moe", torch.bfloat16, {}), ("deepseek_v3", torch.bfloat16, {}),  # model.dtype=auto: bf16 kept
+])
+def test_every_family_streams(family, dtype, extra, calib_files, tmp_path):
+    source = _source(tmp_path, family, dtype, **extra)
+    for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
+        run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.dtype=auto", *more), tmp_path / name)
+    assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
+
+
+def _materialised_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(decoder_layers(model))
+            if any(p.device.type != "meta" for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("method", ["ream_official", "freq"])
+def test_one_decoder_layer_in_memory_at_a_time(method, calib_files, tmp_path, monkeypatch):
+    loaded = []
+
+    def checked(original):
+        def load(self, index):
+            original(self, index)
+            present = _materialised_layers(self.model)
+            assert present == [index], f"decoder layers {present} in memory while loading layer {index}"
+            loaded.append(index)
+        return load
+
+    monkeypatch.setattr(LayerStream, "load", checked(LayerStream.load))
+    source = _source(tmp_path, "qwen3_moe")
+    run(_cfg(source, calib_files, tmp_path / "cache", method, "model.stream=true"), tmp_path / "run")
+    assert sorted(set(loaded)) == [0, 1, 2, 3]
+    assert (tmp_path / "run" / "checkpoint" / "config.json").exists()
+
+
+class Killed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method", ["ream_official", "ream_nonseq", "hc_smoe", "freq"])
+def test_killed_run_resumes_to_the_same_checkpoint(method, calib_files, tmp_path, monkeypatch):
+    """The relaunch recomputes the hidden states at the boundary (the reference run has its own cache, so
+    non-sequential methods find the killed attempt's layer observations only for finished layers)."""
+    source = _source(tmp_path, "qwen3_moe")
+    run(_cfg(source, calib_files, tmp_path / "cache-ref", method, "model.stream=true"), tmp_path / "uninterrupted")
+    cfg = _cfg(source, calib_files, tmp_path / "cache", method, "model.stream=true")
+
+    original = LayerStream.finished
+    written = []
+
+    def dies_after_layer_2(self, index, plan=None):
+        original(self, index, plan)
+        written.append(index)
+        if index == 2:  # layers 0 (MoE), 1 (dense) and 2 (MoE) are on disk, layer 3 is not
+            raise Killed("killed after layer 2")
+
+    monkeypatch.setattr(LayerStream, "finished", dies_after_layer_2)
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "run")
+    partial = tmp_path / "run" / PARTIAL
+    assert json.loads((partial / stream_module.PROGRESS).read_text())["layers"].keys() == {"0", "1", "2"}
+
+    monkeypatch.setattr(LayerStream, "finished", lambda self, index, plan=None: (written.append(index),
+                                                                               original(self, index, plan)))
+    written.clear()
+    read = []
+    for name in ("load", "load_written"):
+        monkeypatch.setattr(LayerStream, name, lambda self, index, f=getattr(LayerStream, name), n=name: (
+            read.append((n, index)), f(self, index)))
+    run(cfg, tmp_path / "run")
+    assert written == [3], "the relaunch redid finished layers"
+    sequential = method == "ream_official"
+    # the boundary's hidden states come from running layers 0..2 again: compressed ones read back from their
+    # shards (sequential), original ones (non-sequential); the dense layer 1 as written
+    expected = [("load_written" if sequential else "load", 0), ("load_written", 1),
+                ("load_written" if sequential else "load", 2), ("load", 3)]
+    assert read == expected
+    assert_same_checkpoint(tmp_path / "uninterrupted" / "checkpoint", tmp_path / "run" / "checkpoint")
+    assert not partial.exists()
+    assert list((tmp_path / "run" / "attempts").glob("*/error.txt")), "the failed attempt's error is kept aside"
+
+
+def test_partial_output_of_another_config_is_set_aside(calib_files, tmp_path, monkeypatch):
+    source = _source(tmp_path, "qwen3_moe")
+    monkeypatch.setattr(LayerStream, "finished", lambda *a, **k: (_ for _ in ()).throw(Killed("at once")))
+    with pytest.raises(Killed):
+        run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.stream=true"), tmp_path / "run")
+    assert (tmp_path / "run" / PARTIAL / stream_module.PROGRESS).exists()
+    monkeypatch.undo()
+    run(_cfg(source, calib_files, tmp_path / "cache", "freq", "model.stream=true"), tmp_path / "run")
+    kept = list((tmp_path / "run" / "attempts").glob(f"*/{PARTIAL}/{stream_module.PROGRESS}"))
+    assert len(kept) == 1 and (tmp_path / "run" / "checkpoint" / "config.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    (("save=false",), "save=true"),
+    (("model.device_map=auto",), "model.device_map=null"),
+    (("model.stream=yes",), "true or false"),
+])
+def test_settings_streaming_cannot_honour_are_refused(override, message, calib_files, tmp_path):
+    source = _source(tmp_path, "qwen3_moe")
+    stream = () if override[0].startswith("model.stream") else ("model.stream=true",)
+    with pytest.raises(ConfigError, match=message):
+        validate(_cfg(source, calib_files, tmp_path / "cache", "freq", *stream, *override))
+
+
+@pytest.mark.slow
+def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path):
+    """The streamed model is not in memory after compression: evaluation reloads the written checkpoint and
+    the baseline loads the original model; both score as the in-memory run scores."""
+    from tests.test_run import TINY_TASKS
+
+    source = _source(tmp_path, "qwen3_moe")
+    evaluation = ("eval=mc", "eval.name=tiny", "eval.tasks=[tiny_mc]", f"eval.include_path={TINY_TASKS}",
+                  "eval.batch_size=4", "baseline=true")
+    results = {}
+    for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
+        results[name] = run(_cfg(source, calib_files, tmp_path / f"cache-{name}", "reap", *evaluation, *more),
+                            tmp_path / name)
+    assert results["streamed"]["eval"]["tasks"] == results["memory"]["eval"]["tasks"]
+    assert results["streamed"]["baseline"] == results["memory"]["baseline"]
+    assert "baseline_eval" in results["streamed"]["timings"]
