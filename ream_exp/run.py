@@ -176,7 +176,8 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
         except ValueError:  # cut short or damaged: evaluate again and rewrite it
             log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
-        scores = _evaluate(model if isinstance(model, torch.nn.Module) else model(), tokenizer, cfg,
+        scores = _evaluate(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
+                           tokenizer, cfg,
                            checkpoint_dir=Path(str(cfg.model.path)).expanduser())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
