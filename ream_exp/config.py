@@ -149,14 +149,7 @@ def check_cache_dir(cache_dir) -> None:
     """The caches are written after the model has loaded: make sure now that they can be."""
     if cache_dir in (None, ""):
         return
-    path = Path(str(cache_dir)).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cache_dir={str(cache_dir)!r} cannot be written ({exc.strerror or exc}): cache_dir "
-                          "must be a writable directory (set cache_dir=DIR or REAM_EXP_CACHE)") from exc
+    require_writable_dir("cache_dir", cache_dir, "where the caches go (set cache_dir=DIR or REAM_EXP_CACHE)")
 
 
 def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:

@@ -117,7 +117,7 @@ def _check_code_tasks_contained(names: list[str], index) -> None:
     from ream_exp.sandbox import is_contained
 
     uncontained = []
-    for leaf in sorted({leaf for name in names for leaf in _leaf_names(index, name, set())}):
+    for leaf in sorted({leaf for name in names for leaf, _ in _leaf_tasks(index, name, set()) if leaf}):
         entry = index.get(leaf)
         if entry is None or not (entry.cfg or {}).get("unsafe_code") or not getattr(entry, "yaml_path", None):
             continue
@@ -129,22 +129,6 @@ def _check_code_tasks_contained(names: list[str], index) -> None:
         raise ConfigError(f"eval.tasks: {uncontained} execute model-written code outside ream_exp.sandbox; "
                           f"with eval.allow_code_eval the code-executing tasks allowed are {CONTAINED_CODE_TASKS} "
                           "(ream_exp/code_tasks/ holds the contained replacements of lm-eval tasks)")
-
-
-def _leaf_names(index, name: str, seen: set) -> list[str]:
-    """The leaf task names a task, group or tag name stands for (inline group members by the task they name)."""
-    entry = index.get(name)
-    if entry is None or name in seen:
-        return []
-    seen.add(name)
-    kind = entry.kind.name
-    if kind == "TAG":
-        members = [other for other, e in index.items() if name in e.tags]
-    elif kind == "GROUP":
-        members = [m.get("task") if isinstance(m, dict) else m for m in (entry.cfg or {}).get("task") or []]
-    else:
-        return [name]
-    return [leaf for m in members if m for leaf in _leaf_names(index, str(m), seen)]
 
 
 # The code-executing tasks shipped with contained scoring (ream_exp.sandbox): named in refusals.
@@ -177,8 +161,8 @@ def task_datasets(cfg) -> list[tuple[str, tuple]]:
     return needed
 
 
-def _leaf_configs(index, name: str, seen: set) -> list[dict]:
-    """The YAML configs of the leaf tasks a task, group or tag name stands for."""
+def _leaf_tasks(index, name: str, seen: set) -> list[tuple[str, dict]]:
+    """(leaf task name, its YAML config) for each leaf task a task, group or tag name stands for."""
     entry = index.get(name)
     if entry is None or name in seen:
         return []
@@ -189,15 +173,20 @@ def _leaf_configs(index, name: str, seen: set) -> list[dict]:
     elif kind == "GROUP":
         members = list((entry.cfg or {}).get("task") or [])
     else:
-        return [entry.cfg or {}]
+        return [(name, entry.cfg or {})]
     leaves = []
     for member in members:
         if isinstance(member, dict):  # an inline task: its own keys over the task it names
             base = index.get(member.get("task"))
-            leaves.append({**((base.cfg or {}) if base is not None else {}), **member})
+            leaves.append((member.get("task"), {**((base.cfg or {}) if base is not None else {}), **member}))
         else:
-            leaves += _leaf_configs(index, str(member), seen)
+            leaves += _leaf_tasks(index, str(member), seen)
     return leaves
+
+
+def _leaf_configs(index, name: str, seen: set) -> list[dict]:
+    """The YAML configs of the leaf tasks a task, group or tag name stands for."""
+    return [cfg for _, cfg in _leaf_tasks(index, name, seen)]
 
 
 def _check_backend(backend: str) -> None:
