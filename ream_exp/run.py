@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
-from .calib import calibration_datasets, validate_calib
+from .calib import calibration_datasets, recorded_mix, validate_calib
 from .calib.cache import cached_calibration
 from .checkpoint import save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
@@ -273,7 +273,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         "method": cfg.method.name,
         "ratio": float(cfg.ratio),
         "model": cfg.model.name,
-        "mix": list(cfg.calib.mix) if calib is not None and cfg.calib.get("mix") is not None else None,
+        "mix": recorded_mix(cfg.calib) if calib is not None else None,  # {source: weight}
         "experts_before": experts_before,
         "experts_after": moe_layers(model)[0].num_experts,
         "params_before": params_before,
