@@ -88,6 +88,20 @@ def is_shorthand(weights: dict[str, float]) -> bool:
     return set(weights) <= set(DOMAINS)
 
 
+def without_unread_sources(calib: dict) -> dict:
+    """A resolved calib config without the sources its mix gives no weight, which cannot change a run
+    (so declaring a new source, as the toy's `tool`, leaves earlier runs' configs the same). A mix that
+    does not validate is left for validate_calib to report, and the config is returned as it is."""
+    sources, mix = calib.get("sources"), calib.get("mix")
+    if not isinstance(sources, dict) or mix is None:
+        return calib
+    try:
+        read = {name for name, weight in validate_mix(mix).items() if weight > 0}
+    except ConfigError:
+        return calib
+    return {**calib, "sources": {name: src for name, src in sources.items() if name in read}}
+
+
 def counts_for_mix(n: int, mix, sources=None) -> dict[str, int]:
     """{source: int(n * weight)}; the three shorthand sources are always listed (0 when not in the mix)."""
     weights = validate_mix(mix, sources)
@@ -251,4 +265,4 @@ def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
 
 __all__ = ["DOMAINS", "build_calibration", "calibration_batches", "calibration_datasets", "counts_for_mix",
            "is_pretokenized", "is_shorthand", "load_pretokenized", "load_source", "recorded_mix", "resolve_source",
-           "used_sources", "validate_calib", "validate_mix"]
+           "used_sources", "validate_calib", "validate_mix", "without_unread_sources"]
