@@ -2,11 +2,13 @@
 
     python -m tests.calib_digests > tests/data/calib_digests.json
 
-tests/data/calib_digests.json was written by this module from main at bb294da, before calibration mixes
+tests/data/calib_digests.json was written by this module from main at bb294da (this module run on that
+commit's code), before calibration mixes
 became mappings; tests/test_calib_mix.py recomputes every entry with the current code and compares. Do not
 rewrite the file unless the tokens are meant to change (then bump calib.cache.FORMAT_VERSION too).
 Each entry: the sha256 of the tokenised tensors (calib.cache.tensor_checksum) and the sha256 of the cache
-key material with local files' size/mtime left out (they differ between checkouts).
+key material with local files' size/mtime left out and paths inside the package written relative to it
+(they differ between checkouts).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -50,9 +53,19 @@ def digests(calib_cfg, tokenizer) -> dict:
     material = calibration_key_material(calib_cfg, tokenizer)
     for source in material["sources"].values():
         source["files"] = None
+        source["source"]["path"] = _in_checkout(source["source"]["path"])
+    material["tokenizer"]["name_or_path"] = _in_checkout(material["tokenizer"]["name_or_path"])
     body = json.dumps(material, sort_keys=True, default=str)
     return {"tokens": tensor_checksum(build_calibration(calib_cfg, tokenizer)),
             "key_material": hashlib.sha256(body.encode()).hexdigest()}
+
+
+def _in_checkout(path: str) -> str:
+    """A path inside the package as a path relative to it: the digests must not depend on the checkout's place."""
+    try:
+        return "<package>/" + Path(path).resolve().relative_to(PACKAGE_DIR.resolve()).as_posix()
+    except ValueError:
+        return path
 
 
 def cases() -> dict[str, list[str]]:
