@@ -306,6 +306,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         write_model_card(run_dir / "checkpoint", scores, baseline)  # now with the scores
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics(metrics)
+    logger.log_results(run_dir / "metrics.json")
     rows = {"uncompressed": baseline} if baseline else {}
     rows[f"{cfg.method.name} ({metrics['experts_after']}/{experts_before} experts)"] = scores
     if scores.get("tasks"):
