@@ -484,8 +484,6 @@ def test_collect_carries_stderrs_eval_settings_and_baseline(se_root):
                                                                        "arith=50 facts=50")
     assert a.mc_tasks == "facts" and a.experts_before == 8
     assert (a.baseline_mc, a.baseline_gen, a.baseline_mc_stderr) == pytest.approx((80, 70, 0.5))
-    old = collect_runs(ROOT / "docs" / "toy_pareto") if (ROOT / "docs" / "toy_pareto" / "x").exists() else None
-    assert old is None  # (docs holds a CSV, not run dirs)
 
 
 def test_stderrs_survive_the_runs_csv_and_seeds_average_them(se_root, tmp_path):
