@@ -1,10 +1,12 @@
 """Collect ream-exp runs (Hydra run directories, or a W&B project) into one pandas table.
 
 A run directory holds config.yaml (or Hydra's .hydra/config.yaml) and either metrics.json or
-error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_after), ratio, mix
-('0:.3:.7'; 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code
-(0 for a source the mix does not read), seed, mc, gen, avg, mc_tasks, gen_tasks, status, error, one
-`mix_<source>` column per other calibration source, and one `task/<name>` column per evaluated task. A failed run (error.txt without metrics.json, an unreadable
+error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_after), experts_before,
+ratio, mix ('0:.3:.7'; 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code
+(0 for a source the mix does not read), seed, mc, gen, avg, mc_stderr, gen_stderr, avg_stderr, mc_tasks,
+gen_tasks, eval, eval_limit, eval_fewshot, eval_items, baseline_mc, baseline_gen, baseline_mc_stderr,
+baseline_gen_stderr, status, error, one `mix_<source>` column per other calibration source, and
+`task/<name>`, `stderr/<name>` columns per evaluated task. A failed run (error.txt without metrics.json, an unreadable
 metrics.json, or "status": "failed") is kept with status='failed' and NaN scores so that a sweep's
 holes stay visible; everything downstream drops rows without scores.
 
@@ -13,8 +15,21 @@ mc_tasks / gen_tasks name the task set behind each mean: the sorted task names j
 "gen_tasks"), else from the per-task entries' kinds (older runs); when neither says (a W&B summary
 without kinds), they are left empty: unknown. analysis.pareto refuses to compare different sets.
 
+Standard errors: mc_stderr, gen_stderr, avg_stderr and one `stderr/<name>` per task, as metrics.json
+records them (lm-eval's per-task stderrs; the suites' from them, see ream_exp.evaluate); NaN for runs
+evaluated without them.
+
+Eval settings, so that only like is compared (analysis.pareto refuses to mix them): eval (the eval
+config's name), eval_limit ('all' for no limit, else eval.limit), eval_fewshot (the few-shot count of
+each task, 'name=n' joined by spaces, as lm-eval used it), eval_items (items scored per task, 'name=n').
+Each is left empty when the run does not record it (older runs: limit read from config.yaml then).
+
+The uncompressed model's scores that each run's metrics.json carries ("baseline") become baseline_mc,
+baseline_gen, baseline_mc_stderr, baseline_gen_stderr; experts_before is the model's expert count.
+
 Scores are stored in metrics.json as fractions; here they are multiplied by 100 (percentage points),
-the units of the paper's tables. Pareto reference points and table cells are in these units.
+the units of the paper's tables; standard errors too. Pareto reference points and table cells are in
+these units.
 
 Run:  python -m analysis.collect outputs/ [more dirs] [--csv runs.csv]
 """
@@ -32,9 +47,13 @@ import yaml
 from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix
 
 SCALE = 100.0  # fraction -> percentage points
-COLUMNS = ["run_dir", "model", "method", "experts", "ratio", "mix",
-           *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", "mc_tasks", "gen_tasks",
-           "status", "error"]
+EVAL_COLUMNS = ["eval", "eval_limit", "eval_fewshot", "eval_items"]
+BASELINE_COLUMNS = ["baseline_mc", "baseline_gen", "baseline_mc_stderr", "baseline_gen_stderr"]
+STDERR_COLUMNS = ["mc_stderr", "gen_stderr", "avg_stderr"]
+COLUMNS = ["run_dir", "model", "method", "experts", "experts_before", "ratio", "mix",
+           *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", *STDERR_COLUMNS,
+           "mc_tasks", "gen_tasks", *EVAL_COLUMNS, *BASELINE_COLUMNS, "status", "error"]
+NO_LIMIT = "all"  # eval_limit of a run that scored every item
 SUITES = ("mc", "gen")
 NO_TASKS = "-"  # the task set of a suite that scored no task (a CSV would read "" back as missing)
 CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")
@@ -116,6 +135,7 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -
         "model": dig(config, "model.name"),
         "method": _first(metrics.get("method"), dig(config, "method.name")),
         "experts": metrics.get("experts_after"),
+        "experts_before": metrics.get("experts_before"),
         "ratio": _first(metrics.get("ratio"), dig(config, "ratio")),
         "mix": format_mix(recorded),
         "seed": dig(config, "seed"),
@@ -129,17 +149,52 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -
         evaluation = evaluation if isinstance(evaluation, dict) else metrics
         row.update(score_columns(evaluation))
         row.update(task_set_columns(evaluation))
+        row.update(eval_setting_columns(evaluation, config))
+        row.update(baseline_columns(metrics.get("baseline")))
     return row
 
 
+def eval_setting_columns(evaluation: dict, config: dict) -> dict:
+    """eval, eval_limit, eval_fewshot, eval_items (see the module docstring); None where unknown."""
+    tasks = {n: t for n, t in (evaluation.get("tasks") or {}).items() if isinstance(t, dict)}
+    if "limit" in evaluation:
+        limit = _limit_label(evaluation["limit"])
+    elif isinstance(dig(config, "eval"), dict):  # older runs: the configured limit
+        limit = _limit_label(dig(config, "eval.limit"))
+    else:
+        limit = None
+    return {"eval": dig(config, "eval.name"), "eval_limit": limit,
+            "eval_fewshot": _per_task(tasks, "fewshot"), "eval_items": _per_task(tasks, "n")}
+
+
+def _limit_label(limit) -> str:
+    return NO_LIMIT if limit is None else f"{float(limit):g}"
+
+
+def _per_task(tasks: dict, key: str):
+    """'a=0 b=5' over the tasks that record `key`; None unless every task does."""
+    if not tasks or not all(key in task for task in tasks.values()):
+        return None
+    value = lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
+    return " ".join(f"{name}={value(tasks[name][key])}" for name in sorted(tasks))
+
+
+def baseline_columns(baseline) -> dict:
+    """The uncompressed model's MC / GEN (and their stderrs) that a run's metrics.json carries."""
+    baseline = baseline if isinstance(baseline, dict) else {}
+    return {f"baseline_{key}": _percent(baseline.get(key)) for key in ("mc", "gen", "mc_stderr", "gen_stderr")}
+
+
 def score_columns(evaluation: dict) -> dict:
-    """mc, gen, avg and task/<name> in percentage points; avg = (mc + gen) / 2 when not given."""
-    scores = {key: _percent(evaluation.get(key)) for key in ("mc", "gen", "avg")}
+    """mc, gen, avg, their stderrs and task/<name>, stderr/<name> in percentage points;
+    avg = (mc + gen) / 2 when not given."""
+    scores = {key: _percent(evaluation.get(key)) for key in ("mc", "gen", "avg", *STDERR_COLUMNS)}
     if math.isnan(scores["avg"]):
         scores["avg"] = (scores["mc"] + scores["gen"]) / 2
     for name, task in (evaluation.get("tasks") or {}).items():
         value = task.get("score") if isinstance(task, dict) else task
         scores[f"task/{name}"] = _percent(value)
+        scores[f"stderr/{name}"] = _percent(task.get("stderr") if isinstance(task, dict) else None)
     return scores
 
 
@@ -193,11 +248,13 @@ def to_frame(rows) -> pd.DataFrame:
     for column in COLUMNS:
         if column not in frame:
             frame[column] = None
-    tasks = sorted(c for c in frame.columns if c.startswith("task/"))
+    tasks = sorted(c for c in frame.columns if c.startswith(("task/", "stderr/")))
     sources = sorted(c for c in frame.columns if c.startswith("mix_") and c not in COLUMNS)  # e.g. mix_tool
     frame = frame[COLUMNS + sources + tasks]
-    frame["experts"] = pd.to_numeric(frame["experts"], errors="coerce").astype("Int64")
-    numeric = ["ratio", "mc", "gen", "avg", *(f"mix_{p}" for p in MIX_PARTS), *sources, *tasks]
+    for column in ("experts", "experts_before"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    numeric = ["ratio", "mc", "gen", "avg", *STDERR_COLUMNS, *BASELINE_COLUMNS, *(f"mix_{p}" for p in MIX_PARTS),
+               *sources, *tasks]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
     return frame
 

@@ -3,22 +3,28 @@
 Each method is run once per calibration mix at a given expert count; its points (MC, GEN) over the
 mixes form a cloud whose non-dominated set (maximising both) is the method's frontier. The
 hypervolume is the area dominated by the frontier above a reference point shared by every method at
-that expert count: (smallest MC - 1, smallest GEN - 1) over all compared methods' points. "1" is one
-unit of the scores as given: collect_runs reports percentage points (as the paper's tables), so from
-run dirs it is one percentage point; a CSV is taken as is (use --offset if its units differ).
+that expert count. By default (the paper's convention, which reproduces its hypervolumes) that point
+is (smallest MC - 1, smallest GEN - 1) over all compared methods' points, so it moves with the set of
+methods compared; `ref=(MC, GEN)` (`--ref MC,GEN`) fixes it, so that hypervolumes of two reports can
+be compared. "1" is one unit of the scores as given: collect_runs reports percentage points (as the
+paper's tables), so from run dirs it is one percentage point; a CSV is taken as is (use --offset if
+its units differ). Every frontier records its reference point and the rule that chose it.
 
 Rows with method 'none' (the uncompressed model) and rows without both scores (failed runs) are not
-compared. Repeated runs of the same (method, experts, mix), e.g. seeds, are averaged into one point.
+compared. Repeated runs of the same (method, experts, mix), e.g. seeds, are averaged into one point;
+their standard errors (mc_stderr, gen_stderr) are averaged too: an upper bound on the stderr of the
+averaged score whatever the correlation between runs scored on the same items.
 
-Task sets: MC and GEN are means over a suite's tasks, so points are comparable only when they were
-scored on the same tasks (columns mc_tasks / gen_tasks, see analysis.collect). A table whose scored
-rows (the baseline included) hold different task sets is refused with TaskSetMismatch, naming the
-runs of each set; allow_mixed_task_sets=True (--allow-mixed-task-sets) compares them anyway, with
-every point's task set kept apart (never averaged together) and the comparison flagged. A table
-without those columns (the paper CSV, older tables) counts as one unknown but uniform task set.
+Eval settings: MC and GEN are means over a suite's tasks, scored on `limit` items with some few-shot
+count, so points are comparable only when all three match (columns mc_tasks / gen_tasks, eval_limit,
+eval_fewshot; see analysis.collect). A table whose scored rows (the baseline included) differ in any
+of them is refused with EvalMismatch, naming the settings that differ and the runs of each;
+allow_mixed_evals=True (--allow-mixed-evals) compares them anyway, with every point's eval setting kept
+apart (never averaged together) and the comparison flagged. A column the table does not have (the
+paper CSV, older tables) counts as one unknown but uniform setting.
 
 Run:  python -m analysis.pareto --csv tests/data/paper_table.csv     (columns method,experts,mix,mc,gen)
-      python -m analysis.pareto --runs outputs/ [more run folders]
+      python -m analysis.pareto --runs outputs/ [more run folders] [--ref 40,30]
 """
 
 import argparse
@@ -30,13 +36,20 @@ import pandas as pd
 
 BASELINE = "none"  # method name of the uncompressed model's rows
 KEYS = ["method", "experts"]
-TASK_SET_COLUMNS = {"mc_tasks": "MC", "gen_tasks": "GEN"}
-UNKNOWN = "?"  # a suite whose task set the table does not record
-RUNS_NAMED = 3  # runs named per task set in a mismatch message
+# What must match for two points to share a frontier: column -> its name in labels and messages.
+EVAL_FIELDS = {"mc_tasks": "MC tasks", "gen_tasks": "GEN tasks", "eval_limit": "limit",
+               "eval_fewshot": "few-shot"}
+UNKNOWN = "?"  # a setting the table does not record
+RUNS_NAMED = 3  # runs named per eval setting in a mismatch message
+STDERRS = ["mc_stderr", "gen_stderr"]
+OVERRIDE = "pass --allow-mixed-evals (allow_mixed_evals=True) to compare them flagged"
 
 
-class TaskSetMismatch(ValueError):
-    """The points to compare were scored on different task sets."""
+class EvalMismatch(ValueError):
+    """The points to compare were scored with different eval settings (task sets, limit, few-shot)."""
+
+
+TaskSetMismatch = EvalMismatch  # its name when task sets were the only setting checked
 
 
 # ---------------------------------------------------------------- geometry
@@ -81,42 +94,55 @@ def hypervolume(points, ref) -> float:
 
 # ---------------------------------------------------------------- tables of runs
 
-def compared_points(df: pd.DataFrame, allow_mixed_task_sets: bool = False) -> pd.DataFrame:
-    """One row per (method, experts, mix, task_set) with finite MC and GEN, seeds averaged; baseline
-    dropped. Columns task_set (its label) and mixed_task_sets (the table holds several) are added.
-    Raises TaskSetMismatch when the task sets differ, unless allow_mixed_task_sets."""
+def compared_points(df: pd.DataFrame, allow_mixed_evals: bool = False) -> pd.DataFrame:
+    """One row per (method, experts, mix, eval setting) with finite MC and GEN, seeds averaged (their
+    stderrs too, NaN where unknown); baseline dropped. Columns eval_setting (its label) and
+    mixed_evals (the table holds several) are added. Raises EvalMismatch when the eval settings
+    differ, unless allow_mixed_evals."""
     scored = df[df["mc"].notna() & df["gen"].notna()]
-    mixed = check_task_sets(scored, allow_mixed_task_sets)
+    mixed = check_evals(scored, allow_mixed_evals)
     data = scored[(scored["method"] != BASELINE) & scored["experts"].notna()]
     data = data.assign(experts=data["experts"].astype(int), mix=data["mix"].astype(str),
-                       task_set=task_set_labels(data))
-    points = data.groupby(KEYS + ["mix", "task_set"], sort=False, as_index=False)[["mc", "gen"]].mean()
-    return points.assign(mixed_task_sets=mixed)
+                       eval_setting=eval_labels(data),
+                       **{c: pd.to_numeric(data[c], errors="coerce") if c in data else np.nan for c in STDERRS})
+    points = data.groupby(KEYS + ["mix", "eval_setting"], sort=False, as_index=False)[["mc", "gen", *STDERRS]].mean()
+    return points.assign(mixed_evals=mixed)
 
 
-def task_set_labels(df: pd.DataFrame) -> pd.Series:
-    """Each row's task sets as one label, e.g. 'MC: arc_easy+mmlu | GEN: gsm8k' ('?' = unknown)."""
-    parts = []
-    for column, suite in TASK_SET_COLUMNS.items():
-        values = df[column] if column in df else pd.Series(None, index=df.index, dtype=object)
-        parts.append(f"{suite}: " + values.astype(object).where(values.notna(), UNKNOWN).astype(str))
-    return parts[0] + " | " + parts[1]
+def _setting(df: pd.DataFrame, column: str) -> pd.Series:
+    """A setting column as text, UNKNOWN where the table does not say; numbers as %g (50.0 -> '50')."""
+    if column not in df:
+        return pd.Series(UNKNOWN, index=df.index, dtype=object)
+    text = df[column].map(lambda v: f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                          else str(v))
+    return text.where(df[column].notna(), UNKNOWN).astype(object)
 
 
-def check_task_sets(scored: pd.DataFrame, allow_mixed: bool = False) -> bool:
-    """Whether the scored rows hold more than one task set; raises TaskSetMismatch if they do and
-    mixing is not allowed, else warns."""
-    labels = task_set_labels(scored)
-    if labels.nunique() <= 1:
+def eval_labels(df: pd.DataFrame, fields=None) -> pd.Series:
+    """Each row's eval setting as one label, e.g. 'MC tasks: arc_easy+mmlu | GEN tasks: gsm8k | limit: 50 |
+    few-shot: ...' ('?' = unknown); `fields` picks the columns (default: all of EVAL_FIELDS)."""
+    fields = list(fields or EVAL_FIELDS)
+    labels = pd.Series("", index=df.index, dtype=object)
+    for i, column in enumerate(fields):
+        labels = labels + ("" if i == 0 else " | ") + f"{EVAL_FIELDS[column]}: " + _setting(df, column)
+    return labels
+
+
+def check_evals(scored: pd.DataFrame, allow_mixed: bool = False) -> bool:
+    """Whether the scored rows hold more than one eval setting; raises EvalMismatch (one line naming
+    the settings that differ, the runs of each, and the override) if they do and mixing is not
+    allowed, else warns."""
+    differing = [c for c in EVAL_FIELDS if _setting(scored, c).nunique() > 1]
+    if not differing:
         return False
+    labels = eval_labels(scored, differing)
     described = "; ".join(_describe(scored[labels == label], label) for label in dict.fromkeys(labels))
+    what = ", ".join(EVAL_FIELDS[c] for c in differing)
     if not allow_mixed:
-        raise TaskSetMismatch(
-            f"these runs were scored on different task sets, so their MC/GEN means are not "
-            f"comparable: {described}. Rerun them with one eval config, compare each set on its own, "
-            "or pass allow_mixed_task_sets=True (--allow-mixed-task-sets) to compare them flagged"
-        )
-    warnings.warn(f"comparing points scored on different task sets (flagged): {described}",
+        raise EvalMismatch(f"these runs were evaluated with different eval settings ({what} differ), so their "
+                           f"MC/GEN are not comparable: {described}. Rerun them with one eval config, compare "
+                           f"each setting on its own, or {OVERRIDE}")
+    warnings.warn(f"comparing points evaluated with different eval settings ({what}; flagged): {described}",
                   stacklevel=3)
     return True
 
@@ -134,36 +160,55 @@ def _run_name(row) -> str:
     return f"{row.get('method')}/{row.get('experts')}/{row.get('mix')}"
 
 
-def reference_points(points: pd.DataFrame, offset: float = 1.0) -> dict:
-    """experts -> (min MC - offset, min GEN - offset) over every method at that expert count."""
+def reference_points(points: pd.DataFrame, offset: float = 1.0, ref=None) -> dict:
+    """experts -> the reference point: `ref` (MC, GEN) when given, else (min MC - offset, min GEN - offset)
+    over every method at that expert count (the paper's convention)."""
+    if ref is not None:
+        fixed = tuple(float(v) for v in np.asarray(ref, dtype=float).reshape(2))
+        return {int(e): fixed for e in points["experts"].unique()}
     lows = points.groupby("experts")[["mc", "gen"]].min() - offset
     return {int(e): (float(r.mc), float(r.gen)) for e, r in lows.iterrows()}
 
 
-def frontiers(df: pd.DataFrame, offset: float = 1.0, allow_mixed_task_sets: bool = False) -> pd.DataFrame:
-    """Per (method, experts): n_points, frontier_size, hypervolume, reference point, the frontier,
-    the task sets of its points and whether the comparison mixes task sets (see compared_points)."""
-    points = compared_points(df, allow_mixed_task_sets)
-    refs = reference_points(points, offset)
-    rows = [_frontier_row(method, experts, group, refs[experts])
+def reference_rule(offset: float = 1.0, ref=None) -> str:
+    """How the reference point was chosen, in words (every table carries it)."""
+    if ref is not None:
+        mc, gen = (float(v) for v in np.asarray(ref, dtype=float).reshape(2))
+        return f"fixed at (MC, GEN) = ({mc:g}, {gen:g})"
+    return f"{offset:g} below the smallest MC and GEN of the methods compared at each expert count"
+
+
+def frontiers(df: pd.DataFrame, offset: float = 1.0, allow_mixed_evals: bool = False, ref=None) -> pd.DataFrame:
+    """Per (method, experts): n_points, frontier_size, hypervolume, reference point (ref_mc, ref_gen,
+    ref_rule), the frontier, the eval settings of its points and whether the comparison mixes them
+    (see compared_points). `ref` fixes the reference point; by default it is the minima - offset."""
+    points = compared_points(df, allow_mixed_evals)
+    refs = reference_points(points, offset, ref)
+    rule = reference_rule(offset, ref)
+    rows = [_frontier_row(method, experts, group, refs[experts], rule)
             for (method, experts), group in points.groupby(KEYS, sort=False)]
-    columns = KEYS + ["n_points", "frontier_size", "hypervolume", "ref_mc", "ref_gen", "frontier",
-                      "task_sets", "mixed_task_sets"]
+    columns = KEYS + ["n_points", "frontier_size", "hypervolume", "ref_mc", "ref_gen", "ref_rule", "frontier",
+                      "evals", "mixed_evals"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _frontier_row(method, experts, group: pd.DataFrame, ref) -> dict:
+def _frontier_row(method, experts, group: pd.DataFrame, ref, rule: str) -> dict:
     xy = group[["mc", "gen"]].to_numpy()
     front = group.iloc[pareto_front(xy)]
     return {
         "method": method, "experts": int(experts), "n_points": len(group),
         "frontier_size": len(front), "hypervolume": hypervolume(xy, ref),
-        "ref_mc": ref[0], "ref_gen": ref[1],
-        "frontier": [{"mix": m, "mc": float(x), "gen": float(y)}
-                     for m, x, y in zip(front["mix"], front["mc"], front["gen"])],
-        "task_sets": sorted(set(group["task_set"])),
-        "mixed_task_sets": bool(group["mixed_task_sets"].any()),
+        "ref_mc": ref[0], "ref_gen": ref[1], "ref_rule": rule,
+        "frontier": [{"mix": m, "mc": float(x), "gen": float(y), **_stderrs(se_x, se_y)}
+                     for m, x, y, se_x, se_y in zip(front["mix"], front["mc"], front["gen"],
+                                                    front["mc_stderr"], front["gen_stderr"])],
+        "evals": sorted(set(group["eval_setting"])),
+        "mixed_evals": bool(group["mixed_evals"].any()),
     }
+
+
+def _stderrs(mc_stderr, gen_stderr) -> dict:
+    return {k: float(v) for k, v in (("mc_stderr", mc_stderr), ("gen_stderr", gen_stderr)) if np.isfinite(v)}
 
 
 def frontiers_json(table: pd.DataFrame) -> list:
@@ -171,10 +216,31 @@ def frontiers_json(table: pd.DataFrame) -> list:
     return [
         {"method": str(r.method), "experts": int(r.experts), "hypervolume": float(r.hypervolume),
          "frontier_size": int(r.frontier_size), "n_points": int(r.n_points),
-         "reference": [float(r.ref_mc), float(r.ref_gen)], "frontier": r.frontier,
-         "task_sets": list(r.task_sets), "mixed_task_sets": bool(r.mixed_task_sets)}
+         "reference": [float(r.ref_mc), float(r.ref_gen)], "reference_rule": str(r.ref_rule),
+         "frontier": r.frontier, "evals": list(r.evals), "mixed_evals": bool(r.mixed_evals)}
         for r in table.itertuples(index=False)
     ]
+
+
+def parse_ref(text: str) -> tuple[float, float]:
+    """'MC,GEN' (e.g. '40,30.5') -> (40.0, 30.5); argparse type of --ref."""
+    try:
+        mc, gen = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ref {text!r}: give the reference point as MC,GEN, e.g. --ref 40,30") \
+            from None
+    return mc, gen
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """--offset, --ref and --allow-mixed-evals, shared by analysis.pareto and analysis.report."""
+    parser.add_argument("--offset", type=float, default=1.0,
+                        help="reference point = minima - offset (the paper's convention; default 1)")
+    parser.add_argument("--ref", type=parse_ref, default=None, metavar="MC,GEN",
+                        help="fix the hypervolume's reference point instead, so reports can be compared")
+    parser.add_argument("--allow-mixed-evals", "--allow-mixed-task-sets", dest="allow_mixed_evals",
+                        action="store_true", help="compare runs with different eval settings (task sets, limit, "
+                        "few-shot), flagged, instead of refusing")
 
 
 # ---------------------------------------------------------------- command line
@@ -192,9 +258,7 @@ def main(argv=None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", help="table with columns method, experts, mix, mc, gen (values as given)")
     source.add_argument("--runs", nargs="+", help="folders of run dirs (scores in percentage points)")
-    parser.add_argument("--offset", type=float, default=1.0, help="reference point = minima - offset")
-    parser.add_argument("--allow-mixed-task-sets", action="store_true",
-                        help="compare points scored on different task sets (flagged) instead of refusing")
+    add_comparison_arguments(parser)
     args = parser.parse_args(argv)
     if args.csv:
         data = read_points_csv(args.csv)
@@ -203,8 +267,8 @@ def main(argv=None) -> None:
 
         data = collect_runs(*args.runs)
     try:
-        table = frontiers(data, args.offset, args.allow_mixed_task_sets)
-    except TaskSetMismatch as exc:
+        table = frontiers(data, args.offset, args.allow_mixed_evals, ref=args.ref)
+    except EvalMismatch as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(frontiers_json(table), indent=2))
 

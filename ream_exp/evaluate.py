@@ -2,8 +2,9 @@
 
     from ream_exp.evaluate import check_tasks, evaluate
     check_tasks(cfg.eval)                            # before the model is loaded: bad names fail here
-    metrics = evaluate(model, tokenizer, cfg.eval)   # {"tasks", "mc", "gen", "avg", "percent",
-                                                     #  "mc_tasks", "gen_tasks", "skipped"}
+    metrics = evaluate(model, tokenizer, cfg.eval, output_dir=run_dir / "lm_eval")
+    # {"tasks", "mc", "gen", "avg", "mc_stderr", "gen_stderr", "avg_stderr", "percent", "mc_tasks",
+    #  "gen_tasks", "limit", "bootstrap_iters", "skipped"}
 
 The eval config is one of conf/eval/*.yaml. Every name in its `tasks` list is scored as ONE task:
 a leaf task by its own metric, a group (mmlu) by the group's aggregate score, a tag by each of the
@@ -16,6 +17,20 @@ MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG = (MC + GEN) / 
 Each suite's task set is recorded ("mc_tasks", "gen_tasks": the tasks it was meant to score), so
 means over different task sets are never compared unknowingly; a task of the set whose metric is
 missing makes that suite's mean (and AVG) None, with an error logged, never a mean over fewer tasks.
+
+Standard errors: each task's `stderr` is the one lm-eval reports beside its metric ("acc_stderr,none"),
+in the same units as its score. lm-eval computes it in closed form for metrics aggregated by `mean`
+(sample standard deviation / sqrt(n): every task of this project) and by bootstrap, with
+`eval.bootstrap_iters` resamples, for the few others (median, f1, mcc, bleu, ...); bootstrap_iters=0
+turns every stderr off (None). A group's stderr is lm-eval's pooled one. The suites' means are means
+of k task scores over disjoint item sets, so, taking the tasks as independent,
+SE(MC) = sqrt(sum_i SE_i^2) / k, the same for GEN, and SE(AVG) = sqrt(SE(MC)^2 + SE(GEN)^2) / 2 (AVG's
+own suite's SE when only one suite has tasks); a task without a stderr makes its suite's SE None.
+They measure the sampling error of the eval items only, not run-to-run variation of the compression.
+
+With `output_dir`, lm-eval's own EvaluationTracker writes its results files there (results_mc_<time>.json,
+results_gen_<time>.json: the raw lm-eval output, configs and versions included) and, with
+`eval.log_samples=true`, every item's prompt, response and score (samples_<task>_<time>.jsonl).
 
 Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval, livecodebench) run only with
 allow_code_eval=true, and only when their scorer runs the code through ream_exp.sandbox
@@ -48,6 +63,10 @@ MC_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
 MC_METRIC = "acc"  # SPEC 8 scores MC by acc, not acc_norm
 CODE_EVAL_HINT = "set eval.allow_code_eval=true to run it (executes model-written code)"
 SUITES = ("mc", "gen")
+# lm-eval's default (100000) is for bootstrapped metrics on big suites and takes minutes; every metric
+# here is a mean, whose stderr lm-eval computes in closed form whatever this number (> 0) is. For the
+# bootstrapped rest, 1000 resamples estimate a stderr to about 1/sqrt(2 * 1000) = 2% of itself.
+DEFAULT_BOOTSTRAP_ITERS = 1000
 
 
 @dataclass
@@ -89,6 +108,7 @@ def check_tasks(cfg) -> list[str]:
         return []
     _check_backend(cfg.get("backend") or "hf")
     _check_tensor_parallel(cfg)
+    check_eval_settings(cfg)
     known = set(_task_manager(_include_path(cfg)).all_tasks)
     unknown = [name for name in names if name not in known]
     if unknown:
@@ -129,6 +149,19 @@ def _check_code_tasks_contained(names: list[str], index) -> None:
         raise ConfigError(f"eval.tasks: {uncontained} execute model-written code outside ream_exp.sandbox; "
                           f"with eval.allow_code_eval the code-executing tasks allowed are {CONTAINED_CODE_TASKS} "
                           "(ream_exp/code_tasks/ holds the contained replacements of lm-eval tasks)")
+
+
+def check_eval_settings(cfg) -> None:
+    """eval.bootstrap_iters: a non-negative integer; eval.log_samples: a boolean."""
+    from .config import require_number
+
+    cfg = _as_dict(cfg)
+    iters = cfg.get("bootstrap_iters")
+    meaning = "the bootstrap resamples behind non-mean metrics' stderrs (0 turns every stderr off)"
+    if iters is not None and require_number("eval.bootstrap_iters", iters, meaning, integer=True) < 0:
+        raise ConfigError(f"eval.bootstrap_iters={iters} must be 0 or more: eval.bootstrap_iters is {meaning}")
+    if not isinstance(cfg.get("log_samples", False), bool):
+        raise ConfigError(f"eval.log_samples={cfg.get('log_samples')!r}: choose true or false")
 
 
 # The code-executing tasks shipped with contained scoring (ream_exp.sandbox): named in refusals.
@@ -233,18 +266,22 @@ def _task_manager(include_path: str | None):
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = None) -> dict:
+def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = None,
+             output_dir: str | os.PathLike | None = None) -> dict:
     """Scores `model` on the eval config `cfg`; returns a JSON-serialisable dict.
 
-    {"tasks": {name: {"score", "metric", "kind", "n"}}, "mc", "gen", "avg" (fractions in [0, 1],
-    None when a side has no task or misses a score), "percent": the same three x 100, "mc_tasks",
-    "gen_tasks": the task set of each suite, "skipped": {name: reason}}.
-    `checkpoint_dir` (the saved model) is needed only by backend=vllm.
+    {"tasks": {name: {"score", "stderr", "metric", "kind", "n", "fewshot"}}, "mc", "gen", "avg"
+    (fractions in [0, 1], None when a side has no task or misses a score), "mc_stderr", "gen_stderr",
+    "avg_stderr" (same units), "percent": those six x 100, "mc_tasks", "gen_tasks": the task set of
+    each suite, "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}}.
+    `checkpoint_dir` (the saved model) is needed only by backend=vllm; `output_dir` receives lm-eval's
+    own results (and per-sample) files.
     """
     cfg = _as_dict(cfg)
     names = check_tasks(cfg)
+    settings = {"limit": cfg.get("limit"), "bootstrap_iters": _bootstrap_iters(cfg)}
     if not names:  # eval=none: lm-eval is not even imported
-        return {**summarise({}), "skipped": {}}
+        return {**summarise({}), **settings, "skipped": {}}
     if cfg.get("backend") == "vllm" and checkpoint_dir is None:
         raise ValueError("eval.backend=vllm loads the model from disk: pass checkpoint_dir")
     task_manager = _task_manager(_include_path(cfg))
@@ -254,25 +291,68 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
     scores = {}
     for kind, group in _by_kind(entries).items():
         lm = _make_lm(kind, model, tokenizer, cfg, checkpoint_dir)
-        raw = _run(lm, group, kind, cfg, task_manager)
+        tracker = None if output_dir is None else lm_eval_tracker(Path(output_dir), kind)
+        raw = _run(lm, group, kind, cfg, task_manager, tracker)
         scores.update({e.name: _score(e, raw) for e in group})
-    return {**summarise(scores), "skipped": skipped}
+        if tracker is not None:
+            save_lm_eval_output(tracker, raw, Path(output_dir), kind)
+    return {**summarise(scores), **settings, "skipped": skipped}
+
+
+def lm_eval_tracker(output_dir: Path, kind: str):
+    """lm-eval's EvaluationTracker for one suite's files in output_dir (simple_evaluate fills it in)."""
+    from lm_eval.loggers import EvaluationTracker
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return EvaluationTracker(output_path=str(output_dir / f"results_{kind}.json"))
+
+
+def save_lm_eval_output(tracker, raw: dict, output_dir: Path, kind: str) -> list[Path]:
+    """The tracker writes `raw` as output_dir/results_<kind>_<time>.json and, when it holds per-sample
+    logs (eval.log_samples), one samples_<task>_<time>.jsonl per task; returns the files written."""
+    before = set(output_dir.iterdir())
+    raw = dict(raw)  # the tracker adds its own keys; the caller's dict stays as lm-eval returned it
+    samples = raw.pop("samples", None)
+    tracker.save_results_aggregated(results=raw, samples=samples)
+    for task_name in samples or {}:
+        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    written = sorted(set(output_dir.iterdir()) - before)
+    if not any(p.name.startswith(f"results_{kind}_") for p in written):  # the tracker only warns
+        log.error("lm-eval's EvaluationTracker wrote no results file into %s", output_dir)
+    return written
 
 
 def summarise(tasks: dict) -> dict:
-    """MC / GEN / AVG from per-task results (SPEC 8), the same in percent, and the task sets.
+    """MC / GEN / AVG and their standard errors from per-task results (SPEC 8), the same in percent,
+    and the task sets.
 
     A suite's task set is every task of that kind in `tasks`; one without a score makes the suite's
     mean None (an error is logged), and AVG is None unless every suite that has tasks has a mean.
+    Standard errors: see the module docstring (independent tasks; None where a task has none).
     """
     task_sets = {kind: [name for name, t in tasks.items() if t["kind"] == kind] for kind in SUITES}
     means = {kind: _suite_mean(kind, names, tasks) for kind, names in task_sets.items()}
-    present = [means[kind] for kind in SUITES if task_sets[kind]]
-    avg = None if not present or None in present else sum(present) / len(present)
-    values = {**means, "avg": avg}
-    percent = {k: None if v is None else round(100 * v, 2) for k, v in values.items()}
+    errors = {kind: _suite_stderr(names, tasks) if means[kind] is not None else None
+              for kind, names in task_sets.items()}
+    present = [kind for kind in SUITES if task_sets[kind]]
+    avg = avg_stderr = None
+    if present and None not in (means[kind] for kind in present):
+        avg = sum(means[kind] for kind in present) / len(present)
+        if None not in (errors[kind] for kind in present):
+            avg_stderr = sum(errors[kind] ** 2 for kind in present) ** 0.5 / len(present)
+    values = {**means, "avg": avg, **{f"{k}_stderr": v for k, v in errors.items()}, "avg_stderr": avg_stderr}
+    percent = {k: None if v is None else round(100 * v, 2 if k in (*SUITES, "avg") else 3)
+               for k, v in values.items()}
     return {"tasks": tasks, **values, "percent": percent,
             **{f"{kind}_tasks": names for kind, names in task_sets.items()}}
+
+
+def _suite_stderr(names: list[str], tasks: dict) -> float | None:
+    """sqrt(sum SE_i^2) / k over a suite's k tasks (independent); None if one has no stderr."""
+    errors = [tasks[name].get("stderr") for name in names]
+    if not names or None in errors:
+        return None
+    return sum(e ** 2 for e in errors) ** 0.5 / len(errors)
 
 
 def _suite_mean(kind: str, names: list[str], tasks: dict) -> float | None:
@@ -400,7 +480,7 @@ def _make_lm(kind: str, model, tokenizer, cfg: dict, checkpoint_dir):
     return LM_BUILDERS[backend](model, tokenizer, cfg, checkpoint_dir)
 
 
-def _run(lm, entries: list[Entry], kind: str, cfg: dict, task_manager) -> dict:
+def _run(lm, entries: list[Entry], kind: str, cfg: dict, task_manager, tracker=None) -> dict:
     import lm_eval
 
     num_fewshot = cfg.get("num_fewshot")
@@ -414,9 +494,15 @@ def _run(lm, entries: list[Entry], kind: str, cfg: dict, task_manager) -> dict:
         gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
         apply_chat_template=_for_kind(cfg.get("apply_chat_template"), kind),
         confirm_run_unsafe_code=bool(cfg.get("allow_code_eval")),
-        bootstrap_iters=0,  # stderrs are not reported; bootstrapping them costs minutes
-        log_samples=False,
+        bootstrap_iters=_bootstrap_iters(cfg),
+        log_samples=bool(cfg.get("log_samples")),
+        evaluation_tracker=tracker,
     )
+
+
+def _bootstrap_iters(cfg: dict) -> int:
+    iters = cfg.get("bootstrap_iters")
+    return DEFAULT_BOOTSTRAP_ITERS if iters is None else int(iters)
 
 
 def _score(entry: Entry, raw: dict) -> dict:
@@ -428,7 +514,26 @@ def _score(entry: Entry, raw: dict) -> dict:
         log.error("%s reports no %r (has %s): its suite's mean will be None", entry.name, entry.metric,
                   available)
         value = None
-    return {"score": None if value is None else float(value), "metric": entry.metric, "kind": entry.kind, "n": n}
+    return {"score": None if value is None else float(value), "stderr": _stderr(entry, reported),
+            "metric": entry.metric, "kind": entry.kind, "n": n, "fewshot": _fewshot(entry, raw)}
+
+
+def _stderr(entry: Entry, reported: dict) -> float | None:
+    """The stderr lm-eval reports beside the primary metric ("acc,none" -> "acc_stderr,none");
+    None when it reports "N/A" (bootstrap_iters=0, one item, a metric without a stderr)."""
+    metric, filter_name = entry.metric.split(",", 1)
+    value = reported.get(f"{metric}_stderr,{filter_name}")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _fewshot(entry: Entry, raw: dict):
+    """The few-shot count lm-eval used: the task's, or its leaves' when they agree (else a mapping)."""
+    shots = raw.get("n-shot") or {}
+    if entry.name in shots:
+        return shots[entry.name]
+    per_leaf = {t.task_name: shots.get(t.task_name) for t in entry.leaves}
+    values = set(per_leaf.values())
+    return values.pop() if len(values) == 1 else per_leaf
 
 
 # ---------------------------------------------------------------- small helpers

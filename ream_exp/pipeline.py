@@ -140,9 +140,14 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Eval settings that change what is written, not the scores: left out of the baseline's cache key.
+EVAL_OUTPUT_KEYS = ("log_samples",)
+
+
 def baseline_key(model_cfg: DictConfig, eval_cfg: DictConfig) -> str:
-    """Cache key of the uncompressed model's scores: the model and the eval config."""
-    return _digest(_model_identity(model_cfg), OmegaConf.to_container(eval_cfg, resolve=True))
+    """Cache key of the uncompressed model's scores: the model and the eval config (output settings aside)."""
+    settings = {k: v for k, v in OmegaConf.to_container(eval_cfg, resolve=True).items() if k not in EVAL_OUTPUT_KEYS}
+    return _digest(_model_identity(model_cfg), settings)
 
 
 def stats_key(model_cfg: DictConfig, calib: dict[str, torch.Tensor]) -> str:
@@ -154,13 +159,20 @@ def stats_key(model_cfg: DictConfig, calib: dict[str, torch.Tensor]) -> str:
 
 
 def score_table(rows: dict[str, dict]) -> str:
-    """A plain text table: one row per model, columns MC / GEN / AVG and each task, in %."""
+    """A plain text table: one row per model, columns MC / GEN / AVG and each task, in % ("61.0 ± 0.8"
+    where the standard error is known)."""
     tasks = sorted({t for r in rows.values() for t in (r.get("tasks") or {})})
     head = ["model", "MC", "GEN", "AVG"] + tasks
     lines = [head]
-    fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
+
+    def fmt(value, stderr=None):
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
     for name, r in rows.items():
-        lines.append([name, fmt(r.get("mc")), fmt(r.get("gen")), fmt(r.get("avg"))]
-                     + [fmt((r.get("tasks") or {}).get(t, {}).get("score")) for t in tasks])
+        task = lambda t: (r.get("tasks") or {}).get(t, {})
+        lines.append([name] + [fmt(r.get(k), r.get(f"{k}_stderr")) for k in ("mc", "gen", "avg")]
+                     + [fmt(task(t).get("score"), task(t).get("stderr")) for t in tasks])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)

@@ -3,7 +3,8 @@
     ream-exp                                   # toy model, default method, ratio 0.25, eval=toy
     ream-exp model=local model.path=DIR method=reap ratio=0.5 eval=none logger=none hydra.run.dir=OUT
 
-The run directory gets config.yaml (resolved), plan.json, metrics.json and checkpoint/ (unless save=false).
+The run directory gets config.yaml (resolved), plan.json, metrics.json, checkpoint/ (unless save=false) and
+lm_eval/ (lm-eval's own results files, per-sample outputs with eval.log_samples=true; see ream_exp.evaluate).
 Tests call `run(cfg)` directly; `hydra_main` is the Hydra task and `main` the console script, which prints
 errors raised on purpose (ConfigError, Hydra's config composition errors) as one `error: ...` line.
 """
@@ -39,7 +40,7 @@ from .weight_files import check_weight_files
 
 log = logging.getLogger("ream_exp")
 
-RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "error.txt")
+RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt")
 # Settings that change how a run is shown or logged, not what it computes.
 PRESENTATION_KEYS = ("progress", "logger")
 # Settings of a group that change only where intermediate data waits: the plans are the same bits.
@@ -159,10 +160,29 @@ def _calibration_cached(cfg: DictConfig) -> bool:
     return cache_path(cfg.cache_dir, calibration_key(cfg.calib, tokenizer)).exists()
 
 
-def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None) -> dict:
+def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_dir: Path | None = None) -> dict:
     from .evaluate import evaluate
 
-    return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir)
+    return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
+
+
+def _usable_baseline(path: Path) -> dict | None:
+    """A cached baseline's scores, or None (evaluate again) when it is unreadable or was written before
+    per-task standard errors were recorded."""
+    try:
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError):  # cut short or damaged
+        log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
+        return None
+    tasks = scores.get("tasks") if isinstance(scores, dict) else None
+    if not isinstance(tasks, dict) or not all(isinstance(t, dict) and "stderr" in t for t in tasks.values()):
+        log.warning("baseline cache %s has no standard errors (older format): evaluating again", path)
+        return None
+    return scores
+
+
+def scores_wanted(cfg: DictConfig) -> bool:
+    return bool(list(cfg.eval.get("tasks") or []))
 
 
 def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | None:
@@ -172,15 +192,13 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
     if not cfg.get("baseline") or not list(cfg.eval.get("tasks") or []) or cfg.method.name == "none":
         return None
     path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:  # cut short or damaged: evaluate again and rewrite it
-            log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
+    cached = _usable_baseline(path) if path.exists() else None
+    if cached is not None:
+        return cached
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
         scores = _evaluate(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
-                           tokenizer, cfg,
-                           checkpoint_dir=Path(str(cfg.model.path)).expanduser())
+                           tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser(),
+                           output_dir=path.with_name(path.stem + "_lm_eval"))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
     return scores
@@ -268,7 +286,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),
                            device)[0]
     with timer("evaluate"):
-        scores = _evaluate(model, tokenizer, cfg, run_dir / "checkpoint" if cfg.save else None)
+        scores = _evaluate(model, tokenizer, cfg, run_dir / "checkpoint" if cfg.save else None,
+                           output_dir=run_dir / "lm_eval" if scores_wanted(cfg) else None)
 
     metrics = {
         "status": "done",
@@ -289,6 +308,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         write_model_card(run_dir / "checkpoint", scores, baseline)  # now with the scores
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics(metrics)
+    logger.log_results(run_dir / "metrics.json")
     rows = {"uncompressed": baseline} if baseline else {}
     rows[f"{cfg.method.name} ({metrics['experts_after']}/{experts_before} experts)"] = scores
     if scores.get("tasks"):

@@ -1,13 +1,20 @@
 """Experiment tracking: a W&B run for logger=wandb, a NullLogger that does nothing for logger=none.
 
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    logger.log_plan(run_dir / "plan.json"); logger.log_metrics(metrics); logger.finish()
+    logger.log_plan(run_dir / "plan.json"); logger.log_metrics(metrics)
+    logger.log_results(run_dir / "metrics.json"); logger.finish()
 
 Both loggers have the same methods, so the pipeline never asks whether logging is on.
 W&B runs offline by default: files go under <run_dir>/wandb/, no login is needed, and
 `wandb sync <run_dir>/wandb/offline-run-*` uploads them later. A mode=online run that cannot start
 (no API key, no network) continues offline with a warning. Logging never stops a run: every W&B
 call is guarded, and a W&B that cannot start at all leaves a NullLogger in its place.
+
+Each W&B run is named like its run directory, from what tells runs of a sweep apart: method, ratio and
+calibration mix ("reap_r0.25_0:.5:.5"; logger.run_name overrides it). Inside a Hydra multirun its
+group is the sweep (the sweep directory's name, e.g. toy_pareto; logger.group overrides it), so a
+sweep's runs sit together in the W&B UI. plan.json and metrics.json are logged as artifacts (types
+`plan` and `metrics`), besides the metrics in the run's summary and history.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class NullLogger:
         pass
 
     def log_plan(self, plan: str | Path | dict) -> None:
+        pass
+
+    def log_results(self, path: str | Path) -> None:
         pass
 
     def finish(self) -> None:
@@ -83,8 +93,18 @@ class WandbLogger:
         import wandb
 
         path = Path(plan) if isinstance(plan, (str, Path)) else _write_json(Path(self.run.dir) / "plan.json", plan)
-        artifact = wandb.Artifact(f"plan-{self.run.id}", type="plan")
-        artifact.add_file(str(path), name="plan.json")
+        self._log_file("plan", path)
+
+    @_guarded
+    def log_results(self, path: str | Path) -> None:
+        """metrics.json, as written, as a versioned `metrics` artifact."""
+        self._log_file("metrics", Path(path))
+
+    def _log_file(self, kind: str, path: Path) -> None:
+        import wandb
+
+        artifact = wandb.Artifact(f"{kind}-{self.run.id}", type=kind)
+        artifact.add_file(str(path), name=path.name)
         self.run.log_artifact(artifact)
 
     @_guarded
@@ -109,13 +129,54 @@ def check_logger(cfg) -> str | None:
 
 def make_logger(cfg, run_dir: str | Path, config_dict: dict | None = None) -> NullLogger | WandbLogger:
     """The logger a conf/logger/*.yaml asks for. cfg keys: name (wandb | none), project, entity,
-    mode (offline | online | disabled), group, tags, run_name, init_timeout (seconds)."""
+    mode (offline | online | disabled), group (default: the sweep), tags, run_name (default: method,
+    ratio, mix), init_timeout (seconds)."""
     cfg = _as_dict(cfg)
     mode = check_logger(cfg)
     if mode is None:
         return NullLogger()
+    cfg = {**cfg, "run_name": cfg.get("run_name") or run_name(config_dict or {}),
+           "group": cfg.get("group") or sweep_name()}
     run = _start_first(cfg, Path(run_dir), config_dict, MODES[mode])
     return NullLogger() if run is None else WandbLogger(run)
+
+
+def run_name(config: dict) -> str | None:
+    """method_r<ratio>[_<mix>] from a resolved run config, the settings a sweep's run directories differ
+    in; None when the config names no method."""
+    method = (config.get("method") or {}).get("name")
+    if not method:
+        return None
+    name = f"{method}_r{float(config['ratio']):g}" if config.get("ratio") is not None else str(method)
+    mix = (config.get("calib") or {}).get("mix")
+    if mix is not None and method != "none":
+        name += f"_{_mix_label(mix)}"
+    return name
+
+
+def _mix_label(mix) -> str:
+    from analysis.naming import format_mix
+
+    try:
+        return format_mix(mix)
+    except (TypeError, ValueError):  # a mix format_mix does not know: shown as given
+        return str(mix)
+
+
+def sweep_name() -> str | None:
+    """The sweep directory's name when this process runs a Hydra multirun job, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        return Path(str(hydra_cfg.sweep.dir)).name or None
+    except Exception:  # noqa: BLE001 - no Hydra state: no group
+        return None
 
 
 def _start_first(cfg: dict, run_dir: Path, config_dict: dict | None, modes: tuple):

@@ -21,7 +21,7 @@ import yaml
 from analysis import tables
 from analysis.collect import collect_runs, collect_wandb, wandb_row
 from analysis.naming import format_mix, parse_mix
-from analysis.pareto import TaskSetMismatch, frontiers, hypervolume, pareto_front, read_points_csv
+from analysis.pareto import EvalMismatch, frontiers, hypervolume, pareto_front, read_points_csv
 from analysis.plots import plot_frontiers
 from analysis.report import main as report_main
 
@@ -377,17 +377,18 @@ def test_collect_carries_recorded_and_derived_task_sets(tmp_path):
 def test_frontiers_refuse_different_task_sets_naming_the_runs(mixed_root):
     runs = collect_runs(mixed_root)
     for compare in (frontiers, tables.best_gen_table, tables.mix_table):
-        with pytest.raises(TaskSetMismatch) as caught:
+        with pytest.raises(EvalMismatch) as caught:
             compare(runs)
         message = str(caught.value)
-        assert "[MC: arc_easy+mmlu | GEN: gsm8k+humaneval] 2 run(s)" in message
-        assert "[MC: arc_easy+mmlu | GEN: gsm8k] 1 run(s)" in message
+        assert "(GEN tasks differ)" in message and "\n" not in message
+        assert "[GEN tasks: gsm8k+humaneval] 2 run(s)" in message
+        assert "[GEN tasks: gsm8k] 1 run(s)" in message
         assert all(str(mixed_root / name) in message for name in "abc")
-        assert "allow_mixed_task_sets" in message
+        assert "--allow-mixed-evals" in message and "allow_mixed_evals=True" in message
     # one task set alone is fine
     same = frontiers(runs[runs["method"] == "ream"])
-    assert not same["mixed_task_sets"].any()
-    assert list(same["task_sets"]) == [["MC: arc_easy+mmlu | GEN: gsm8k+humaneval"]]
+    assert not same["mixed_evals"].any()
+    assert list(same["evals"]) == [["MC tasks: arc_easy+mmlu | GEN tasks: gsm8k+humaneval | limit: ? | few-shot: ?"]]
 
 
 def test_mixed_task_sets_can_be_compared_flagged_and_never_averaged(mixed_root, tmp_path):
@@ -396,31 +397,32 @@ def test_mixed_task_sets_can_be_compared_flagged_and_never_averaged(mixed_root, 
     extra = write_scored_run(tmp_path / "extra" / "d", "reap", (0, 0.5, 0.5),
                              {**MC_TASKS, "gsm8k": ("gen", 0.2), "humaneval": ("gen", 0.2)})
     runs = pd.concat([runs, collect_runs(extra.parent)], ignore_index=True)
-    with pytest.warns(UserWarning, match="different task sets"):
-        table = frontiers(runs, allow_mixed_task_sets=True).set_index("method")
-    assert table["mixed_task_sets"].all()
+    with pytest.warns(UserWarning, match="different eval settings"):
+        table = frontiers(runs, allow_mixed_evals=True).set_index("method")
+    assert table["mixed_evals"].all()
     assert table.loc["reap", "n_points"] == 2  # not one point averaged over two task sets
-    assert len(table.loc["reap", "task_sets"]) == 2
+    assert len(table.loc["reap", "evals"]) == 2
     with pytest.warns(UserWarning):
-        best = tables.best_gen_table(runs, allow_mixed_task_sets=True)
-        mix = tables.mix_table(runs, allow_mixed_task_sets=True)
-    assert "task_set" in best.columns and "task_set" in mix.columns
+        best = tables.best_gen_table(runs, allow_mixed_evals=True)
+        mix = tables.mix_table(runs, allow_mixed_evals=True)
+    assert "eval_setting" in best.columns and "eval_setting" in mix.columns
     assert len(mix[mix["mix"] == "0:.5:.5"]) == 2  # one row per (mix, task set)
 
 
 def test_report_refuses_mixed_task_sets_unless_allowed(mixed_root, tmp_path):
     out = tmp_path / "report"
-    with pytest.raises(SystemExit, match="error: .*different task sets"):
+    with pytest.raises(SystemExit, match="error: .*different eval settings"):
         report_main(["--runs", str(mixed_root), "--out", str(out)])
     assert not out.exists()  # refused before anything was written
     with pytest.warns(UserWarning):
-        report_main(["--runs", str(mixed_root), "--out", str(out), "--allow-mixed-task-sets"])
+        report_main(["--runs", str(mixed_root), "--out", str(out), "--allow-mixed-evals"])
     fronts = json.loads((out / "frontiers.json").read_text())
-    assert fronts and all(f["mixed_task_sets"] for f in fronts)
-    assert "task_set" in (out / "mix_table.md").read_text()
+    assert fronts and all(f["mixed_evals"] for f in fronts)
+    assert "eval_setting" in (out / "mix_table.md").read_text()
     refused = subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(mixed_root)],
                              cwd=ROOT, capture_output=True, text=True)
-    assert refused.returncode != 0 and "different task sets" in refused.stderr
+    assert refused.returncode != 0 and "different eval settings" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--allow-mixed-evals" in refused.stderr
 
 
 def test_tables_without_task_sets_count_as_one_set(paper):
@@ -428,8 +430,8 @@ def test_tables_without_task_sets_count_as_one_set(paper):
     docs_runs = read_points_csv(ROOT / "docs" / "toy_pareto" / "runs.csv")
     for table in (paper, docs_runs):
         fronts = frontiers(table)
-        assert not fronts["mixed_task_sets"].any()
-        assert {s for sets in fronts["task_sets"] for s in sets} == {"MC: ? | GEN: ?"}
+        assert not fronts["mixed_evals"].any()
+        assert {s for sets in fronts["evals"] for s in sets} == {"MC tasks: ? | GEN tasks: ? | limit: ? | few-shot: ?"}
 
 
 def test_task_sets_survive_the_runs_csv(mixed_root, tmp_path):
@@ -437,5 +439,177 @@ def test_task_sets_survive_the_runs_csv(mixed_root, tmp_path):
     runs.to_csv(tmp_path / "runs.csv", index=False)
     again = read_points_csv(tmp_path / "runs.csv")
     assert list(again["gen_tasks"]) == list(runs["gen_tasks"])
-    with pytest.raises(TaskSetMismatch):
+    with pytest.raises(EvalMismatch):
         frontiers(again)
+
+
+# ---------------------------------------------------------------- standard errors and eval settings
+
+def write_full_run(path: Path, method, mix, mc, gen, se=(0.01, 0.02), limit=50, fewshot=0, experts=6,
+                   baseline=(0.8, 0.7, 0.005, 0.006)):
+    """A run as evaluate() writes it now: one MC and one GEN task with stderrs, eval settings, baseline."""
+    path.mkdir(parents=True)
+    config = {"model": {"name": "toy-moe"}, "calib": {"mix": list(mix)}, "method": {"name": method},
+              "ratio": 0.25, "seed": 0, "eval": {"name": "toy", "limit": limit}}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    tasks = {"facts": {"score": mc, "stderr": se[0], "kind": "mc", "n": limit or 80, "fewshot": fewshot},
+             "arith": {"score": gen, "stderr": se[1], "kind": "gen", "n": limit or 80, "fewshot": fewshot}}
+    base = None if baseline is None else {"mc": baseline[0], "gen": baseline[1], "mc_stderr": baseline[2],
+                                          "gen_stderr": baseline[3]}
+    evaluation = {"tasks": tasks, "mc": mc, "gen": gen, "avg": (mc + gen) / 2, "mc_stderr": se[0],
+                  "gen_stderr": se[1], "avg_stderr": math.hypot(*se) / 2, "mc_tasks": ["facts"],
+                  "gen_tasks": ["arith"], "limit": limit}
+    metrics = {"status": "done", "method": method, "experts_before": 8, "experts_after": experts,
+               "mix": list(mix), "eval": evaluation, "baseline": base}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+@pytest.fixture()
+def se_root(tmp_path):
+    root = tmp_path / "se"
+    write_full_run(root / "a", "reap", (0, 0.5, 0.5), 0.61, 0.552, se=(0.008, 0.0112))
+    write_full_run(root / "b", "reap", (1, 0, 0), 0.70, 0.40, se=(0.007, 0.013))
+    write_full_run(root / "c", "ream", (0, 0.5, 0.5), 0.63, 0.58, se=(0.009, 0.012))
+    return root
+
+
+def test_collect_carries_stderrs_eval_settings_and_baseline(se_root):
+    runs = collect_runs(se_root).set_index("run_dir")
+    a = runs.loc[str(se_root / "a")]
+    assert a.mc_stderr == pytest.approx(0.8) and a.gen_stderr == pytest.approx(1.12)
+    assert a.avg_stderr == pytest.approx(100 * math.hypot(0.008, 0.0112) / 2)
+    assert a["stderr/facts"] == pytest.approx(0.8) and a["stderr/arith"] == pytest.approx(1.12)
+    assert (a["eval"], a.eval_limit, a.eval_fewshot, a.eval_items) == ("toy", "50", "arith=0 facts=0",
+                                                                       "arith=50 facts=50")
+    assert a.mc_tasks == "facts" and a.experts_before == 8
+    assert (a.baseline_mc, a.baseline_gen, a.baseline_mc_stderr) == pytest.approx((80, 70, 0.5))
+
+
+def test_stderrs_survive_the_runs_csv_and_seeds_average_them(se_root, tmp_path):
+    runs = collect_runs(se_root)
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    again = read_points_csv(tmp_path / "runs.csv")
+    assert list(again["mc_stderr"]) == pytest.approx(list(runs["mc_stderr"]))
+    assert list(frontiers(again)["hypervolume"]) == pytest.approx(list(frontiers(runs)["hypervolume"]))
+    seed = write_full_run(tmp_path / "seed" / "a2", "reap", (0, 0.5, 0.5), 0.63, 0.56, se=(0.010, 0.0132))
+    both = pd.concat([runs, collect_runs(seed.parent)], ignore_index=True)
+    best = tables.best_gen_table(both).set_index("method").loc["REAP"]
+    assert (best.mix, best.mc, best.gen) == ("0:.5:.5", pytest.approx(62.0), pytest.approx(55.6))
+    assert best.mc_stderr == pytest.approx(0.9) and best.gen_stderr == pytest.approx(1.22)  # seed means
+
+
+def test_tables_print_value_plus_minus_stderr(se_root, paper):
+    runs = collect_runs(se_root)
+    cells = tables.mix_table(runs).set_index("mix")
+    assert cells.loc["0:.5:.5", "REAP 6"] == "61.0 ± 0.8/55.2 ± 1.1"
+    assert cells.loc["1:0:0", "REAM 6"] == tables.MISSING
+    best = tables.to_markdown(tables.best_gen_table(runs))
+    assert "| 63.0 ± 0.9 | 58.0 ± 1.2 |" in best and "stderr" not in best
+    assert "61.0 ± 0.8" in tables.to_latex(tables.best_gen_table(runs))
+    # without stderrs (the paper's table) the numbers print alone
+    plain = tables.to_markdown(tables.best_gen_table(paper))
+    assert "±" not in plain and "stderr" not in plain and "69.8" in plain
+    assert tables.with_stderr(61.04, 0.849) == "61.0 ± 0.8" and tables.with_stderr(61.04, math.nan) == "61.0"
+
+
+@pytest.mark.parametrize("field, value, named", [("limit", None, "limit"), ("fewshot", 5, "few-shot")])
+def test_runs_with_different_limit_or_fewshot_are_refused(se_root, field, value, named):
+    write_full_run(se_root / "d", "ream", (1, 0, 0), 0.7, 0.3, **{field: value})
+    runs = collect_runs(se_root)
+    for compare in (frontiers, tables.best_gen_table, tables.mix_table,
+                    lambda df: plot_frontiers(df, se_root.parent / "fig")):
+        with pytest.raises(EvalMismatch) as caught:
+            compare(runs)
+        message = str(caught.value)
+        assert f"({named} differ)" in message and str(se_root / "d") in message and "--allow-mixed-evals" in message
+        assert "tasks" not in message.split("differ")[0]  # only what differs is named
+    with pytest.warns(UserWarning, match=named):
+        table = frontiers(runs, allow_mixed_evals=True).set_index("method")
+    assert table.loc["ream", "n_points"] == 2 and len(table.loc["ream", "evals"]) == 2
+    if field == "limit":
+        assert any("limit: all" in s for s in table.loc["ream", "evals"])
+
+
+def test_fixed_reference_point_changes_the_hypervolume_as_by_hand(se_root, tmp_path):
+    runs = collect_runs(se_root)
+    points = {"reap": [(61.0, 55.2), (70.0, 40.0)], "ream": [(63.0, 58.0)]}
+    default = frontiers(runs).set_index("method")
+    paper_ref = (61.0 - 1, 40.0 - 1)  # one below the smallest MC and GEN of all methods compared
+    assert (default.loc["reap", "ref_mc"], default.loc["reap", "ref_gen"]) == pytest.approx(paper_ref)
+    for method, pts in points.items():
+        assert default.loc[method, "hypervolume"] == pytest.approx(inclusion_exclusion_area(pts, paper_ref))
+    # by hand, ref (50, 30): reap = 11 x 25.2 + (70 - 61) x 10 = 367.2; ream = 13 x 28 = 364
+    fixed = frontiers(runs, ref=(50, 30)).set_index("method")
+    assert fixed.loc["reap", "hypervolume"] == pytest.approx(367.2)
+    assert fixed.loc["ream", "hypervolume"] == pytest.approx(364.0)
+    assert fixed.loc["reap", "ref_rule"] == "fixed at (MC, GEN) = (50, 30)"
+    # the fixed point does not move with the methods compared; the paper's one does
+    alone = frontiers(runs[runs["method"] == "ream"], ref=(50, 30))
+    assert alone["hypervolume"].iloc[0] == pytest.approx(364.0)
+    assert frontiers(runs[runs["method"] == "ream"])["hypervolume"].iloc[0] == pytest.approx(1.0)
+    cli = subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(se_root), "--ref", "50,30"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    reported = {r["method"]: r for r in json.loads(cli.stdout)}
+    assert reported["reap"]["hypervolume"] == pytest.approx(367.2) and reported["reap"]["reference"] == [50, 30]
+    bad = subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(se_root), "--ref", "50"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "MC,GEN" in bad.stderr
+    out = tmp_path / "report"
+    report_main(["--runs", str(se_root), "--out", str(out), "--ref", "50,30"])
+    hv = (out / "hypervolume.md").read_text()
+    assert "367.2" in hv and "fixed at (MC, GEN) = (50, 30)" in hv
+    assert "\\caption{Hypervolume reference point (MC, GEN): fixed at" in (out / "hypervolume.tex").read_text()
+    report_main(["--runs", str(se_root), "--out", str(out)])
+    assert "1 below the smallest MC and GEN of the methods compared" in (out / "hypervolume.md").read_text()
+    assert "6 experts (60.0, 39.0)" in (out / "hypervolume.md").read_text()
+
+
+def test_plot_draws_error_bars_baseline_and_names_model_experts_eval(se_root):
+    from matplotlib.container import ErrorbarContainer
+
+    from analysis.plots import frontier_figure
+
+    runs = collect_runs(se_root)
+    fig = frontier_figure(runs)
+    [ax] = fig.axes
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert bars, "no error bars drawn"
+    # every run's MC bar spans mc ± mc_stderr (x) at its GEN (y), in the data's units
+    spans = {tuple(np.round(seg, 6).ravel()) for c in bars for lines in c.lines[2] for seg in lines.get_segments()}
+    for mc, gen, se_mc, se_gen in [(61.0, 55.2, 0.8, 1.12), (70.0, 40.0, 0.7, 1.3), (63.0, 58.0, 0.9, 1.2),
+                                   (80.0, 70.0, 0.5, 0.6)]:
+        assert tuple(np.round([mc - se_mc, gen, mc + se_mc, gen], 6)) in spans
+        assert tuple(np.round([mc, gen - se_gen, mc, gen + se_gen], 6)) in spans
+    stars = [c for c in ax.collections if c.get_label().startswith("Original")]
+    assert len(stars) == 1 and list(stars[0].get_offsets()[0]) == pytest.approx([80.0, 70.0])
+    title = ax.get_title()
+    assert "toy-moe" in title and "6 of 8 experts" in title and "eval toy, limit 50" in title
+
+
+def _label_boxes(fig):
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    return [(t.get_text(), Text.get_window_extent(t, renderer)) for ax in fig.axes for t in ax.texts
+            if t.get_gid() in ("placed", "crowded")], renderer  # the text's box, leader lines aside
+
+
+def test_mix_labels_do_not_overlap_each_other_or_points(paper):
+    """On the paper's table (10 mixes x 4 methods per panel, frontiers close together) every frontier
+    point gets its mix label, no two labels overlap and no label covers a point."""
+    from analysis.plots import frontier_figure
+
+    fig = frontier_figure(paper)
+    boxes, renderer = _label_boxes(fig)
+    fronts = frontiers(paper)
+    assert len(boxes) == int(fronts["frontier_size"].sum())  # one label per frontier point
+    assert sorted(text for text, _ in boxes) == sorted(f["mix"] for fr in fronts["frontier"] for f in fr)
+    assert not [t for ax in fig.axes for t in ax.texts if t.get_gid() == "crowded"]
+    for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2):
+        assert not box_a.overlaps(box_b), (a, b)
+    for ax in fig.axes:
+        pixels = ax.transData.transform(np.concatenate([c.get_offsets() for c in ax.collections]))
+        for text, box in boxes:
+            if box.overlaps(ax.get_window_extent(renderer)):
+                assert not any(box.contains(x, y) for x, y in pixels), text

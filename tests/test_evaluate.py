@@ -424,3 +424,101 @@ def test_contained_humaneval_scores_through_lm_eval(model_and_tokenizer, spy, mo
     for doc, program in zip(HUMANEVAL_LIKE, sorted(programs)):
         assert program.startswith(doc["prompt"]) and program.endswith(f"{doc['test']}\ncheck({doc['entry_point']})\n")
     assert task["score"] in (0.0, 0.5)  # t/1 can never pass; t/0 passes unless the completion broke it
+
+
+# ---------------------------------------------------------------- standard errors, lm-eval's own files
+
+def test_stderrs_are_lm_evals_and_the_suite_formula_on_a_fake_result():
+    """_score reads the stderr lm-eval reports beside the primary metric; summarise combines them as
+    sqrt(sum SE_i^2) / k per suite and sqrt(SE_MC^2 + SE_GEN^2) / 2 for AVG, computed here by hand."""
+    class Leaf:
+        def __init__(self, name):
+            self.task_name = name
+
+    def entry(name, kind, metric):
+        return ev.Entry(name, name, None, [Leaf(name)], kind, metric)
+
+    raw = {"results": {"a": {"acc,none": 0.5, "acc_stderr,none": 0.03, "acc_norm,none": 0.9,
+                             "acc_norm_stderr,none": 0.5},
+                       "b": {"acc,none": 0.7, "acc_stderr,none": 0.04},
+                       "g": {"exact_match,flexible-extract": 0.2, "exact_match_stderr,flexible-extract": 0.05,
+                             "exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.9},
+                       "h": {"pass@1,none": 0.4, "pass@1_stderr,none": "N/A"}},
+           "n-samples": {n: {"effective": 10} for n in "abgh"}, "n-shot": {"a": 0, "b": 0, "g": 5, "h": 0}}
+    tasks = {"a": ev._score(entry("a", "mc", "acc,none"), raw),
+             "b": ev._score(entry("b", "mc", "acc,none"), raw),
+             "g": ev._score(entry("g", "gen", "exact_match,flexible-extract"), raw)}
+    assert [tasks[n]["stderr"] for n in "abg"] == [0.03, 0.04, 0.05]
+    assert tasks["g"]["fewshot"] == 5 and tasks["a"]["n"] == 10
+    result = ev.summarise(tasks)
+    assert result["mc_stderr"] == pytest.approx(math.sqrt(0.03 ** 2 + 0.04 ** 2) / 2)  # 0.025
+    assert result["gen_stderr"] == pytest.approx(0.05)
+    assert result["avg_stderr"] == pytest.approx(math.sqrt(0.025 ** 2 + 0.05 ** 2) / 2)
+    assert result["percent"]["mc_stderr"] == pytest.approx(2.5) and result["percent"]["mc"] == 60.0
+    # a task whose stderr lm-eval left "N/A" has none, and makes its suite's stderr unknown, not smaller
+    tasks["h"] = ev._score(entry("h", "gen", "pass@1,none"), raw)
+    assert tasks["h"]["stderr"] is None
+    result = ev.summarise(tasks)
+    assert result["gen"] == pytest.approx(0.3) and result["gen_stderr"] is None and result["avg_stderr"] is None
+    assert result["mc_stderr"] == pytest.approx(0.025)
+
+
+def test_stderrs_from_a_real_lm_eval_run_match_the_logged_samples(model_and_tokenizer, spy, tmp_path):
+    """One real lm-eval run with log_samples: each task's stderr is the sample standard deviation of its
+    per-item scores over sqrt(n) (recomputed from lm-eval's samples files), the suite's the formula above,
+    and the EvaluationTracker wrote its results and samples files into output_dir."""
+    out = tmp_path / "lm_eval"
+    cfg = eval_cfg(["tiny_mc", "tiny_group", "tiny_gen"], limit=5, log_samples=True, bootstrap_iters=10)
+    result = ev.evaluate(*model_and_tokenizer, cfg, output_dir=out)
+    assert all(c["kwargs"]["bootstrap_iters"] == 10 and c["kwargs"]["log_samples"] for c in spy.calls)
+    results = {p.name.split("_")[1]: p for p in out.glob("results_*.json")}
+    assert set(results) == {"mc", "gen"}
+    written = json.loads(results["mc"].read_text())
+    assert written["results"]["tiny_mc"]["acc_stderr,none"] == pytest.approx(result["tasks"]["tiny_mc"]["stderr"])
+
+    def per_item(task, metric):
+        [path] = out.glob(f"samples_{task}_*.jsonl")
+        return [json.loads(line)[metric] for line in path.read_text().splitlines()]
+
+    def se(values):
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+    mc_items, gen_items = per_item("tiny_mc", "acc"), per_item("tiny_gen", "lower_share")
+    assert len(mc_items) == 5 and len(gen_items) == 5
+    tasks = result["tasks"]
+    assert tasks["tiny_mc"]["stderr"] == pytest.approx(se(mc_items), rel=1e-12)
+    assert tasks["tiny_gen"]["stderr"] == pytest.approx(se(gen_items), rel=1e-12)
+    assert tasks["tiny_mc"]["stderr"] > 0 and tasks["tiny_gen"]["stderr"] > 0  # else nothing was checked
+    # the group: lm-eval's pooled stderr of its size-weighted members (5 items each here)
+    a, b = per_item("tiny_group_a", "acc"), per_item("tiny_group_b", "acc")
+    pooled = math.sqrt(sum((len(x) - 1) * se(x) ** 2 * len(x) for x in (a, b)) / (len(a) + len(b) - 2)
+                       / (len(a) + len(b)))
+    assert tasks["tiny_group"]["stderr"] == pytest.approx(pooled, rel=1e-9)
+    assert result["mc_stderr"] == pytest.approx(math.hypot(tasks["tiny_mc"]["stderr"], pooled) / 2)
+    assert result["gen_stderr"] == pytest.approx(tasks["tiny_gen"]["stderr"])
+    assert result["limit"] == 5 and result["bootstrap_iters"] == 10
+    assert result["percent"]["gen_stderr"] == pytest.approx(100 * result["gen_stderr"], abs=6e-4)
+
+
+def test_without_log_samples_only_results_files_are_written(model_and_tokenizer, tmp_path):
+    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc"], limit=3), output_dir=tmp_path / "o")
+    names = [p.name for p in (tmp_path / "o").iterdir()]
+    assert len(names) == 1 and names[0].startswith("results_mc_") and names[0].endswith(".json")
+    assert result["bootstrap_iters"] == ev.DEFAULT_BOOTSTRAP_ITERS and result["tasks"]["tiny_mc"]["stderr"] > 0
+
+
+def test_bootstrap_iters_zero_turns_stderrs_off(model_and_tokenizer):
+    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc", "tiny_gen"], limit=3, bootstrap_iters=0))
+    assert result["tasks"]["tiny_mc"]["stderr"] is None and result["mc_stderr"] is None
+    assert result["mc"] is not None and result["avg_stderr"] is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"bootstrap_iters": -1}, "eval.bootstrap_iters=-1 must be 0 or more"),
+    ({"bootstrap_iters": 1.5}, "eval.bootstrap_iters=1.5 is not an integer"),
+    ({"log_samples": "yes"}, "eval.log_samples='yes': choose true or false"),
+])
+def test_bad_stderr_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ev.check_tasks(eval_cfg(["tiny_mc"], **overrides))

@@ -61,6 +61,41 @@ def test_run_end_to_end(tiny_checkpoint, calib_files, tmp_path):
     assert not (tmp_path / "run2" / "checkpoint").exists() and again["experts_after"] == 6
 
 
+def _suite_se(scores, kind):
+    errors = [scores["tasks"][t]["stderr"] for t in scores[f"{kind}_tasks"]]
+    return sum(e * e for e in errors) ** 0.5 / len(errors)
+
+
+def test_metrics_carry_stderrs_and_lm_eval_files(tiny_checkpoint, calib_files, tmp_path):
+    """metrics.json: a stderr beside every task score (the compressed model's and the baseline's),
+    MC/GEN stderrs by the suite formula; lm-eval's files in <run>/lm_eval/; an old baseline cache
+    without stderrs is evaluated again, not used."""
+    out = tmp_path / "run"
+    cfg = lambda *extra: _cfg(tiny_checkpoint, calib_files, tmp_path, "method=freq", "save=false", "logger=none",
+                              "eval.limit=6", *extra)
+    saved = run(cfg("eval.log_samples=true"), out)
+    for scores in (saved["eval"], saved["baseline"]):
+        assert all(t["stderr"] > 0 for t in scores["tasks"].values())
+        assert scores["mc_stderr"] == pytest.approx(_suite_se(scores, "mc"))
+        assert scores["gen_stderr"] == pytest.approx(_suite_se(scores, "gen"))
+        assert scores["percent"]["mc_stderr"] == pytest.approx(100 * scores["mc_stderr"], abs=6e-4)
+        assert scores["limit"] == 6
+    names = sorted(p.name.rsplit("_", 1)[0] for p in (out / "lm_eval").iterdir())
+    assert names == ["results_gen", "results_mc", "samples_tiny_gen", "samples_tiny_mc"]
+    [cache] = (tmp_path / "cache" / "baseline").glob("*.json")
+    assert sorted(p.name.rsplit("_", 1)[0] for p in cache.with_name(cache.stem + "_lm_eval").iterdir()) == names
+    # a cache written before stderrs were recorded: rebuilt (log_samples does not change the key)
+    old = json.loads(cache.read_text())
+    for task in old["tasks"].values():
+        del task["stderr"]
+    cache.write_text(json.dumps(old))
+    again = run(cfg(), tmp_path / "run2")
+    assert "baseline_eval" in again["timings"] and all(t["stderr"] > 0 for t in again["baseline"]["tasks"].values())
+    assert again["baseline"]["tasks"] == saved["baseline"]["tasks"]
+    assert "stderr" in json.loads(cache.read_text())["tasks"]["tiny_mc"]
+    assert sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "run2" / "lm_eval").iterdir()) == names[:2]
+
+
 def test_documented_cli(tiny_checkpoint, tmp_path):
     out = tmp_path / "cli"
     cmd = [str(Path(sys.executable).parent / "ream-exp"), "model=local", f"model.path={tiny_checkpoint}", "method=reap",
@@ -159,7 +194,7 @@ def test_vllm_evaluates_the_uncompressed_baseline_from_model_path(tmp_path, monk
     from ream_exp.pipeline import Timer
 
     seen = []
-    monkeypatch.setattr(run_module, "_evaluate", lambda model, tok, cfg, checkpoint_dir=None:
+    monkeypatch.setattr(run_module, "_evaluate", lambda model, tok, cfg, checkpoint_dir=None, output_dir=None:
                         seen.append(checkpoint_dir) or {"tasks": {}})
     cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=reap", "eval=gen", "eval.backend=vllm",
                    f"cache_dir={tmp_path / 'cache'}")

@@ -137,3 +137,86 @@ def test_bad_settings_are_config_errors(tmp_path):
         make_logger({"name": "wandbb"}, tmp_path)
     with pytest.raises(ValueError, match="onlin"):
         make_logger(wandb_cfg(mode="onlin"), tmp_path)
+
+
+RUN_CONFIG = {"method": {"name": "reap"}, "ratio": 0.25, "calib": {"mix": [0, 0.5, 0.5]}, "seed": 0}
+
+
+class ArtifactSpy:
+    """Records (type, file names) of every artifact a W&B run logs, then logs it for real."""
+
+    def __init__(self, run):
+        self.real, self.logged = run.log_artifact, []
+        run.log_artifact = self
+
+    def __call__(self, artifact, *args, **kwargs):
+        self.logged.append((artifact.type, sorted(artifact.manifest.entries)))
+        return self.real(artifact, *args, **kwargs)
+
+
+def test_offline_run_is_named_like_its_run_dir_and_logs_plan_and_metrics_artifacts(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "plan.json").write_text(json.dumps({"layers": []}))
+    (run_dir / "metrics.json").write_text(json.dumps(METRICS))
+    logger = make_logger(wandb_cfg(), run_dir, RUN_CONFIG)
+    try:
+        assert logger.run.offline and logger.run.name == "reap_r0.25_0:.5:.5"
+        assert not logger.run.group  # not in a sweep
+        spy = ArtifactSpy(logger.run)
+        logger.log_plan(run_dir / "plan.json")
+        logger.log_results(run_dir / "metrics.json")
+    finally:
+        logger.finish()
+    assert spy.logged == [("plan", ["plan.json"]), ("metrics", ["metrics.json"])]
+    named = make_logger(wandb_cfg(run_name="mine", group="g"), tmp_path / "other", RUN_CONFIG)
+    try:
+        assert (named.run.name, named.run.group) == ("mine", "g")  # settings win over the defaults
+    finally:
+        named.finish()
+    assert tracking.run_name({"method": {"name": "none"}, "ratio": 0.0, "calib": {"mix": [1, 0, 0]}}) == "none_r0"
+    assert tracking.run_name({}) is None
+
+
+def test_group_is_the_sweep_in_a_hydra_multirun(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from ream_exp.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.sweep.dir={tmp_path / 'toy_pareto'}"], return_hydra_config=True)
+    assert tracking.sweep_name() is None  # no Hydra job in this process yet
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert tracking.sweep_name() == "toy_pareto"
+        logger = make_logger(wandb_cfg(), tmp_path / "toy_pareto" / "0", RUN_CONFIG)
+        try:
+            assert logger.run.group == "toy_pareto" and logger.run.offline
+        finally:
+            logger.finish()
+        OmegaConf.set_readonly(cfg.hydra, False)
+        with open_dict(cfg):
+            cfg.hydra.mode = "RUN"
+        HydraConfig.instance().set_config(cfg)
+        assert tracking.sweep_name() is None  # a single run has no sweep
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_toy_sweeps_log_to_wandb_offline():
+    """Every toy sweep records its runs with W&B, offline: no login, no network (the sweep file's own
+    settings come after the main config's in its defaults list, so these are the ones that apply)."""
+    from omegaconf import OmegaConf
+
+    toy = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("toy_*.yaml"))
+    assert toy
+    for path in toy:
+        sweep = OmegaConf.load(path)
+        assert list(sweep.defaults)[-1] == "_self_", path.name
+        assert (sweep.logger.name, sweep.logger.mode) == ("wandb", "offline"), path.name
+        assert tracking.check_logger(sweep.logger) == "offline"
