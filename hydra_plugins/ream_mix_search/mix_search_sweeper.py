@@ -6,7 +6,7 @@ maximised. Every other setting (method, ratio, model, eval ...) is fixed for the
 sweep config and the command line, and a sweep over one of them is refused.
 
 Resumable. The study lives in <sweep dir>/study.db (SQLite), its name made from the method, the ratio and
-a digest of the config without calib.mix, so a relaunch with the same config loads it:
+a digest of the config without calib.mix and the sources not searched, so a relaunch with the same config loads it:
   - n_trials is the number of distinct mixes the study should hold finished; a launch runs only the
     missing ones, so a relaunch with the same n_trials runs nothing and a larger one adds the difference;
   - a proposal whose mix the study already finished is told the same scores (a duplicate, not counted);
@@ -145,8 +145,9 @@ class MixSearchSweeper(Sweeper):
         from ream_exp.run import experiment_config
 
         cfg = OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"])
-        with open_dict(cfg):
+        with open_dict(cfg):  # what the search chooses, and sources it never reads, do not name the study
             cfg.calib.pop("mix", None)
+            cfg.calib.sources = {s: cfg.calib.sources[s] for s in self.sources}
         digest = hashlib.sha256(json.dumps(experiment_config(cfg), sort_keys=True, default=str).encode())
         return f"{self.config.method.name}_r{self.config.ratio}_{digest.hexdigest()[:10]}"
 
