@@ -184,8 +184,12 @@ def test_searched_sources_are_a_setting(tmp_path):
     runs = _launches(sweep)
     assert len(runs) == 3 and all(mix["math"] == 0 for mix in runs)
     assert all(abs(mix["general"] + mix["code"] - 1) <= 1e-9 for mix in runs)
-    changed = _search(sweep, "hydra.sweeper.n_trials=3")  # same study, other sources: refused
-    assert changed.returncode == 1 and "keep hydra.sweeper.sources and step" in changed.stderr
+    (name,) = optuna.get_all_study_names(f"sqlite:///{sweep / 'study.db'}")
+    same_name = _search(sweep, "hydra.sweeper.n_trials=3", f"hydra.sweeper.study_name={name}")
+    assert same_name.returncode == 1 and "keep hydra.sweeper.sources and step" in same_name.stderr
+    other = _search(sweep, "hydra.sweeper.n_trials=1")  # other sources: another study beside the first
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert len(optuna.get_all_study_names(f"sqlite:///{sweep / 'study.db'}")) == 2 and len(_launches(sweep)) == 4
 
 
 @pytest.mark.parametrize("override,message", [
