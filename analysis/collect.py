@@ -2,8 +2,9 @@
 
 A run directory holds config.yaml (or Hydra's .hydra/config.yaml) and either metrics.json or
 error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_after), ratio, mix
-('0:.3:.7'), mix_general/mix_math/mix_code, seed, mc, gen, avg, mc_tasks, gen_tasks, status, error,
-and one `task/<name>` column per evaluated task. A failed run (error.txt without metrics.json, an unreadable
+('0:.3:.7'; 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code
+(0 for a source the mix does not read), seed, mc, gen, avg, mc_tasks, gen_tasks, status, error, one
+`mix_<source>` column per other calibration source, and one `task/<name>` column per evaluated task. A failed run (error.txt without metrics.json, an unreadable
 metrics.json, or "status": "failed") is kept with status='failed' and NaN scores so that a sweep's
 holes stay visible; everything downstream drops rows without scores.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from analysis.naming import MIX_PARTS, format_mix, parse_mix
+from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix
 
 SCALE = 100.0  # fraction -> percentage points
 COLUMNS = ["run_dir", "model", "method", "experts", "ratio", "mix",
@@ -108,19 +109,21 @@ def _last_line(path: Path):
 
 def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -> dict:
     """Map one run's resolved config and metrics (same schema locally and on W&B) to a row."""
-    mix = parse_mix(_first(metrics.get("mix"), dig(config, "calib.mix")))
+    recorded = _first(metrics.get("mix"), dig(config, "calib.mix"))  # {source: weight} or [general, math, code]
+    mix = parse_mix(recorded)
     row = {
         "run_dir": str(run_dir),
         "model": dig(config, "model.name"),
         "method": _first(metrics.get("method"), dig(config, "method.name")),
         "experts": metrics.get("experts_after"),
         "ratio": _first(metrics.get("ratio"), dig(config, "ratio")),
-        "mix": format_mix(mix),
+        "mix": format_mix(recorded),
         "seed": dig(config, "seed"),
         "status": status,
         "error": error,
     }
     row.update({f"mix_{part}": (mix[i] if mix else math.nan) for i, part in enumerate(MIX_PARTS)})
+    row.update({f"mix_{name}": weight for name, weight in other_sources(recorded).items()})
     if status == "done":
         evaluation = metrics.get("eval")
         evaluation = evaluation if isinstance(evaluation, dict) else metrics
@@ -191,9 +194,10 @@ def to_frame(rows) -> pd.DataFrame:
         if column not in frame:
             frame[column] = None
     tasks = sorted(c for c in frame.columns if c.startswith("task/"))
-    frame = frame[COLUMNS + tasks]
+    sources = sorted(c for c in frame.columns if c.startswith("mix_") and c not in COLUMNS)  # e.g. mix_tool
+    frame = frame[COLUMNS + sources + tasks]
     frame["experts"] = pd.to_numeric(frame["experts"], errors="coerce").astype("Int64")
-    numeric = ["ratio", "mc", "gen", "avg", *(f"mix_{p}" for p in MIX_PARTS), *tasks]
+    numeric = ["ratio", "mc", "gen", "avg", *(f"mix_{p}" for p in MIX_PARTS), *sources, *tasks]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
     return frame
 

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
-from .calib import calibration_datasets, validate_calib
+from .calib import calibration_datasets, recorded_mix, validate_calib, without_unread_sources
 from .calib.cache import cached_calibration
 from .checkpoint import save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
@@ -47,13 +47,15 @@ PLACEMENT_KEYS = {"calib": ("states_device", "states_dir")}
 
 
 def experiment_config(cfg) -> dict:
-    """The resolved config without presentation and placement settings: what decides whether two runs
-    are the same."""
+    """The resolved config without presentation and placement settings, nor calibration sources the mix
+    does not read: what decides whether two runs are the same."""
     container = OmegaConf.to_container(cfg, resolve=True)
     kept = {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
     for group, keys in PLACEMENT_KEYS.items():
         if isinstance(kept.get(group), dict):
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
+    if isinstance(kept.get("calib"), dict):
+        kept["calib"] = without_unread_sources(kept["calib"])
     return kept
 
 
@@ -283,7 +285,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         "method": cfg.method.name,
         "ratio": float(cfg.ratio),
         "model": cfg.model.name,
-        "mix": list(cfg.calib.mix) if calib is not None and cfg.calib.get("mix") is not None else None,
+        "mix": recorded_mix(cfg.calib) if calib is not None else None,  # {source: weight}
         "experts_before": experts_before,
         "experts_after": moe_layers(model)[0].num_experts,
         "params_before": params_before,

@@ -70,7 +70,7 @@ def test_documented_cli(tiny_checkpoint, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["experts_after"] == 4 and metrics["mix"] == [0.0, 0.3, 0.7]
+    assert metrics["experts_after"] == 4 and metrics["mix"] == {"general": 0.0, "math": 0.3, "code": 0.7}
     assert (out / "checkpoint" / "model.safetensors").exists()
     # the same command again is a finished run: skipped, results untouched
     stamp = (out / "metrics.json").stat().st_mtime_ns

@@ -3,8 +3,11 @@
     calib = build_calibration(cfg.calib, tokenizer)     # {"input_ids", "attention_mask"} LongTensors
     for batch in calibration_batches(calib, 8): ...
 
-A mix (a : b : c) takes int(n*a), int(n*b), int(n*c) sequences from the general, math and code sources
-(SPEC 6). Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
+A mix maps source names to weights, `{general: 0.2, math: 0.3, code: 0.4, tool: 0.1}`: each source declared
+under calib.sources gives int(n * weight) sequences (weights are fractions of n and need not sum to 1).
+The list [a, b, c] is shorthand for {general: a, math: b, code: c} (SPEC 6), with the same tokens and cache
+key. Rows come source by source: general, math, code, then the others in calib.sources' order.
+Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
 and rows with less than `min_fill` real tokens are skipped (or, with `pack: true`, texts are joined with
 EOS and cut into full sequences). Pads are marked 0 in the attention mask and never count in statistics.
 A source is raw text (`field`) or, with `format: chat`, rows rendered by the tokenizer's chat template
@@ -25,25 +28,93 @@ from ..config import ConfigError, require_number, require_positive_int, require_
 from .pretokenized import check_token_ids, load_pretokenized
 from .sources import check_local_source, hub_dataset, iter_texts, load_source, source_columns
 
-DOMAINS = ("general", "math", "code")
+DOMAINS = ("general", "math", "code")  # the three-number shorthand's sources, in its order
+MIX_FORMS = (f"a mapping {{source: weight}}, e.g. {{general: 0.2, math: 0.3, code: 0.4, tool: 0.1}}, or "
+             f"{len(DOMAINS)} ratios ({' : '.join(DOMAINS)}), e.g. [0.3,0.3,0.3]")
 
 
-def validate_mix(mix) -> list[float]:
-    meaning = f"{len(DOMAINS)} ratios ({' : '.join(DOMAINS)}), e.g. [0.3,0.3,0.3]"
+def _declared(sources) -> list[str]:
+    return [str(name) for name in (sources or {})]
+
+
+def validate_mix(mix, sources=None) -> dict[str, float]:
+    """The mix as {source: weight}: the shorthand [a, b, c] means {general: a, math: b, code: c}.
+
+    Weights are fractions of calib.n (int(n * weight) sequences each) and need not sum to 1. The
+    order is the one rows are built in: general, math, code first, then the other sources in the order
+    calib.sources declares them (`sources`, when given; else as written). With `sources`, every name of
+    a mapping must be declared there.
+    """
+    if isinstance(mix, (dict, DictConfig)):
+        return _validate_mapping(mix, sources)
     if isinstance(mix, str) or not isinstance(mix, (list, tuple, ListConfig)):
-        raise ConfigError(f"calib.mix={shown(mix)} is not a list: calib.mix is {meaning}")
-    mix = [require_number(f"calib.mix[{i}]", x, f"one of the {meaning}") for i, x in enumerate(mix)]
-    if len(mix) != len(DOMAINS):
-        raise ConfigError(f"calib.mix must have {meaning}, got {mix}")
-    if any(x < 0 for x in mix):
-        raise ConfigError(f"calib.mix ratios must be >= 0, got {mix}")
-    if sum(mix) == 0:
-        raise ConfigError(f"calib.mix is all zero ({mix}): at least one source needs a positive ratio")
-    return mix
+        raise ConfigError(f"calib.mix={shown(mix)} is neither a mapping nor a list: calib.mix is {MIX_FORMS}")
+    meaning = f"{len(DOMAINS)} ratios ({' : '.join(DOMAINS)}), e.g. [0.3,0.3,0.3]"
+    ratios = [require_number(f"calib.mix[{i}]", x, f"one of the {meaning}") for i, x in enumerate(mix)]
+    if len(ratios) != len(DOMAINS):
+        raise ConfigError(f"calib.mix must have {meaning} (or be {MIX_FORMS.split(', or ')[0]}), got {ratios}")
+    if any(x < 0 for x in ratios):
+        raise ConfigError(f"calib.mix ratios must be >= 0, got {ratios}")
+    if sum(ratios) == 0:
+        raise ConfigError(f"calib.mix is all zero ({ratios}): at least one source needs a positive ratio")
+    return dict(zip(DOMAINS, ratios))
 
 
-def counts_for_mix(n: int, mix) -> dict[str, int]:
-    return {d: int(n * r) for d, r in zip(DOMAINS, validate_mix(mix))}
+def _validate_mapping(mix, sources) -> dict[str, float]:
+    mix = OmegaConf.to_container(mix, resolve=True) if isinstance(mix, DictConfig) else dict(mix)
+    declared = _declared(sources)
+    known = f"calib.sources declares {', '.join(declared)}" if declared else "calib.sources declares none"
+    if not mix:
+        raise ConfigError(f"calib.mix={{}} names no source: calib.mix is {MIX_FORMS.split(', or ')[0]} ({known})")
+    weights = {}
+    for name, value in mix.items():
+        name = str(name)
+        if sources is not None and name not in declared:
+            raise ConfigError(f"calib.mix names source {name!r}, which calib.sources does not declare: {known} "
+                              f"(declare it as calib.sources.{name}: path, field, ...)")
+        weights[name] = require_number(f"calib.mix.{name}", value,
+                                       f"the weight of source {name!r} (int(calib.n * weight) sequences)")
+        if weights[name] < 0:
+            raise ConfigError(f"calib.mix.{name}={weights[name]} is negative: weights must be >= 0")
+    if sum(weights.values()) == 0:
+        raise ConfigError(f"calib.mix is all zero ({weights}): at least one source needs a positive weight")
+    order = list(DOMAINS) + [d for d in declared if d not in DOMAINS]
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(weights.items(), key=lambda kv: rank.get(kv[0], len(order))))
+
+
+def is_shorthand(weights: dict[str, float]) -> bool:
+    """Whether a mix reads only the three shorthand sources (then it is the same as its [a, b, c] list)."""
+    return set(weights) <= set(DOMAINS)
+
+
+def without_unread_sources(calib: dict) -> dict:
+    """A resolved calib config without the sources its mix gives no weight, which cannot change a run
+    (so declaring a new source, as the toy's `tool`, leaves earlier runs' configs the same). A mix that
+    does not validate is left for validate_calib to report, and the config is returned as it is."""
+    sources, mix = calib.get("sources"), calib.get("mix")
+    if not isinstance(sources, dict) or mix is None:
+        return calib
+    try:
+        read = {name for name, weight in validate_mix(mix).items() if weight > 0}
+    except ConfigError:
+        return calib
+    return {**calib, "sources": {name: src for name, src in sources.items() if name in read}}
+
+
+def counts_for_mix(n: int, mix, sources=None) -> dict[str, int]:
+    """{source: int(n * weight)}; the three shorthand sources are always listed (0 when not in the mix)."""
+    weights = validate_mix(mix, sources)
+    counts = {d: int(n * weights.get(d, 0.0)) for d in DOMAINS}
+    counts.update({d: int(n * w) for d, w in weights.items() if d not in DOMAINS})
+    return counts
+
+
+def recorded_mix(cfg) -> dict[str, float] | None:
+    """The mix as metrics.json records it, {source: weight} (None for pre-tokenised calibration)."""
+    if is_pretokenized(cfg) or cfg.get("mix") is None:
+        return None
+    return validate_mix(cfg.mix, cfg.get("sources"))
 
 
 def _pad_id(tokenizer) -> int:
@@ -116,7 +187,7 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
         if vocab_size is not None:
             check_token_ids(calib["input_ids"], int(vocab_size), f"calib.path={str(cfg.get('path'))!r}")
         return
-    mix = validate_mix(cfg.mix)
+    mix = validate_mix(cfg.mix, cfg.get("sources"))
     n = require_positive_int("calib.n", cfg.get("n"), "the number of calibration sequences")
     require_positive_int("calib.seq_len", cfg.get("seq_len"), "the length of every calibration sequence in tokens")
     require_number("calib.seed", cfg.get("seed", 0), "the integer seed of each source's row order", integer=True)
@@ -125,7 +196,7 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
         raise ConfigError(f"calib.min_fill={min_fill} is outside [0, 1]: it is the least share of real tokens per row")
     used = used_sources(cfg)
     if not used:
-        raise ConfigError(f"calib.n={n} with calib.mix={mix} takes int(n * ratio) = 0 sequences "
+        raise ConfigError(f"calib.n={n} with calib.mix={shown(cfg.mix)} takes int(n * ratio) = 0 sequences "
                           "from every source: raise calib.n")
     for _, src in used.values():  # a domain the mix needs is configured, in a known format, its file present
         source_columns(src)
@@ -149,14 +220,16 @@ def validate_states(cfg) -> None:
 
 
 def used_sources(cfg) -> dict[str, tuple[int, dict]]:
-    """{domain: (count, source config)} for every domain the mix takes sequences from."""
-    used = {}
-    for domain, count in counts_for_mix(int(cfg.n), cfg.mix).items():
+    """{source: (count, source config)} for every source the mix takes sequences from, in build order."""
+    used, sources = {}, cfg.get("sources") or {}
+    mapping = isinstance(cfg.mix, (dict, DictConfig))
+    for domain, count in counts_for_mix(int(cfg.n), cfg.mix, sources if mapping else None).items():
         if count == 0:
             continue
-        src = (cfg.get("sources") or {}).get(domain)
+        src = sources.get(domain)
         if src is None:
-            raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r}")
+            raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r} "
+                              f"(it declares {', '.join(_declared(sources)) or 'none'})")
         used[domain] = (count, src)
     return used
 
@@ -191,4 +264,5 @@ def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
 
 
 __all__ = ["DOMAINS", "build_calibration", "calibration_batches", "calibration_datasets", "counts_for_mix",
-           "is_pretokenized", "load_pretokenized", "load_source", "resolve_source", "used_sources", "validate_calib", "validate_mix"]
+           "is_pretokenized", "is_shorthand", "load_pretokenized", "load_source", "recorded_mix", "resolve_source",
+           "used_sources", "validate_calib", "validate_mix", "without_unread_sources"]

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_torch_save
-from . import build_calibration, counts_for_mix, is_pretokenized, resolve_source, used_sources
+from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_shorthand, resolve_source, used_sources,
+               validate_mix)
 
 log = logging.getLogger("ream_exp")
 
@@ -67,14 +68,21 @@ def calibration_key_material(cfg, tokenizer) -> dict:
         "version": FORMAT_VERSION,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": sources,
-        "mix": [float(x) for x in cfg.mix],
-        "counts": counts_for_mix(int(cfg.n), cfg.mix),
+        "mix": mix_key(cfg),
+        "counts": counts_for_mix(int(cfg.n), cfg.mix, cfg.get("sources")),
         "n": int(cfg.n),
         "seq_len": seq_len,
         "seed": int(cfg.seed),
         "min_fill": float(cfg.get("min_fill", 0.9)),
         "pack": bool(cfg.get("pack", False)),
     }
+
+
+def mix_key(cfg) -> list[float] | dict[str, float]:
+    """The mix in the key: [general, math, code] when it reads only those (so a mapping over them and its
+    three-number list share one cached set, and keys from before mappings stay valid), else {source: weight}."""
+    weights = validate_mix(cfg.mix, cfg.get("sources"))
+    return [weights.get(d, 0.0) for d in DOMAINS] if is_shorthand(weights) else weights
 
 
 def key_of(material: dict) -> str:

@@ -1,8 +1,9 @@
-"""Toy-world text for training, calibration and evaluation, in three domains (general, math, code).
+"""Toy-world text for training, calibration and evaluation, in three domains (general, math, code),
+plus tool-use traces (``tools.py``) that only calibration reads.
 
     python -m ream_exp.toy.data      # rewrites the shipped calibration and eval files
 
-Writes ``ream_exp/toy/data/calib_{general,math,code}.jsonl`` (field ``text``) and the eval sets
+Writes ``ream_exp/toy/data/calib_{general,math,code,tool}.jsonl`` (field ``text``) and the eval sets
 ``ream_exp/toy/tasks/toy_{facts,stories,arith,code}.jsonl``. Training text is never written: the
 trainer draws it from ``document(domain, "train", rng)`` on the fly. Everything is seeded, and the
 three splits are disjoint (see ``splits`` and ``tests/test_toy.py``).
@@ -14,11 +15,12 @@ import json
 import random
 from pathlib import Path
 
-from ream_exp.toy import arith, codegen, general
+from ream_exp.toy import arith, codegen, general, tools
 from ream_exp.toy.splits import draw, hash_split
 
 HERE = Path(__file__).parent
-DOMAINS = ("general", "math", "code")
+DOMAINS = ("general", "math", "code")  # what the model was trained on
+CALIB_SOURCES = (*DOMAINS, "tool")      # what the shipped calibration files hold
 DOC_CHARS = 600  # about 150-400 tokens: longer than the calibration seq_len (128)
 N_CALIB = 256
 N_EVAL = {"toy_arith": 200}  # facts, tales and code: every item of the eval split
@@ -48,7 +50,8 @@ def code_part(split: str, rng: random.Random) -> str:
     return codegen.function_text(draw(codegen.random_function, lambda f: f["key"], split, rng))
 
 
-PARTS = {"general": (general_part, "\n\n"), "math": (math_part, "\n"), "code": (code_part, "\n")}
+PARTS = {"general": (general_part, "\n\n"), "math": (math_part, "\n"), "code": (code_part, "\n"),
+         "tool": (tools.trace, "\n\n")}
 
 
 def document(domain: str, split: str, rng: random.Random, min_chars: int = DOC_CHARS) -> str:
@@ -104,7 +107,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    for domain in DOMAINS:
+    for domain in CALIB_SOURCES:
         write_jsonl(HERE / "data" / f"calib_{domain}.jsonl", calib_rows(domain))
     for task, rows in eval_sets().items():
         write_jsonl(HERE / "tasks" / f"{task}.jsonl", rows)
