@@ -4,7 +4,7 @@
 
 Runs, one after the other and on the same eval (eval.limit items per task), the five mixes of
 sweeps/toy_pareto.yaml for one method and ratio (DIR/grid), then sweeps/toy_search.yaml with n_trials
-mixes (DIR/search), both through the ream-exp command. A relaunch reuses both: finished runs are skipped
+mixes over the grid's sources general, math, code (DIR/search), both through the ream-exp command. A relaunch reuses both: finished runs are skipped
 and the study continues, so a larger --trials adds runs only.
 
 Hypervolume (analysis.pareto.hypervolume, MC and GEN in percentage points) after the first k runs of each,
@@ -95,7 +95,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     common = [f"method={args.method}", f"ratio={args.ratio}", f"eval.limit={args.limit}"]
     grid_rc, grid_s = launch("toy_pareto", args.out / "grid", common)
-    search_rc, search_s = launch("toy_search", args.out / "search", [*common, f"hydra.sweeper.n_trials={args.trials}"])
+    search_rc, search_s = launch("toy_search", args.out / "search",  # the grid's three sources
+                                 [*common, f"hydra.sweeper.n_trials={args.trials}",
+                                  "hydra.sweeper.sources=[general,math,code]"])
 
     grid = grid_points(args.out / "grid")
     search = search_points(args.out / "search")

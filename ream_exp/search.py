@@ -85,14 +85,8 @@ def _number(x: float) -> str:
 
 
 def mix_override(mix: dict[str, float]) -> str:
-    """The override that sets calib.mix to `mix` ({source: weight}): the general/math/code list form,
-    e.g. calib.mix=[0.2,0,0.8], sources not in the mix at 0."""
-    from .calib import DOMAINS
-
-    unknown = [s for s in mix if s not in DOMAINS]
-    if unknown:
-        raise ConfigError(f"hydra.sweeper.sources: {unknown} cannot be mixed; calib.mix takes {list(DOMAINS)}")
-    return "calib.mix=[" + ",".join(_number(mix.get(d, 0.0)) for d in DOMAINS) + "]"
+    """The override that sets calib.mix to `mix` ({source: weight}), e.g. calib.mix={general:0.2,code:0.8}."""
+    return "calib.mix={" + ",".join(f"{s}:{_number(w)}" for s, w in mix.items()) + "}"
 
 
 def mix_label(mix: dict[str, float]) -> str:

@@ -74,8 +74,8 @@ def test_grid_step_and_override():
             grid_units(bad)
     mix = mix_from_units(["general", "math", "code"], (3, 0, 7), 10)
     assert mix == {"general": 0.3, "math": 0.0, "code": 0.7}
-    assert mix_override(mix) == "calib.mix=[0.3,0,0.7]"
-    assert mix_override({"code": 1.0, "general": 0.0}) == "calib.mix=[0,0,1]"
+    assert mix_override(mix) == "calib.mix={general:0.3,math:0,code:0.7}"
+    assert mix_override({"tool": 1.0, "general": 0.0}) == "calib.mix={tool:1,general:0}"
 
 
 def test_objectives_need_a_finished_run_with_both_scores():
@@ -120,7 +120,7 @@ def test_search_runs_trials_and_relaunches_continue_without_recomputing(tmp_path
         assert set(mix) == {"general", "math", "code"}
         assert all(w >= 0 and abs(w * 10 - round(w * 10)) <= 1e-9 for w in mix.values())
         assert abs(sum(mix.values()) - 1) <= 1e-9
-        metrics = json.loads((sweep / f"calib.mix=[{','.join(f'{w:g}' for w in mix.values())}]"
+        metrics = json.loads((sweep / ("calib.mix={" + ",".join(f"{s}:{w:g}" for s, w in mix.items()) + "}")
                               / "metrics.json").read_text())
         assert list(trial.values) == [metrics["eval"]["mc"], metrics["eval"]["gen"]]  # the run's scores
     assert len({json.dumps(m) for m in runs}) == 4  # four different mixes
@@ -222,7 +222,7 @@ def test_toy_search_runs_real_trials_and_resumes(tmp_path):
         run_dir = next(d for d in sweep.iterdir() if (d / "metrics.json").exists()
                        and json.loads((d / "metrics.json").read_text())["eval"]["mc"] == trial.values[0]
                        and json.loads((d / "metrics.json").read_text())["eval"]["gen"] == trial.values[1])
-        assert run_dir.name.startswith("calib.mix=[")
+        assert run_dir.name.startswith("calib.mix={")
     stamps = sorted((d / "metrics.json").stat().st_mtime_ns for d in sweep.iterdir() if (d / "metrics.json").exists())
     again = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -27,7 +27,7 @@ def stub_scores(mix: dict) -> tuple[float, float]:
 
 def _mix(cfg) -> dict:
     mix = OmegaConf.to_container(cfg.calib.mix)
-    return dict(zip(DOMAINS, mix)) if isinstance(mix, list) else mix
+    return dict(zip(DOMAINS, mix)) if isinstance(mix, list) else mix  # the shorthand, or {source: weight}
 
 
 @hydra.main(config_path=".", config_name="config", version_base="1.3")
