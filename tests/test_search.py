@@ -212,8 +212,9 @@ def test_toy_search_runs_real_trials_and_resumes(tmp_path):
     sweep = tmp_path / "toy_search"
     args = [sys.executable, "-m", "ream_exp.run", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name",
             "toy_search", f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "eval.limit=4", "calib.n=32",
-            "method=freq", "progress=false", f"cache_dir={tmp_path / 'cache'}"]
-    first = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
+            "method=freq", "progress=false"]
+    env = {**ENV, "REAM_EXP_CACHE": str(tmp_path / "cache")}  # (a cache_dir override would name the run dirs)
+    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sweep summary: 2 done, 0 skipped, 0 failed" in first.stdout
     study = _study(sweep)
@@ -222,9 +223,9 @@ def test_toy_search_runs_real_trials_and_resumes(tmp_path):
         run_dir = next(d for d in sweep.iterdir() if (d / "metrics.json").exists()
                        and json.loads((d / "metrics.json").read_text())["eval"]["mc"] == trial.values[0]
                        and json.loads((d / "metrics.json").read_text())["eval"]["gen"] == trial.values[1])
-        assert run_dir.name.startswith("calib.mix={")
+        assert run_dir.name.startswith("calib.mix={") and "tool:" in run_dir.name  # the toy's 4 sources
     stamps = sorted((d / "metrics.json").stat().st_mtime_ns for d in sweep.iterdir() if (d / "metrics.json").exists())
-    again = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
+    again = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 of 2 mixes finished, 0 to run" in again.stdout + again.stderr
     assert sorted((d / "metrics.json").stat().st_mtime_ns for d in sweep.iterdir()

@@ -101,7 +101,7 @@ class MixSearchSweeper(Sweeper):
         if unknown or len(set(sources)) != len(sources) or len(sources) < 2:
             raise ConfigError(f"hydra.sweeper.sources={sources}: the search needs two or more distinct sources "
                               f"declared in calib.sources ({declared})")
-        self.sources = sources
+        self.sources, self.declared = sources, declared
         size = grid_size(len(sources), self.units)
         if self.n_trials > size:
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} is more than the {size} mixes of step "
@@ -237,11 +237,12 @@ class MixSearchSweeper(Sweeper):
 
         return mix_label(mix)
 
-    @staticmethod
-    def _override(mix: dict) -> str:
+    def _override(self, mix: dict) -> str:
+        """calib.mix over every declared source, the unsearched at 0: a mapping given as the default mix
+        would otherwise keep their weights (Hydra merges a mapping override into a mapping)."""
         from ream_exp.search import mix_override
 
-        return mix_override(mix)
+        return mix_override({**{s: 0.0 for s in self.declared}, **mix})
 
     def _finished_in_run_dir(self, overrides: List[str]):
         """(MC, GEN) of this job's run directory when it already holds finished results of this config."""
