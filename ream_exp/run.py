@@ -85,6 +85,16 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
     return None
 
 
+def finished_metrics(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The metrics of a run finished in `run_dir` with this very config, else None. Reads only: what a
+    sweeper asks before it launches a job there (the job itself goes through finished_run)."""
+    done = _finished_metrics(Path(run_dir) / "metrics.json")
+    saved = Path(run_dir) / "config.yaml"
+    if done is None or not saved.exists():
+        return None
+    return done if experiment_config(OmegaConf.load(saved)) == experiment_config(cfg) else None
+
+
 def _finished_metrics(path: Path) -> dict | None:
     """metrics.json's content if it records a finished run; None if absent, unfinished or unreadable."""
     if not path.exists():
@@ -392,6 +402,9 @@ def main() -> None:
         hydra_main()
     except CompactHydraException as exc:  # config composition: unknown option, bad override syntax
         print(f"error: {_hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(1)
+    except ConfigError as exc:  # raised by a sweeper before any run (hydra/sweeper=mix_search)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if previous is None:

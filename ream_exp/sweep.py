@@ -61,8 +61,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.outcomes:
-            print("sweep summary: no run ended in this process (remote launcher); "
-                  "see metrics.json or error.txt in each run directory")
+            print("sweep summary: no run ended in this process (nothing was launched, or a remote launcher ran "
+                  "them); see metrics.json or error.txt in each run directory")
             return
         counts = {status: sum(o[0] == status for o in self.outcomes) for status in ("done", "skipped", "failed")}
         print(f"sweep summary: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
