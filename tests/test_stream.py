@@ -2,6 +2,12 @@
 time, and a run killed mid-way resumes to the same checkpoint."""
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +33,14 @@ def _source(root: Path, family: str, dtype=torch.float32, **extra) -> Path:
     return path
 
 
+def _overrides(source, calib_files, cache, method, *extra) -> list[str]:
+    return ["model=local", f"model.path={source}", "calib=local", "calib.n=16", "calib.seq_len=32",
+            *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()], "eval=none", "logger=none",
+            f"cache_dir={cache}", "progress=false", f"method={method}", "ratio=0.5", "baseline=false", *extra]
+
+
 def _cfg(source, calib_files, cache, method, *extra):
-    return make_cfg("model=local", f"model.path={source}", "calib=local", "calib.n=16", "calib.seq_len=32",
-                    *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()], "eval=none", "logger=none",
-                    f"cache_dir={cache}", "progress=false", f"method={method}", "ratio=0.5", "baseline=false", *extra)
+    return make_cfg(*_overrides(source, calib_files, cache, method, *extra))
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -166,6 +176,68 @@ def test_killed_run_resumes_to_the_same_checkpoint(method, calib_files, tmp_path
     assert_same_checkpoint(tmp_path / "uninterrupted" / "checkpoint", tmp_path / "run" / "checkpoint")
     assert not partial.exists()
     assert list((tmp_path / "run" / "attempts").glob("*/error.txt")), "the failed attempt's error is kept aside"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_identical_files(a: Path, b: Path) -> None:
+    """Every safetensors shard and the index byte for byte (names too), beside assert_same_checkpoint."""
+    names = sorted(f.name for f in a.glob("*.safetensors")) + [stream_module.INDEX]
+    assert names[:-1] == sorted(f.name for f in b.glob("*.safetensors"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert_same_checkpoint(a, b)
+
+
+def _written_layers(run_dir: Path) -> set[str]:
+    try:
+        return set(json.loads((run_dir / PARTIAL / stream_module.PROGRESS).read_text())["layers"])
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
+@pytest.mark.parametrize("method", ["ream_official", "freq"])
+def test_sigkilled_run_resumes_to_the_identical_checkpoint(method, calib_files, tmp_path, caplog):
+    """A run in its own process is killed with SIGKILL (no handler, no cleanup, its lock still held) once
+    layers 0..2 of 4 are on disk; the relaunch takes over the run directory, continues at layer 3 and
+    writes the checkpoint of an uninterrupted run, byte for byte."""
+    source = _source(tmp_path, "qwen3_moe")
+    run(_cfg(source, calib_files, tmp_path / "cache-ref", method, "model.stream=true"), tmp_path / "uninterrupted")
+    overrides = _overrides(source, calib_files, tmp_path / "cache", method, "model.stream=true")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-m", "tests.stream_child", str(run_dir), "2", *overrides],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while _written_layers(run_dir) != {"0", "1", "2"}:  # the child waits after layer 2 until killed
+            assert child.poll() is None, f"the run ended before layer 2 was written:\n{child.stdout.read()}"
+            assert time.monotonic() < deadline, "layer 2 was not written in time"
+            time.sleep(0.2)
+        assert json.loads((run_dir / ".lock-holder.json").read_text())["pid"] == child.pid
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
+    assert (run_dir / ".lock-holder.json").exists(), "the killed holder could not clean up"
+
+    written = []
+    original = LayerStream.finished
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, logger="ream_exp"):
+        mp.setattr(LayerStream, "finished", lambda self, index, plan=None: (written.append(index),
+                                                                           original(self, index, plan)))
+        metrics = run(make_cfg(*overrides), run_dir)
+    assert written == [3], "the relaunch redid finished layers"
+    assert f"took over the lock of pid {child.pid}" in caplog.text
+    assert "continuing from its finished layers" in caplog.text
+    assert metrics["status"] == "done" and not (run_dir / ".lock-holder.json").exists()
+    assert_identical_files(tmp_path / "uninterrupted" / "checkpoint", run_dir / "checkpoint")
+    assert not (run_dir / PARTIAL).exists()
 
 
 def test_partial_output_of_another_config_is_set_aside(calib_files, tmp_path, monkeypatch):
