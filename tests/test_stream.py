@@ -280,3 +280,54 @@ def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path):
     assert results["streamed"]["eval"]["tasks"] == results["memory"]["eval"]["tasks"]
     assert results["streamed"]["baseline"] == results["memory"]["baseline"]
     assert "baseline_eval" in results["streamed"]["timings"]
+
+
+@pytest.mark.parametrize("method", ["ream_official", "freq"])
+@pytest.mark.parametrize("manifest", ["kept", "another run", "removed"])
+def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, manifest, calib_files, tmp_path,
+                                                                        monkeypatch):
+    """With calib.states_dir kept, a relaunch whose manifest names this run and boundary reads the hidden
+    states at layer 3 from disk: no finished layer is loaded or run again. A manifest of another run (or
+    none) is not trusted: the layers run again. Every path ends with the uninterrupted run's checkpoint."""
+    from ream_exp.methods import layerwise
+    from ream_exp.methods.states import MANIFEST
+
+    source = _source(tmp_path, "qwen3_moe")
+    states_dir = tmp_path / "states"  # the reference run too (config.json records it), before the others
+    kept = ("model.stream=true", "calib.states_device=disk", f"calib.states_dir={states_dir}")
+    run(_cfg(source, calib_files, tmp_path / "cache-ref", method, *kept), tmp_path / "uninterrupted")
+    cfg = _cfg(source, calib_files, tmp_path / "cache", method, *kept)
+
+    original_load = LayerStream.load
+
+    def dies_loading_layer_3(self, index):
+        if index == 3:  # layers 0..2 are written and the states sealed as layer 3's input
+            raise Killed("killed before layer 3")
+        original_load(self, index)
+
+    monkeypatch.setattr(LayerStream, "load", dies_loading_layer_3)
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "run")
+    sealed = json.loads((states_dir / MANIFEST).read_text())
+    progress = json.loads((tmp_path / "run" / PARTIAL / stream_module.PROGRESS).read_text())
+    assert sealed["owner"] == {"config": progress["config"], "run": progress["run"], "boundary": 3}
+    if manifest == "another run":
+        sealed["owner"]["run"] = "0" * 32
+        (states_dir / MANIFEST).write_text(json.dumps(sealed))
+    elif manifest == "removed":
+        (states_dir / MANIFEST).unlink()
+    monkeypatch.undo()
+
+    read, forwarded = [], []
+    for name in ("load", "load_written"):
+        monkeypatch.setattr(LayerStream, name, lambda self, index, f=getattr(LayerStream, name), n=name: (
+            read.append((n, index)), f(self, index)))
+    run_layer = layerwise.run_decoder_layer
+    monkeypatch.setattr(layerwise, "run_decoder_layer", lambda layer, hidden, args: (
+        forwarded.append(layer.self_attn.layer_idx), run_layer(layer, hidden, args))[1])
+    run(cfg, tmp_path / "run")
+    if manifest == "kept":
+        assert read == [("load", 3)] and set(forwarded) == {3}, "finished layers were run again"
+    else:
+        assert {i for _, i in read} == {0, 1, 2, 3} and set(forwarded) == {0, 1, 2, 3}
+    assert_identical_files(tmp_path / "uninterrupted" / "checkpoint", tmp_path / "run" / "checkpoint")
