@@ -131,6 +131,23 @@ def test_one_decoder_layer_in_memory_at_a_time(method, calib_files, tmp_path, mo
     assert (tmp_path / "run" / "checkpoint" / "config.json").exists()
 
 
+def test_loaded_layers_do_not_keep_the_shard_mapped(tmp_path):
+    """Tensors loading leaves in the memory-mapped shard (attention, norms, router: not converted) get
+    storage of their own, so neither the mapping nor the pages read through it outlive the load."""
+    from omegaconf import OmegaConf
+
+    source = _source(tmp_path, "qwen3_moe")
+    stream = LayerStream.open(OmegaConf.create({"path": str(source), "dtype": "float32"}), "cpu", tmp_path / "run",
+                              "digest")
+    for index in range(4):
+        stream.load(index)
+        loaded = {n: t for n, t in stream.model.state_dict(keep_vars=True).items() if t.device.type != "meta"}
+        assert any(".layers." in n for n in loaded)
+        mapped = [n for n, t in loaded.items() if not t.untyped_storage().resizable()]
+        assert not mapped, f"left in the shard's mapping: {mapped}"
+        stream.release(index)
+
+
 class Killed(RuntimeError):
     pass
 
