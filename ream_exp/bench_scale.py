@@ -188,7 +188,8 @@ def measure(root: Path, args, method: str) -> dict:
         meter.close()
     seconds = time.perf_counter() - start
     whole = (torch.cuda.max_memory_allocated() if cuda else _hwm()) - base  # over the whole run
-    return {"seconds": seconds, "layers": meter.layers, "peak_bytes": max([whole] + [l["peak_bytes"] for l in meter.layers])}
+    peak = max([whole] + [l["peak_bytes"] for l in meter.layers])
+    return {"seconds": seconds, "layers": meter.layers, "peak_bytes": peak}
 
 
 def _hwm() -> int:
@@ -216,7 +217,8 @@ def report(args, layer_bytes: int, results: dict[str, dict], machine: str) -> st
              f"the paper: {PAPER_CALIB['n']} x {PAPER_CALIB['seq_len']}; ratio {args.ratio}"]
     off = departures(args)
     if off:
-        lines.append("DEPARTS from Qwen3-30B-A3B's shape: " + ", ".join(f"{k} {a} (not {b})" for k, (a, b) in off.items()))
+        lines.append("DEPARTS from Qwen3-30B-A3B's shape: "
+                     + ", ".join(f"{k} {a} (not {b})" for k, (a, b) in off.items()))
     lines.append(f"{'method':<15}{'layer':>6}{'seconds':>10}{'peak GiB':>10}")
     for method, r in results.items():
         for l in r["layers"]:
@@ -227,10 +229,11 @@ def report(args, layer_bytes: int, results: dict[str, dict], machine: str) -> st
         lines.append(f"  {method:<15}{e['seconds'] / 3600:>7.2f} h ({e['mean_layer_seconds']:.1f} s per layer, "
                      f"{r['seconds']:.0f} s measured)   peak {e['peak_bytes'] / gib:.1f} GiB in all")
     states = PAPER_CALIB["n"] * PAPER_CALIB["seq_len"] * QWEN3_30B["hidden"] * 2 / gib
-    lines.append(f"official REAM code (paper, one GPU, Qwen3-30B-A3B): ~{OFFICIAL['hours_sequential']} h sequential, "
-                 f"~{OFFICIAL['hours_nonsequential']} h non-sequential; ~{OFFICIAL['gb_beyond_weights']:.0f} GB beyond "
-                 f"the {QWEN3_30B_WEIGHTS_GB:.0f} GB of bf16 weights")
-    lines.append(f"the paper's calibration adds {states:.1f} GiB of bf16 hidden states (calib.states_device decides where)")
+    lines.append(f"official REAM code (paper, one GPU, Qwen3-30B-A3B): ~{OFFICIAL['hours_sequential']} h "
+                 f"sequential, ~{OFFICIAL['hours_nonsequential']} h non-sequential; "
+                 f"~{OFFICIAL['gb_beyond_weights']:.0f} GB beyond the {QWEN3_30B_WEIGHTS_GB:.0f} GB of bf16 weights")
+    lines.append(f"the paper's calibration adds {states:.1f} GiB of bf16 hidden states "
+                 "(calib.states_device decides where)")
     return "\n".join(lines)
 
 

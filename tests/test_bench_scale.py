@@ -25,7 +25,8 @@ def test_measure_streams_and_meters_every_layer(method, tmp_path):
     layer_bytes = bench_scale.build(tmp_path, args)
     result = bench_scale.measure(tmp_path, args, method)
     assert [l["layer"] for l in result["layers"]] == [0, 1, 2]
-    assert all(l["seconds"] > 0 for l in result["layers"]) and sum(l["seconds"] for l in result["layers"]) < result["seconds"]
+    assert all(l["seconds"] > 0 for l in result["layers"])
+    assert sum(l["seconds"] for l in result["layers"]) < result["seconds"]
     assert result["peak_bytes"] >= max(l["peak_bytes"] for l in result["layers"])
     config = json.loads((tmp_path / method / "checkpoint" / "config.json").read_text())
     assert config["num_experts"] == 6 and config["num_hidden_layers"] == 3  # 8 -> 6 at ratio 0.25

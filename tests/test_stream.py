@@ -300,12 +300,13 @@ def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ream_official", "freq"])
-@pytest.mark.parametrize("manifest", ["kept", "another run", "removed"])
+@pytest.mark.parametrize("manifest", ["kept", "another run", "removed", "damaged file"])
 def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, manifest, calib_files, tmp_path,
                                                                         monkeypatch):
     """With calib.states_dir kept, a relaunch whose manifest names this run and boundary reads the hidden
     states at layer 3 from disk: no finished layer is loaded or run again. A manifest of another run (or
-    none) is not trusted: the layers run again. Every path ends with the uninterrupted run's checkpoint."""
+    none, or a damaged file) is not trusted: the layers run again. Every path ends with the uninterrupted
+    run's checkpoint."""
     from ream_exp.methods import layerwise
     from ream_exp.methods.states import MANIFEST
 
@@ -333,6 +334,9 @@ def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, m
         (states_dir / MANIFEST).write_text(json.dumps(sealed))
     elif manifest == "removed":
         (states_dir / MANIFEST).unlink()
+    elif manifest == "damaged file":  # same size, not what torch.save wrote
+        damaged = states_dir / "batch0-hidden.pt"
+        damaged.write_bytes(bytes(damaged.stat().st_size))
     monkeypatch.undo()
 
     read, forwarded = [], []

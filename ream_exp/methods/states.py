@@ -9,9 +9,10 @@ A states_dir that is kept (set explicitly) also serves a streamed run's resume (
 after each decoder layer is written, manifest.json records whose states the files are (the config's
 digest, the streamed output's run id) and at which layer boundary, with each file's size. Any write to
 the store first removes the manifest, so a manifest present means every file is whole and at that
-boundary; a relaunch that finds it matching reads the states instead of running the finished layers
-again. The batch files are renamed into place but not fsynced: a killed process leaves them whole, an
-operating-system crash may not (delete states_dir after one).
+boundary; a relaunch that finds it matching (every file there, of its recorded size, and opening as a
+saved tensor list) reads the states instead of running the finished layers again. The batch files are
+renamed into place but not fsynced: a killed process leaves them whole, an operating-system crash may
+not (delete states_dir after one).
 
 The states are kept in the model's dtype, exactly as the decoder layers return them (a 2M-token
 calibration of a 2048-wide model is 8 GB in bf16), and every copy is exact (`Tensor.to`, torch.save),
@@ -115,6 +116,11 @@ class StateStore:
         files = manifest.get("files")
         if not isinstance(files, dict) or not files or self._sizes(files) != files:
             return None
+        for key in files:  # each file opens as what torch.save wrote (structure only: memory-mapped)
+            try:
+                torch.load(self.directory / f"{key}.pt", mmap=True, weights_only=True)
+            except Exception:
+                return None
         return sorted(files)
 
 
