@@ -13,20 +13,24 @@ conversion), atomically (temp file + os.replace), and puts the layer back on the
 final norm and head are copied last; `save` writes the index, config.json with its provenance, the
 tokenizer and the plan, then renames checkpoint.partial/ to checkpoint/.
 
-Resume: checkpoint.partial/progress.json names the config's digest and the decoder layers written so far;
-each written MoE layer's LayerPlan lies beside it (plans/). A relaunch with the same config keeps them:
-the driver recomputes the calibration hidden states at the boundary by running the finished layers, the
-compressed ones read back from their shards (sequential), the original ones with the observing forward
-(non-sequential, whose propagation used it), and continues with the first layer not written.
+Resume: checkpoint.partial/progress.json names the config's digest, a run id and the decoder layers
+written so far; each written MoE layer's LayerPlan lies beside it (plans/). A relaunch with the same
+config keeps them: the driver reads the calibration hidden states at the boundary from a kept
+calib.states_dir when its manifest names this run and this boundary (methods/states.py), else
+recomputes them by running the finished layers, the compressed ones read back from their shards
+(sequential), the original ones with the observing forward (non-sequential, whose propagation used
+it), and continues with the first layer not written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 import torch
@@ -162,6 +166,7 @@ class LayerStream:
         self.written: dict[int, str] = {}  # decoder layer -> its shard's file name
         self.plans: dict[int, LayerPlan] = {}  # finished MoE layers' plans
         self.compressed_shape: set[int] = set()  # meta layers already given their compressed shape
+        self.run_id = uuid.uuid4().hex  # names this streamed output (kept by a resume)
         self._resume()
         self.load_rest()
 
@@ -178,6 +183,7 @@ class LayerStream:
             self._save_progress()
             return
         progress = json.loads((self.out / PROGRESS).read_text())
+        self.run_id = str(progress.get("run") or self.run_id)
         for i, name in sorted((int(i), n) for i, n in progress["layers"].items()):
             if i != len(self.written) or not (self.out / name).is_file():
                 break  # layers are written in order; anything after a gap is redone
@@ -190,7 +196,7 @@ class LayerStream:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        text = json.dumps({"config": self.digest, "source": str(self.source),
+        text = json.dumps({"config": self.digest, "run": self.run_id, "source": str(self.source),
                            "layers": {str(i): n for i, n in self.written.items()}}, indent=1).encode()
         atomic_write(self.out / PROGRESS, lambda f: f.write(text))
 
@@ -200,6 +206,14 @@ class LayerStream:
 
     def plan_of(self, index: int) -> LayerPlan:
         return self.plans[index]
+
+    def boundary(self) -> int:
+        """The first decoder layer not written (the written ones are always 0..boundary-1)."""
+        return len(self.written)
+
+    def states_owner(self, boundary: int) -> dict:
+        """Whose calibration hidden states a kept states_dir holds at `boundary` (see methods/states.py)."""
+        return {"config": self.digest, "run": self.run_id, "boundary": int(boundary)}
 
     # ---- reading ----------------------------------------------------------------------------------------
     def _load(self, keys: list[str], files: dict[str, Path]) -> None:
@@ -218,6 +232,17 @@ class LayerStream:
             tensors = {k: handles[files[k]].get_slice(k) for k in keys}
             config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
             convert_and_load_state_dict_in_model(self.model, tensors, config)
+        self._own_storage()
+
+    def _own_storage(self) -> None:
+        """Give every loaded tensor that still lies in a memory-mapped shard (the ones loading did not
+        convert or move: attention, norms, router on CPU) a copy of its own. Such a tensor's storage is
+        the mapping's memory (not torch's, so not resizable) and keeps the whole mapping alive, with the
+        shard's pages read so far (the experts' too, though fusing copied them): resident memory that
+        would stay until the layer is freed."""
+        for t in self.model.state_dict(keep_vars=True).values():
+            if t is not None and not _is_meta(t) and not t.untyped_storage().resizable():
+                t.data = t.data.clone()
 
     def _check_loaded(self, selected) -> None:
         """Every tensor of the model entries `selected(name)` is real after loading: non-persistent buffers
@@ -283,6 +308,7 @@ class LayerStream:
         for name, p in list(layer.named_parameters()) + list(layer.named_buffers()):
             _to_meta(self.model, f"{prefix}.{name}", p)
         self._compressed_skeleton(index)
+        _return_freed_memory()
 
     @contextlib.contextmanager
     def capturing(self):
@@ -413,6 +439,26 @@ def _rest_parameters(model: nn.Module, layers: nn.ModuleList):
     return [(n, p) for n, p in model.named_parameters() if id(p) not in inside]
 
 
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory freed with a layer back to the operating system (glibc's malloc_trim; a no-op
+    without glibc). glibc keeps freed chunks of the sizes a layer allocates for reuse, so without it the
+    resident set of a streamed run grows by a fraction of a layer per layer. Values are untouched."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _to_meta(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace parameter/buffer `name` of `model` by a meta tensor of the same shape (frees its memory)."""
     module_path, _, attr = name.rpartition(".")
@@ -429,6 +475,12 @@ class InMemory:
 
     def done(self, index: int) -> bool:
         return False
+
+    def boundary(self) -> int:
+        return 0
+
+    def states_owner(self, boundary: int) -> None:
+        return None  # nothing to resume: kept states are never read back
 
     def load(self, index: int) -> None:
         pass

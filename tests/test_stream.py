@@ -2,6 +2,12 @@
 time, and a run killed mid-way resumes to the same checkpoint."""
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +33,14 @@ def _source(root: Path, family: str, dtype=torch.float32, **extra) -> Path:
     return path
 
 
+def _overrides(source, calib_files, cache, method, *extra) -> list[str]:
+    return ["model=local", f"model.path={source}", "calib=local", "calib.n=16", "calib.seq_len=32",
+            *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()], "eval=none", "logger=none",
+            f"cache_dir={cache}", "progress=false", f"method={method}", "ratio=0.5", "baseline=false", *extra]
+
+
 def _cfg(source, calib_files, cache, method, *extra):
-    return make_cfg("model=local", f"model.path={source}", "calib=local", "calib.n=16", "calib.seq_len=32",
-                    *[f"calib.sources.{d}.path={p}" for d, p in calib_files.items()], "eval=none", "logger=none",
-                    f"cache_dir={cache}", "progress=false", f"method={method}", "ratio=0.5", "baseline=false", *extra)
+    return make_cfg(*_overrides(source, calib_files, cache, method, *extra))
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +131,23 @@ def test_one_decoder_layer_in_memory_at_a_time(method, calib_files, tmp_path, mo
     assert (tmp_path / "run" / "checkpoint" / "config.json").exists()
 
 
+def test_loaded_layers_do_not_keep_the_shard_mapped(tmp_path):
+    """Tensors loading leaves in the memory-mapped shard (attention, norms, router: not converted) get
+    storage of their own, so neither the mapping nor the pages read through it outlive the load."""
+    from omegaconf import OmegaConf
+
+    source = _source(tmp_path, "qwen3_moe")
+    stream = LayerStream.open(OmegaConf.create({"path": str(source), "dtype": "float32"}), "cpu", tmp_path / "run",
+                              "digest")
+    for index in range(4):
+        stream.load(index)
+        loaded = {n: t for n, t in stream.model.state_dict(keep_vars=True).items() if t.device.type != "meta"}
+        assert any(".layers." in n for n in loaded)
+        mapped = [n for n, t in loaded.items() if not t.untyped_storage().resizable()]
+        assert not mapped, f"left in the shard's mapping: {mapped}"
+        stream.release(index)
+
+
 class Killed(RuntimeError):
     pass
 
@@ -168,6 +195,68 @@ def test_killed_run_resumes_to_the_same_checkpoint(method, calib_files, tmp_path
     assert list((tmp_path / "run" / "attempts").glob("*/error.txt")), "the failed attempt's error is kept aside"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_identical_files(a: Path, b: Path) -> None:
+    """Every safetensors shard and the index byte for byte (names too), beside assert_same_checkpoint."""
+    names = sorted(f.name for f in a.glob("*.safetensors")) + [stream_module.INDEX]
+    assert names[:-1] == sorted(f.name for f in b.glob("*.safetensors"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert_same_checkpoint(a, b)
+
+
+def _written_layers(run_dir: Path) -> set[str]:
+    try:
+        return set(json.loads((run_dir / PARTIAL / stream_module.PROGRESS).read_text())["layers"])
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
+@pytest.mark.parametrize("method", ["ream_official", "freq"])
+def test_sigkilled_run_resumes_to_the_identical_checkpoint(method, calib_files, tmp_path, caplog):
+    """A run in its own process is killed with SIGKILL (no handler, no cleanup, its lock still held) once
+    layers 0..2 of 4 are on disk; the relaunch takes over the run directory, continues at layer 3 and
+    writes the checkpoint of an uninterrupted run, byte for byte."""
+    source = _source(tmp_path, "qwen3_moe")
+    run(_cfg(source, calib_files, tmp_path / "cache-ref", method, "model.stream=true"), tmp_path / "uninterrupted")
+    overrides = _overrides(source, calib_files, tmp_path / "cache", method, "model.stream=true")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-m", "tests.stream_child", str(run_dir), "2", *overrides],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while _written_layers(run_dir) != {"0", "1", "2"}:  # the child waits after layer 2 until killed
+            assert child.poll() is None, f"the run ended before layer 2 was written:\n{child.stdout.read()}"
+            assert time.monotonic() < deadline, "layer 2 was not written in time"
+            time.sleep(0.2)
+        assert json.loads((run_dir / ".lock-holder.json").read_text())["pid"] == child.pid
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
+    assert (run_dir / ".lock-holder.json").exists(), "the killed holder could not clean up"
+
+    written = []
+    original = LayerStream.finished
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, logger="ream_exp"):
+        mp.setattr(LayerStream, "finished", lambda self, index, plan=None: (written.append(index),
+                                                                           original(self, index, plan)))
+        metrics = run(make_cfg(*overrides), run_dir)
+    assert written == [3], "the relaunch redid finished layers"
+    assert f"took over the lock of pid {child.pid}" in caplog.text
+    assert "continuing from its finished layers" in caplog.text
+    assert metrics["status"] == "done" and not (run_dir / ".lock-holder.json").exists()
+    assert_identical_files(tmp_path / "uninterrupted" / "checkpoint", run_dir / "checkpoint")
+    assert not (run_dir / PARTIAL).exists()
+
+
 def test_partial_output_of_another_config_is_set_aside(calib_files, tmp_path, monkeypatch):
     source = _source(tmp_path, "qwen3_moe")
     monkeypatch.setattr(LayerStream, "finished", lambda *a, **k: (_ for _ in ()).throw(Killed("at once")))
@@ -208,3 +297,58 @@ def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path):
     assert results["streamed"]["eval"]["tasks"] == results["memory"]["eval"]["tasks"]
     assert results["streamed"]["baseline"] == results["memory"]["baseline"]
     assert "baseline_eval" in results["streamed"]["timings"]
+
+
+@pytest.mark.parametrize("method", ["ream_official", "freq"])
+@pytest.mark.parametrize("manifest", ["kept", "another run", "removed", "damaged file"])
+def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, manifest, calib_files, tmp_path,
+                                                                        monkeypatch):
+    """With calib.states_dir kept, a relaunch whose manifest names this run and boundary reads the hidden
+    states at layer 3 from disk: no finished layer is loaded or run again. A manifest of another run (or
+    none, or a damaged file) is not trusted: the layers run again. Every path ends with the uninterrupted
+    run's checkpoint."""
+    from ream_exp.methods import layerwise
+    from ream_exp.methods.states import MANIFEST
+
+    source = _source(tmp_path, "qwen3_moe")
+    states_dir = tmp_path / "states"  # the reference run too (config.json records it), before the others
+    kept = ("model.stream=true", "calib.states_device=disk", f"calib.states_dir={states_dir}")
+    run(_cfg(source, calib_files, tmp_path / "cache-ref", method, *kept), tmp_path / "uninterrupted")
+    cfg = _cfg(source, calib_files, tmp_path / "cache", method, *kept)
+
+    original_load = LayerStream.load
+
+    def dies_loading_layer_3(self, index):
+        if index == 3:  # layers 0..2 are written and the states sealed as layer 3's input
+            raise Killed("killed before layer 3")
+        original_load(self, index)
+
+    monkeypatch.setattr(LayerStream, "load", dies_loading_layer_3)
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "run")
+    sealed = json.loads((states_dir / MANIFEST).read_text())
+    progress = json.loads((tmp_path / "run" / PARTIAL / stream_module.PROGRESS).read_text())
+    assert sealed["owner"] == {"config": progress["config"], "run": progress["run"], "boundary": 3}
+    if manifest == "another run":
+        sealed["owner"]["run"] = "0" * 32
+        (states_dir / MANIFEST).write_text(json.dumps(sealed))
+    elif manifest == "removed":
+        (states_dir / MANIFEST).unlink()
+    elif manifest == "damaged file":  # same size, not what torch.save wrote
+        damaged = states_dir / "batch0-hidden.pt"
+        damaged.write_bytes(bytes(damaged.stat().st_size))
+    monkeypatch.undo()
+
+    read, forwarded = [], []
+    for name in ("load", "load_written"):
+        monkeypatch.setattr(LayerStream, name, lambda self, index, f=getattr(LayerStream, name), n=name: (
+            read.append((n, index)), f(self, index)))
+    run_layer = layerwise.run_decoder_layer
+    monkeypatch.setattr(layerwise, "run_decoder_layer", lambda layer, hidden, args: (
+        forwarded.append(layer.self_attn.layer_idx), run_layer(layer, hidden, args))[1])
+    run(cfg, tmp_path / "run")
+    if manifest == "kept":
+        assert read == [("load", 3)] and set(forwarded) == {3}, "finished layers were run again"
+    else:
+        assert {i for _, i in read} == {0, 1, 2, 3} and set(forwarded) == {0, 1, 2, 3}
+    assert_identical_files(tmp_path / "uninterrupted" / "checkpoint", tmp_path / "run" / "checkpoint")

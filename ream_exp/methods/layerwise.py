@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 import types
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,8 @@ from ..observe import LayerStats, Routed, decoder_forward, load_cache_entry, obs
 from ..plan import LayerPlan
 from ..stream import InMemory
 from .states import StateStore, state_store
+
+log = logging.getLogger("ream_exp")
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
 DENSE_BLOCK = 1 << 26
@@ -288,10 +291,12 @@ def _replaced_forward(modules, make_forward):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | None = None) -> list[BatchState]:
+def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | None = None,
+                   fill: bool = True) -> list[BatchState]:
     """Per batch: the input of decoder layer 0 and the arguments the model passes every decoder layer,
     put in `store` (default: held where the model made them). No logits: the last layer's stub stops
-    the forward."""
+    the forward. fill=False puts nothing: the store already holds this run's states (a resume reading a
+    kept states_dir), only the batches' layer arguments and token masks are rebuilt."""
     store = store if store is not None else StateStore()
     layers = list(decoder_layers(model))
     device = execution_device(model.get_input_embeddings())  # not meta when offloaded
@@ -320,9 +325,11 @@ def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | No
             layer_args, own = shared.split(record["args"])
             state = BatchState(store, f"batch{n}", device, layer_args, bool(own),
                                *(b[k].reshape(-1).bool().to(device) for k in ("attention_mask", "sim", "align")))
-            if own:
-                store.put(f"{state.key}-args", own)
-            state.keep(record.pop("hidden"))
+            hidden = record.pop("hidden")
+            if fill:
+                if own:
+                    store.put(f"{state.key}-args", own)
+                state.keep(hidden)
             states.append(state)
     return states
 
@@ -416,7 +423,7 @@ class Timings(dict):
             self[stage] = round(self.get(stage, 0.0) + time.perf_counter() - start, 4)
 
 
-def calibration_states(ctx, needs: Needs, store: StateStore | None = None) -> list[BatchState]:
+def calibration_states(ctx, needs: Needs, store: StateStore | None = None, fill: bool = True) -> list[BatchState]:
     """Calibration batches with their token samples, captured at the input of decoder layer 0."""
     if ctx.calib is None:
         raise ValueError(f"method {ctx.cfg.get('name')!r} needs calibration data, but none was built")
@@ -425,7 +432,7 @@ def calibration_states(ctx, needs: Needs, store: StateStore | None = None) -> li
              "sim": token_sample(mask, needs.sim_tokens, ctx.seed),
              "align": token_sample(mask, needs.align_tokens, ctx.seed) if needs.align
              else torch.zeros(mask.shape, dtype=torch.bool)}
-    return capture_inputs(ctx.model, calibration_batches(calib, ctx.batch_size), store)
+    return capture_inputs(ctx.model, calibration_batches(calib, ctx.batch_size), store, fill)
 
 
 def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Path] | None:
@@ -480,7 +487,8 @@ def load_observation(path: Path, device, num_experts: int) -> LayerObservation:
     return obs
 
 
-def _advance_to(ctx, stream, states: list[BatchState] | None, start: int, stop: int, sequential: bool) -> None:
+def _advance_to(ctx, stream, states: list[BatchState] | None, start: int, stop: int, sequential: bool,
+                seal=lambda boundary: None) -> None:
     """Run decoder layers start..stop-1 on the hidden states, one layer in memory at a time when streamed
     (states None: observations come from the cache, nothing runs, layers are only copied).
 
@@ -505,6 +513,26 @@ def _advance_to(ctx, stream, states: list[BatchState] | None, start: int, stop: 
             stream.load(i)
             advance(states, ctx.model, i, i + 1)
             stream.finished(i)
+            seal(i + 1)
+
+
+def state_keys(states: list[BatchState]) -> list[str]:
+    """The store keys of the batches' files: hidden states, and own layer arguments where there are any."""
+    return sorted([f"{s.key}-hidden" for s in states] + [f"{s.key}-args" for s in states if s.own_args])
+
+
+def _boundary_states(ctx, stream, needs: Needs, store: StateStore) -> tuple[list[BatchState], int]:
+    """The batches and the decoder layer whose input their hidden states are: read at the resume boundary
+    from a kept states_dir whose manifest names this run and boundary, else captured at layer 0."""
+    boundary = stream.boundary()
+    owner = stream.states_owner(boundary)
+    vouched = store.sealed_for(owner) if boundary and owner is not None else None
+    if vouched is not None:
+        states = calibration_states(ctx, needs, store, fill=False)  # embeddings only: masks, layer args
+        if state_keys(states) == vouched:
+            log.info("resume: calibration hidden states at decoder layer %d read from %s", boundary, store.directory)
+            return states, boundary
+    return calibration_states(ctx, needs, store), 0
 
 
 @torch.no_grad()
@@ -530,15 +558,23 @@ def _run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Tim
     if cache is not None:
         next(iter(cache.values())).parent.mkdir(parents=True, exist_ok=True)
     cached = cache is not None and cached_observations(cache, todo)
+    position = 0  # the decoder layer whose input the states are
     with timings("capture"), stream.capturing():
-        states = [] if cached or not todo else calibration_states(ctx, needs, store)
-    plans, position = [], 0
+        states = []
+        if not cached and todo:
+            states, position = _boundary_states(ctx, stream, needs, store)
+
+    def seal(boundary: int) -> None:  # a kept states_dir records that its files are the input of `boundary`
+        if states:
+            store.seal(stream.states_owner(boundary), state_keys(states))
+
+    plans = []
     for layer in tqdm(layers, desc=f"{ctx.cfg.get('name', 'merge')} layers", disable=not ctx.progress, leave=False):
         if stream.done(layer.index):  # written by an earlier attempt of this run (model.stream resume)
             plans.append(stream.plan_of(layer.index))
             continue
         with timings("propagate"):
-            _advance_to(ctx, stream, None if cached else states, position, layer.index, sequential)
+            _advance_to(ctx, stream, None if cached else states, position, layer.index, sequential, seal)
         stream.load(layer.index)
         with timings("observe"):
             if cached:
@@ -557,6 +593,8 @@ def _run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Tim
                 advance(states, ctx.model, layer.index, layer.index + 1)
         stream.finished(layer.index, lp)
         position = layer.index + 1
+        if not sequential or layer is not layers[-1]:  # the states are this layer's outputs
+            seal(position)
         plans.append(lp)
     stream.complete(plans)
     return plans

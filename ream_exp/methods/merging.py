@@ -175,8 +175,8 @@ def closest_to_mean(features: torch.Tensor, cluster: list[int]) -> int:
 
 def weight_features(layer: MoELayer, experts: list[int] | None = None) -> torch.Tensor:
     """Per neuron p: [gate row p | up row p | down column p], [k, I, 3H] in float32 (all experts by default)."""
-    idx = list(range(layer.num_experts)) if experts is None else experts
-    w = canonical_weights(layer.experts, idx)
+    # every expert: views of the parameters, so the float32 features are the stage's only copy of the layer
+    w = canonical_weights(layer.experts, slice(None) if experts is None else experts)
     feats = torch.empty(*w["gate"].shape[:2], 3 * w["gate"].shape[2], dtype=torch.float32, device=w["gate"].device)
     for k, part in enumerate((w["gate"], w["up"], w["down"].transpose(1, 2))):
         feats[..., k * part.shape[2]:(k + 1) * part.shape[2]] = part  # one float32 copy, no cat

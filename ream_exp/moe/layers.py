@@ -127,8 +127,11 @@ def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, concatenated: bool) -> t
 
 
 def canonical_weights(experts: nn.Module, idx) -> dict[str, torch.Tensor | None]:
-    """Weights of experts `idx` as gate/up [k, I, H], down [k, H, I] and biases (None when absent)."""
-    idx = torch.as_tensor(idx, dtype=torch.long, device=experts.gate_up_proj.device)
+    """Weights of experts `idx` as gate/up [k, I, H], down [k, H, I] and biases (None when absent).
+
+    A list of indices gives copies; a slice gives views of the parameters (no memory; not to be written)."""
+    if not isinstance(idx, slice):
+        idx = torch.as_tensor(idx, dtype=torch.long, device=experts.gate_up_proj.device)
     gate_up = experts.gate_up_proj[idx]
     down = experts.down_proj[idx]
     if experts.is_transposed:
