@@ -2,9 +2,8 @@
 
     python -m tests.calib_digests > tests/data/calib_digests.json
 
-tests/data/calib_digests.json was written by this module from main at bb294da (this module run on that
-commit's code), before calibration mixes
-became mappings; tests/test_calib_mix.py recomputes every entry with the current code and compares. Do not
+tests/data/calib_digests.json was written by this module run on main's code at bb294da, before calibration
+mixes became mappings; tests/test_calib_mix.py recomputes every entry with the current code and compares. Do not
 rewrite the file unless the tokens are meant to change (then bump calib.cache.FORMAT_VERSION too).
 Each entry: the sha256 of the tokenised tensors (calib.cache.tensor_checksum) and the sha256 of the cache
 key material with local files' size/mtime left out and paths inside the package written relative to it
