@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -127,35 +126,6 @@ class Timer:
             yield
         finally:
             self.seconds[stage] = round(time.perf_counter() - start, 3)
-
-
-def _model_identity(model_cfg: DictConfig) -> list:
-    """The model config plus the weights' modification time, so a retrained local model is a new key."""
-    path = Path(str(model_cfg.path)).expanduser()
-    stamp = max((f.stat().st_mtime for f in path.glob("*.safetensors")), default=0) if path.is_dir() else 0
-    return [OmegaConf.to_container(model_cfg, resolve=True), stamp]
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# Eval settings that change what is written, not the scores: left out of the baseline's cache key.
-EVAL_OUTPUT_KEYS = ("log_samples",)
-
-
-def baseline_key(model_cfg: DictConfig, eval_cfg: DictConfig) -> str:
-    """Cache key of the uncompressed model's scores: the model and the eval config (output settings aside)."""
-    settings = {k: v for k, v in OmegaConf.to_container(eval_cfg, resolve=True).items() if k not in EVAL_OUTPUT_KEYS}
-    return _digest(_model_identity(model_cfg), settings)
-
-
-def stats_key(model_cfg: DictConfig, calib: dict[str, torch.Tensor]) -> str:
-    """Cache key of routing statistics of the uncompressed model: the model and the exact calibration tokens."""
-    tokens = hashlib.sha256()
-    for name in ("input_ids", "attention_mask"):
-        tokens.update(calib[name].contiguous().numpy().tobytes())
-    return _digest(_model_identity(model_cfg), tokens.hexdigest())
 
 
 def score_table(rows: dict[str, dict]) -> str:

@@ -32,32 +32,34 @@ from .dataset_check import check_datasets
 from .methods import Context, get_method
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
-from .pipeline import (Timer, baseline_key, count_parameters, load_model, load_model_config, load_tokenizer,
-                       offload_scratch, resolve_device, score_table, stats_key, write_json)
-from .stream import PARTIAL, LayerStream, check_stream, config_digest, resumable
+from .identity import baseline_key, config_digest, digest, run_identity, stats_key
+from .pipeline import (Timer, count_parameters, load_model, load_model_config, load_tokenizer, offload_scratch,
+                       resolve_device, score_table, write_json)
+from .stream import PARTIAL, LayerStream, check_stream, resumable
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
 log = logging.getLogger("ream_exp")
 
 RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt")
-# Settings that change how a run is shown or logged, not what it computes.
-PRESENTATION_KEYS = ("progress", "logger")
-# Settings of a group that change only where intermediate data waits: the plans are the same bits.
-PLACEMENT_KEYS = {"calib": ("states_device", "states_dir")}
+IDENTITY_FILE = "identity.json"  # run_identity at the run's start: what a relaunch must match to skip it
 
 
-def experiment_config(cfg) -> dict:
-    """The resolved config without presentation and placement settings, nor calibration sources the mix
-    does not read: what decides whether two runs are the same."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    kept = {k: v for k, v in container.items() if k not in PRESENTATION_KEYS}
-    for group, keys in PLACEMENT_KEYS.items():
-        if isinstance(kept.get(group), dict):
-            kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
-    if isinstance(kept.get("calib"), dict):
-        kept["calib"] = without_unread_sources(kept["calib"])
-    return kept
+def saved_identity(run_dir: Path) -> dict | None:
+    """The identity a run recorded in its directory (identity.json), else the one its config.yaml gives
+    (directories from before identity.json; their package paths must still exist); None if neither."""
+    recorded = run_dir / IDENTITY_FILE
+    try:
+        return json.loads(recorded.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    saved = run_dir / "config.yaml"
+    return run_identity(OmegaConf.load(saved)) if saved.exists() else None
+
+
+def write_identity(run_dir: Path, cfg: DictConfig) -> None:
+    identity = run_identity(cfg)
+    write_json(run_dir / IDENTITY_FILE, {"digest": digest(identity), "identity": identity})
 
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -70,13 +72,12 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
     """
     done = _finished_metrics(run_dir / "metrics.json")
     if done is not None:
-        saved = run_dir / "config.yaml"
-        if saved.exists() and experiment_config(OmegaConf.load(saved)) == experiment_config(cfg):
+        if saved_identity(run_dir) == run_identity(cfg):
             return done
         raise RunDirTaken(f"run directory {run_dir} already holds results of a different config; "
                           "choose another hydra.run.dir or remove it yourself")
     leftovers = [name for name in (*RESULT_FILES, PARTIAL) if (run_dir / name).exists()]
-    if PARTIAL in leftovers and resumable(run_dir / PARTIAL, config_digest(cfg)):
+    if PARTIAL in leftovers and cfg.model.get("stream") and resumable(run_dir / PARTIAL, config_digest(cfg)):
         leftovers.remove(PARTIAL)
         log.warning("unfinished streamed attempt in %s: continuing from its finished layers", run_dir / PARTIAL)
     if leftovers:
@@ -89,10 +90,9 @@ def finished_metrics(run_dir: Path, cfg: DictConfig) -> dict | None:
     """The metrics of a run finished in `run_dir` with this very config, else None. Reads only: what a
     sweeper asks before it launches a job there (the job itself goes through finished_run)."""
     done = _finished_metrics(Path(run_dir) / "metrics.json")
-    saved = Path(run_dir) / "config.yaml"
-    if done is None or not saved.exists():
+    if done is None:
         return None
-    return done if experiment_config(OmegaConf.load(saved)) == experiment_config(cfg) else None
+    return done if saved_identity(Path(run_dir)) == run_identity(cfg) else None
 
 
 def _finished_metrics(path: Path) -> dict | None:
@@ -242,6 +242,7 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
 
     validate(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    write_identity(run_dir, cfg)
     torch.manual_seed(int(cfg.seed))
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     timer = Timer()

@@ -73,16 +73,6 @@ def check_stream(cfg, model_config) -> bool:
     return True
 
 
-def config_digest(cfg) -> str:
-    """The digest a relaunch must match to resume: the experiment config (presentation settings aside)."""
-    import hashlib
-
-    from .run import experiment_config
-
-    text = json.dumps(experiment_config(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def resumable(partial: Path, digest: str) -> bool:
     """Whether `partial` is the streamed output of an unfinished run of this very config."""
     try:

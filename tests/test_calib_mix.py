@@ -17,7 +17,8 @@ from ream_exp.calib import (DOMAINS, build_calibration, counts_for_mix, recorded
 from ream_exp.calib.cache import calibration_key, calibration_key_material, tensor_checksum
 from ream_exp.config import ConfigError
 from ream_exp.moe.tiny import tiny_tokenizer
-from ream_exp.run import experiment_config, run
+from ream_exp.identity import run_identity
+from ream_exp.run import run
 from tests import calib_digests
 from tests.test_config import make_cfg
 
@@ -78,9 +79,9 @@ def test_old_toy_run_configs_are_the_same_run_with_the_new_tool_source():
     assert "tool" in cfg.calib.sources
     before = OmegaConf.to_container(cfg, resolve=True)
     del before["calib"]["sources"]["tool"]
-    assert experiment_config(OmegaConf.create(before)) == experiment_config(cfg)
+    assert run_identity(OmegaConf.create(before)) == run_identity(cfg)
     with_tool = make_cfg("calib.mix={general:0.4,math:0.3,code:0.3,tool:0.1}")
-    assert "tool" in experiment_config(with_tool)["calib"]["sources"]
+    assert "tool" in run_identity(with_tool)["calib"]["sources"]
     zero_tool = OmegaConf.to_container(make_cfg("calib.mix={general:0.4,math:0.3,code:0.3,tool:0}"), resolve=True)
     assert "tool" not in without_unread_sources(zero_tool["calib"])["sources"]
 

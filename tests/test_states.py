@@ -163,15 +163,15 @@ def test_unwritable_states_dir_is_refused(tmp_path):
 def test_states_settings_change_neither_the_calibration_key_nor_the_run_identity(tmp_path):
     from ream_exp.calib.cache import calibration_key
     from ream_exp.moe.tiny import tiny_tokenizer
-    from ream_exp.run import experiment_config
+    from ream_exp.identity import run_identity
     from tests.test_config import make_cfg
 
     plain = make_cfg("calib=toy")
     placed = make_cfg("calib=toy", "calib.states_device=disk", f"calib.states_dir={tmp_path}")
     tokenizer = tiny_tokenizer()
     assert calibration_key(plain.calib, tokenizer) == calibration_key(placed.calib, tokenizer)
-    assert experiment_config(plain) == experiment_config(placed)
-    assert experiment_config(plain) != experiment_config(make_cfg("calib=toy", "calib.n=3"))
+    assert run_identity(plain) == run_identity(placed)
+    assert run_identity(plain) != run_identity(make_cfg("calib=toy", "calib.n=3"))
 
 
 # ---- no logits -------------------------------------------------------------------------------------------

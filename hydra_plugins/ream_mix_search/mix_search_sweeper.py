@@ -21,8 +21,6 @@ Plugin modules are imported whenever Hydra scans for plugins, so optuna and ream
 # No `from __future__ import annotations`: Hydra imports plugin modules outside sys.modules, where a
 # dataclass cannot resolve string annotations.
 
-import hashlib
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -142,14 +140,13 @@ class MixSearchSweeper(Sweeper):
         return study
 
     def _default_study_name(self) -> str:
-        from ream_exp.run import experiment_config
+        from ream_exp.identity import config_digest
 
         cfg = OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"])
         with open_dict(cfg):  # what the search chooses, and sources it never reads, do not name the study
             cfg.calib.pop("mix", None)
             cfg.calib.sources = {s: cfg.calib.sources[s] for s in self.sources}
-        digest = hashlib.sha256(json.dumps(experiment_config(cfg), sort_keys=True, default=str).encode())
-        return f"{self.config.method.name}_r{self.config.ratio}_{digest.hexdigest()[:10]}"
+        return f"{self.config.method.name}_r{self.config.ratio}_{config_digest(cfg)[:10]}"
 
     # ------------------------------------------------------------ the search
 
