@@ -128,6 +128,7 @@ def validate(cfg: DictConfig):
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     check_stream(cfg, model_config)
+    check_streamed_baseline(cfg)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
     if needs_calibration:
@@ -195,23 +196,61 @@ def scores_wanted(cfg: DictConfig) -> bool:
     return bool(list(cfg.eval.get("tasks") or []))
 
 
-def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | None:
-    """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk.
+def baseline_wanted(cfg: DictConfig) -> bool:
+    """Whether the run reports the uncompressed model's scores beside its own (method=none is that model)."""
+    return bool(cfg.get("baseline")) and scores_wanted(cfg) and cfg.method.name != "none"
 
-    `model` is the model, or (model.stream=true, where it is not in memory) a function that loads it."""
-    if not cfg.get("baseline") or not list(cfg.eval.get("tasks") or []) or cfg.method.name == "none":
+
+def baseline_path(cfg: DictConfig) -> Path:
+    """Where the uncompressed model's scores under this eval are cached (one file per model and eval)."""
+    return Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
+
+
+def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | None:
+    """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk."""
+    if not baseline_wanted(cfg):
         return None
-    path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
+    path = baseline_path(cfg)
     cached = _usable_baseline(path) if path.exists() else None
     if cached is not None:
         return cached
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
-        scores = _evaluate(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
-                           tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser(),
+        scores = _evaluate(model, tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser(),
                            output_dir=path.with_name(path.stem + "_lm_eval"))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, scores)
     return scores
+
+
+def check_streamed_baseline(cfg: DictConfig) -> None:
+    """A streamed run never holds the whole uncompressed model, so its baseline (with the hf backend) must
+    be in the cache already: else refused before any load, with the command that evaluates it on its own."""
+    if not cfg.model.get("stream") or not baseline_wanted(cfg) or cfg.eval.get("backend") == "vllm":
+        return
+    path = baseline_path(cfg)
+    if path.exists() and _usable_baseline(path) is not None:
+        return
+    raise ConfigError("model.stream=true never holds the whole model in memory, so it cannot evaluate the "
+                      "uncompressed model for baseline=true, and its scores under this eval are not cached in "
+                      f"{path.parent}: evaluate it once with `{baseline_command(cfg)}` (a device map that fits), "
+                      "or set baseline=false, or eval.backend=vllm")
+
+
+# Overrides a baseline command drops: what it compresses, and how the compressed run places its model.
+_NOT_BASELINE = ("method", "ratio", "model.stream", "model.device_map", "hydra.", "logger", "save")
+
+
+def baseline_command(cfg: DictConfig) -> str:
+    """The command line that evaluates this run's uncompressed model under its eval and fills its cache."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        given = [o for o in HydraConfig.get().overrides.task
+                 if not o.lstrip("+~").startswith(_NOT_BASELINE)]
+    else:
+        given = [f"model={cfg.model.name}", f"model.path={cfg.model.path}", f"eval={cfg.eval.name}",
+                 f"cache_dir={cfg.cache_dir}"]
+    return " ".join(["ream-exp", *given, "method=none", "model.stream=false", "model.device_map=auto"])
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
@@ -257,22 +296,22 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
 def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_folder: Path | None = None) -> dict:
     method = get_method(cfg.method.name)
     device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    calib = None
+    if getattr(method, "NEEDS_CALIBRATION", True):  # the tokenizer alone: a bad source fails before the load
+        with timer("calibrate"):
+            calib = cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))
     stream = None
     with timer("load"):
         if cfg.model.get("stream"):  # a meta skeleton; decoder layers are loaded one at a time
             stream = LayerStream.open(cfg.model, device, run_dir, config_digest(cfg))
-            model, tokenizer = stream.model, load_tokenizer(cfg.model)
+            model = stream.model
         else:
             model, tokenizer = load_model(cfg.model, device, offload_folder)
     experts_before = moe_layers(model)[0].num_experts
     params_before = count_parameters(model)
-    baseline = cached_baseline(model if stream is None else lambda: load_model(cfg.model, device)[0],
-                               tokenizer, cfg, timer)
-
-    calib = None
-    if getattr(method, "NEEDS_CALIBRATION", True):
-        with timer("calibrate"):
-            calib = cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))
+    # a streamed run's baseline is cached (check_streamed_baseline) or evaluated by vLLM from model.path
+    baseline = cached_baseline(model if stream is None else None, tokenizer, cfg, timer)
     stats_path = Path(cfg.cache_dir) / "stats" / f"{stats_key(cfg.model, calib)}.pt" if calib is not None else None
     ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
                   seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress),
@@ -315,6 +354,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         "baseline": baseline,
         "timings": timer.seconds,
     }
+    if cfg.method.name == "none" and scores_wanted(cfg) and not baseline_path(cfg).exists():
+        baseline_path(cfg).parent.mkdir(parents=True, exist_ok=True)  # the uncompressed model's scores:
+        write_json(baseline_path(cfg), scores)                          # every later run's baseline
     if cfg.save:
         write_model_card(run_dir / "checkpoint", scores, baseline)  # now with the scores
     write_json(run_dir / "metrics.json", metrics)

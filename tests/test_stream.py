@@ -282,21 +282,32 @@ def test_settings_streaming_cannot_honour_are_refused(override, message, calib_f
 
 
 @pytest.mark.slow
-def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path):
-    """The streamed model is not in memory after compression: evaluation reloads the written checkpoint and
-    the baseline loads the original model; both score as the in-memory run scores."""
+def test_streamed_run_evaluates_the_written_checkpoint(calib_files, tmp_path, monkeypatch):
+    """The streamed model is not in memory after compression: evaluation reloads the written checkpoint.
+    The whole original model is never loaded: without a cached baseline the run is refused before any load,
+    naming the method=none command; once that run has cached it, the streamed run reports it and scores
+    as the in-memory run scores."""
+    import ream_exp.run as run_module
     from tests.test_run import TINY_TASKS
 
     source = _source(tmp_path, "qwen3_moe")
     evaluation = ("eval=mc", "eval.name=tiny", "eval.tasks=[tiny_mc]", f"eval.include_path={TINY_TASKS}",
                   "eval.batch_size=4", "baseline=true")
-    results = {}
-    for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
-        results[name] = run(_cfg(source, calib_files, tmp_path / f"cache-{name}", "reap", *evaluation, *more),
-                            tmp_path / name)
-    assert results["streamed"]["eval"]["tasks"] == results["memory"]["eval"]["tasks"]
-    assert results["streamed"]["baseline"] == results["memory"]["baseline"]
-    assert "baseline_eval" in results["streamed"]["timings"]
+    memory = run(_cfg(source, calib_files, tmp_path / "cache-memory", "reap", *evaluation), tmp_path / "memory")
+    streamed = _cfg(source, calib_files, tmp_path / "cache-streamed", "reap", *evaluation, "model.stream=true")
+    loads = []
+    real_load = run_module.load_model
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: loads.append(a[0].path) or real_load(*a, **k))
+    with pytest.raises(ConfigError, match="model.stream=true never holds the whole model.*method=none"):
+        run(streamed, tmp_path / "refused")
+    assert loads == []
+    run(_cfg(source, calib_files, tmp_path / "cache-streamed", "none", *evaluation), tmp_path / "none")
+    loads.clear()
+    result = run(streamed, tmp_path / "streamed")
+    assert [Path(str(p)) for p in loads] == [tmp_path / "streamed" / "checkpoint"]  # the compressed model only
+    assert result["eval"]["tasks"] == memory["eval"]["tasks"]
+    assert result["baseline"] == memory["baseline"]
+    assert "baseline_eval" not in result["timings"]
 
 
 @pytest.mark.parametrize("method", ["ream_official", "freq"])
