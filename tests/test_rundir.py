@@ -1,5 +1,7 @@
 """A run directory belongs to one process at a time, and nothing finished is ever touched by another run."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import ream_exp.run as run_module
+import ream_exp.rundir as rundir
 from ream_exp import PACKAGE_DIR
 from ream_exp.rundir import HOLDER_NAME, RunDirBusy, hold_run_dir, set_aside
 from ream_exp.run import run
@@ -138,3 +141,108 @@ def test_attempts_within_one_second_do_not_collide(tmp_path):
         kept.append(set_aside(tmp_path, ["error.txt"]))
     assert len(set(kept)) == 3
     assert sorted((a / "error.txt").read_text() for a in kept) == ["attempt 0", "attempt 1", "attempt 2"]
+
+
+# Filesystems that refuse flock (ream_exp/rundir.py FLOCK_REFUSED): .lock-holder.json alone holds the directory.
+REFUSALS = [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP]
+NO_FLOCK = ("import errno, fcntl, os\n"
+            "def refuse(*args): raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))\n"
+            "fcntl.flock = refuse\n")
+
+
+def _refuse_flock(monkeypatch, code: int) -> None:
+    def refuse(*args):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(fcntl, "flock", refuse)  # what filelock calls on Unix
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid names no process
+    return child.pid
+
+
+@pytest.mark.parametrize("code", REFUSALS, ids=[errno.errorcode[c] for c in REFUSALS])
+def test_without_flock_the_holder_file_holds_the_directory(tmp_path, monkeypatch, caplog, code):
+    _refuse_flock(monkeypatch, code)
+    with caplog.at_level(logging.WARNING, logger="ream_exp"):
+        with hold_run_dir(tmp_path):
+            holder = json.loads((tmp_path / HOLDER_NAME).read_text())
+            assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
+            with pytest.raises(RunDirBusy) as refused:
+                with hold_run_dir(tmp_path):
+                    pass
+            assert json.loads((tmp_path / HOLDER_NAME).read_text()) == holder  # the refused one left it alone
+    message = str(refused.value)
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "\n" not in message
+    assert f"delete {tmp_path / HOLDER_NAME}" in message
+    fallbacks = [r.message for r in caplog.records if "refuses flock" in r.message]
+    assert fallbacks and all(errno.errorcode[code] in m and "\n" not in m for m in fallbacks)
+    assert not (tmp_path / HOLDER_NAME).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lock-")]  # no claim or dead file left
+    with hold_run_dir(tmp_path):  # released
+        pass
+
+
+@pytest.mark.parametrize("code", REFUSALS, ids=[errno.errorcode[c] for c in REFUSALS])
+def test_without_flock_a_dead_holder_of_this_host_is_taken_over(tmp_path, monkeypatch, caplog, code):
+    _refuse_flock(monkeypatch, code)
+    dead = {"pid": _dead_pid(), "host": socket.gethostname(), "started": "2024-01-01T00:00:00+0000"}
+    (tmp_path / HOLDER_NAME).write_text(json.dumps(dead))
+    with caplog.at_level(logging.WARNING, logger="ream_exp"):
+        with hold_run_dir(tmp_path):
+            assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert any(f"pid {dead['pid']}" in r.message and "took over" in r.message for r in caplog.records)
+    assert not (tmp_path / HOLDER_NAME).exists()
+
+
+def test_without_flock_a_holder_on_another_host_is_refused(tmp_path, monkeypatch):
+    _refuse_flock(monkeypatch, errno.ENOLCK)
+    other = json.dumps({"pid": _dead_pid(), "host": "another-node", "started": "2024-01-01T00:00:00+0000"})
+    (tmp_path / HOLDER_NAME).write_text(other)
+    with pytest.raises(RunDirBusy) as refused:
+        with hold_run_dir(tmp_path):
+            pass
+    assert "on another-node" in str(refused.value) and f"delete {tmp_path / HOLDER_NAME}" in str(refused.value)
+    assert (tmp_path / HOLDER_NAME).read_text() == other  # this host cannot tell whether it is gone
+
+
+def test_without_flock_a_live_holder_process_is_refused_and_its_lock_taken_over_once_killed(tmp_path, monkeypatch,
+                                                                                              caplog):
+    holder = subprocess.Popen([sys.executable, "-c", NO_FLOCK + HOLDER, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    _refuse_flock(monkeypatch, errno.ENOLCK)
+    try:
+        with pytest.raises(RunDirBusy, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            with hold_run_dir(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="ream_exp"):
+        with hold_run_dir(tmp_path):
+            assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert any(f"pid {holder.pid}" in r.message and "took over" in r.message for r in caplog.records)
+    assert not (tmp_path / HOLDER_NAME).exists()
+
+
+def test_without_flock_a_link_answered_eexist_but_made_still_holds(tmp_path, monkeypatch):
+    _refuse_flock(monkeypatch, errno.ENOLCK)
+    link = os.link
+
+    def lost_reply(src, dst):  # NFS retried the link after its first reply was lost
+        link(src, dst)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+    monkeypatch.setattr(os, "link", lost_reply)
+    with hold_run_dir(tmp_path):
+        assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / HOLDER_NAME).exists()
+
+
+def test_a_live_claim_that_replaced_a_dead_holder_is_put_back(tmp_path):
+    dead = {"pid": _dead_pid(), "host": socket.gethostname(), "started": "2024-01-01T00:00:00+0000"}
+    live = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "2024-01-01T00:00:01+0000"})
+    (tmp_path / HOLDER_NAME).write_text(live)  # another process took over between our read and our move
+    assert not rundir._remove_dead(tmp_path, dead)
+    assert (tmp_path / HOLDER_NAME).read_text() == live and [p.name for p in tmp_path.iterdir()] == [HOLDER_NAME]
