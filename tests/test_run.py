@@ -200,3 +200,18 @@ def test_vllm_evaluates_the_uncompressed_baseline_from_model_path(tmp_path, monk
                    f"cache_dir={tmp_path / 'cache'}")
     run_module.cached_baseline(None, None, cfg, Timer())
     assert seen == [tmp_path]
+
+
+def test_calibration_is_built_before_the_model_loads(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
+    """Cheap steps first: a calibration source that cannot give its sequences fails with the tokenizer
+    alone; neither the model nor the baseline evaluation ever starts."""
+    import ream_exp.run as run_module
+
+    started = []
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: started.append("load"))
+    monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: started.append("evaluate"))
+    cfg = _cfg(tiny_checkpoint, calib_files, tmp_path, "method=reap", "calib.n=4096", "calib.seq_len=512")
+    with pytest.raises(Exception) as failure:
+        run(cfg, tmp_path / "run")
+    assert started == [], failure.value
+    assert "calib" in str(failure.value)
