@@ -776,6 +776,8 @@ def test_pareto_cli_refuses_mixed_settings_in_one_line(group_size_root):
 def _toy_config(*overrides):
     from hydra import compose, initialize_config_dir
 
+    import ream_exp  # noqa: F401  (registers the resolvers conf/config.yaml uses)
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
