@@ -5,7 +5,7 @@ error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_
 ratio, mix ('0:.3:.7'; 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code
 (0 for a source the mix does not read), seed, mc, gen, avg, mc_stderr, gen_stderr, avg_stderr, mc_tasks,
 gen_tasks, eval, eval_limit, eval_fewshot, eval_items, baseline_mc, baseline_gen, baseline_mc_stderr,
-baseline_gen_stderr, status, error, one `mix_<source>` column per other calibration source, and
+baseline_gen_stderr, settings, status, error, one `mix_<source>` column per other calibration source, and
 `task/<name>`, `stderr/<name>` columns per evaluated task. A failed run (error.txt without metrics.json, an unreadable
 metrics.json, or "status": "failed") is kept with status='failed' and NaN scores so that a sweep's
 holes stay visible; everything downstream drops rows without scores.
@@ -27,6 +27,11 @@ Each is left empty when the run does not record it (older runs: limit read from 
 The uncompressed model's scores that each run's metrics.json carries ("baseline") become baseline_mc,
 baseline_gen, baseline_mc_stderr, baseline_gen_stderr; experts_before is the model's expert count.
 
+settings: what the run's result depends on besides its seed and calibration mix, as JSON {dotted key:
+value} (analysis.settings): from the run's identity.json, else (run dirs from before it, W&B runs)
+ream_exp.identity.run_identity of its config. analysis.pareto refuses to compare or average runs whose
+settings differ. Empty when the run has no config.
+
 Scores are stored in metrics.json as fractions; here they are multiplied by 100 (percentage points),
 the units of the paper's tables; standard errors too. Pareto reference points and table cells are in
 these units.
@@ -45,6 +50,7 @@ import pandas as pd
 import yaml
 
 from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix
+from analysis.settings import config_identity, recorded_identity, settings_json
 
 SCALE = 100.0  # fraction -> percentage points
 EVAL_COLUMNS = ["eval", "eval_limit", "eval_fewshot", "eval_items"]
@@ -52,7 +58,7 @@ BASELINE_COLUMNS = ["baseline_mc", "baseline_gen", "baseline_mc_stderr", "baseli
 STDERR_COLUMNS = ["mc_stderr", "gen_stderr", "avg_stderr"]
 COLUMNS = ["run_dir", "model", "method", "experts", "experts_before", "ratio", "mix",
            *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", *STDERR_COLUMNS,
-           "mc_tasks", "gen_tasks", *EVAL_COLUMNS, *BASELINE_COLUMNS, "status", "error"]
+           "mc_tasks", "gen_tasks", *EVAL_COLUMNS, *BASELINE_COLUMNS, "settings", "status", "error"]
 NO_LIMIT = "all"  # eval_limit of a run that scored every item
 SUITES = ("mc", "gen")
 NO_TASKS = "-"  # the task set of a suite that scored no task (a CSV would read "" back as missing)
@@ -94,13 +100,14 @@ def _config_path(run_dir: Path):
 def run_dir_row(run_dir: Path) -> dict:
     config_path = _config_path(run_dir)
     config = (yaml.safe_load(config_path.read_text()) or {}) if config_path else {}
+    identity = recorded_identity(run_dir)  # None for a run dir from before identity.json: from its config
     metrics, problem = _read_metrics(run_dir / "metrics.json")
     if metrics is None:
         return make_row(config, {}, run_dir=run_dir, status="failed",
-                        error=problem or _last_line(run_dir / "error.txt"))
+                        error=problem or _last_line(run_dir / "error.txt"), identity=identity)
     status = str(metrics.get("status", "done"))
     error = metrics.get("error") or (_last_line(run_dir / "error.txt") if status != "done" else None)
-    return make_row(config, metrics, run_dir=run_dir, status=status, error=error)
+    return make_row(config, metrics, run_dir=run_dir, status=status, error=error, identity=identity)
 
 
 def _read_metrics(path: Path):
@@ -126,8 +133,9 @@ def _last_line(path: Path):
 
 # ---------------------------------------------------------------- config + metrics -> row
 
-def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -> dict:
-    """Map one run's resolved config and metrics (same schema locally and on W&B) to a row."""
+def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None, identity=None) -> dict:
+    """Map one run's resolved config and metrics (same schema locally and on W&B) to a row; `identity` is
+    the one the run recorded (identity.json), else it comes from the config."""
     recorded = _first(metrics.get("mix"), dig(config, "calib.mix"))  # {source: weight} or [general, math, code]
     mix = parse_mix(recorded)
     row = {
@@ -139,6 +147,7 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None) -
         "ratio": _first(metrics.get("ratio"), dig(config, "ratio")),
         "mix": format_mix(recorded),
         "seed": dig(config, "seed"),
+        "settings": settings_json(identity if identity is not None else config_identity(config)),
         "status": status,
         "error": error,
     }

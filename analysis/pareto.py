@@ -1,4 +1,5 @@
-"""Pareto frontiers and hypervolumes of compression methods in the (MC, GEN) plane (SPEC section 8).
+"""Pareto frontiers and hypervolumes of compression methods in the (MC, GEN) plane (docs/algorithms.md,
+"Pareto analysis").
 
 Each method is run once per calibration mix at a given expert count; its points (MC, GEN) over the
 mixes form a cloud whose non-dominated set (maximising both) is the method's frontier. The
@@ -11,9 +12,17 @@ paper's tables), so from run dirs it is one percentage point; a CSV is taken as 
 its units differ). Every frontier records its reference point and the rule that chose it.
 
 Rows with method 'none' (the uncompressed model) and rows without both scores (failed runs) are not
-compared. Repeated runs of the same (method, experts, mix), e.g. seeds, are averaged into one point;
-their standard errors (mc_stderr, gen_stderr) are averaged too: an upper bound on the stderr of the
-averaged score whatever the correlation between runs scored on the same items.
+compared. Runs of the same (method, experts, mix) with the same settings (analysis.settings: the model
+and its weights, every method, calibration and eval setting; the seed aside) are the seeds of one point
+and averaged into it; their standard errors (mc_stderr, gen_stderr) are averaged too: an upper bound on
+the stderr of the averaged score whatever the correlation between runs scored on the same items.
+
+Settings: a table whose runs differ in any other setting where they share a comparison (two models, two
+settings of a method on one frontier, two calibration settings besides the mix) is refused with
+SettingsMismatch, naming each setting that differs (`method.group_size: 16 (3 runs: ...) vs 32 (2 runs:
+...)`) and the runs of each value; allow_mixed_settings=True (--allow-mixed-settings) compares them
+anyway, each run's values of those settings kept apart (never averaged together; column `setting`) and the
+comparison flagged (mixed_settings). See analysis.settings for what is compared where.
 
 Eval settings: MC and GEN are means over a suite's tasks, scored on `limit` items with some few-shot
 count, so points are comparable only when all three match (columns mc_tasks / gen_tasks, eval_limit,
@@ -34,6 +43,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from analysis.settings import Mismatch, SettingsMismatch, check_settings, run_name  # noqa: F401 (re-exported)
+
 BASELINE = "none"  # method name of the uncompressed model's rows
 KEYS = ["method", "experts"]
 # What must match for two points to share a frontier: column -> its name in labels and messages.
@@ -45,7 +56,7 @@ STDERRS = ["mc_stderr", "gen_stderr"]
 OVERRIDE = "pass --allow-mixed-evals (allow_mixed_evals=True) to compare them flagged"
 
 
-class EvalMismatch(ValueError):
+class EvalMismatch(Mismatch):
     """The points to compare were scored with different eval settings (task sets, limit, few-shot)."""
 
 
@@ -94,19 +105,24 @@ def hypervolume(points, ref) -> float:
 
 # ---------------------------------------------------------------- tables of runs
 
-def compared_points(df: pd.DataFrame, allow_mixed_evals: bool = False) -> pd.DataFrame:
-    """One row per (method, experts, mix, eval setting) with finite MC and GEN, seeds averaged (their
-    stderrs too, NaN where unknown); baseline dropped. Columns eval_setting (its label) and
-    mixed_evals (the table holds several) are added. Raises EvalMismatch when the eval settings
-    differ, unless allow_mixed_evals."""
+def compared_points(df: pd.DataFrame, allow_mixed_evals: bool = False,
+                    allow_mixed_settings: bool = False) -> pd.DataFrame:
+    """One row per (method, experts, mix, eval setting, setting) with finite MC and GEN, seeds averaged
+    (their stderrs too, NaN where unknown); baseline dropped. Columns eval_setting (its label), setting
+    (the run's values of the settings that differ, '' when none do), mixed_evals and mixed_settings (the
+    table holds several) are added. Raises EvalMismatch when the eval settings differ, unless
+    allow_mixed_evals, and SettingsMismatch when other settings do, unless allow_mixed_settings."""
     scored = df[df["mc"].notna() & df["gen"].notna()]
     mixed = check_evals(scored, allow_mixed_evals)
-    data = scored[(scored["method"] != BASELINE) & scored["experts"].notna()]
+    mixed_settings, settings = check_settings(scored, allow_mixed_settings)
+    keep = (scored["method"] != BASELINE) & scored["experts"].notna()
+    data, settings = scored[keep], settings.to_numpy()[keep.to_numpy()]  # positions: the index may repeat
     data = data.assign(experts=data["experts"].astype(int), mix=data["mix"].astype(str),
-                       eval_setting=eval_labels(data),
+                       eval_setting=eval_labels(data), setting=settings,
                        **{c: pd.to_numeric(data[c], errors="coerce") if c in data else np.nan for c in STDERRS})
-    points = data.groupby(KEYS + ["mix", "eval_setting"], sort=False, as_index=False)[["mc", "gen", *STDERRS]].mean()
-    return points.assign(mixed_evals=mixed)
+    points = data.groupby(KEYS + ["mix", "eval_setting", "setting"], sort=False,
+                          as_index=False)[["mc", "gen", *STDERRS]].mean()
+    return points.assign(mixed_evals=mixed, mixed_settings=mixed_settings)
 
 
 def _setting(df: pd.DataFrame, column: str) -> pd.Series:
@@ -153,11 +169,7 @@ def _describe(rows: pd.DataFrame, label: str) -> str:
     return f"[{label}] {len(rows)} run(s): {', '.join(names)}{more}"
 
 
-def _run_name(row) -> str:
-    run_dir = row.get("run_dir")
-    if isinstance(run_dir, str) and run_dir:
-        return run_dir
-    return f"{row.get('method')}/{row.get('experts')}/{row.get('mix')}"
+_run_name = run_name
 
 
 def reference_points(points: pd.DataFrame, offset: float = 1.0, ref=None) -> dict:
@@ -178,17 +190,18 @@ def reference_rule(offset: float = 1.0, ref=None) -> str:
     return f"{offset:g} below the smallest MC and GEN of the methods compared at each expert count"
 
 
-def frontiers(df: pd.DataFrame, offset: float = 1.0, allow_mixed_evals: bool = False, ref=None) -> pd.DataFrame:
+def frontiers(df: pd.DataFrame, offset: float = 1.0, allow_mixed_evals: bool = False, ref=None,
+              allow_mixed_settings: bool = False) -> pd.DataFrame:
     """Per (method, experts): n_points, frontier_size, hypervolume, reference point (ref_mc, ref_gen,
-    ref_rule), the frontier, the eval settings of its points and whether the comparison mixes them
-    (see compared_points). `ref` fixes the reference point; by default it is the minima - offset."""
-    points = compared_points(df, allow_mixed_evals)
+    ref_rule), the frontier, the eval settings and the settings of its points and whether the comparison
+    mixes them (see compared_points). `ref` fixes the reference point; by default it is the minima - offset."""
+    points = compared_points(df, allow_mixed_evals, allow_mixed_settings)
     refs = reference_points(points, offset, ref)
     rule = reference_rule(offset, ref)
     rows = [_frontier_row(method, experts, group, refs[experts], rule)
             for (method, experts), group in points.groupby(KEYS, sort=False)]
     columns = KEYS + ["n_points", "frontier_size", "hypervolume", "ref_mc", "ref_gen", "ref_rule", "frontier",
-                      "evals", "mixed_evals"]
+                      "evals", "mixed_evals", "settings", "mixed_settings"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -199,12 +212,19 @@ def _frontier_row(method, experts, group: pd.DataFrame, ref, rule: str) -> dict:
         "method": method, "experts": int(experts), "n_points": len(group),
         "frontier_size": len(front), "hypervolume": hypervolume(xy, ref),
         "ref_mc": ref[0], "ref_gen": ref[1], "ref_rule": rule,
-        "frontier": [{"mix": m, "mc": float(x), "gen": float(y), **_stderrs(se_x, se_y)}
-                     for m, x, y, se_x, se_y in zip(front["mix"], front["mc"], front["gen"],
-                                                    front["mc_stderr"], front["gen_stderr"])],
+        "frontier": [{"mix": m, "mc": float(x), "gen": float(y), **_stderrs(se_x, se_y), **_point_setting(s)}
+                     for m, x, y, se_x, se_y, s in zip(front["mix"], front["mc"], front["gen"],
+                                                       front["mc_stderr"], front["gen_stderr"], front["setting"])],
         "evals": sorted(set(group["eval_setting"])),
         "mixed_evals": bool(group["mixed_evals"].any()),
+        "settings": sorted(set(group["setting"]) - {""}),
+        "mixed_settings": bool(group["mixed_settings"].any()),
     }
+
+
+def _point_setting(label: str) -> dict:
+    """A frontier point's settings label, when the comparison mixes settings and it has one."""
+    return {"setting": label} if label else {}
 
 
 def _stderrs(mc_stderr, gen_stderr) -> dict:
@@ -217,7 +237,8 @@ def frontiers_json(table: pd.DataFrame) -> list:
         {"method": str(r.method), "experts": int(r.experts), "hypervolume": float(r.hypervolume),
          "frontier_size": int(r.frontier_size), "n_points": int(r.n_points),
          "reference": [float(r.ref_mc), float(r.ref_gen)], "reference_rule": str(r.ref_rule),
-         "frontier": r.frontier, "evals": list(r.evals), "mixed_evals": bool(r.mixed_evals)}
+         "frontier": r.frontier, "evals": list(r.evals), "mixed_evals": bool(r.mixed_evals),
+         "settings": list(r.settings), "mixed_settings": bool(r.mixed_settings)}
         for r in table.itertuples(index=False)
     ]
 
@@ -233,7 +254,8 @@ def parse_ref(text: str) -> tuple[float, float]:
 
 
 def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
-    """--offset, --ref and --allow-mixed-evals, shared by analysis.pareto and analysis.report."""
+    """--offset, --ref, --allow-mixed-evals and --allow-mixed-settings, shared by analysis.pareto and
+    analysis.report."""
     parser.add_argument("--offset", type=float, default=1.0,
                         help="reference point = minima - offset (the paper's convention; default 1)")
     parser.add_argument("--ref", type=parse_ref, default=None, metavar="MC,GEN",
@@ -241,6 +263,9 @@ def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-mixed-evals", "--allow-mixed-task-sets", dest="allow_mixed_evals",
                         action="store_true", help="compare runs with different eval settings (task sets, limit, "
                         "few-shot), flagged, instead of refusing")
+    parser.add_argument("--allow-mixed-settings", dest="allow_mixed_settings", action="store_true",
+                        help="compare runs that differ in other settings than the seed and the calibration mix "
+                        "(model, method settings, calibration settings), kept apart and flagged, instead of refusing")
 
 
 # ---------------------------------------------------------------- command line
@@ -267,8 +292,9 @@ def main(argv=None) -> None:
 
         data = collect_runs(*args.runs)
     try:
-        table = frontiers(data, args.offset, args.allow_mixed_evals, ref=args.ref)
-    except EvalMismatch as exc:
+        table = frontiers(data, args.offset, args.allow_mixed_evals, ref=args.ref,
+                          allow_mixed_settings=args.allow_mixed_settings)
+    except Mismatch as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(frontiers_json(table), indent=2))
 

@@ -9,7 +9,9 @@ a black star in every panel: rows with method 'none', and the baseline that runs
 many) and the eval (config name and limit). Writes <stem>.png and <stem>.pdf. Uses matplotlib's object
 API (no pyplot), so no display or backend is needed.
 A comparison over different eval settings is refused (analysis.pareto) unless allow_mixed_evals, and
-then every panel's title says so. Library module; `python -m analysis.report` calls it.
+then every panel's title says so; likewise runs that differ in other settings than the seed and the mix
+(analysis.settings) unless allow_mixed_settings: then every title says so and each frontier point's label
+carries its values of the settings that differ. Library module; `python -m analysis.report` calls it.
 """
 
 from pathlib import Path
@@ -34,14 +36,15 @@ FAR = [(round(r * np.cos(a), 1), round(r * np.sin(a), 1)) for r in (14, 22, 32, 
 MARKER_PX = 4  # half-width of the box kept free around each point, in pixels
 
 
-def plot_frontiers(df: pd.DataFrame, out_stem, allow_mixed_evals: bool = False) -> list[Path]:
+def plot_frontiers(df: pd.DataFrame, out_stem, allow_mixed_evals: bool = False,
+                   allow_mixed_settings: bool = False) -> list[Path]:
     """Draw the frontier figure and save it as out_stem.png and out_stem.pdf; returns both paths."""
-    return _save(frontier_figure(df, allow_mixed_evals), Path(out_stem))
+    return _save(frontier_figure(df, allow_mixed_evals, allow_mixed_settings), Path(out_stem))
 
 
-def frontier_figure(df: pd.DataFrame, allow_mixed_evals: bool = False) -> Figure:
+def frontier_figure(df: pd.DataFrame, allow_mixed_evals: bool = False, allow_mixed_settings: bool = False) -> Figure:
     """The frontier figure (see the module docstring), labels placed."""
-    points = compared_points(df, allow_mixed_evals)
+    points = compared_points(df, allow_mixed_evals, allow_mixed_settings)
     baseline = baseline_points(df)
     experts = sorted(points["experts"].unique(), reverse=True) or [None]
     fig = Figure(figsize=(PANEL_SIZE[0] * len(experts), PANEL_SIZE[1]), layout="constrained")
@@ -51,7 +54,8 @@ def frontier_figure(df: pd.DataFrame, allow_mixed_evals: bool = False) -> Figure
     labels = {}
     for ax, count in zip(axes, experts):
         labels[ax] = _draw_panel(ax, points[points["experts"] == count], colours, baseline, count)
-        ax.set_title(panel_title(df, count, bool(points["mixed_evals"].any())), fontsize=9)
+        ax.set_title(panel_title(df, count, bool(points["mixed_evals"].any()),
+                                 bool(points["mixed_settings"].any())), fontsize=9)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7, loc="lower left", title="labels: mix general:math:code", title_fontsize=7)
     fig.canvas.draw()  # the layout is final: label boxes can be measured in pixels
@@ -73,7 +77,7 @@ def baseline_points(df: pd.DataFrame) -> pd.DataFrame:
     return both.round(6).drop_duplicates(["mc", "gen"]).reset_index(drop=True)
 
 
-def panel_title(df: pd.DataFrame, experts, mixed: bool) -> str:
+def panel_title(df: pd.DataFrame, experts, mixed: bool, mixed_settings: bool = False) -> str:
     """'toy-moe: 24 of 32 experts' and 'eval toy, limit 50' from the runs at that expert count."""
     scored = df[df["mc"].notna() & df["gen"].notna() & (df["method"] != BASELINE)]
     rows = scored[scored["experts"] == experts] if experts is not None and "experts" in scored else scored.iloc[:0]
@@ -91,6 +95,8 @@ def panel_title(df: pd.DataFrame, experts, mixed: bool) -> str:
         tail = "eval " + (", ".join(evals) or "?") + (f", limit {'/'.join(map(str, limits))}" if limits else "")
     if mixed:
         tail += " (MIXED EVALS: not comparable)"
+    if mixed_settings:
+        tail += (" " if tail else "") + "(MIXED SETTINGS: not like with like)"
     return head + (f"\n{tail}" if tail else "")
 
 
@@ -130,7 +136,8 @@ def _draw_method(ax, group: pd.DataFrame, colour: str, label: str) -> list:
     # i.e. the outline of the union of boxes [ref, p] (the hypervolume's area).
     ax.step(front["mc"], front["gen"], where="pre", color=colour, linewidth=1.5)
     ax.scatter(front["mc"], front["gen"], color=colour, s=36, edgecolors="black", linewidths=0.6)
-    return [(mix, (mc, gen), colour) for mix, mc, gen in zip(front["mix"], front["mc"], front["gen"])]
+    return [(f"{mix} [{setting}]" if setting else mix, (mc, gen), colour)
+            for mix, mc, gen, setting in zip(front["mix"], front["mc"], front["gen"], front["setting"])]
 
 
 def _error_bars(ax, rows: pd.DataFrame, colour: str) -> None:

@@ -8,7 +8,10 @@ analysis.collect). The hypervolume's reference point is the paper's (minima - --
 --ref MC,GEN fixes it. Runs with different eval settings (task sets, limit, few-shot) are refused (one
 error naming what differs and the runs of each setting) unless --allow-mixed-evals, which writes the
 report with those comparisons flagged (frontiers.json's "mixed_evals", an eval_setting column in the
-tables, the plot titles).
+tables, the plot titles). Only seeds are averaged: runs that differ in any other setting besides the
+calibration mix (two models, two settings of a method, two calibration settings; analysis.settings)
+are refused the same way unless --allow-mixed-settings (frontiers.json's "mixed_settings" and each
+point's "setting", a setting/settings column in the tables, the plot titles and labels).
 
 Run:  python -m analysis.report --runs outputs/ --out outputs/report [--ref 40,30]
       python -m analysis.report --wandb-project ream-exp [--wandb-entity ME] --out outputs/report
@@ -22,26 +25,28 @@ import pandas as pd
 
 from analysis import tables
 from analysis.collect import collect_runs, collect_wandb
-from analysis.pareto import EvalMismatch, add_comparison_arguments, check_evals, frontiers, frontiers_json
+from analysis.pareto import Mismatch, add_comparison_arguments, check_evals, check_settings, frontiers, frontiers_json
 from analysis.plots import plot_frontiers
 
 
 def write_report(runs: pd.DataFrame, out_dir, offset: float = 1.0,
-                 allow_mixed_evals: bool = False, ref=None) -> list[Path]:
+                 allow_mixed_evals: bool = False, ref=None, allow_mixed_settings: bool = False) -> list[Path]:
     """Write every artefact for the collected runs into out_dir; returns the written paths.
-    Raises EvalMismatch before writing anything when the runs' eval settings differ (and mixing is
-    not allowed). `ref` (MC, GEN) fixes the hypervolume's reference point."""
-    mixed = allow_mixed_evals
-    check_evals(runs[runs["mc"].notna() & runs["gen"].notna()], mixed)
+    Raises EvalMismatch (SettingsMismatch) before writing anything when the runs' eval settings (other
+    settings) differ and mixing them is not allowed. `ref` (MC, GEN) fixes the hypervolume's reference point."""
+    mixed, settings = allow_mixed_evals, allow_mixed_settings
+    scored = runs[runs["mc"].notna() & runs["gen"].notna()]
+    check_evals(scored, mixed)
+    check_settings(scored, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
-    fronts = frontiers_json(frontiers(runs, offset, mixed, ref))
+    fronts = frontiers_json(frontiers(runs, offset, mixed, ref, settings))
     (out / "frontiers.json").write_text(json.dumps(fronts, indent=2) + "\n")
-    written = [out / "runs.csv", out / "frontiers.json", *plot_frontiers(runs, out / "frontiers", mixed)]
-    for name, table in (("hypervolume", tables.hypervolume_table(runs, offset, mixed, ref)),
-                        ("best_gen", tables.best_gen_table(runs, mixed)),
-                        ("mix_table", tables.mix_table(runs, mixed))):
+    written = [out / "runs.csv", out / "frontiers.json", *plot_frontiers(runs, out / "frontiers", mixed, settings)]
+    for name, table in (("hypervolume", tables.hypervolume_table(runs, offset, mixed, ref, settings)),
+                        ("best_gen", tables.best_gen_table(runs, mixed, settings)),
+                        ("mix_table", tables.mix_table(runs, mixed, settings))):
         (out / f"{name}.md").write_text(tables.to_markdown(table) + "\n")
         (out / f"{name}.tex").write_text(tables.to_latex(table))
         written += [out / f"{name}.md", out / f"{name}.tex"]
@@ -71,8 +76,9 @@ def main(argv=None) -> None:
     done = int((runs["status"] == "done").sum())
     print(f"{len(runs)} runs ({done} done, {len(runs) - done} not done)")
     try:
-        written = write_report(runs, args.out, args.offset, args.allow_mixed_evals, args.ref)
-    except EvalMismatch as exc:
+        written = write_report(runs, args.out, args.offset, args.allow_mixed_evals, args.ref,
+                               args.allow_mixed_settings)
+    except Mismatch as exc:
         raise SystemExit(f"error: {exc}") from None
     for path in written:
         print(f"wrote {path}")

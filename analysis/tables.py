@@ -1,4 +1,5 @@
-"""The paper's tables (SPEC section 9) from collected runs, as DataFrames, markdown and LaTeX.
+"""The paper's tables (docs/algorithms.md, "Expected numbers") from collected runs, as DataFrames, markdown
+and LaTeX.
 
 - best_gen_table: per method and expert count, the calibration mix with the best GEN and its MC/GEN
   ("Best-GEN mix per method at 96 experts: ... REAM 69.8 (0:.5:.5)"). Ties go to the higher MC.
@@ -8,9 +9,13 @@
   reference_note says in words which point was used (the report writes it under the table).
 
 Inputs are collect_runs tables (or any table with method, experts, mix, mc, gen); failed runs and the
-uncompressed model (method 'none') are left out, seeds averaged (see analysis.pareto.compared_points).
+uncompressed model (method 'none') are left out, seeds averaged (see analysis.pareto.compared_points):
+runs of one (method, experts, mix) with the same settings, the seed aside (analysis.settings).
 Rows with different eval settings are refused unless allow_mixed_evals=True; then the tables get an
-eval_setting column, and mix_table one row per (mix, eval setting).
+eval_setting column, and mix_table one row per (mix, eval setting). Rows that differ in other settings
+(model, method settings on one frontier, calibration settings besides the mix) are refused unless
+allow_mixed_settings=True; then the tables get a `setting` column (each point's values of the settings
+that differ), and mix_table one row per (mix, setting).
 to_markdown / to_latex print a value with its `<name>_stderr` column as "61.0 ± 0.8".
 Library module; `python -m analysis.report` writes the tables.
 """
@@ -26,10 +31,11 @@ MISSING = "-"
 STDERR_SUFFIX = "_stderr"
 
 
-def best_gen_table(df: pd.DataFrame, allow_mixed_evals: bool = False) -> pd.DataFrame:
-    """Columns method (label), experts, mix, mc, gen, mc_stderr, gen_stderr (+ eval_setting when mixed);
-    experts descending, methods in data order."""
-    points = compared_points(df, allow_mixed_evals)
+def best_gen_table(df: pd.DataFrame, allow_mixed_evals: bool = False,
+                   allow_mixed_settings: bool = False) -> pd.DataFrame:
+    """Columns method (label), experts, mix, mc, gen, mc_stderr, gen_stderr (+ eval_setting, setting when
+    mixed); experts descending, methods in data order."""
+    points = compared_points(df, allow_mixed_evals, allow_mixed_settings)
     ranked = points.sort_values(["gen", "mc"], ascending=False, kind="stable")
     best = ranked.groupby(["method", "experts"], sort=False).head(1)
     best = _in_display_order(best, points)
@@ -37,10 +43,10 @@ def best_gen_table(df: pd.DataFrame, allow_mixed_evals: bool = False) -> pd.Data
     return best.assign(method=best["method"].map(method_label))[columns]
 
 
-def mix_table(df: pd.DataFrame, allow_mixed_evals: bool = False) -> pd.DataFrame:
-    """Rows = mixes (data order; per eval setting when mixed), columns = 'Label experts' (experts
+def mix_table(df: pd.DataFrame, allow_mixed_evals: bool = False, allow_mixed_settings: bool = False) -> pd.DataFrame:
+    """Rows = mixes (data order; per eval setting and setting when mixed), columns = 'Label experts' (experts
     descending), cells 'MC/GEN' (each 'x ± se' where the stderr is known)."""
-    points = compared_points(df, allow_mixed_evals)
+    points = compared_points(df, allow_mixed_evals, allow_mixed_settings)
     keys = ["mix"] + _eval_column(points)
     columns = _in_display_order(points.drop_duplicates(["method", "experts"]), points)
     table = points[keys].drop_duplicates().reset_index(drop=True)
@@ -55,13 +61,17 @@ def mix_table(df: pd.DataFrame, allow_mixed_evals: bool = False) -> pd.DataFrame
 
 
 def hypervolume_table(df: pd.DataFrame, offset: float = 1.0, allow_mixed_evals: bool = False,
-                      ref=None) -> pd.DataFrame:
-    """Columns method (label), experts, hypervolume, frontier_size, n_points, ref_mc, ref_gen; the
-    reference point as analysis.pareto.frontiers chooses it (see reference_note)."""
-    fronts = frontiers(df, offset, allow_mixed_evals, ref)
+                      ref=None, allow_mixed_settings: bool = False) -> pd.DataFrame:
+    """Columns method (label), experts, hypervolume, frontier_size, n_points, ref_mc, ref_gen (+ settings,
+    the frontier's points' settings, when mixed); the reference point as analysis.pareto.frontiers chooses
+    it (see reference_note)."""
+    fronts = frontiers(df, offset, allow_mixed_evals, ref, allow_mixed_settings)
     table = _in_display_order(fronts, fronts)
     columns = ["method", "experts", "hypervolume", "frontier_size", "n_points", "ref_mc", "ref_gen"]
-    table = table.assign(method=table["method"].map(method_label))[columns]
+    if bool(fronts["mixed_settings"].any()):
+        columns.append("settings")
+    table = table.assign(method=table["method"].map(method_label),
+                         settings=table["settings"].map(lambda labels: " / ".join(labels) or MISSING))[columns]
     table.attrs["reference"] = reference_note(fronts)
     return table.reset_index(drop=True)
 
@@ -77,7 +87,9 @@ def reference_note(fronts: pd.DataFrame) -> str:
 
 
 def _eval_column(points: pd.DataFrame) -> list[str]:
-    return ["eval_setting"] if bool(points["mixed_evals"].any()) else []
+    """The columns that keep a mixed comparison's points apart: eval_setting, setting (only when mixed)."""
+    return ((["eval_setting"] if bool(points["mixed_evals"].any()) else [])
+            + (["setting"] if bool(points["mixed_settings"].any()) else []))
 
 
 def with_stderr(value, stderr) -> str:

@@ -1,7 +1,7 @@
 """Tests of analysis/: run collection, Pareto frontiers + hypervolume, plots, tables, report.
 
-The paper's per-mix table (SPEC section 9) lives in tests/data/paper_table.csv; hypervolumes are
-checked against brute-force computations written here independently of analysis.pareto.
+The paper's per-mix table (docs/algorithms.md, expected numbers) lives in tests/data/paper_table.csv;
+hypervolumes are checked against brute-force computations written here independently of analysis.pareto.
 Run:  pytest tests/test_analysis.py
 """
 
@@ -9,6 +9,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from analysis import tables
 from analysis.collect import collect_runs, collect_wandb, wandb_row
 from analysis.naming import format_mix, parse_mix
-from analysis.pareto import EvalMismatch, frontiers, hypervolume, pareto_front, read_points_csv
+from analysis.pareto import EvalMismatch, SettingsMismatch, frontiers, hypervolume, pareto_front, read_points_csv
 from analysis.plots import plot_frontiers
 from analysis.report import main as report_main
 
@@ -446,11 +447,12 @@ def test_task_sets_survive_the_runs_csv(mixed_root, tmp_path):
 # ---------------------------------------------------------------- standard errors and eval settings
 
 def write_full_run(path: Path, method, mix, mc, gen, se=(0.01, 0.02), limit=50, fewshot=0, experts=6,
-                   baseline=(0.8, 0.7, 0.005, 0.006)):
-    """A run as evaluate() writes it now: one MC and one GEN task with stderrs, eval settings, baseline."""
+                   baseline=(0.8, 0.7, 0.005, 0.006), seed=0, config=None):
+    """A run as evaluate() writes it now: one MC and one GEN task with stderrs, eval settings, baseline;
+    `config` ({group: {key: value}}) is merged into its config.yaml."""
     path.mkdir(parents=True)
-    config = {"model": {"name": "toy-moe"}, "calib": {"mix": list(mix)}, "method": {"name": method},
-              "ratio": 0.25, "seed": 0, "eval": {"name": "toy", "limit": limit}}
+    config = _merged({"model": {"name": "toy-moe"}, "calib": {"mix": list(mix)}, "method": {"name": method},
+                      "ratio": 0.25, "seed": seed, "eval": {"name": "toy", "limit": limit}}, config or {})
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     tasks = {"facts": {"score": mc, "stderr": se[0], "kind": "mc", "n": limit or 80, "fewshot": fewshot},
              "arith": {"score": gen, "stderr": se[1], "kind": "gen", "n": limit or 80, "fewshot": fewshot}}
@@ -463,6 +465,13 @@ def write_full_run(path: Path, method, mix, mc, gen, se=(0.01, 0.02), limit=50, 
                "mix": list(mix), "eval": evaluation, "baseline": base}
     (path / "metrics.json").write_text(json.dumps(metrics))
     return path
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @pytest.fixture()
@@ -613,3 +622,230 @@ def test_mix_labels_do_not_overlap_each_other_or_points(paper):
         for text, box in boxes:
             if box.overlaps(ax.get_window_extent(renderer)):
                 assert not any(box.contains(x, y) for x, y in pixels), text
+
+
+# ---------------------------------------------------------------- like with like: settings (README: Analysis)
+
+SOURCES = {"general": {"path": "allenai/c4", "field": "text"}, "math": {"path": "AI-MO/NuminaMath-1.5"},
+           "code": {"path": "bigcode/the-stack-smol"}}
+
+
+def _one_line_refusal(message: str, *names):
+    assert "\n" not in message and "--allow-mixed-settings" in message and "allow_mixed_settings=True" in message
+    for name in names:
+        assert name in message, name
+
+
+def test_two_models_on_one_frontier_are_refused_naming_the_model(tmp_path):
+    root = tmp_path / "models"
+    write_full_run(root / "a", "reap", (0, 0.5, 0.5), 0.6, 0.5)
+    write_full_run(root / "b", "reap", (1, 0, 0), 0.7, 0.4, config={"model": {"name": "other-moe"}})
+    runs = collect_runs(root)
+    for compare in (frontiers, tables.best_gen_table, tables.mix_table, tables.hypervolume_table,
+                    lambda df: plot_frontiers(df, tmp_path / "fig")):
+        with pytest.raises(SettingsMismatch) as caught:
+            compare(runs)
+        _one_line_refusal(str(caught.value), f"model.name: toy-moe (1 run: {root / 'a'})",
+                          f"other-moe (1 run: {root / 'b'})")
+    assert not (tmp_path / "fig.png").exists()
+    # the uncompressed model's run of another model is refused too: its star would share the panels
+    write_full_run(tmp_path / "base" / "none", "none", (1, 0, 0), 0.8, 0.7, config={"model": {"name": "other-moe"}})
+    with pytest.raises(SettingsMismatch, match="model.name"):
+        frontiers(pd.concat([collect_runs(root / "a"), collect_runs(tmp_path / "base")], ignore_index=True))
+
+
+@pytest.fixture()
+def group_size_root(tmp_path):
+    """REAM at 6 experts: three mixes with group_size 16, two with 32; REAP beside it (no group_size)."""
+    root = tmp_path / "gs"
+    for name, mix, mc, gen, size in [("a", (1, 0, 0), 0.70, 0.40, 16), ("b", (0, 0.5, 0.5), 0.60, 0.55, 16),
+                                     ("c", (0.5, 0.5, 0), 0.65, 0.45, 16), ("d", (1, 0, 0), 0.72, 0.41, 32),
+                                     ("e", (0, 0.5, 0.5), 0.61, 0.57, 32)]:
+        write_full_run(root / name, "ream", mix, mc, gen, config={"method": {"group_size": size}})
+    write_full_run(root / "r", "reap", (1, 0, 0), 0.66, 0.42)
+    return root
+
+
+def test_two_settings_of_a_method_on_one_frontier_are_refused_naming_the_setting_and_runs(group_size_root):
+    runs = collect_runs(group_size_root)
+    for compare in (frontiers, tables.best_gen_table, tables.mix_table):
+        with pytest.raises(SettingsMismatch) as caught:
+            compare(runs)
+        message = str(caught.value)
+        runs_of = lambda *names: ", ".join(str(group_size_root / n) for n in names)
+        _one_line_refusal(message, f"method.group_size [ream, 6 experts]: 16 (3 runs: {runs_of('a', 'b', 'c')}) "
+                                   f"vs 32 (2 runs: {runs_of('d', 'e')})")
+        assert "(method.group_size)" in message and "model." not in message
+        assert str(group_size_root / "r") not in message
+    runs.to_csv(group_size_root.parent / "runs.csv", index=False)  # the settings survive runs.csv
+    with pytest.raises(SettingsMismatch, match="method.group_size"):
+        frontiers(read_points_csv(group_size_root.parent / "runs.csv"))
+    # one setting alone is fine, and the same setting may differ between frontiers (REAM's C follows the ratio)
+    assert not frontiers(runs[~runs["run_dir"].str.endswith(("/d", "/e"))])["mixed_settings"].any()
+    write_full_run(group_size_root / "f", "ream", (1, 0, 0), 0.5, 0.3, experts=4, config={"method": {"group_size": 32}})
+    alike = collect_runs(group_size_root)
+    alike = alike[~alike["run_dir"].str.endswith(("/d", "/e"))]
+    assert set(frontiers(alike)["experts"]) == {6, 4}
+
+
+def test_only_seeds_are_averaged(tmp_path):
+    root = tmp_path / "seeds"
+    write_full_run(root / "s0", "reap", (0, 0.5, 0.5), 0.60, 0.50, se=(0.010, 0.020), seed=0)
+    write_full_run(root / "s1", "reap", (0, 0.5, 0.5), 0.64, 0.56, se=(0.012, 0.022), seed=1)
+    write_full_run(root / "other", "reap", (1, 0, 0), 0.70, 0.40, seed=1)
+    runs = collect_runs(root)
+    assert runs["settings"].nunique() == 1  # the seed is not a setting
+    table = frontiers(runs).set_index("method")
+    assert table.loc["reap", "n_points"] == 2 and not table.loc["reap", "mixed_settings"]
+    point = [p for p in table.loc["reap", "frontier"] if p["mix"] == "0:.5:.5"][0]
+    assert (point["mc"], point["gen"]) == pytest.approx((62.0, 53.0))  # the mean of the two seeds
+    assert point["mc_stderr"] == pytest.approx(1.1) and "setting" not in point
+    # the calibration sampling seed picks other calibration texts: a calibration setting, never averaged
+    write_full_run(root / "calib_seed", "reap", (0, 0.5, 0.5), 0.5, 0.5, config={"calib": {"seed": 7}})
+    with pytest.raises(SettingsMismatch, match=r"calib\.seed: absent \(3 runs: .*\) vs 7 \(1 run: "):
+        frontiers(collect_runs(root))
+
+
+def test_calibration_sources_are_compared_only_where_read(tmp_path):
+    root = tmp_path / "sources"
+    write_full_run(root / "a", "reap", (1, 0, 0), 0.7, 0.4, config={"calib": {"sources": SOURCES}})
+    write_full_run(root / "b", "reap", (0, 0.5, 0.5), 0.6, 0.5, config={"calib": {"sources": SOURCES}})
+    runs = collect_runs(root).set_index("run_dir")
+    assert "calib.sources.math.path" not in json.loads(runs.loc[str(root / "a"), "settings"])  # [1,0,0] reads general
+    assert not frontiers(runs.reset_index())["mixed_settings"].any()  # the mixes read different sources: fine
+    other = {**SOURCES, "general": {"path": "HuggingFaceFW/fineweb", "field": "text"}}
+    write_full_run(root / "c", "ream", (0.5, 0.5, 0), 0.6, 0.5, config={"calib": {"sources": other}})
+    write_full_run(root / "d", "ream", (0, 0, 1), 0.5, 0.6, config={"calib": {"sources": other, "n": 64}})
+    with pytest.raises(SettingsMismatch) as caught:  # across methods: they share panels and reference points
+        frontiers(collect_runs(root))
+    message = str(caught.value)
+    _one_line_refusal(message, f"calib.sources.general.path: allenai/c4 (1 run: {root / 'a'}) vs "
+                               f"HuggingFaceFW/fineweb (1 run: {root / 'c'})", f"calib.n: absent (3 runs: ")
+    sides = {key: re.search(rf"{re.escape(key)}: ([^;]*)", message).group(1)
+             for key in ("calib.n", "calib.sources.general.path")}
+    assert str(root / "d") in sides["calib.n"]
+    assert str(root / "d") not in sides["calib.sources.general.path"]  # d reads no general text
+
+
+def test_mixed_settings_can_be_compared_flagged_and_never_averaged(group_size_root, tmp_path):
+    from analysis.plots import frontier_figure
+
+    runs = collect_runs(group_size_root)
+    with pytest.warns(UserWarning, match="different settings"):
+        table = frontiers(runs, allow_mixed_settings=True).set_index("method")
+    assert table["mixed_settings"].all()
+    assert table.loc["ream", "n_points"] == 5  # per mix, group size 16 and 32 kept apart
+    assert table.loc["ream", "settings"] == ["method.group_size=16", "method.group_size=32"]
+    assert table.loc["reap", "settings"] == []
+    assert {p.get("setting") for p in table.loc["ream", "frontier"]} <= {"method.group_size=16",
+                                                                         "method.group_size=32"}
+    with pytest.warns(UserWarning):
+        best = tables.best_gen_table(runs, allow_mixed_settings=True)
+        mix = tables.mix_table(runs, allow_mixed_settings=True)
+        hv = tables.hypervolume_table(runs, allow_mixed_settings=True).set_index("method")
+        fig = frontier_figure(runs, allow_mixed_settings=True)
+    assert "setting" in best.columns and "setting" in mix.columns and "eval_setting" not in mix.columns
+    assert len(mix[mix["mix"] == "1:0:0"]) == 3  # REAP's row, REAM's with C = 16 and with C = 32
+    assert hv.loc["REAM", "settings"] == "method.group_size=16 / method.group_size=32"
+    assert "method.group_size=32" in tables.to_markdown(mix) and "method.group\\_size=32" in tables.to_latex(best)
+    assert "MIXED SETTINGS" in fig.axes[0].get_title()
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert any("[method.group_size=32]" in t for t in labels)
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit, match="error: .*differ in settings"):
+        report_main(["--runs", str(group_size_root), "--out", str(out)])
+    assert not out.exists()  # refused before anything was written
+    with pytest.warns(UserWarning):
+        report_main(["--runs", str(group_size_root), "--out", str(out), "--allow-mixed-settings"])
+    fronts = {f["method"]: f for f in json.loads((out / "frontiers.json").read_text())}
+    assert all(f["mixed_settings"] for f in fronts.values()) and len(fronts["ream"]["settings"]) == 2
+    assert "setting" in (out / "mix_table.md").read_text()
+    assert "method.group_size=32" in (out / "best_gen.md").read_text()
+
+
+def test_pareto_cli_refuses_mixed_settings_in_one_line(group_size_root):
+    refused = subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(group_size_root)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("error: ") and "method.group_size [ream, 6 experts]: 16 (3 runs" in refused.stderr
+    allowed = subprocess.run([sys.executable, "-m", "analysis.pareto", "--runs", str(group_size_root),
+                              "--allow-mixed-settings"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert all(f["mixed_settings"] for f in json.loads(allowed.stdout))
+
+
+def _toy_config(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    import ream_exp  # noqa: F401  (registers the resolvers conf/config.yaml uses)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _write_toy_run(path: Path, cfg, mc: float, identity: bool = True, config_text: str | None = None):
+    """A run dir as ream_exp.run writes it: config.yaml (resolved), identity.json (unless `identity` is
+    false: a run dir from before it), metrics.json."""
+    from omegaconf import OmegaConf
+
+    from ream_exp.identity import digest, run_identity
+    from ream_exp.run import IDENTITY_FILE
+
+    path.mkdir(parents=True)
+    OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+    if config_text is not None:
+        (path / "config.yaml").write_text(config_text)
+    if identity:
+        recorded = run_identity(cfg)
+        (path / IDENTITY_FILE).write_text(json.dumps({"digest": digest(recorded), "identity": recorded}))
+    metrics = {"status": "done", "method": cfg.method.name, "experts_after": 24, "mix": list(cfg.calib.mix),
+               "eval": {"mc": mc, "gen": 0.5, "mc_tasks": ["toy_facts"], "gen_tasks": ["toy_arith"], "limit": None}}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+def test_an_old_run_dir_without_identity_json_still_collects_and_matches(tmp_path):
+    from ream_exp import PACKAGE_DIR
+
+    root = tmp_path / "toy"
+    new = _write_toy_run(root / "new", _toy_config("method=ream", "seed=0"), 0.50)
+    old = _write_toy_run(root / "old", _toy_config("method=ream", "seed=1"), 0.60, identity=False)
+    # a run made from another clone of the package: config.yaml names its files there
+    clone = tmp_path / "elsewhere" / "ream_exp"
+    for rel in ("toy/data/calib_general.jsonl", "toy/data/calib_math.jsonl", "toy/data/calib_code.jsonl"):
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        (clone / rel).write_bytes((PACKAGE_DIR / rel).read_bytes())
+    text = (new / "config.yaml").read_text().replace(str(PACKAGE_DIR / "toy" / "data"), str(clone / "toy" / "data"))
+    assert str(clone) in text
+    _write_toy_run(root / "clone", _toy_config("method=ream", "seed=2"), 0.70, identity=False, config_text=text)
+    runs = collect_runs(root).set_index("run_dir")
+    assert (runs["status"] == "done").all() and runs["settings"].nunique() == 1
+    settings = json.loads(runs.loc[str(old), "settings"])
+    assert settings["method.group_size"] == 16 and settings["model.weights"].startswith("files ")
+    assert settings["calib.sources.general.path"].startswith("toy/data/calib_general.jsonl (sha256 ")
+    assert "seed" not in settings and "calib.mix" not in settings and "ratio" not in settings
+    point = frontiers(runs.reset_index()).iloc[0]
+    assert point["n_points"] == 1 and point["frontier"][0]["mc"] == pytest.approx(60.0)  # three seeds, one point
+    # identity.json, where there is one, is what the run depends on (not a config.yaml edited afterwards)
+    edited = _write_toy_run(root / "edited", _toy_config("method=ream", "seed=3", "method.group_size=32"), 0.5)
+    (edited / "config.yaml").write_text((new / "config.yaml").read_text())
+    with pytest.raises(SettingsMismatch, match=rf"method.group_size \[ream, 24 experts\]: 16 \(3 runs: .*\) vs 32 "
+                                               rf"\(1 run: {edited}\)"):
+        frontiers(collect_runs(root))
+
+
+def test_wandb_runs_carry_their_settings_like_run_dirs(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = _toy_config("method=ream")
+    local = _write_toy_run(tmp_path / "local" / "run", cfg, 0.5)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    online = FakeRun({**config, "seed": 5, "_wandb": {"x": 1}},
+                     {"status": "done", "method": "ream", "experts_after": 24,
+                      "eval": {"mc": 0.6, "gen": 0.5, "mc_tasks": ["toy_facts"], "gen_tasks": ["toy_arith"],
+                               "limit": None}})
+    row = wandb_row(online)
+    assert row["settings"] == collect_runs(local.parent)["settings"].iloc[0]
+    other = FakeRun({**config, "calib": {**config["calib"], "n": 64}}, online.summary_metrics)
+    both = pd.DataFrame([row, wandb_row(other)])
+    with pytest.raises(SettingsMismatch, match=r"calib\.n: 128 \(1 run: wandb:me/ream-exp/abc123\) vs 64"):
+        frontiers(both)

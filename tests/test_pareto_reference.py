@@ -1,5 +1,6 @@
 """The hypervolume's reference point is (smallest MC - offset, smallest GEN - offset) over every method at an
-expert count (SPEC 8), for any offset: frontiers() and `python -m analysis.pareto --offset`."""
+expert count (docs/algorithms.md, Pareto analysis), for any offset: frontiers() and
+`python -m analysis.pareto --offset`."""
 
 import json
 
