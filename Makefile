@@ -1,6 +1,8 @@
 # ream-exp: one command to set up and run, one to set up and test.
 #   make demo    set up .venv and run the default job (toy MoE, REAM, ratio 0.25, toy benchmarks)
-#   make test    set up .venv and run the test suite (CPU, offline)
+#   make test    set up .venv and run the test suite (CPU, offline); with CI=true (as .ci/run has it) or
+#                LEGACY_CHECK=true it also builds the transformers 4.57 environment (once) and runs the
+#                checkpoint load check in it (tests/test_checkpoint.py), which is skipped otherwise
 #   make mutate  plant each deliberate bug of tests/mutate.py and check its tests catch it (a few minutes)
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,8 +11,15 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
+# The transformers 4.57 environment of the checkpoint load check (ream_exp/bench_legacy.py), built once
+TF457_VENV ?= $(or $(REAM_EXP_CACHE),outputs/.cache)/tf457-venv
+LEGACY_CHECK ?= $(CI)
+ifeq ($(LEGACY_CHECK),true)
+TEST_NEEDS := tf457
+TEST_ENV := REAM_EXP_TF457_PYTHON=$(abspath $(TF457_VENV))/bin/python
+endif
 
-.PHONY: setup demo test mutate bench bench-legacy clean-venv
+.PHONY: setup demo test tf457 mutate bench bench-legacy clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,8 +33,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/ream-exp
 
-test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: setup $(TEST_NEEDS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# builds $(TF457_VENV) unless it already holds transformers 4.57 (pip: torch==2.13.0, transformers==4.57.*)
+tf457: setup
+	$(BIN)/python -m ream_exp.bench_legacy --build-only --venv $(TF457_VENV)
 
 # MUTANTS="name ..." runs only those mutants
 mutate: setup
@@ -36,7 +49,7 @@ bench: setup
 
 # Checkpoints load in transformers 4.57: builds that environment once (outputs/.cache/tf457-venv), then checks
 bench-legacy: setup
-	$(BIN)/python -m ream_exp.bench_legacy
+	$(BIN)/python -m ream_exp.bench_legacy --venv $(TF457_VENV)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,13 +2,15 @@
 
     python -m ream_exp.bench_legacy                      # builds the 4.57 environment once, then checks
     python -m ream_exp.bench_legacy --venv DIR --families qwen3_moe mixtral
+    python -m ream_exp.bench_legacy --venv DIR --build-only   # only builds (or finds) it: `make tf457`
 
 The environment (`python -m venv` + pip install torch==2.13.0 transformers==4.57.*) is built once under
 $REAM_EXP_CACHE/tf457-venv (outputs/.cache by default) and reused; REAM_EXP_TF457_PYTHON=DIR/bin/python
-then lets tests/test_checkpoint.py run the same check. Per family: a tiny random model with a
-non-default rope_theta (the value transformers 4.57 used to drop) is compressed by `ream-exp`'s own run
-(method=ream, ratio 0.5, merged and aligned), and its checkpoint is loaded by both stacks: every weight
-must load in 4.57 and its logits must equal transformers 5's to float32 rounding.
+then lets tests/test_checkpoint.py run the same check (`make test` sets it when CI=true, see README).
+Per family: a tiny random model with a non-default rope_theta (the value transformers 4.57 used to drop)
+is compressed by `ream-exp`'s own run (method=ream, ratio 0.5, merged and aligned), and its checkpoint is
+loaded by both stacks: every weight must load in 4.57 and its logits must equal transformers 5's to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -106,8 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=None, help="the transformers 4.57 environment")
     parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
+    parser.add_argument("--build-only", action="store_true", help="build (or find) the environment, print its python")
     args = parser.parse_args(argv)
     python = build_venv(args.venv or default_venv())
+    if args.build_only:
+        print(python)
+        return
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:

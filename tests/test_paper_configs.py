@@ -3,7 +3,8 @@
 Every conf/model/<paper model>.yaml is checked against a local config.json of its architecture (the hub is
 never reached): it passes `validate` for ratio 0.25 and 0.5, and its REAM group size resolves. An
 architecture ream-exp cannot edit fails in `validate`, from config.json alone, before any weights load.
-Tiny random Qwen3-Next, GLM-4.5 and DeepSeek-V2 models show those families fit ream_exp.moe.
+Tiny random Qwen3-Next, GLM-4.5 and DeepSeek-V2 models (three layers, one dense; DeepSeek-V2-Lite's greedy
+routing) compress with REAP and REAM; every tiny family's own checks are parametrised by TINY_FAMILIES.
 """
 
 import copy
@@ -17,7 +18,7 @@ from ream_exp.calib import validate_calib
 from ream_exp.methods import Context, get_method
 from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layers
 from ream_exp.moe.families import family_for
-from ream_exp.moe.tiny import VOCAB, tiny_batch
+from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.run import validate
 from tests.test_config import CONF, make_cfg, options
 from tests.tolerances import assert_f32_close
@@ -131,50 +132,17 @@ def test_unsupported_architecture_fails_from_config_json(tmp_path, monkeypatch):
 
 # ---- the families the model configs add ------------------------------------------------------------
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False, pad_token_id=0,
-              bos_token_id=1, eos_token_id=2)
-
-
-def _tiny_config(model_type):
-    if model_type == "qwen3_next":  # linear / full / linear attention; the middle layer dense
-        return tf.Qwen3NextConfig(**COMMON, num_experts=8, moe_intermediate_size=16, intermediate_size=32,
-                                  shared_expert_intermediate_size=32, norm_topk_prob=True, head_dim=8,
-                                  linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
-                                  linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[1],
-                                  layer_types=["linear_attention", "full_attention", "linear_attention"])
-    if model_type == "glm4_moe":  # sigmoid router with correction bias, shared expert, first layer dense
-        return tf.Glm4MoeConfig(**COMMON, n_routed_experts=8, moe_intermediate_size=16, intermediate_size=32,
-                                n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, head_dim=8,
-                                norm_topk_prob=True, routed_scaling_factor=2.5)
-    if model_type == "deepseek_v2":  # softmax router, shared expert, MLA attention, first layer dense
-        return tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, n_routed_experts=8,
-                                   moe_intermediate_size=16, intermediate_size=32, n_shared_experts=1, n_group=1,
-                                   topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
-                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy")
-    raise ValueError(model_type)
-
-
-@torch.no_grad()
-def _tiny(model_type):
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(_tiny_config(model_type)).eval()
-    gen = torch.Generator().manual_seed(0)
-    for _, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-    return model
-
-
 NEW_FAMILIES = ("qwen3_next", "glm4_moe", "deepseek_v2")
+# DeepSeek-V2-Lite (conf/model/deepseek_v2_lite.yaml) routes greedily over all experts; the tiny default
+# routes group-limited like DeepSeek-V2 itself (tested with every tiny family)
+GREEDY_V2 = {"topk_method": "greedy", "n_group": 1, "topk_group": 1}
 
 
 @pytest.fixture(scope="module", params=NEW_FAMILIES)
 def tiny_new(request):
-    return _tiny(request.param)
+    """3 layers: qwen3_next linear / full / linear attention, the middle layer dense; glm4_moe (sigmoid router
+    with correction bias) and deepseek_v2 (softmax router, MLA attention) with a dense first layer."""
+    return tiny_model(request.param, layers=3, **(GREEDY_V2 if request.param == "deepseek_v2" else {}))
 
 
 def test_new_family_layers_and_expert_layout(tiny_new):
@@ -183,6 +151,7 @@ def test_new_family_layers_and_expert_layout(tiny_new):
     assert [l.index for l in layers] == [i for i in range(3) if i != dense]
     layer = layers[0]
     assert layer.family.name == tiny_new.config.model_type and layer.num_experts == 8 and layer.top_k == 2
+    assert layer.router_groups == 1
     x = torch.randn(5, 32)
     w = {k: v[0] for k, v in canonical_weights(layer.experts, [3]).items() if v is not None}
     expected = (torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T

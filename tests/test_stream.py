@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from ream_exp import stream as stream_module
 from ream_exp.config import ConfigError
 from ream_exp.moe import decoder_layers
-from ream_exp.moe.tiny import tiny_batch, tiny_model, tiny_tokenizer
+from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_tokenizer
 from ream_exp.run import run, validate
 from ream_exp.stream import PARTIAL, LayerStream
 from tests.test_config import make_cfg
@@ -94,9 +94,11 @@ def test_streamed_checkpoint_equals_in_memory(method, calib_files, tmp_path):
         assert memory[key] == streamed[key], key
 
 
-@pytest.mark.parametrize("family, dtype, extra", [
-    ("qwen2_moe", torch.float32, {}), ("mixtral", torch.float32, {}), ("olmoe", torch.float32, {}),
-    ("deepseek_v3", torch.float32, {}), ("gpt_oss", torch.float32, {}),
+# every tiny family (qwen3_moe in float32: test_streamed_checkpoint_equals_in_memory, with every method)
+OTHER_FAMILIES = [(f, torch.float32, {}) for f in TINY_FAMILIES if f != "qwen3_moe"]
+
+
+@pytest.mark.parametrize("family, dtype, extra", OTHER_FAMILIES + [
     ("qwen3_moe", torch.float32, {"tie_word_embeddings": True}),  # no lm_head.weight in the checkpoint
     ("qwen3_moe", torch.bfloat16, {}), ("deepseek_v3", torch.bfloat16, {}),  # model.dtype=auto: bf16 kept
 ])

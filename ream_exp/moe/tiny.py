@@ -60,12 +60,35 @@ def _config(family: str, num_experts: int, top_k: int, hidden: int, layers: int,
                    sliding_window=16, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
                    + ["sliding_attention"] * (layers % 2))
         return tf.GptOssConfig(**{**common, **cfg, **extra})
+    if family == "qwen3_next":  # Qwen2-MoE's block; linear (gated delta net) and full attention alternate
+        cfg = dict(num_experts=num_experts, moe_intermediate_size=width, intermediate_size=2 * width,
+                   shared_expert_intermediate_size=2 * width, norm_topk_prob=True, head_dim=hidden // 4,
+                   linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                   linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[1] if layers > 2 else [],
+                   layer_types=["linear_attention", "full_attention"] * (layers // 2)
+                   + ["linear_attention"] * (layers % 2))
+        return tf.Qwen3NextConfig(**{**common, **cfg, **extra})
+    if family == "glm4_moe":  # DeepSeek-V3's sigmoid router with correction bias; partial rotary embedding
+        cfg = dict(n_routed_experts=num_experts, moe_intermediate_size=width, intermediate_size=2 * width,
+                   n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1 if layers > 2 else 0,
+                   head_dim=hidden // 4, norm_topk_prob=True, routed_scaling_factor=2.5, use_qk_norm=True)
+        return tf.Glm4MoeConfig(**{**common, **cfg, **extra})
+    if family == "deepseek_v2":
+        # softmax probabilities over all experts, not renormalised over the top-k; group-limited routing
+        # (DeepSeek-V2's group_limited_greedy: a token's top-k from its topk_group best of n_group groups)
+        cfg = dict(n_routed_experts=num_experts, moe_intermediate_size=width, intermediate_size=2 * width,
+                   n_shared_experts=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                   first_k_dense_replace=1 if layers > 2 else 0, kv_lora_rank=16, q_lora_rank=None,
+                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.0,
+                   num_key_value_heads=4)
+        return tf.DeepseekV2Config(**{**common, **cfg, **extra})
     raise ValueError(f"no tiny config for family {family!r}")
 
 
 _CLASSES = {
     "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM",
     "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
 }
 TINY_FAMILIES = tuple(_CLASSES)
 
