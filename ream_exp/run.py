@@ -176,15 +176,23 @@ def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_
     return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
 
 
-def _usable_baseline(path: Path) -> dict | None:
-    """A cached baseline's scores, or None (evaluate again) when it is unreadable or was written before
+def _usable_baseline(path: Path, current: dict) -> dict | None:
+    """A cached baseline's scores, or None (evaluate again) when it is unreadable, was made by other code,
+    lm-eval or task versions than `current` says (or does not say: cache_meta), or was written before
     per-task standard errors were recorded."""
+    from .cache_meta import still_valid
+
     try:
         scores = json.loads(path.read_text())
     except (OSError, ValueError):  # cut short or damaged
         log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
         return None
-    tasks = scores.get("tasks") if isinstance(scores, dict) else None
+    if not isinstance(scores, dict):
+        log.warning("baseline cache %s holds no scores: evaluating the uncompressed model again", path)
+        return None
+    if not still_valid("baseline cache", path, scores.pop("made_by", None), current):
+        return None
+    tasks = scores.get("tasks")
     if not isinstance(tasks, dict) or not all(isinstance(t, dict) and "stderr" in t for t in tasks.values()):
         log.warning("baseline cache %s has no standard errors (older format): evaluating again", path)
         return None
@@ -201,8 +209,11 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
     `model` is the model, or (model.stream=true, where it is not in memory) a function that loads it."""
     if not cfg.get("baseline") or not list(cfg.eval.get("tasks") or []) or cfg.method.name == "none":
         return None
+    from .evaluate import scores_made_by
+
     path = Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
-    cached = _usable_baseline(path) if path.exists() else None
+    made_by = scores_made_by(cfg.eval)  # recorded in the entry: scores made otherwise are evaluated again
+    cached = _usable_baseline(path, made_by) if path.exists() else None
     if cached is not None:
         return cached
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
@@ -210,7 +221,7 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
                            tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser(),
                            output_dir=path.with_name(path.stem + "_lm_eval"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, scores)
+    write_json(path, {**scores, "made_by": made_by})
     return scores
 
 
