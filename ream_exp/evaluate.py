@@ -4,7 +4,7 @@
     check_tasks(cfg.eval)                            # before the model is loaded: bad names fail here
     metrics = evaluate(model, tokenizer, cfg.eval, output_dir=run_dir / "lm_eval")
     # {"tasks", "mc", "gen", "avg", "mc_stderr", "gen_stderr", "avg_stderr", "percent", "mc_tasks",
-    #  "gen_tasks", "limit", "bootstrap_iters", "skipped"}
+    #  "gen_tasks", "limit", "bootstrap_iters", "skipped", "versions"}
 
 The eval config is one of conf/eval/*.yaml. Every name in its `tasks` list is scored as ONE task:
 a leaf task by its own metric, a group (mmlu) by the group's aggregate score, a tag by each of the
@@ -31,6 +31,11 @@ They measure the sampling error of the eval items only, not run-to-run variation
 With `output_dir`, lm-eval's own EvaluationTracker writes its results files there (results_mc_<time>.json,
 results_gen_<time>.json: the raw lm-eval output, configs and versions included) and, with
 `eval.log_samples=true`, every item's prompt, response and score (samples_<task>_<time>.jsonl).
+The result's "versions" are the task (and group) versions lm-eval reports.
+
+What made a set of scores (`scores_made_by`, recorded in the uncompressed model's cached scores, see
+cache_meta): EVAL_VERSION below, lm-eval's version and the version each task's YAML declares
+(`metadata.version`, the one lm-eval reports), read from lm-eval's task index before anything runs.
 
 Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval, livecodebench) run only with
 allow_code_eval=true, and only when their scorer runs the code through ream_exp.sandbox
@@ -47,6 +52,7 @@ in-memory model.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -54,9 +60,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cache_meta import made_by
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
+
+# The version of the code that turns lm-eval's output into scores (metric choice, means, standard errors),
+# recorded in the cached scores of the uncompressed model: bump it when a change here changes a score
+# (README, "Caches").
+EVAL_VERSION = 1
 
 # lm-eval output types answered by scoring fixed continuations (no sampling): the MC side.
 MC_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -194,8 +206,9 @@ def task_datasets(cfg) -> list[tuple[str, tuple]]:
     return needed
 
 
-def _leaf_tasks(index, name: str, seen: set) -> list[tuple[str, dict]]:
-    """(leaf task name, its YAML config) for each leaf task a task, group or tag name stands for."""
+def _leaf_tasks(index, name: str, seen: set, groups: dict | None = None) -> list[tuple[str, dict]]:
+    """(leaf task name, its YAML config) for each leaf task a task, group or tag name stands for; the
+    groups passed through go into `groups` ({name: YAML config}) when given."""
     entry = index.get(name)
     if entry is None or name in seen:
         return []
@@ -205,6 +218,8 @@ def _leaf_tasks(index, name: str, seen: set) -> list[tuple[str, dict]]:
         members = [other for other, e in index.items() if name in e.tags]
     elif kind == "GROUP":
         members = list((entry.cfg or {}).get("task") or [])
+        if groups is not None:
+            groups[name] = entry.cfg or {}
     else:
         return [(name, entry.cfg or {})]
     leaves = []
@@ -213,8 +228,33 @@ def _leaf_tasks(index, name: str, seen: set) -> list[tuple[str, dict]]:
             base = index.get(member.get("task"))
             leaves.append((member.get("task"), {**((base.cfg or {}) if base is not None else {}), **member}))
         else:
-            leaves += _leaf_tasks(index, str(member), seen)
+            leaves += _leaf_tasks(index, str(member), seen, groups)
     return leaves
+
+
+def task_versions(cfg) -> dict:
+    """{task or group name: the version its YAML declares (metadata.version, None if none)} for every
+    task, group and leaf task the eval config names, read from lm-eval's task index without building one."""
+    cfg = _as_dict(cfg)
+    names = task_names(cfg)
+    if not names:
+        return {}
+    index = _task_manager(_include_path(cfg)).task_index
+    configs, seen = {}, set()
+    for name in names:
+        configs.update((leaf, leaf_cfg) for leaf, leaf_cfg in _leaf_tasks(index, name, seen, configs) if leaf)
+    return {name: _mapping(configs[name].get("metadata")).get("version") for name in sorted(configs)}
+
+
+def lm_eval_version() -> str:
+    return importlib.metadata.version("lm_eval")
+
+
+def scores_made_by(cfg) -> dict:
+    """What makes this eval config's scores now (cache_meta.made_by): EVAL_VERSION, lm-eval's version and
+    each task's declared version ("task <name>")."""
+    return made_by({"evaluate": EVAL_VERSION}, **{"lm-eval": lm_eval_version()},
+                   **{f"task {name}": version for name, version in task_versions(cfg).items()})
 
 
 def _leaf_configs(index, name: str, seen: set) -> list[dict]:
@@ -273,7 +313,8 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
     {"tasks": {name: {"score", "stderr", "metric", "kind", "n", "fewshot"}}, "mc", "gen", "avg"
     (fractions in [0, 1], None when a side has no task or misses a score), "mc_stderr", "gen_stderr",
     "avg_stderr" (same units), "percent": those six x 100, "mc_tasks", "gen_tasks": the task set of
-    each suite, "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}}.
+    each suite, "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}, "versions": {task or
+    group: the version lm-eval reports}}.
     `checkpoint_dir` (the saved model) is needed only by backend=vllm; `output_dir` receives lm-eval's
     own results (and per-sample) files.
     """
@@ -281,22 +322,23 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
     names = check_tasks(cfg)
     settings = {"limit": cfg.get("limit"), "bootstrap_iters": _bootstrap_iters(cfg)}
     if not names:  # eval=none: lm-eval is not even imported
-        return {**summarise({}), **settings, "skipped": {}}
+        return {**summarise({}), **settings, "skipped": {}, "versions": {}}
     if cfg.get("backend") == "vllm" and checkpoint_dir is None:
         raise ValueError("eval.backend=vllm loads the model from disk: pass checkpoint_dir")
     task_manager = _task_manager(_include_path(cfg))
     entries = [e for name in names for e in _entries_for(task_manager, name, cfg)]
     entries, skipped = _drop_unsafe(entries, bool(cfg.get("allow_code_eval")))
     _apply_num_fewshot(entries, cfg.get("num_fewshot"))
-    scores = {}
+    scores, versions = {}, {}
     for kind, group in _by_kind(entries).items():
         lm = _make_lm(kind, model, tokenizer, cfg, checkpoint_dir)
         tracker = None if output_dir is None else lm_eval_tracker(Path(output_dir), kind)
         raw = _run(lm, group, kind, cfg, task_manager, tracker)
         scores.update({e.name: _score(e, raw) for e in group})
+        versions.update(raw.get("versions") or {})
         if tracker is not None:
             save_lm_eval_output(tracker, raw, Path(output_dir), kind)
-    return {**summarise(scores), **settings, "skipped": skipped}
+    return {**summarise(scores), **settings, "skipped": skipped, "versions": dict(sorted(versions.items()))}
 
 
 def lm_eval_tracker(output_dir: Path, kind: str):

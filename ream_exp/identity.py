@@ -5,6 +5,9 @@
     model_identity(model_cfg)   the model as far as results go: its settings and a fingerprint of its weights
     baseline_key / stats_key    the cache keys of the uncompressed model's scores and routing statistics
 
+Keys say which cache entry answers a question; what made an entry (the code versions, lm-eval's and the
+tasks' versions) is recorded in the entry itself and checked on reading (cache_meta.py), not put here.
+
 A result depends on the weights, the method and all its settings, the ratio, the calibration data and
 settings, the seed, the eval settings and the package files a config names (the toy checkpoint, data and
 tasks, by path relative to the package and content digest: a second clone at another path is the same run).

@@ -29,8 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save
+from .cache_meta import StaleEntry, made_by, report_stale, require_current
 from .moe import MoELayer, moe_layers
 from .moe.offload import execution_device
+
+# The version of the code that computes the routing statistics (the observing forward, LayerStats' sums),
+# recorded in every stats cache entry: bump it when a change here changes the numbers (README, "Caches").
+STATS_VERSION = 1
 
 
 @dataclass
@@ -186,33 +191,49 @@ def observing(model: nn.Module, layers: list[MoELayer] | None = None):
         s.finish()
 
 
+def stats_made_by() -> dict:
+    """What makes a stats cache entry now (cache_meta.made_by): this module's STATS_VERSION."""
+    return made_by({"observe": STATS_VERSION})
+
+
 def save_stats(stats: dict[int, LayerStats], path) -> None:
-    """Write atomically, so a killed run never leaves a half-written cache entry behind."""
-    atomic_torch_save({i: s.state() for i, s in stats.items()}, path)
+    """Write atomically, so a killed run never leaves a half-written cache entry behind; the entry records
+    what made it ({"made_by": stats_made_by(), "layers": {layer: state}})."""
+    atomic_torch_save({"made_by": stats_made_by(), "layers": {i: s.state() for i, s in stats.items()}}, path)
 
 
 STATE_KEYS = ("tokens", "count", "soft", "ean", "reap")
 
 
 def load_stats(path, device="cpu") -> dict[int, LayerStats]:
-    """The saved statistics; raises when the file is unreadable or an entry lacks a statistic."""
+    """The saved statistics; raises StaleEntry when other code made them (or the entry does not say),
+    another exception when the file is unreadable or an entry lacks a statistic."""
     saved = torch.load(path, weights_only=True, map_location="cpu")
-    if not isinstance(saved, dict) or not all(isinstance(s, dict) and set(STATE_KEYS) <= set(s) for s in saved.values()):
-        raise ValueError(f"missing entries (expected {{layer: {{{', '.join(STATE_KEYS)}}}}})")
-    return {int(i): LayerStats.from_state(s, device) for i, s in saved.items()}
+    if isinstance(saved, dict):
+        require_current(saved.get("made_by"), stats_made_by())
+    layers = saved.get("layers") if isinstance(saved, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(s, dict) and set(STATE_KEYS) <= set(s)
+                                               for s in layers.values()):
+        raise ValueError(f"missing entries (expected {{layers: {{layer: {{{', '.join(STATE_KEYS)}}}}}}})")
+    return {int(i): LayerStats.from_state(s, device) for i, s in layers.items()}
 
 
-def load_cache_entry(path, load):
-    """`load(path)`, or None when there is no entry or it is damaged (torch.load fails, keys are missing).
+def load_cache_entry(path, load, cache: str = "statistics cache"):
+    """`load(path)`, or None when there is no entry, it is damaged (torch.load fails, keys are missing) or
+    other code made it (`load` raises cache_meta.StaleEntry).
 
     A damaged entry (e.g. truncated by a full disk) is reported, deleted and so recomputed by the caller,
-    like every cache of the project: it is never trusted and never makes later runs fail.
+    like every cache of the project: it is never trusted and never makes later runs fail. A stale one is
+    reported in one log line naming `cache`, the file and what differed, and recomputed (then overwritten).
     """
     path = Path(path)
     if not path.exists():
         return None
     try:
         return load(path)
+    except StaleEntry as exc:
+        report_stale(cache, path, exc)
+        return None
     except Exception as exc:
         warnings.warn(f"ignoring unreadable statistics cache {path}: {type(exc).__name__}: {exc}; "
                       "deleting it, it is recomputed")

@@ -177,15 +177,23 @@ def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_
     return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
 
 
-def _usable_baseline(path: Path) -> dict | None:
-    """A cached baseline's scores, or None (evaluate again) when it is unreadable or was written before
+def _usable_baseline(path: Path, current: dict) -> dict | None:
+    """A cached baseline's scores, or None (evaluate again) when it is unreadable, was made by other code,
+    lm-eval or task versions than `current` says (or does not say: cache_meta), or was written before
     per-task standard errors were recorded."""
+    from .cache_meta import still_valid
+
     try:
         scores = json.loads(path.read_text())
     except (OSError, ValueError):  # cut short or damaged
         log.warning("unreadable baseline cache %s: evaluating the uncompressed model again", path)
         return None
-    tasks = scores.get("tasks") if isinstance(scores, dict) else None
+    if not isinstance(scores, dict):
+        log.warning("baseline cache %s holds no scores: evaluating the uncompressed model again", path)
+        return None
+    if not still_valid("baseline cache", path, scores.pop("made_by", None), current):
+        return None
+    tasks = scores.get("tasks")
     if not isinstance(tasks, dict) or not all(isinstance(t, dict) and "stderr" in t for t in tasks.values()):
         log.warning("baseline cache %s has no standard errors (older format): evaluating again", path)
         return None
@@ -211,15 +219,28 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | N
     if not baseline_wanted(cfg):
         return None
     path = baseline_path(cfg)
-    cached = _usable_baseline(path) if path.exists() else None
+    made_by = scores_made_by(cfg.eval)  # recorded in the entry: scores made otherwise are evaluated again
+    cached = _usable_baseline(path, made_by) if path.exists() else None
     if cached is not None:
         return cached
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
         scores = _evaluate(model, tokenizer, cfg, checkpoint_dir=Path(str(cfg.model.path)).expanduser(),
                            output_dir=path.with_name(path.stem + "_lm_eval"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, scores)
+    store_baseline(cfg, scores, made_by)
     return scores
+
+
+def scores_made_by(eval_cfg) -> dict:
+    """What makes an eval's scores now (lm-eval, task and evaluation versions): evaluate.scores_made_by."""
+    from .evaluate import scores_made_by as made_by  # lm-eval is imported only when a run evaluates
+
+    return made_by(eval_cfg)
+
+
+def store_baseline(cfg: DictConfig, scores: dict, made_by: dict) -> None:
+    path = baseline_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {**scores, "made_by": made_by})
 
 
 def check_streamed_baseline(cfg: DictConfig) -> None:
@@ -228,7 +249,7 @@ def check_streamed_baseline(cfg: DictConfig) -> None:
     if not cfg.model.get("stream") or not baseline_wanted(cfg) or cfg.eval.get("backend") == "vllm":
         return
     path = baseline_path(cfg)
-    if path.exists() and _usable_baseline(path) is not None:
+    if path.exists() and _usable_baseline(path, scores_made_by(cfg.eval)) is not None:
         return
     raise ConfigError("model.stream=true never holds the whole model in memory, so it cannot evaluate the "
                       "uncompressed model for baseline=true, and its scores under this eval are not cached in "
@@ -354,9 +375,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         "baseline": baseline,
         "timings": timer.seconds,
     }
-    if cfg.method.name == "none" and scores_wanted(cfg) and not baseline_path(cfg).exists():
-        baseline_path(cfg).parent.mkdir(parents=True, exist_ok=True)  # the uncompressed model's scores:
-        write_json(baseline_path(cfg), scores)                          # every later run's baseline
+    if cfg.method.name == "none" and scores_wanted(cfg):  # the uncompressed model's: every later baseline
+        store_baseline(cfg, scores, scores_made_by(cfg.eval))
     if cfg.save:
         write_model_card(run_dir / "checkpoint", scores, baseline)  # now with the scores
     write_json(run_dir / "metrics.json", metrics)

@@ -157,10 +157,15 @@ def test_cache_hit_reads_no_source(hub_files, tmp_path, monkeypatch):
 
 
 def test_cache_key_covers_every_input(hub_files, tmp_path):
+    """Every input of the tokens is in the key, except what made them (the calibration code's version and
+    the tokenizer's digest): the entry records those, and a set made otherwise is rebuilt over."""
     tok, cfg = tiny_tokenizer(), paper_calib(hub_files)
     other_tok = tiny_tokenizer()
     other_tok.add_tokens(["<extra>"])
-    variants = {"base": (cfg, tok), "tokenizer": (cfg, other_tok), "chat template": (cfg, chat_tokenizer())}
+    assert calibration_key(cfg, other_tok) == calibration_key(cfg, chat_tokenizer()) == calibration_key(cfg, tok)
+    renamed = tiny_tokenizer()
+    renamed.name_or_path = "another/tokenizer"
+    variants = {"base": (cfg, tok), "tokenizer name": (cfg, renamed)}
     for name, override in [("mix", "calib.mix=[0.3,0.3,0.4]"), ("n", "calib.n=11"), ("seq_len", "calib.seq_len=65"),
                            ("seed", "calib.seed=1"), ("min_fill", "calib.min_fill=0.8"), ("pack", "calib.pack=true"),
                            ("source filter", "calib.sources.math.min_chars=300"),
@@ -232,6 +237,62 @@ def test_corrupt_cache_is_detected_and_rebuilt(damage, hub_files, tmp_path, monk
     assert all(torch.equal(good[k], rebuilt[k]) for k in good)
     monkeypatch.setattr(sources, "load_source", lambda *a, **k: pytest.fail("rebuilt file not reused"))
     assert torch.equal(cached_calibration(cfg, tok, tmp_path)["input_ids"], good["input_ids"])
+
+
+def _other_tokenizer():
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<extra>"])
+    return tok
+
+
+@pytest.mark.parametrize("change", ["FORMAT_VERSION", "tokenizer"])
+def test_a_set_made_otherwise_is_rebuilt_and_says_why(change, hub_files, tmp_path, monkeypatch, caplog):
+    """A set made by another calibration code version or another tokenizer (same name, other digest) is
+    rebuilt and overwritten, with one log line naming what differed; an unchanged one is reused."""
+    import ream_exp.calib.cache as cache
+
+    tok, cfg = tiny_tokenizer(), paper_calib(hub_files, "calib.mix=[0.5,0,0.5]")
+    cached_calibration(cfg, tok, tmp_path)
+    path = cache_path(tmp_path, calibration_key(cfg, tok))
+    recorded = torch.load(path, weights_only=True)["made_by"]
+    assert recorded["calibration code"] == cache.FORMAT_VERSION
+    assert recorded["tokenizer"] == cache.tokenizer_fingerprint(tok)["hash"]
+    reads = _reads(monkeypatch)
+    caplog.set_level(logging.INFO, logger="ream_exp")
+    cached_calibration(cfg, tok, tmp_path)
+    assert reads == [] and "calibration cache" not in caplog.text, "an unchanged set is reused"
+
+    if change == "FORMAT_VERSION":
+        monkeypatch.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION + 1)
+        why = "calibration code v1, this is v2"
+    else:
+        tok = _other_tokenizer()
+        old, new = recorded["tokenizer"], cache.tokenizer_fingerprint(tok)["hash"]
+        why = f"tokenizer {old[:12]}..., this is {new[:12]}..."
+    assert cache_path(tmp_path, calibration_key(cfg, tok)) == path  # the same entry, found and rebuilt over
+    rebuilt = cached_calibration(cfg, tok, tmp_path)
+    assert reads, "the set was not rebuilt from its sources"
+    stale = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration cache")]
+    assert stale == [f"calibration cache {path} was made by {why}: recomputing"]
+    assert "corrupt" not in caplog.text
+    assert torch.load(path, weights_only=True)["made_by"] == cache.calibration_made_by(
+        cache.calibration_key_material(cfg, tok))
+    reads.clear()
+    assert torch.equal(cached_calibration(cfg, tok, tmp_path)["input_ids"], rebuilt["input_ids"]) and reads == []
+
+
+def test_a_set_without_a_record_is_rebuilt(hub_files, tmp_path, monkeypatch, caplog):
+    """A set from before entries recorded what made them is of an unknown version: rebuilt, one log line."""
+    tok, cfg = tiny_tokenizer(), paper_calib(hub_files, "calib.mix=[0.5,0,0.5]")
+    cached_calibration(cfg, tok, tmp_path)
+    path = cache_path(tmp_path, calibration_key(cfg, tok))
+    _resave(path, lambda blob: blob.pop("made_by"))
+    reads = _reads(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="ream_exp"):
+        cached_calibration(cfg, tok, tmp_path)
+    assert reads and caplog.messages == [
+        f"calibration cache {path} was made by an unknown version (no record of what made it), "
+        "this is calibration code v1: recomputing"]
 
 
 def test_interrupted_write_leaves_no_file(hub_files, tmp_path, monkeypatch):

@@ -84,6 +84,12 @@ def test_metrics_carry_stderrs_and_lm_eval_files(tiny_checkpoint, calib_files, t
     assert names == ["results_gen", "results_mc", "samples_tiny_gen", "samples_tiny_mc"]
     [cache] = (tmp_path / "cache" / "baseline").glob("*.json")
     assert sorted(p.name.rsplit("_", 1)[0] for p in cache.with_name(cache.stem + "_lm_eval").iterdir()) == names
+    # the entry keeps the task versions lm-eval reported, and its record (read from lm-eval's task index
+    # before evaluating) names the same versions
+    entry = json.loads(cache.read_text())
+    assert entry["versions"] == saved["baseline"]["versions"] == saved["eval"]["versions"] == \
+        {"tiny_gen": 1.0, "tiny_mc": 1.0}
+    assert {f"task {t}": v for t, v in entry["versions"].items()}.items() <= entry["made_by"].items()
     # a cache written before stderrs were recorded: rebuilt (log_samples does not change the key)
     old = json.loads(cache.read_text())
     for task in old["tasks"].values():
@@ -215,3 +221,56 @@ def test_calibration_is_built_before_the_model_loads(tiny_checkpoint, calib_file
         run(cfg, tmp_path / "run")
     assert started == [], failure.value
     assert "calib" in str(failure.value)
+
+
+@pytest.mark.parametrize("change", ["EVAL_VERSION", "lm-eval", "task version", "no record"])
+def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypatch, caplog):
+    """The cached scores of the uncompressed model record what made them (evaluate.py's EVAL_VERSION,
+    lm-eval's version, each task's declared version) and keep the versions lm-eval reported; scores made
+    otherwise, or that do not say, are evaluated again and overwritten, with one log line saying why."""
+    import logging
+    import shutil
+
+    import ream_exp
+    import ream_exp.evaluate as ev
+    import ream_exp.run as run_module
+    from ream_exp.pipeline import Timer
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TINY_TASKS, tasks)
+    (tmp_path / "model").mkdir()
+    evaluated = []
+    scores = {"tasks": {"tiny_mc": {"score": 0.5, "stderr": 0.1, "kind": "mc"}}, "versions": {"tiny_mc": 1.0}}
+    monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: evaluated.append(1) or json.loads(json.dumps(scores)))
+    cfg = make_cfg("model=local", f"model.path={tmp_path / 'model'}", "method=reap", "eval=mc", "eval.tasks=[tiny_mc]",
+                   f"eval.include_path={tasks}", f"cache_dir={tmp_path / 'cache'}")
+    baseline = lambda: run_module.cached_baseline(None, None, cfg, Timer())  # noqa: E731
+    assert baseline() == scores
+    [path] = (tmp_path / "cache" / "baseline").glob("*.json")
+    entry = json.loads(path.read_text())
+    assert entry["made_by"] == {"cache format": 1, "ream-exp": ream_exp.__version__, "evaluate code": ev.EVAL_VERSION,
+                                "lm-eval": ev.lm_eval_version(), "task tiny_mc": 1.0}
+    assert entry["versions"] == {"tiny_mc": 1.0}  # the versions lm-eval reports, kept in the entry
+    caplog.set_level(logging.INFO, logger="ream_exp")
+    assert baseline() == scores and evaluated == [1], "unchanged: the cached scores are used"
+    assert "baseline cache" not in caplog.text
+
+    if change == "EVAL_VERSION":
+        monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
+        why = "evaluate code v1, this is v2"
+    elif change == "lm-eval":
+        monkeypatch.setattr(ev, "lm_eval_version", lambda: "9.9.9")
+        why = f"lm-eval {entry['made_by']['lm-eval']}, this is 9.9.9"
+    elif change == "task version":
+        yaml = tasks / "tiny_mc.yaml"
+        yaml.write_text(yaml.read_text().replace("version: 1.0", "version: 2.0"))
+        ev._task_manager.cache_clear()  # the task index is read once per process
+        why = "task tiny_mc v1.0, this is v2.0"
+    else:  # an entry from before entries recorded what made them
+        path.write_text(json.dumps({k: v for k, v in entry.items() if k != "made_by"}))
+        why = "an unknown version (no record of what made it), this is evaluate code v1"
+    assert baseline() == scores and evaluated == [1, 1], "scores made otherwise were used"
+    assert [r.getMessage() for r in caplog.records if "baseline cache" in r.getMessage()] == [
+        f"baseline cache {path} was made by {why}: recomputing"]
+    assert json.loads(path.read_text())["made_by"] == ev.scores_made_by(cfg.eval)  # rewritten, new record
+    assert baseline() == scores and evaluated == [1, 1]

@@ -1,6 +1,8 @@
-"""Both statistics caches (pruning stats, per-layer observations) rebuild a damaged entry, never fail on it."""
+"""Both statistics caches (pruning stats, per-layer observations) rebuild a damaged entry, never fail on it, and
+recompute, with one log line saying why, an entry made by another version of the code that computes it."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -30,7 +32,7 @@ def _truncate(path):
 
 def _drop_a_key(path):
     state = torch.load(path, weights_only=True)
-    for entry in (state.values() if "count" not in state else [state]):
+    for entry in (state["layers"].values() if "count" not in state else [state]):
         entry.pop("count")
     torch.save(state, path)
 
@@ -82,3 +84,83 @@ def test_damaged_layer_observations_are_rebuilt(method, damage, model, tmp_path,
     observed.clear()
     get_method(method_cfg(method)["name"]).plan(_ctx(model, method, path, *overrides))
     assert observed == [], "the rebuilt entries were not used"
+
+
+# ---- an entry made by other code is recomputed, with one log line saying what differed -------------------
+
+def _observed(monkeypatch, module, name):
+    """Counts the calls of `module.name` (the function that computes the cache's content)."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _stale_lines(caplog, cache):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(cache)]
+
+
+def test_pruning_stats_from_another_observe_version_are_recomputed(model, tmp_path, monkeypatch, caplog):
+    import ream_exp.methods.base as base
+    import ream_exp.observe as observe
+
+    path = tmp_path / "stats" / "key.pt"
+    path.parent.mkdir()
+    _ctx(model, "reap", path).stats()
+    assert torch.load(path, weights_only=True)["made_by"]["observe code"] == observe.STATS_VERSION
+    calls = _observed(monkeypatch, base, "observe")
+    caplog.set_level(logging.INFO, logger="ream_exp")
+    _ctx(model, "reap", path).stats()
+    assert calls == [] and _stale_lines(caplog, "stats cache") == [], "an unchanged version is reused"
+
+    monkeypatch.setattr(observe, "STATS_VERSION", observe.STATS_VERSION + 1)
+    _ctx(model, "reap", path).stats()
+    assert calls == [1], "the entry of the old version was used"
+    assert _stale_lines(caplog, "stats cache") == [
+        f"stats cache {path} was made by observe code v1, this is v2: recomputing"]
+    assert torch.load(path, weights_only=True)["made_by"]["observe code"] == 2  # rewritten with the new record
+    _ctx(model, "reap", path).stats()
+    assert calls == [1] and len(_stale_lines(caplog, "stats cache")) == 1
+
+
+def test_pruning_stats_without_a_record_are_recomputed(model, tmp_path, monkeypatch, caplog):
+    """An entry from before entries recorded what made them ({layer: state}) is of an unknown version."""
+    import ream_exp.methods.base as base
+
+    path = tmp_path / "key.pt"
+    stats = _ctx(model, "reap", None).stats()
+    torch.save({i: s.state() for i, s in stats.items()}, path)  # the layout before records
+    calls = _observed(monkeypatch, base, "observe")
+    with caplog.at_level(logging.WARNING, logger="ream_exp"):
+        _ctx(model, "reap", path).stats()
+    assert calls == [1] and _stale_lines(caplog, "stats cache") == [
+        f"stats cache {path} was made by an unknown version (no record of what made it), "
+        "this is observe code v1: recomputing"]
+    assert "made_by" in torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("constant", ["OBSERVATION_VERSION", "STATS_VERSION"])
+def test_layer_observations_from_another_version_are_recomputed(constant, model, tmp_path, monkeypatch, caplog):
+    """Per-layer observations record both the observing forward's version (observe.py) and the
+    LayerObservation code's (layerwise.py): a change of either recomputes every layer, with one log line."""
+    import ream_exp.observe as observe
+
+    path = tmp_path / "stats" / "key.pt"
+    plan = lambda: get_method("hc_smoe").plan(_ctx(model, "hc_smoe", path))  # noqa: E731
+    plan()
+    observed = _observed(monkeypatch, layerwise, "observe_layer")
+    caplog.set_level(logging.INFO, logger="ream_exp")
+    plan()
+    assert observed == [] and _stale_lines(caplog, "observation cache") == [], "an unchanged version is reused"
+
+    module, label = (layerwise, "observation") if constant == "OBSERVATION_VERSION" else (observe, "observe")
+    monkeypatch.setattr(module, constant, getattr(module, constant) + 1)
+    plan()
+    assert len(observed) == 2, "every MoE layer is observed again"
+    first = sorted(path.parent.glob("key-layers-*.pt"))[0]
+    assert _stale_lines(caplog, "observation cache") == [
+        f"observation cache {first} was made by {label} code v1, this is v2: recomputing"]
+    for entry in path.parent.glob("key-layers-*.pt"):
+        assert torch.load(entry, weights_only=True)["made_by"][f"{label} code"] == 2
+    plan()
+    assert len(observed) == 2 and len(_stale_lines(caplog, "observation cache")) == 1

@@ -2,10 +2,14 @@
 
     calib = cached_calibration(cfg.calib, tokenizer, cfg.cache_dir)   # same result as build_calibration
 
-The key hashes everything that decides the tokens: the tokenizer (name_or_path + a hash of its vocabulary,
-merges, normalisation, special tokens and chat template), the sources the mix reads (their resolved
-configs, plus size and mtime of local files), the mix and per-source counts, n, seq_len, seed, min_fill
-and pack. A set is stored at `<cache_dir>/calib/<key>.pt` with its key and a sha256 of its tensors;
+Everything that decides the tokens is in `calibration_key_material`: the tokenizer (name_or_path + a hash
+of its vocabulary, merges, normalisation, special tokens and chat template), the sources the mix reads
+(their resolved configs, plus size and mtime of local files), the mix and per-source counts, n, seq_len,
+seed, min_fill, pack and FORMAT_VERSION. The key hashes all of it but the two parts that say what made
+the tokens, FORMAT_VERSION and the tokenizer's hash: those are the entry's record (cache_meta.made_by,
+with the cache format and ream-exp's version), so a set made by other code or another tokenizer under the
+same name is found, reported in one log line naming what differs, and rebuilt over (README, "Caches").
+A set is stored at `<cache_dir>/calib/<key>.pt` with its key, record and a sha256 of its tensors;
 it is written to a temporary file and renamed, so a crash never leaves a half-written set under the
 final name. A file that cannot be read, has the wrong key, keys, dtypes or shapes, or fails its checksum
 is reported, deleted and rebuilt; it is never used. Pre-tokenised calibration (`calib=pretokenized`)
@@ -22,12 +26,15 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_torch_save
+from ..cache_meta import StaleEntry, made_by, report_stale, require_current
 from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_shorthand, resolve_source, used_sources,
                validate_mix)
 
 log = logging.getLogger("ream_exp")
 
-FORMAT_VERSION = 1  # bump when the way calibration tokens are built changes
+# The version of the code that builds calibration tokens, recorded in every cached set: bump it when the
+# way calibration tokens are built changes (README, "Caches").
+FORMAT_VERSION = 1
 TENSORS = ("input_ids", "attention_mask")
 
 
@@ -86,7 +93,17 @@ def mix_key(cfg) -> list[float] | dict[str, float]:
 
 
 def key_of(material: dict) -> str:
-    return _sha256(json.dumps(material, sort_keys=True, default=str))[:24]
+    """The cache key: the material without what made the tokens (FORMAT_VERSION, the tokenizer's hash),
+    which the entry records instead (`calibration_made_by`)."""
+    kept = {k: v for k, v in material.items() if k != "version"}
+    kept["tokenizer"] = {k: v for k, v in material["tokenizer"].items() if k != "hash"}
+    return _sha256(json.dumps(kept, sort_keys=True, default=str))[:24]
+
+
+def calibration_made_by(material: dict) -> dict:
+    """The record of what made a set with this key material (cache_meta.made_by): the calibration code's
+    FORMAT_VERSION and the tokenizer's digest."""
+    return made_by({"calibration": material["version"]}, tokenizer=material["tokenizer"]["hash"])
 
 
 def calibration_key(cfg, tokenizer) -> str:
@@ -110,12 +127,15 @@ def save_cached(path: Path, key: str, material: dict, calib: dict[str, torch.Ten
     """Write atomically: a temporary file in the same directory, then os.replace onto the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {name: calib[name].cpu() for name in TENSORS}
-    blob.update(key=key, meta=json.dumps(material, sort_keys=True, default=str), checksum=tensor_checksum(calib))
+    blob.update(key=key, meta=json.dumps(material, sort_keys=True, default=str), checksum=tensor_checksum(calib),
+                made_by=calibration_made_by(material))
     atomic_torch_save(blob, path)
 
 
-def load_cached(path: Path, key: str, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """The stored set, after every check; raises ValueError saying what is wrong with the file."""
+def load_cached(path: Path, key: str, rows: int, seq_len: int, current: dict | None = None
+                ) -> dict[str, torch.Tensor]:
+    """The stored set, after every check; raises ValueError saying what is wrong with the file, and
+    StaleEntry when it is sound but its record is not `current` (when given) or it has none."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or not a torch file at all
@@ -132,6 +152,8 @@ def load_cached(path: Path, key: str, rows: int, seq_len: int) -> dict[str, torc
     calib = {name: blob[name] for name in TENSORS}
     if tensor_checksum(calib) != blob["checksum"]:
         raise ValueError("checksum mismatch (the tokens changed after they were written)")
+    if current is not None:
+        require_current(blob.get("made_by"), current)
     return calib
 
 
@@ -144,9 +166,12 @@ def cached_calibration(cfg, tokenizer, cache_dir: str | Path | None) -> dict[str
     path = cache_path(cache_dir, key)
     if path.exists():
         try:
-            calib = load_cached(path, key, sum(material["counts"].values()), material["seq_len"])
+            calib = load_cached(path, key, sum(material["counts"].values()), material["seq_len"],
+                                calibration_made_by(material))
             log.info("calibration tokens from cache %s", path)
             return calib
+        except StaleEntry as exc:  # sound, but made by other code or tokenizer: rebuilt over
+            report_stale("calibration cache", path, exc)
         except ValueError as exc:
             log.warning("calibration cache file %s is corrupt or partial: %s; deleting and rebuilding it", path, exc)
             path.unlink(missing_ok=True)
@@ -156,5 +181,5 @@ def cached_calibration(cfg, tokenizer, cache_dir: str | Path | None) -> dict[str
     return calib
 
 
-__all__ = ["cache_path", "cached_calibration", "calibration_key", "calibration_key_material", "load_cached",
-           "save_cached", "tokenizer_fingerprint"]
+__all__ = ["cache_path", "cached_calibration", "calibration_key", "calibration_key_material", "calibration_made_by",
+           "load_cached", "save_cached", "tokenizer_fingerprint"]

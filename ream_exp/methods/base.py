@@ -72,9 +72,9 @@ class Context:
 
     def stats(self) -> dict[int, LayerStats]:
         """Routing statistics of the (uncompressed) model over the calibration tokens, observed once."""
-        if self._stats is None and self.stats_path is not None:  # a damaged entry is deleted and rebuilt
+        if self._stats is None and self.stats_path is not None:  # a damaged or stale entry is rebuilt
             device = execution_device(self.model.get_input_embeddings())  # not meta when offloaded
-            self._stats = load_cache_entry(self.stats_path, lambda p: load_stats(p, device))
+            self._stats = load_cache_entry(self.stats_path, lambda p: load_stats(p, device), "stats cache")
         if self._stats is None:
             self._stats = observe(self.model, self.batches(), progress=self.progress)
             if self.stats_path is not None:

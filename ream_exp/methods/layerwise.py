@@ -36,9 +36,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_torch_save
+from ..cache_meta import made_by, require_current
 from ..calib import calibration_batches
 from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
 from ..moe.offload import execution_device, materialised
+from .. import observe
 from ..observe import LayerStats, Routed, decoder_forward, load_cache_entry, observing_experts
 from ..plan import LayerPlan
 from ..stream import InMemory
@@ -48,6 +50,10 @@ log = logging.getLogger("ream_exp")
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
 DENSE_BLOCK = 1 << 26
+# The version of the code that fills a LayerObservation (its sink, token samples and `finish`), recorded
+# with observe.STATS_VERSION in every per-layer observation cache entry: bump it when a change here changes
+# what is observed (README, "Caches").
+OBSERVATION_VERSION = 1
 
 
 @dataclass
@@ -449,8 +455,15 @@ def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Pa
     return {l.index: stem.with_name(f"{stem.stem}-layers-{key}-{l.index}.pt") for l in layers}
 
 
+def observation_made_by() -> dict:
+    """What makes a per-layer observation entry now (cache_meta.made_by): the observing forward's
+    version (observe.STATS_VERSION) and this module's OBSERVATION_VERSION."""
+    return made_by({"observe": observe.STATS_VERSION, "observation": OBSERVATION_VERSION})
+
+
 def save_observation(obs: LayerObservation, path: Path) -> None:
     state = {k: v for k, v in vars(obs).items() if k not in ("align_chunks", "device")}
+    state["made_by"] = observation_made_by()
     atomic_torch_save(state, path)  # a killed run never leaves a half-written entry
 
 
@@ -458,8 +471,11 @@ OBSERVATION_KEYS = tuple(f.name for f in fields(LayerObservation) if f.name not 
 
 
 def _observation_state(path: Path, num_experts: int, **load) -> dict:
-    """The saved state, after checking its keys and expert count; raises on any damage."""
+    """The saved state (without its record), after checking what made it (StaleEntry when other code did),
+    its keys and expert count; raises on any damage."""
     state = torch.load(path, weights_only=True, **load)
+    if isinstance(state, dict):
+        require_current(state.pop("made_by", None), observation_made_by())
     missing = set(OBSERVATION_KEYS) - set(state) if isinstance(state, dict) else set(OBSERVATION_KEYS)
     if missing:
         raise ValueError(f"missing entries {sorted(missing)}")
@@ -469,10 +485,11 @@ def _observation_state(path: Path, num_experts: int, **load) -> dict:
 
 
 def cached_observations(cache: dict[int, Path], layers: list[MoELayer]) -> bool:
-    """Whether every layer's entry is there and readable. Checked before any layer is compressed (a
-    memory-mapped read: structure and keys, no tensor data); damaged entries are reported and deleted."""
-    return all(load_cache_entry(cache[l.index], lambda p, n=l.num_experts: _observation_state(p, n, mmap=True))
-               is not None for l in layers)
+    """Whether every layer's entry is there, readable and made by this code. Checked before any layer is
+    compressed (a memory-mapped read: structure and keys, no tensor data); damaged entries are reported and
+    deleted; the first stale one is reported (one log line) and all are observed again and overwritten."""
+    return all(load_cache_entry(cache[l.index], lambda p, n=l.num_experts: _observation_state(p, n, mmap=True),
+                                "observation cache") is not None for l in layers)
 
 
 def load_observation(path: Path, device, num_experts: int) -> LayerObservation:
