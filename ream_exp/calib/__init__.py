@@ -210,7 +210,7 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
     if not used:
         raise ConfigError(f"calib.n={n} with calib.mix={shown(cfg.mix)} takes int(n * ratio) = 0 sequences "
                           "from every source: raise calib.n")
-    log.info("%s", calibration_line(used, int(cfg.seq_len)))
+    log.info("%s", calibration_line(used, int(cfg.seq_len), n))
     for _, src in used.values():  # a domain the mix needs is configured, in a known format, its file present
         source_columns(src)
         check_local_source(src)
@@ -231,10 +231,13 @@ def check_mix_total(weights: dict[str, float], n: int, mix) -> None:
                           "calib.n; give weights summing to at most 1 (e.g. [0.4,0.3,0.3]) and the total as calib.n")
 
 
-def calibration_line(used: dict[str, tuple[int, dict]], seq_len: int) -> str:
-    """`calibration: 127 sequences x 128 tokens: general 51, math 38, code 38`, said before anything loads."""
+def calibration_line(used: dict[str, tuple[int, dict]], seq_len: int, n: int) -> str:
+    """`calibration: 127 sequences x 128 tokens: general 51, math 38, code 38 (int(calib.n * weight) of
+    calib.n=128)`, said before anything loads (the note only where the counts do not add up to calib.n)."""
+    total = sum(count for count, _ in used.values())
     counts = ", ".join(f"{name} {count}" for name, (count, _) in used.items())
-    return f"calibration: {sum(c for c, _ in used.values())} sequences x {seq_len} tokens: {counts}"
+    note = "" if total == n else f" (int(calib.n * weight) of calib.n={n})"
+    return f"calibration: {total} sequences x {seq_len} tokens: {counts}{note}"
 
 
 STATES_PLACES = ("null (the model's execution device)", "cpu", "disk")
