@@ -4,7 +4,8 @@
     for batch in calibration_batches(calib, 8): ...
 
 A mix maps source names to weights, `{general: 0.2, math: 0.3, code: 0.4, tool: 0.1}`: each source declared
-under calib.sources gives int(n * weight) sequences (weights are fractions of n and need not sum to 1).
+under calib.sources gives int(n * weight) sequences (weights are fractions of n, summing to at most 1,
+not necessarily to 1).
 The list [a, b, c] is shorthand for {general: a, math: b, code: c} (SPEC 6), with the same tokens and cache
 key. Rows come source by source: general, math, code, then the others in calib.sources' order.
 Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
@@ -43,7 +44,8 @@ def _declared(sources) -> list[str]:
 def validate_mix(mix, sources=None) -> dict[str, float]:
     """The mix as {source: weight}: the shorthand [a, b, c] means {general: a, math: b, code: c}.
 
-    Weights are fractions of calib.n (int(n * weight) sequences each) and need not sum to 1. The
+    Weights are fractions of calib.n (int(n * weight) sequences each), summing to at most 1 (validate_calib
+    checks that), not necessarily to 1. The
     order is the one rows are built in: general, math, code first, then the other sources in the order
     calib.sources declares them (`sources`, when given; else as written). With `sources`, every name of
     a mapping must be declared there.
