@@ -11,7 +11,7 @@ allowed: ...`), also where Hydra's `+key=value` added it past struct mode. Decla
 the code reading them has a default. A value is checked for its type, range and choices only;
 `???` (not set yet) passes here and is reported by the check that needs it (e.g. model.path).
 
-Checks that need more than one value's type (the model's expert counts, group sizes, a calibration
+Checks that need more than one value (the model's expert counts, group sizes, a calibration
 mix against calib.n, files and datasets) stay where they are (ream_exp.run.validate and the functions
 it calls); the schema runs first. It reads the config and never changes it: no default is filled in,
 so the resolved config.yaml (and the sweep identity built on it) is exactly what Hydra composed.
