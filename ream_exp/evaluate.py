@@ -293,6 +293,25 @@ def _include_path(cfg) -> str | None:
     return str(path)
 
 
+class _OwnOverrides(logging.Filter):
+    """Drops lm-eval's "Task 'humaneval' from <ream_exp/code_tasks/...> overrides existing task from ..."
+    warning, logged by every run: replacing lm-eval's humaneval is ream-exp's design (README: evaluation),
+    not news. An override by a task of eval.include_path is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ream_exp.code_tasks import CODE_TASKS_DIR
+
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Task '%s' from %s overrides existing task") and len(args) > 1
+                    and Path(str(args[1])).resolve().is_relative_to(CODE_TASKS_DIR.resolve()))
+
+
+def _quiet_own_overrides() -> None:
+    index_log = logging.getLogger("lm_eval.tasks._index")  # where lm-eval's TaskIndex logs overrides
+    if not any(isinstance(f, _OwnOverrides) for f in index_log.filters):
+        index_log.addFilter(_OwnOverrides())
+
+
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None):
     # Indexing every lm-eval YAML takes seconds, so one manager per include_path is kept.
@@ -301,6 +320,7 @@ def _task_manager(include_path: str | None):
 
     from ream_exp.code_tasks import CODE_TASKS_DIR
 
+    _quiet_own_overrides()
     paths = [str(CODE_TASKS_DIR)] + ([include_path] if include_path else [])
     return TaskManager(include_path=paths)
 

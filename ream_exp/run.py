@@ -114,8 +114,10 @@ def validate(cfg: DictConfig):
     then the hub datasets the run reads; each failure is a ConfigError naming the setting.
     """
     from .evaluate import check_tasks
+    from .settings import check_settings
     from .tracking import check_logger
 
+    check_settings(cfg)  # every key known, every value of its type (ream_exp/settings.py)
     ratio = check_ratio(cfg.ratio)
     check_seed(cfg.seed)
     check_logger(cfg.get("logger"))
@@ -438,6 +440,11 @@ def hydra_main(cfg: DictConfig) -> dict | None:
 
 def _hydra_error_line(exc) -> str:
     """One line for a Hydra error: the missing option with the valid ones, or the override that did not parse."""
+    from .settings import composition_refusal
+
+    refusal = composition_refusal(exc)  # `metod=reap`: not a setting at all (Hydra would suggest +metod=reap)
+    if refusal:
+        return refusal
     options = getattr(exc, "options", None)  # MissingConfigException: the group's valid options
     if options:
         return f"{str(exc).splitlines()[0]}; available: {', '.join(options)}"

@@ -65,22 +65,25 @@ BAD_SETTINGS = [
     (["calib.min_fill=2"], r"^calib.min_fill=2.0 is outside \[0, 1\]"),
     (["calib.n=2", "calib.mix=[0.3,0.3,0.3]"], r"^calib.n=2 with calib.mix=.* takes int\(n \* ratio\) = 0 sequences"),
     (["method=hc_smoe", "+method.sequental=true"],
-     r"^unknown HC-SMoE setting\(s\) method.sequental \(method=hc_smoe\); allowed keys: align, align_tokens, "
-     r"pca_dim, pca_seed, sequential, sim_tokens$"),
+     r"^unknown setting method.sequental \(method=hc_smoe\); allowed: align, align_tokens, name, "
+     r"pca_dim, pca_seed, sequential, sim_tokens \(did you mean sequential\?\)$"),
     (["method=m_smoe", "+method.sequental=true"],
-     r"^unknown M-SMoE setting\(s\) method.sequental \(method=m_smoe\); allowed keys: sequential$"),
+     r"^unknown setting method.sequental \(method=m_smoe\); allowed: name, sequential "
+     r"\(did you mean sequential\?\)$"),
     (["method=hc_smoe", "method.align=sideways"], r"^method.align='sideways'; valid: both, activations"),
     (["method=m_smoe", "method.sequential=yes"], r"^method.sequential='yes' must be true or false"),
     (["method=hc_smoe", "method.align_tokens=many"], r"^method.align_tokens='many' is not an integer"),
-    (["method=ream", "+method.groupsize=4"], r"^unknown REAM setting\(s\) method.groupsize"),
+    (["method=ream", "+method.groupsize=4"],
+     r"^unknown setting method.groupsize \(method=ream\); allowed: .*group_size"),
     (["method=reap", "+method.group_size=4"],
-     r"^unknown reap setting\(s\) method.group_size \(method=reap\); allowed keys: saliency_form, sequential$"),
+     r"^unknown setting method.group_size \(method=reap\); allowed: name, saliency_form, sequential$"),
     (["method=freq_official", "method.saliency_form=renormalised"],
      r"^method.saliency_form='renormalised'; valid: paper, official$"),
-    (["method=ean", "+method.sequential=true"], r"^unknown EAN setting\(s\) method.sequential \(method=ean\); allowed keys: $"),
-    (["method=random", "+method.sed=3"], r"^unknown random setting\(s\) method.sed \(method=random\); allowed keys: seed$"),
-    (["logger=wandb", "logger.mode=loud"], r"^logger.mode='loud': choose offline, online or disabled"),
-    (["logger=wandb", "logger.name=tensorboard"], r"^logger.name='tensorboard': choose wandb or none"),
+    (["method=ean", "+method.sequential=true"], r"^unknown setting method.sequential \(method=ean\); allowed: name$"),
+    (["method=random", "+method.sed=3"],
+     r"^unknown setting method.sed \(method=random\); allowed: name, seed \(did you mean seed\?\)$"),
+    (["logger=wandb", "logger.mode=loud"], r"^logger.mode='loud'; valid: null, offline, online, disabled$"),
+    (["logger=wandb", "logger.name=tensorboard"], r"^logger.name='tensorboard'; valid: wandb, none$"),
 ]
 
 

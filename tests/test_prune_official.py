@@ -189,8 +189,8 @@ def test_official_presets_are_the_base_method_with_two_switches(base):
 def test_unknown_or_invalid_settings_are_refused(name):
     method = get_method(name)
     method.check(method_cfg(name), 8, 6)
-    with pytest.raises(ConfigError, match=rf"unknown {name} setting\(s\) method.group_size \(method={name}\); "
-                                          r"allowed keys: saliency_form, sequential"):
+    with pytest.raises(ConfigError, match=rf"unknown setting method.group_size \(method={name}\); "
+                                          r"allowed: name, saliency_form, sequential"):
         method.check(method_cfg(name, "+method.group_size=4"), 8, 6)
     with pytest.raises(ValueError, match="method.saliency_form='renormalised'; valid: paper, official"):
         method.check(method_cfg(name, "method.saliency_form=renormalised"), 8, 6)

@@ -158,7 +158,7 @@ def test_too_small_group_size_is_refused_before_calibration(qwen16):
 def test_unknown_settings_are_refused():
     with pytest.raises(ValueError, match="align"):
         ream.settings({"name": "ream", "align": "sideways"})
-    with pytest.raises(ValueError, match="unknown REAM setting"):
+    with pytest.raises(ValueError, match=r"unknown setting method.groupsize \(method=ream\)"):
         ream.settings({"name": "ream", "groupsize": 4})
 
 

@@ -4,7 +4,8 @@
     for batch in calibration_batches(calib, 8): ...
 
 A mix maps source names to weights, `{general: 0.2, math: 0.3, code: 0.4, tool: 0.1}`: each source declared
-under calib.sources gives int(n * weight) sequences (weights are fractions of n and need not sum to 1).
+under calib.sources gives int(n * weight) sequences (weights are fractions of n, summing to at most 1,
+not necessarily to 1).
 The list [a, b, c] is shorthand for {general: a, math: b, code: c} (SPEC 6), with the same tokens and cache
 key. Rows come source by source: general, math, code, then the others in calib.sources' order.
 Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
@@ -18,6 +19,7 @@ Runs build through `cache.cached_calibration`, which stores each tokenised set o
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,6 +29,8 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, require_number, require_positive_int, require_writable_dir, shown
 from .pretokenized import check_token_ids, load_pretokenized
 from .sources import check_local_source, hub_dataset, iter_texts, load_source, source_columns
+
+log = logging.getLogger(__name__)
 
 DOMAINS = ("general", "math", "code")  # the three-number shorthand's sources, in its order
 MIX_FORMS = (f"a mapping {{source: weight}}, e.g. {{general: 0.2, math: 0.3, code: 0.4, tool: 0.1}}, or "
@@ -40,7 +44,8 @@ def _declared(sources) -> list[str]:
 def validate_mix(mix, sources=None) -> dict[str, float]:
     """The mix as {source: weight}: the shorthand [a, b, c] means {general: a, math: b, code: c}.
 
-    Weights are fractions of calib.n (int(n * weight) sequences each) and need not sum to 1. The
+    Weights are fractions of calib.n (int(n * weight) sequences each), summing to at most 1 (validate_calib
+    checks that), not necessarily to 1. The
     order is the one rows are built in: general, math, code first, then the other sources in the order
     calib.sources declares them (`sources`, when given; else as written). With `sources`, every name of
     a mapping must be declared there.
@@ -157,16 +162,22 @@ def resolve_source(src, seq_len: int) -> dict:
     return src
 
 
-def tokenize_source(src, tokenizer, count: int, seq_len: int, seed: int, min_fill: float, pack: bool):
+def tokenize_source(src, tokenizer, count: int, seq_len: int, seed: int, min_fill: float, pack: bool,
+                    name: str | None = None):
+    """`count` rows of `seq_len` tokens from source `name` (calib.sources.<name>); a ConfigError naming
+    calib.mix when the source runs out first."""
     src = resolve_source(src, seq_len)
     texts = iter_texts(src, seed, tokenizer)
     rows = _rows_packed(texts, tokenizer, count, seq_len) if pack else _rows_truncated(
         texts, tokenizer, count, seq_len, min_fill)
     rows = list(tqdm(rows, total=count, desc=f"calib {src['path']}", leave=False))
     if len(rows) < count:
+        source = f"source {name} " if name else "source "
+        how = "packed" if pack else f"truncated, rows with >= {min_fill:g} real tokens"
         raise ConfigError(
-            f"calibration source {src['path']!r} gave only {len(rows)} of {count} sequences of {seq_len} tokens "
-            f"(min_fill={min_fill}, pack={pack}); lower calib.n or calib.seq_len, or add data"
+            f"calib.mix asks {source}for {count} sequences of {seq_len} tokens, but calibration source "
+            f"{src['path']!r} gave only {len(rows)} of {count} ({how}); lower its weight in calib.mix, "
+            "calib.n or calib.seq_len, or add data"
         )
     return rows
 
@@ -186,6 +197,8 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
         calib = load_pretokenized(cfg.get("path"))
         if vocab_size is not None:
             check_token_ids(calib["input_ids"], int(vocab_size), f"calib.path={str(cfg.get('path'))!r}")
+        rows, length = calib["input_ids"].shape
+        log.info("calibration: %d sequences x %d tokens from calib.path=%s", rows, length, cfg.get("path"))
         return
     mix = validate_mix(cfg.mix, cfg.get("sources"))
     n = require_positive_int("calib.n", cfg.get("n"), "the number of calibration sequences")
@@ -194,13 +207,39 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
     min_fill = require_number("calib.min_fill", cfg.get("min_fill", 0.9), "the least share of real tokens per row")
     if not 0 <= min_fill <= 1:
         raise ConfigError(f"calib.min_fill={min_fill} is outside [0, 1]: it is the least share of real tokens per row")
+    check_mix_total(mix, n, cfg.mix)
     used = used_sources(cfg)
     if not used:
         raise ConfigError(f"calib.n={n} with calib.mix={shown(cfg.mix)} takes int(n * ratio) = 0 sequences "
                           "from every source: raise calib.n")
+    log.info("%s", calibration_line(used, int(cfg.seq_len), n))
     for _, src in used.values():  # a domain the mix needs is configured, in a known format, its file present
         source_columns(src)
         check_local_source(src)
+
+
+# Float sums of weights meant to add up to 1 (0.1 + 0.2 + 0.7) may exceed it by rounding.
+MIX_TOTAL_TOLERANCE = 1e-6
+
+
+def check_mix_total(weights: dict[str, float], n: int, mix) -> None:
+    """Weights are fractions of calib.n, so together at most 1: [1, 1, 1] would silently take 3 x calib.n
+    sequences, which calib.n (the number of calibration sequences) does not say."""
+    total = sum(weights.values())
+    if total > 1 + MIX_TOTAL_TOLERANCE:
+        asked = sum(int(n * w) for w in weights.values())
+        raise ConfigError(f"calib.mix={shown(mix)} sums to {total:g}: each weight is a fraction of calib.n={n} "
+                          f"(int(calib.n * weight) sequences), so this asks for {asked} sequences, {total:g} x "
+                          "calib.n; give weights summing to at most 1 (e.g. [0.4,0.3,0.3]) and the total as calib.n")
+
+
+def calibration_line(used: dict[str, tuple[int, dict]], seq_len: int, n: int) -> str:
+    """`calibration: 127 sequences x 128 tokens: general 51, math 38, code 38 (int(calib.n * weight) of
+    calib.n=128)`, said before anything loads (the note only where the counts do not add up to calib.n)."""
+    total = sum(count for count, _ in used.values())
+    counts = ", ".join(f"{name} {count}" for name, (count, _) in used.items())
+    note = "" if total == n else f" (int(calib.n * weight) of calib.n={n})"
+    return f"calibration: {total} sequences x {seq_len} tokens: {counts}{note}"
 
 
 STATES_PLACES = ("null (the model's execution device)", "cpu", "disk")
@@ -230,6 +269,9 @@ def used_sources(cfg) -> dict[str, tuple[int, dict]]:
         if src is None:
             raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r} "
                               f"(it declares {', '.join(_declared(sources)) or 'none'})")
+        if OmegaConf.is_config(src) and OmegaConf.is_missing(src, "path"):
+            raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources.{domain}.path is not "
+                              f"set: give calib.sources.{domain}.path=FILE (or a hub dataset id), or weight {domain} 0")
         used[domain] = (count, src)
     return used
 
@@ -247,9 +289,9 @@ def build_calibration(cfg, tokenizer) -> dict[str, torch.Tensor]:
         return load_pretokenized(cfg.get("path"))
     seq_len, pad = int(cfg.seq_len), _pad_id(tokenizer)
     rows: list[list[int]] = []
-    for count, src in used_sources(cfg).values():
+    for name, (count, src) in used_sources(cfg).items():
         rows += tokenize_source(src, tokenizer, count, seq_len, int(cfg.seed), float(cfg.get("min_fill", 0.9)),
-                                bool(cfg.get("pack", False)))
+                                bool(cfg.get("pack", False)), name=name)
     ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for i, r in enumerate(rows):

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..calib import calibration_batches
-from ..config import ConfigError, require_number, shown
 from ..moe import MoELayer, moe_layers, within_router_groups
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
@@ -30,6 +29,7 @@ from .states import StatesConfig
 # The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form.
 PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False)
 SALIENCY_FORMS = ("paper", "official")
+PRUNE_CHOICES = dict(saliency_form=SALIENCY_FORMS)
 TIE_RULES = ("lower", "higher")
 
 
@@ -86,23 +86,14 @@ def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, labe
     """A method's config with `defaults` filled in; unknown keys, choices and types are checked.
 
     Every key must be one of `defaults`; a key with `choices` must take one of them; a key whose default
-    is a bool must be true or false, an int an integer (a None default allows null or an integer).
+    is a bool must be true or false, an int an integer (a None default allows null or an integer). The
+    rules are ream_exp.settings' (`settings_group`), which checks the same before anything is loaded.
     """
+    from ..settings import settings_group
+
     method = cfg.get("name", label)
-    unknown = sorted(set(cfg) - set(defaults) - {"name"})
-    if unknown:
-        raise ConfigError(f"unknown {label} setting(s) {', '.join('method.' + k for k in unknown)} (method={method}); "
-                          f"allowed keys: {', '.join(sorted(defaults))}")
-    s = {**defaults, **{k: v for k, v in cfg.items() if k != "name"}}
-    for key, valid in (choices or {}).items():
-        if s[key] not in valid:
-            raise ConfigError(f"method.{key}={s[key]!r}; valid: {', '.join(valid)}")
-    for key, default in defaults.items():
-        if isinstance(default, bool) and not isinstance(s[key], bool):
-            raise ConfigError(f"method.{key}={shown(s[key])} must be true or false (method={method})")
-        if (default is None or type(default) is int) and s[key] is not None:
-            s[key] = require_number(f"method.{key}", s[key], f"an integer setting of method={method}", integer=True)
-    return s
+    settings_group(defaults, choices, method).check_value(dict(cfg), "method", None, where=f"method={method}")
+    return {**defaults, **{k: v for k, v in cfg.items() if k != "name"}}
 
 
 def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: str = "lower") -> list[int]:
@@ -145,7 +136,7 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
 
 def prune_settings(cfg: dict) -> dict:
     """The switches of a saliency-pruning method (reap, freq) with defaults filled in, every value checked."""
-    return method_settings(cfg, PRUNE_DEFAULTS, {"saliency_form": SALIENCY_FORMS}, str(cfg.get("name", "pruning")))
+    return method_settings(cfg, PRUNE_DEFAULTS, PRUNE_CHOICES, str(cfg.get("name", "pruning")))
 
 
 def saliency_prune_plan(ctx: Context, score_name: str, layer_score) -> Plan:

@@ -5,12 +5,13 @@ S_i = sum_{x in X_i} ||E_i(x)||_2 over the tokens routed to expert i (SPEC 2).
 
 from .base import Context, method_settings, prune_plan
 
+DEFAULTS: dict = {}  # no settings besides name
 NEEDS_CALIBRATION = True
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     """EAN has no settings: any key is refused before weights load."""
-    method_settings(cfg, {}, label="EAN")
+    method_settings(cfg, DEFAULTS, label="EAN")
 
 
 def plan(ctx: Context):

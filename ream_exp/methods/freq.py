@@ -6,9 +6,11 @@ calibration batch, the scale that code scores on. The ranking is the same; the s
 zero floor min(0.5, smallest non-zero S) ties never-routed experts with the least-routed one (see `base`).
 """
 
-from .base import Context, prune_settings, saliency_prune_plan
+from .base import PRUNE_CHOICES, PRUNE_DEFAULTS, Context, prune_settings, saliency_prune_plan
 
 NEEDS_CALIBRATION = True
+# The settings (ream_exp.settings checks them before anything loads): the two switches of `base`.
+DEFAULTS, CHOICES = PRUNE_DEFAULTS, PRUNE_CHOICES
 
 
 def layer_score(obs, form: str, ctx: Context):

@@ -10,11 +10,12 @@ from ..plan import LayerPlan, Plan
 from .base import Context, method_settings
 
 NEEDS_CALIBRATION = False
+DEFAULTS = {"seed": None}  # null: the run seed
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     """`method.seed` (default: the run seed) is the only setting; any other key is refused before weights load."""
-    method_settings(cfg, {"seed": None}, label="random")
+    method_settings(cfg, DEFAULTS, label="random")
 
 
 def plan(ctx: Context) -> Plan:

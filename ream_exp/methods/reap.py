@@ -10,9 +10,11 @@ that code does, and method.sequential=true (see `base`).
 """
 
 from . import ream
-from .base import Context, prune_settings, saliency_prune_plan
+from .base import PRUNE_CHOICES, PRUNE_DEFAULTS, Context, prune_settings, saliency_prune_plan
 
 NEEDS_CALIBRATION = True
+# The settings (ream_exp.settings checks them before anything loads): the two switches of `base`.
+DEFAULTS, CHOICES = PRUNE_DEFAULTS, PRUNE_CHOICES
 
 
 def layer_score(obs, form: str, _ctx: Context):
