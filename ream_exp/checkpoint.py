@@ -80,13 +80,11 @@ def compression_kind(plan: Plan) -> str:
     return "merging" if any(lp.groups for lp in plan.layers) else "pruning"
 
 
-def compression_block(cfg, plan: Plan, experts_before: int, experts_after: int) -> dict:
-    """How this checkpoint was made, from the run's config and plan (JSON-able)."""
+def compression_block(cfg, plan: Plan, experts_before: int, experts_after: int, calibrated: bool = True) -> dict:
+    """How this checkpoint was made, from the run's config and plan (JSON-able); the calibration settings
+    only when the method read calibration tokens (`calibrated`)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     settings = {**container["method"], **plan.info.get("settings", {})}  # the plan's: C as resolved
-    from .methods import get_method
-
-    needs_calib = getattr(get_method(cfg.method.name), "NEEDS_CALIBRATION", True)
     return {
         "method": cfg.method.name,
         "kind": compression_kind(plan),
@@ -94,7 +92,7 @@ def compression_block(cfg, plan: Plan, experts_before: int, experts_after: int) 
         "ratio": float(cfg.ratio),
         "experts_per_layer": {"before": experts_before, "after": experts_after},
         "base_model": {k: container["model"].get(k) for k in ("name", "path", "dtype")},
-        "calibration": container["calib"] if needs_calib else None,
+        "calibration": container["calib"] if calibrated else None,
         "seed": int(cfg.seed),
         "ream_exp": {"version": __version__, **git_commit()},
         "layers": {str(lp.layer): {"keep": lp.keep, **({"groups": lp.groups} if lp.groups else {})}
@@ -116,19 +114,21 @@ def rewrite_config(directory: Path, config, block: dict) -> dict:
     return saved
 
 
-def save_checkpoint(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int) -> None:
+def save_checkpoint(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int,
+                    calibrated: bool = True) -> None:
     directory = Path(directory)
     model.save_pretrained(directory)
-    write_provenance(model, tokenizer, directory, cfg, plan, experts_before)
+    write_provenance(model, tokenizer, directory, cfg, plan, experts_before, calibrated)
 
 
-def write_provenance(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int) -> None:
+def write_provenance(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int,
+                     calibrated: bool = True) -> None:
     """Everything of the checkpoint beside the weights and config.json (which save_pretrained, or the
     streamed writer of ream_exp/stream.py, wrote): tokenizer, plan, legacy keys, compression block, card."""
     tokenizer.save_pretrained(directory)
     plan.save(directory)
     experts_after = int(getattr(model.config, family_for(model.config.model_type).count_key))
-    rewrite_config(directory, model.config, compression_block(cfg, plan, experts_before, experts_after))
+    rewrite_config(directory, model.config, compression_block(cfg, plan, experts_before, experts_after, calibrated))
     write_model_card(directory)
 
 

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import PACKAGE_DIR
-from .calib import calibration_datasets, recorded_mix, validate_calib, without_unread_sources
+from .calib import calibration_datasets, recorded_mix, validate_calib
 from .calib.cache import cached_calibration
 from .checkpoint import save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
@@ -351,9 +351,10 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
     if cfg.save:  # weights, tokenizer, plan, provenance and legacy keys in config.json, model card
         with timer("save"):
             if stream is not None:
-                stream.save(tokenizer, run_dir / "checkpoint", cfg, plan, experts_before)
+                stream.save(tokenizer, run_dir / "checkpoint", cfg, plan, experts_before, calib is not None)
             else:
-                save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before)
+                save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before,
+                                calib is not None)
     params_after = count_parameters(model)
     if stream is not None and list(cfg.eval.get("tasks") or []):  # the compressed model is on disk only
         model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save, atomic_write
+from .checkpoint import write_provenance
 from .config import ConfigError
 from .moe import apply_layer_plan, decoder_layers, keep_experts, moe_layers
 from .plan import LayerPlan
@@ -362,11 +363,9 @@ class LayerStream:
                 apply_layer_plan(self.moe[i], lp)
             self.finished(i, lp)
 
-    def save(self, tokenizer, directory: Path, cfg, plan, experts_before: int) -> None:
+    def save(self, tokenizer, directory: Path, cfg, plan, experts_before: int, calibrated: bool = True) -> None:
         """The rest (embeddings, norm, head), index, config.json, tokenizer, plan and provenance; then the
         partial folder becomes `directory` (refused if it exists: nothing already written is replaced)."""
-        from .checkpoint import write_provenance
-
         directory = Path(directory)
         if directory.exists():
             raise FileExistsError(f"{directory} exists; the streamed checkpoint is not written over it")
@@ -381,7 +380,7 @@ class LayerStream:
         model.config.save_pretrained(self.out)
         if model.can_generate():
             model.generation_config.save_pretrained(self.out)
-        write_provenance(model, tokenizer, self.out, cfg, plan, experts_before)
+        write_provenance(model, tokenizer, self.out, cfg, plan, experts_before, calibrated)
         (self.out / PROGRESS).unlink()
         for f in (self.out / PLANS).glob("*.pt"):
             f.unlink()

@@ -26,6 +26,7 @@ import numbers
 from pathlib import Path
 
 from .config import ConfigError
+from .mix_labels import format_mix
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,6 @@ def run_name(config: dict) -> str | None:
 
 
 def _mix_label(mix) -> str:
-    from analysis.naming import format_mix
-
     try:
         return format_mix(mix)
     except (TypeError, ValueError):  # a mix format_mix does not know: shown as given

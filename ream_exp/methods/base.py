@@ -22,6 +22,7 @@ from ..moe import MoELayer, moe_layers, within_router_groups
 from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
+from ..setting_types import settings_group
 from .layerwise import Needs, run_layerwise
 from .merging import floor_zero_saliency
 from .states import StatesConfig
@@ -87,10 +88,9 @@ def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, labe
 
     Every key must be one of `defaults`; a key with `choices` must take one of them; a key whose default
     is a bool must be true or false, an int an integer (a None default allows null or an integer). The
-    rules are ream_exp.settings' (`settings_group`), which checks the same before anything is loaded.
+    rules are ream_exp.setting_types' (`settings_group`), which ream_exp.settings checks before anything
+    is loaded.
     """
-    from ..settings import settings_group
-
     method = cfg.get("name", label)
     settings_group(defaults, choices, method).check_value(dict(cfg), "method", None, where=f"method={method}")
     return {**defaults, **{k: v for k, v in cfg.items() if k != "name"}}
