@@ -153,7 +153,7 @@ def check_cache_dir(cache_dir) -> None:
 
 
 def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
-    """N' = N - round(N * ratio) must keep at least top_k experts (SPEC 1), and a group-limited router's
+    """N' = N - round(N * ratio) must keep at least top_k experts (docs/algorithms.md), and a group-limited router's
     groups (moe/groups.py)."""
     from .moe import family_for
     from .moe.groups import router_group_refusal

@@ -1,4 +1,4 @@
-"""Per-layer routing statistics from one streaming pass over the calibration tokens (SPEC 2).
+"""Per-layer routing statistics from one streaming pass over the calibration tokens (docs/algorithms.md).
 
 During observation each experts module runs a forward that does the model's own work (every routed
 token through its top-k experts with the model's kernel, weighted by the routing weights the model
@@ -54,7 +54,7 @@ class LayerStats:
         for name in ("count", "soft", "ean", "reap"):
             setattr(self, name, torch.zeros(self.num_experts, dtype=torch.float64, device=self.device))
 
-    # SPEC 2, one property per score
+    # docs/algorithms.md, one property per score
     @property
     def freq(self) -> torch.Tensor:
         return self.count / max(self.tokens, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def experts_to_keep(num_experts: int, ratio: float) -> int:
-    """N' = N - round(N * ratio) (SPEC 1), rounding halves up so 0.5 never rounds to even."""
+    """N' = N - round(N * ratio) (docs/algorithms.md), rounding halves up so 0.5 never rounds to even."""
     return num_experts - int(math.floor(num_experts * ratio + 0.5))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_TESTS = "tests/test_spec_formulas.py"
+FORMULA_TESTS = "tests/test_formulas.py"
 
 
 @dataclass(frozen=True)
@@ -39,30 +39,30 @@ class Mutant:
 MUTANTS = [
     Mutant("floor-max-instead-of-min", "ream_exp/methods/merging.py",
            "floor = min(0.5,", "floor = max(0.5,",
-           (f"{SPEC_TESTS}::test_floor_is_the_smaller_of_one_half_and_the_smallest_non_zero_score",
-            f"{SPEC_TESTS}::test_ream_floors_the_saliency_of_never_routed_experts")),
+           (f"{FORMULA_TESTS}::test_floor_is_the_smaller_of_one_half_and_the_smallest_non_zero_score",
+            f"{FORMULA_TESTS}::test_ream_floors_the_saliency_of_never_routed_experts")),
     Mutant("floor-from-largest-score", "ream_exp/methods/merging.py",
            "float(nonzero.min())", "float(nonzero.max())",
-           (f"{SPEC_TESTS}::test_floor_is_the_smaller_of_one_half_and_the_smallest_non_zero_score",
-            f"{SPEC_TESTS}::test_ream_floors_the_saliency_of_never_routed_experts")),
+           (f"{FORMULA_TESTS}::test_floor_is_the_smaller_of_one_half_and_the_smallest_non_zero_score",
+            f"{FORMULA_TESTS}::test_ream_floors_the_saliency_of_never_routed_experts")),
     Mutant("pca-not-scaled-by-singular-values", "ream_exp/methods/merging.py",
            "(x @ v[:, :q]) * s[:q]", "(x @ v[:, :q])",
-           (f"{SPEC_TESTS}::test_pca_weight_features_are_scaled_by_the_singular_values",)),
+           (f"{FORMULA_TESTS}::test_pca_weight_features_are_scaled_by_the_singular_values",)),
     Mutant("activation-rows-not-normalised", "ream_exp/methods/merging.py",
            "torch.cdist(F.normalize(a_c.float().T, dim=1), F.normalize(a_j.float().T, dim=1))",
            "torch.cdist(a_c.float().T, a_j.float().T)",
-           (f"{SPEC_TESTS}::test_activation_alignment_ignores_the_scale_of_each_neuron",)),
+           (f"{FORMULA_TESTS}::test_activation_alignment_ignores_the_scale_of_each_neuron",)),
     Mutant("down-bias-dropped-from-mean-outputs", "ream_exp/methods/layerwise.py",
            'if w["down_bias"] is not None:', "if False:",
-           (f"{SPEC_TESTS}::test_gpt_oss_mean_outputs_include_the_down_projection_bias",)),
+           (f"{FORMULA_TESTS}::test_gpt_oss_mean_outputs_include_the_down_projection_bias",)),
     Mutant("sequential-keeps-original-outputs-too", "ream_exp/methods/layerwise.py",
            "keep_outputs=not sequential", "keep_outputs=True",
-           (f"{SPEC_TESTS}::test_sequential_observes_each_layer_on_the_already_compressed_layers",)),
+           (f"{FORMULA_TESTS}::test_sequential_observes_each_layer_on_the_already_compressed_layers",)),
     Mutant("sequential-runs-compressed-layer-twice", "ream_exp/methods/layerwise.py",
            "advance(states, ctx.model, layer.index, layer.index + 1)",
            "advance(states, ctx.model, layer.index, layer.index + 1); "
            "advance(states, ctx.model, layer.index, layer.index + 1)",
-           (f"{SPEC_TESTS}::test_sequential_observes_each_layer_on_the_already_compressed_layers",)),
+           (f"{FORMULA_TESTS}::test_sequential_observes_each_layer_on_the_already_compressed_layers",)),
     Mutant("hypervolume-offset-ignored", "analysis/pareto.py",
            '.min() - offset', '.min() - 1.0',
            ("tests/test_pareto_reference.py::test_reference_point_and_hypervolume_follow_the_offset",)),
@@ -71,8 +71,8 @@ MUTANTS = [
            ("tests/test_pareto_reference.py::test_cli_passes_the_offset",)),
     Mutant("n-keep-rounds-half-to-even", "ream_exp/plan.py",
            "int(math.floor(num_experts * ratio + 0.5))", "round(num_experts * ratio)",
-           (f"{SPEC_TESTS}::test_experts_to_keep_rounds_halves_up",
-            f"{SPEC_TESTS}::test_ream_keeps_n_minus_rounded_half_up_experts")),
+           (f"{FORMULA_TESTS}::test_experts_to_keep_rounds_halves_up",
+            f"{FORMULA_TESTS}::test_ream_keeps_n_minus_rounded_half_up_experts")),
     Mutant("pruning-ignores-router-groups", "ream_exp/methods/base.py",
            "within_router_groups(len(score), n_keep, router_groups, best)",
            "within_router_groups(len(score), n_keep, 1, best)",

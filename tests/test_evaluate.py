@@ -329,7 +329,7 @@ def test_paper_suite_is_mc_plus_gen_and_composes():
 
 
 def test_gen_suite_is_the_papers_six_tasks_with_code_run_contained():
-    """SPEC 8: GEN = ifeval, aime25, gsm8k, gpqa_diamond (5-shot), humaneval, livecodebench v6; the two
+    """docs/algorithms.md: GEN = ifeval, aime25, gsm8k, gpqa_diamond (5-shot), humaneval, livecodebench v6; the two
     code-executing ones are ream-exp's tasks, scored by sandbox.contained hooks."""
     from lm_eval.tasks._yaml_loader import load_yaml
 

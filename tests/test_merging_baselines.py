@@ -1,4 +1,4 @@
-"""HC-SMoE and M-SMoE (SPEC 5): clustering against scipy, grouping and weights against independent
+"""HC-SMoE and M-SMoE (docs/algorithms.md): clustering against scipy, grouping and weights against independent
 computations on a tiny model, weight matching, and end-to-end compression with a reload check."""
 
 from __future__ import annotations

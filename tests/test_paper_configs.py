@@ -23,7 +23,7 @@ from ream_exp.run import validate
 from tests.test_config import CONF, make_cfg, options
 from tests.tolerances import assert_f32_close
 
-MIXES = {  # conf/calib/<name>.yaml -> general : math : code (SPEC 6)
+MIXES = {  # conf/calib/<name>.yaml -> general : math : code (docs/algorithms.md)
     "mix_3_3_3": [0.3, 0.3, 0.3], "mix_5_5_0": [0.5, 0.5, 0], "mix_5_0_5": [0.5, 0, 0.5],
     "mix_0_5_5": [0, 0.5, 0.5], "mix_2_5_3": [0.2, 0.5, 0.3], "mix_1_8_1": [0.1, 0.8, 0.1],
     "mix_0_7_3": [0, 0.7, 0.3], "mix_2_25_55": [0.2, 0.25, 0.55], "mix_1_1_8": [0.1, 0.1, 0.8],

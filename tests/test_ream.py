@@ -1,4 +1,4 @@
-"""REAM (SPEC 4): the formulas against a float64 reference, grouping, alignment, merging, sequential
+"""REAM (docs/algorithms.md): the formulas against a float64 reference, grouping, alignment, merging, sequential
 vs non-sequential, and end-to-end compression of every supported family with a reload check."""
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def batch():
     return tiny_batch(batch=4, seq=16, seed=3)
 
 
-# ---- the float64 reference of SPEC 4.1-4.3 (every expert on every token, plain loops) -----------------
+# ---- the float64 reference of docs/algorithms.md, REAM 1-3 (every expert on every token, plain loops) --------------
 
 @torch.no_grad()
 def reference_layer(layer, x, valid, n_keep, group_size, form):
-    """Saliency (floored), centroids and groups of one Qwen3-MoE layer straight from SPEC 4."""
+    """Saliency (floored), centroids and groups of one Qwen3-MoE layer straight from docs/algorithms.md."""
     n, k = layer.num_experts, layer.top_k
     wg = layer.router.weight.double()
     experts = [expert_weights64(layer, e) for e in range(n)]
@@ -96,7 +96,7 @@ def test_presets_match_the_float64_reference(qwen16, batch, name):
     valid = mask.reshape(-1).bool()
     forms = {}
     for layer, lp in zip(moe_layers(qwen16), plan.layers):
-        n_keep = 8  # N' = 16 - round(16 * 0.5), by hand (SPEC 1)
+        n_keep = 8  # N' = 16 - round(16 * 0.5), by hand (docs/algorithms.md)
         for form in ("paper", "official"):
             forms[layer.index, form] = reference_layer(layer, inputs[layer.index], valid, n_keep, 4, form)
         s, centroids, groups = forms[layer.index, "official" if name == "ream_official" else "paper"]

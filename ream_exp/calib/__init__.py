@@ -6,7 +6,7 @@
 A mix maps source names to weights, `{general: 0.2, math: 0.3, code: 0.4, tool: 0.1}`: each source declared
 under calib.sources gives int(n * weight) sequences (weights are fractions of n, summing to at most 1,
 not necessarily to 1).
-The list [a, b, c] is shorthand for {general: a, math: b, code: c} (SPEC 6), with the same tokens and cache
+The list [a, b, c] is shorthand for {general: a, math: b, code: c} (docs/algorithms.md), with the same tokens and cache
 key. Rows come source by source: general, math, code, then the others in calib.sources' order.
 Each source's rows come in a seeded order; each text is truncated or right-padded to seq_len
 and rows with less than `min_fill` real tokens are skipped (or, with `pack: true`, texts are joined with

@@ -117,7 +117,7 @@ def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: 
 
 
 def prune_plan(ctx: Context, score_name: str) -> Plan:
-    """Per layer, drop the N - N' experts with the lowest `score_name` saliency (SPEC 3), the same number
+    """Per layer, drop the N - N' experts with the lowest `score_name` saliency (docs/algorithms.md), the same number
     from each router group of a group-limited router.
 
     A streamed model (ctx.stream) is observed layer by layer on the original layers' outputs, which sums

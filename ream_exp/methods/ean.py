@@ -1,6 +1,6 @@
 """`method=ean`: expert activation norm pruning (REAP's EAN baseline).
 
-S_i = sum_{x in X_i} ||E_i(x)||_2 over the tokens routed to expert i (SPEC 2).
+S_i = sum_{x in X_i} ||E_i(x)||_2 over the tokens routed to expert i (docs/algorithms.md).
 """
 
 from .base import Context, method_settings, prune_plan

@@ -1,4 +1,4 @@
-"""`method=freq`: frequency pruning. S_i = |X_i| / |X|, the share of tokens routed to expert i (SPEC 2).
+"""`method=freq`: frequency pruning. S_i = |X_i| / |X|, the share of tokens routed to expert i (docs/algorithms.md).
 
 `method=freq_official` is the official REAM code's frequency pruning baseline (its `--merging none
 --saliency freq`): method.sequential=true and method.saliency_form=official, where S_i is |X_i| per

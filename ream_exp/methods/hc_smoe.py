@@ -1,10 +1,10 @@
-"""`method=hc_smoe`: HC-SMoE, retraining-free merging by hierarchical clustering (arXiv 2410.08589), SPEC 5.
+"""`method=hc_smoe`: HC-SMoE, retraining-free merging by hierarchical clustering (arXiv 2410.08589), docs/algorithms.md.
 
 Per MoE layer:
     f_i       = mean_x E_i(x) over all calibration tokens (unweighted expert outputs)
     clusters  = average-linkage agglomerative clustering of f on Euclidean distance, into N' clusters
     centroid  = the member closest to its cluster's mean feature (its router row is kept)
-    W_c       = sum_j freq_j / sum(freq) P_j(W_j), P_j aligning neurons on activations (SPEC 4.4)
+    W_c       = sum_j freq_j / sum(freq) P_j(W_j), P_j aligning neurons on activations (docs/algorithms.md REAM 4)
 A group-limited router's groups are clustered one at a time (N'/n_group clusters each).
 Non-sequential by default, as HC-SMoE observes the original model (`method.sequential` switches it).
 """

@@ -6,7 +6,7 @@ The calibration hidden states are captured at the input of the first decoder lay
 layer is briefly replaced by a stub that records the arguments the model passes it (attention masks,
 which differ per layer type in GPT-OSS, rotary embeddings, position ids) and returns its input, so one
 cheap call per batch yields everything needed to run the decoder layers ourselves, one at a time.
-For each MoE layer, in order (REAM, SPEC 4):
+For each MoE layer, in order (REAM, docs/algorithms.md):
 
 1. observe: the decoder layer runs on the current hidden states while its experts module does exactly
    the model's routed work and fills a `LayerObservation` (pads never count);
@@ -94,7 +94,7 @@ class LayerObservation:
         self.sigma_reap, self.sigma2_reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
         self.logit_gram = torch.zeros(n, n, **f64)
 
-    # ---- SPEC 2 and 4.1 --------------------------------------------------------------------
+    # ---- docs/algorithms.md: pruning methods, REAM 1 ---------------------------------------------------------------
     @property
     def freq(self) -> torch.Tensor:
         return self.count / max(self.tokens, 1)

@@ -1,4 +1,4 @@
-"""`method=m_smoe`: the merge stage of MC-SMoE ("Merge, Then Compress", arXiv 2310.01334), SPEC 5.
+"""`method=m_smoe`: the merge stage of MC-SMoE ("Merge, Then Compress", arXiv 2310.01334), docs/algorithms.md.
 
 Per MoE layer:
     dominant  = the N' experts with the highest frequency |X_i| / |X|

@@ -1,6 +1,6 @@
 """The pieces merging methods share: saliency floor, expert similarity, grouping, neuron alignment.
 
-Each function is one formula of SPEC 4 / 5 and works on one MoE layer:
+Each function is one formula of docs/algorithms.md (REAM, HC-SMoE, M-SMoE) and works on one MoE layer:
 
     floor_zero_saliency(S)                          S_i = 0 -> min(0.5, smallest non-zero S)      (4.1)
     output_similarity(means), logit_distance(gram)  delta_E, d(i, j) of the router-logit columns   (4.2)
@@ -229,7 +229,7 @@ def match_neurons(cost: torch.Tensor) -> list[int]:
 @torch.no_grad()
 def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | None, mode: str,
                  pca_dim: int = 64, seed: int = 0) -> dict[int, list[int]]:
-    """Permutation of every non-centroid member's neurons onto its centroid's (SPEC 4.4).
+    """Permutation of every non-centroid member's neurons onto its centroid's (docs/algorithms.md REAM 4).
 
     cost = cdist(normalised activations on tokens x) ("activations") + cdist(PCA weight features)
     ("weights"); "both" sums them, "none" aligns nothing.

@@ -1,4 +1,4 @@
-"""`method=ream`: Router-weighted Expert Activation Merging (REAM, arXiv 2604.04356), SPEC 4.
+"""`method=ream`: Router-weighted Expert Activation Merging (REAM, arXiv 2604.04356), docs/algorithms.md.
 
 One implementation serves `ream` (the paper's formulas), `ream_official` (the official code's choices)
 and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE layer, in order:

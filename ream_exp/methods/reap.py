@@ -1,7 +1,7 @@
 """`method=reap`: Router-weighted Expert Activation Pruning (REAP, arXiv 2510.13999).
 
 S_i = (1/|X_i|) sum_{x in X_i} g_i(x) ||E_i(x)||_2, with g_i(x) the routing weight the model applies
-(renormalised over the top-k when the model renormalises). Experts never routed score 0 (SPEC 2).
+(renormalised over the top-k when the model renormalises). Experts never routed score 0 (docs/algorithms.md).
 
 `method=reap_official` is the official REAM code's REAP pruning baseline (its `--merging none`): the same
 ranking with method.saliency_form=official, S_i = mean_{X_i} sigma_i(x)^2 ||E_i(x)|| (sigma the full,

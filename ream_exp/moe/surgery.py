@@ -65,7 +65,7 @@ def check_router_groups_kept(layer: MoELayer, keep: list[int], groups: list[list
 
 @torch.no_grad()
 def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: dict[int, list[int]] | None) -> None:
-    """W_centroid <- sum_j w_j P_j(W_j) in float32 (SPEC 4.5); group[0] is the centroid."""
+    """W_centroid <- sum_j w_j P_j(W_j) in float32 (docs/algorithms.md REAM 5); group[0] is the centroid."""
     w = canonical_weights(layer.experts, group)
     coef = torch.tensor(weights, dtype=torch.float32, device=w["gate"].device)
     merged = {}

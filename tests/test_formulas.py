@@ -1,4 +1,4 @@
-"""SPEC 1 and 4 formulas that a wrong implementation could pass the other tests with, each checked against
+"""Formulas of docs/algorithms.md that a wrong implementation could pass the other tests with, each checked against
 a reference derived by hand or computed another way: the half-way rounding of N', the zero-saliency
 floor on experts that are never routed, the singular-value scaling of the PCA weight features, the
 normalised activation rows of the alignment cost, the GPT-OSS down-projection bias in the mean outputs,
@@ -25,7 +25,7 @@ from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.observe import observe
 from ream_exp.plan import experts_to_keep
 
-# ---- SPEC 1: N' = N - round(N * ratio), halves rounded up ---------------------------------------------
+# ---- docs/algorithms.md: N' = N - round(N * ratio), halves rounded up ---------------------------------------------
 
 # (N, ratio, N'): N * ratio is exactly representable, so each line is the rule applied by hand.
 HALF_WAY = [
@@ -53,7 +53,7 @@ def test_ream_keeps_n_minus_rounded_half_up_experts():
     assert [len(lp.keep) for lp in plan.layers] == [5]  # 8 - round(2.5) = 8 - 3
 
 
-# ---- SPEC 4.1: the zero-saliency floor -----------------------------------------------------------------
+# ---- docs/algorithms.md REAM 1: the zero-saliency floor ------------------------------------------------------------
 
 def test_floor_is_the_smaller_of_one_half_and_the_smallest_non_zero_score():
     torch.testing.assert_close(floor_zero_saliency(torch.tensor([0.0, 0.3, 0.2, 0.0, 0.9])),
@@ -101,7 +101,7 @@ def test_ream_floors_the_saliency_of_never_routed_experts():
         torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), saliency[group] / saliency[group].sum())
 
 
-# ---- SPEC 4.4: alignment features -------------------------------------------------------------------------
+# ---- docs/algorithms.md REAM 4: alignment features -----------------------------------------------------------------
 
 def test_pca_weight_features_are_scaled_by_the_singular_values():
     """With q = the full feature width, X V diag(s) has the Gram matrix X (X^T X) X^T whatever the signs and
@@ -145,8 +145,8 @@ def _neurons_of_one_direction(layer, e: int, gen: torch.Generator) -> None:
 
 def test_activation_alignment_ignores_the_scale_of_each_neuron():
     """A permuted copy with rescaled neurons computes the same function; each activation row differs from
-    its counterpart's only by a factor, so once rows are L2-normalised (SPEC 4.4) the match is exact, even
-    when the centroid's neurons point almost the same way and differ mainly in size."""
+    its counterpart's only by a factor, so once rows are L2-normalised (docs/algorithms.md REAM 4) the match is exact,
+    even when the centroid's neurons point almost the same way and differ mainly in size."""
     model = tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=1, width=16, seed=2)
     layer = moe_layers(model)[0]
     gen = torch.Generator().manual_seed(5)
@@ -160,7 +160,7 @@ def test_activation_alignment_ignores_the_scale_of_each_neuron():
     assert align_groups(layer, [[3, 6]], x, "activations")[6] == torch.argsort(perm).tolist()
 
 
-# ---- SPEC 4.2: mean expert outputs, biases included -----------------------------------------------------------
+# ---- docs/algorithms.md REAM 2: mean expert outputs, biases included -----------------------------------------------
 
 @pytest.mark.parametrize("weighted", [True, False])
 def test_gpt_oss_mean_outputs_include_the_down_projection_bias(weighted):
@@ -180,7 +180,7 @@ def test_gpt_oss_mean_outputs_include_the_down_projection_bias(weighted):
     assert_f32_close(obs.mean_outputs, expected, max(x.shape), stages=3, scale=terms)
 
 
-# ---- SPEC 4: sequential observation ----------------------------------------------------------------------------
+# ---- docs/algorithms.md: sequential observation --------------------------------------------------------------------
 
 def test_sequential_observes_each_layer_on_the_already_compressed_layers():
     """Layer l's statistics equal those a plain forward observes on a fresh copy whose MoE layers before l
