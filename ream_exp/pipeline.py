@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,19 +112,6 @@ def write_json(path: Path, data) -> None:
     """Write atomically: a crash mid-write never leaves a truncated results file."""
     text = json.dumps(data, indent=1, default=float).encode()
     atomic_write(path, lambda f: f.write(text))
-
-
-class Timer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = round(time.perf_counter() - start, 3)
 
 
 def score_table(rows: dict[str, dict]) -> str:

@@ -33,9 +33,10 @@ from .methods import Context, get_method
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .identity import baseline_key, config_digest, digest, run_identity, stats_key
-from .pipeline import (Timer, count_parameters, load_model, load_model_config, load_tokenizer, offload_scratch,
+from .pipeline import (count_parameters, load_model, load_model_config, load_tokenizer, offload_scratch,
                        resolve_device, score_table, write_json)
 from .stream import PARTIAL, LayerStream, check_stream, resumable
+from .timing import Timings
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
@@ -216,7 +217,7 @@ def baseline_path(cfg: DictConfig) -> Path:
     return Path(cfg.cache_dir) / "baseline" / f"{baseline_key(cfg.model, cfg.eval)}.json"
 
 
-def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timer) -> dict | None:
+def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timings) -> dict | None:
     """Scores of the uncompressed model, evaluated once per (model, eval config) and cached on disk."""
     if not baseline_wanted(cfg):
         return None
@@ -307,7 +308,7 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     write_identity(run_dir, cfg)
     torch.manual_seed(int(cfg.seed))
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    timer = Timer()
+    timer = Timings()
     try:
         with offload_scratch(cfg.model, run_dir) as offload_folder:  # removed when the run ends
             metrics = _run_stages(cfg, run_dir, timer, logger, offload_folder)
@@ -316,7 +317,7 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_folder: Path | None = None) -> dict:
+def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, offload_folder: Path | None = None) -> dict:
     method = get_method(cfg.method.name)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
@@ -376,7 +377,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timer, logger, offload_fo
         "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
         "eval": scores,
         "baseline": baseline,
-        "timings": timer.seconds,
+        "timings": dict(timer),
     }
     if cfg.method.name == "none" and scores_wanted(cfg):  # the uncompressed model's: every later baseline
         store_baseline(cfg, scores, scores_made_by(cfg.eval))

@@ -197,14 +197,14 @@ def test_pretokenized_calibration_through_the_pipeline(tiny_checkpoint, tmp_path
 def test_vllm_evaluates_the_uncompressed_baseline_from_model_path(tmp_path, monkeypatch):
     """vLLM loads the model itself: the uncompressed model's checkpoint is model.path."""
     import ream_exp.run as run_module
-    from ream_exp.pipeline import Timer
+    from ream_exp.timing import Timings
 
     seen = []
     monkeypatch.setattr(run_module, "_evaluate", lambda model, tok, cfg, checkpoint_dir=None, output_dir=None:
                         seen.append(checkpoint_dir) or {"tasks": {}})
     cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=reap", "eval=gen", "eval.backend=vllm",
                    f"cache_dir={tmp_path / 'cache'}")
-    run_module.cached_baseline(None, None, cfg, Timer())
+    run_module.cached_baseline(None, None, cfg, Timings())
     assert seen == [tmp_path]
 
 
@@ -234,7 +234,7 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
     import ream_exp
     import ream_exp.evaluate as ev
     import ream_exp.run as run_module
-    from ream_exp.pipeline import Timer
+    from ream_exp.timing import Timings
 
     tasks = tmp_path / "tasks"
     shutil.copytree(TINY_TASKS, tasks)
@@ -244,7 +244,7 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
     monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: evaluated.append(1) or json.loads(json.dumps(scores)))
     cfg = make_cfg("model=local", f"model.path={tmp_path / 'model'}", "method=reap", "eval=mc", "eval.tasks=[tiny_mc]",
                    f"eval.include_path={tasks}", f"cache_dir={tmp_path / 'cache'}")
-    baseline = lambda: run_module.cached_baseline(None, None, cfg, Timer())  # noqa: E731
+    baseline = lambda: run_module.cached_baseline(None, None, cfg, Timings())  # noqa: E731
     assert baseline() == scores
     [path] = (tmp_path / "cache" / "baseline").glob("*.json")
     entry = json.loads(path.read_text())

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from ..plan import Plan
 from .base import Context, method_settings
-from .layerwise import Needs, Timings, run_layerwise
+from ..timing import Timings
+from .layerwise import Needs, run_layerwise
 from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
                       merge_layer_plan, pca_seed)
 

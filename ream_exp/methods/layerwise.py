@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import time
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,6 +43,7 @@ from .. import observe
 from ..observe import LayerStats, Routed, decoder_forward, load_cache_entry, observing_experts
 from ..plan import LayerPlan
 from ..stream import InMemory
+from ..timing import Timings
 from .states import StateStore, state_store
 
 log = logging.getLogger("ream_exp")
@@ -418,16 +418,6 @@ def observe_layer(model: nn.Module, layer: MoELayer, states: list[BatchState], n
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
-
-class Timings(dict):
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[stage] = round(self.get(stage, 0.0) + time.perf_counter() - start, 4)
-
 
 def calibration_states(ctx, needs: Needs, store: StateStore | None = None, fill: bool = True) -> list[BatchState]:
     """Calibration batches with their token samples, captured at the input of decoder layer 0."""

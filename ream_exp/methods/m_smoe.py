@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from ..plan import Plan
 from .base import Context, method_settings
-from .layerwise import Needs, Timings, run_layerwise
+from ..timing import Timings
+from .layerwise import Needs, run_layerwise
 from .merging import group_by_pseudo_pruning, groups_per_router_group, logit_cosine, merge_layer_plan, weight_matching
 
 NEEDS_CALIBRATION = True
