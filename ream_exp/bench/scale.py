@@ -1,8 +1,8 @@
 """Scale rehearsal: streamed compression of a random model with Qwen3-30B-A3B's layer shapes.
 
-    python -m ream_exp.bench_scale                          # GPU: bf16, 4 layers, 512 x 512 calibration tokens
-    python -m ream_exp.bench_scale --device cpu             # CPU: float32, 2 layers, 8 x 256 calibration tokens
-    python -m ream_exp.bench_scale --device cpu --experts 32 --methods freq,ream_official   # departs from the shape
+    python -m ream_exp.bench scale                          # GPU: bf16, 4 layers, 512 x 512 calibration tokens
+    python -m ream_exp.bench scale --device cpu             # CPU: float32, 2 layers, 8 x 256 calibration tokens
+    python -m ream_exp.bench scale --device cpu --experts 32 --methods freq,ream_official   # departs from the shape
 
 The model is a random Qwen3-MoE with Qwen3-30B-A3B's exact decoder layer (hidden 2048, 128 experts, top-8,
 expert width 768, 32 query / 4 key-value heads of 128, vocabulary 151936; every layer MoE) and only a few
@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from . import prog
+
 # Qwen3-30B-A3B's decoder layer (its config.json) and the paper's calibration and cost.
 QWEN3_30B = dict(hidden=2048, experts=128, top_k=8, width=768, heads=32, kv_heads=4, head_dim=128, vocab=151936)
 QWEN3_30B_LAYERS = 48
@@ -56,7 +58,7 @@ def build(root: Path, args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from .moe.tiny import tiny_tokenizer
+    from ..moe.tiny import tiny_tokenizer
 
     config = Qwen3MoeConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -157,10 +159,10 @@ def measure(root: Path, args, method: str) -> dict:
     import scipy.optimize  # noqa: F401
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
 
-    from . import calib, methods, stream  # noqa: F401
-    from .methods import layerwise, merging  # noqa: F401
-    from .run import CONF_DIR, run
-    from .stream import LayerStream
+    from .. import calib, methods, stream  # noqa: F401
+    from ..methods import layerwise, merging  # noqa: F401
+    from ..run import CONF_DIR, run
+    from ..stream import LayerStream
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides(root, args, method))
@@ -253,7 +255,7 @@ def machine_name(device: str) -> str:
 def _args(argv=None):
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog('scale'), description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on a GPU, 2 on CPU)")
     p.add_argument("--n", type=int, default=None, help="calibration sequences (default: 512 on a GPU, 8 on CPU)")
@@ -290,7 +292,7 @@ def main(argv=None) -> None:
         layer_bytes = build(root, args)
         results = {}
         for method in args.methods.split(","):
-            out = subprocess.run([sys.executable, "-m", "ream_exp.bench_scale", "--worker", method, "--dir", str(root),
+            out = subprocess.run([sys.executable, "-m", "ream_exp.bench", "scale", "--worker", method, "--dir", str(root),
                                   *_forward(args)], capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{method} run failed:\n{out.stderr[-4000:]}")

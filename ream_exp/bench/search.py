@@ -1,6 +1,6 @@
 """The mix search against the 5-mix grid on the toy: hypervolume reached after each run, side by side.
 
-    python -m ream_exp.bench_search [--method ream_official --ratio 0.25 --trials 8 --limit 50 --out DIR]
+    python -m ream_exp.bench search [--method ream_official --ratio 0.25 --trials 8 --limit 50 --out DIR]
 
 Runs, one after the other and on the same eval (eval.limit items per task), the five mixes of
 sweeps/toy_pareto.yaml for one method and ratio (DIR/grid), then sweeps/toy_search.yaml with n_trials
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import PACKAGE_DIR
+from .. import PACKAGE_DIR
+from . import prog
 
 SWEEPS = PACKAGE_DIR.parent / "sweeps"
 
@@ -86,7 +87,7 @@ def hypervolumes(points: list, ref) -> list[float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog('search'), description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="ream_official")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--trials", type=int, default=8, help="mixes the search runs")

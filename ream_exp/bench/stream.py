@@ -1,6 +1,6 @@
 """Peak memory of a streamed (model.stream=true) and an in-memory run of the same compression, side by side.
 
-    python -m ream_exp.bench_stream [--layers 6 --experts 16 --hidden 2048 --width 768 --method freq]
+    python -m ream_exp.bench stream [--layers 6 --experts 16 --hidden 2048 --width 768 --method freq]
 
 Builds a random Qwen3-MoE (Qwen3-30B-A3B's hidden size and expert width, fewer experts and layers; float32,
 about 2 GB with the defaults), saves it, then runs `ream_exp.run.run` on it twice, each in a fresh
@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import prog
+
 
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -31,7 +33,7 @@ def _status_kib(field: str) -> int:
 
 def build(root: Path, args) -> Path:
     """The random model and its tokenizer in root/model, and calibration texts in root/*.jsonl."""
-    from .moe.tiny import tiny_model, tiny_tokenizer
+    from ..moe.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("qwen3_moe", num_experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                        layers=args.layers, width=args.width, mlp_only_layers=[])
@@ -59,14 +61,14 @@ def worker(root: Path, args, streamed: bool) -> None:
     """One run in this (fresh) process; prints {"peak_mib", "seconds"} as its last line."""
     from hydra import compose, initialize_config_dir
 
-    from .run import CONF_DIR, run
+    from ..run import CONF_DIR, run
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides(root, args, streamed))
     import datasets  # noqa: F401  -- the libraries both runs import, counted in the base, not the run
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
 
-    from . import calib, methods, stream  # noqa: F401
+    from .. import calib, methods, stream  # noqa: F401
     base = _status_kib("VmRSS")
     start = time.perf_counter()
     run(cfg, root / ("streamed" if streamed else "memory"))
@@ -98,7 +100,7 @@ def identical(a: Path, b: Path) -> bool:
 
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog('stream'), description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
@@ -128,7 +130,7 @@ def main(argv=None) -> None:
         size = build(root, args)
         results = {}
         for mode in ("memory", "streamed"):
-            out = subprocess.run([sys.executable, "-m", "ream_exp.bench_stream", "--worker", mode, "--dir", str(root),
+            out = subprocess.run([sys.executable, "-m", "ream_exp.bench", "stream", "--worker", mode, "--dir", str(root),
                                   *_forward(args)], capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{mode} run failed:\n{out.stderr[-4000:]}")
