@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import prog
+from .worker import run_config
 
 
 TF457 = ("torch==2.13.0", "transformers==4.57.*")
@@ -50,20 +51,17 @@ def build_venv(venv: Path) -> Path:
 
 def compressed_checkpoint(family: str, workdir: Path) -> Path:
     """A tiny `family` model compressed by a real ream-exp run (method=ream, ratio 0.5); its checkpoint/."""
-    from hydra import compose, initialize_config_dir
-
     from ..moe.tiny import tiny_model, tiny_tokenizer
-    from ..run import CONF_DIR, run
+    from ..run import run
 
     model = tiny_model(family, num_experts=8, top_k=2)
     model.config.rope_parameters["rope_theta"] = ROPE_THETA
     base = workdir / f"{family}-base"
     type(model)(model.config).save_pretrained(base)  # rebuilt so the rotary tables use this rope_theta
     tiny_tokenizer().save_pretrained(base)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "model=local", f"model.path={base}", "method=ream", "ratio=0.5", "calib=toy", "calib.n=16",
-            "calib.seq_len=32", "eval=none", "logger=none", "progress=false", f"cache_dir={workdir / 'cache'}"])
+    cfg = run_config([
+        "model=local", f"model.path={base}", "method=ream", "ratio=0.5", "calib=toy", "calib.n=16",
+        "calib.seq_len=32", "eval=none", "logger=none", "progress=false", f"cache_dir={workdir / 'cache'}"])
     run(cfg, workdir / f"{family}-run")
     return workdir / f"{family}-run" / "checkpoint"
 

@@ -27,16 +27,14 @@ asserted: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from . import prog
+from .worker import (add_worker_arguments, calibration_overrides, forward, in_fresh_process, peak_rss, rss,
+                     run_config, serve, write_calibration)
 
 # Qwen3-30B-A3B's decoder layer (its config.json) and the paper's calibration and cost.
 QWEN3_30B = dict(hidden=2048, experts=128, top_k=8, width=768, heads=32, kv_heads=4, head_dim=128, vocab=151936)
@@ -74,18 +72,14 @@ def build(root: Path, args) -> int:
     model.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")  # a character tokenizer: ids < 112 of the vocabulary
     del model
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyz      "
-    for domain in ("general", "math", "code"):
-        texts = ["".join(rng.choice(letters) for _ in range(2 * args.seq_len)) for _ in range(args.n)]
-        (root / f"{domain}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_calibration(root, args.n, 2 * args.seq_len)
     return layer * (2 if args.dtype == "bfloat16" else 4)
 
 
 def overrides(root: Path, args, method: str) -> list[str]:
     return ["model=local", f"model.path={root / 'model'}", f"model.dtype={args.dtype}", "model.stream=true",
             "calib=local", f"calib.n={args.n}", f"calib.seq_len={args.seq_len}", f"calib.batch_size={args.batch_size}",
-            *[f"calib.sources.{d}.path={root / (d + '.jsonl')}" for d in ("general", "math", "code")],
+            *calibration_overrides(root),
             "eval=none", "logger=none", "baseline=false", "progress=false", f"method={method}",
             f"ratio={args.ratio}", f"cache_dir={root / ('cache-' + method)}", f"device={args.device}"]
 
@@ -143,17 +137,9 @@ class LayerMeter:
         self._stop.set()
 
 
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError("VmRSS")
-
-
 def measure(root: Path, args, method: str) -> dict:
     """One streamed run of `method` in this process: {"seconds", "layers": [...], "peak_bytes"}."""
     import torch
-    from hydra import compose, initialize_config_dir
 
     import datasets  # noqa: F401  -- what the run imports, imported before the base is taken
     import scipy.optimize  # noqa: F401
@@ -161,11 +147,10 @@ def measure(root: Path, args, method: str) -> dict:
 
     from .. import calib, methods, stream  # noqa: F401
     from ..methods import layerwise, merging  # noqa: F401
-    from ..run import CONF_DIR, run
+    from ..run import run
     from ..stream import LayerStream
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides(root, args, method))
+    cfg = run_config(overrides(root, args, method))
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.init()
@@ -189,16 +174,9 @@ def measure(root: Path, args, method: str) -> dict:
         LayerStream.load, LayerStream.finished = load, finished
         meter.close()
     seconds = time.perf_counter() - start
-    whole = (torch.cuda.max_memory_allocated() if cuda else _hwm()) - base  # over the whole run
+    whole = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base  # over the whole run
     peak = max([whole] + [l["peak_bytes"] for l in meter.layers])
     return {"seconds": seconds, "layers": meter.layers, "peak_bytes": peak}
-
-
-def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError("VmHWM")
 
 
 def extrapolate(result: dict, layers: int = QWEN3_30B_LAYERS) -> dict:
@@ -266,8 +244,7 @@ def _args(argv=None):
     for k, v in QWEN3_30B.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v,
                        help=f"Qwen3-30B-A3B: {v}; any other value departs from its shape (reported)")
-    p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_arguments(p)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.layers = args.layers or (4 if gpu else 2)
@@ -277,26 +254,20 @@ def _args(argv=None):
     return args
 
 
-def _forward(args) -> list[str]:
-    keep = ("device", "layers", "n", "seq_len", "batch_size", "ratio", *QWEN3_30B)
-    return [x for k in keep for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+# What a worker needs of the parent's settings (the rest it derives, as the parent did).
+FORWARDED = ("device", "layers", "n", "seq_len", "batch_size", "ratio", *QWEN3_30B)
 
 
 def main(argv=None) -> None:
     args = _args(argv)
     if args.worker:
-        print(json.dumps(measure(Path(args.dir), args, args.worker)))
-        return
+        return serve(measure, args)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         layer_bytes = build(root, args)
         results = {}
         for method in args.methods.split(","):
-            out = subprocess.run([sys.executable, "-m", "ream_exp.bench", "scale", "--worker", method, "--dir", str(root),
-                                  *_forward(args)], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{method} run failed:\n{out.stderr[-4000:]}")
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[method] = in_fresh_process("scale", method, root, forward(args, FORWARDED))
     print(report(args, layer_bytes, results, machine_name(args.device)))
 
 
