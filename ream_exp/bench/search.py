@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--trials", type=int, default=8, help="mixes the search runs")
     parser.add_argument("--limit", type=int, default=50, help="eval.limit: items per task, for both")
+    # the directory the benchmark has always used, so that a relaunch still reuses the finished runs
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_search"))
     args = parser.parse_args(argv)
     common = [f"method={args.method}", f"ratio={args.ratio}", f"eval.limit={args.limit}"]
