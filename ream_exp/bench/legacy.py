@@ -104,7 +104,7 @@ def check_family(family: str, python: Path, workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from ..moe.tiny import TINY_FAMILIES
 
-    parser = argparse.ArgumentParser(prog=prog('legacy'), description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog("legacy"), description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=None, help="the transformers 4.57 environment")
     parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
     parser.add_argument("--build-only", action="store_true", help="build (or find) the environment, print its python")

@@ -162,7 +162,7 @@ def report(args, rows) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog=prog('merge'), description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("merge"), description=__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--width", type=int, default=768)

@@ -233,7 +233,7 @@ def machine_name(device: str) -> str:
 def _args(argv=None):
     import torch
 
-    p = argparse.ArgumentParser(prog=prog('scale'), description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("scale"), description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on a GPU, 2 on CPU)")
     p.add_argument("--n", type=int, default=None, help="calibration sequences (default: 512 on a GPU, 8 on CPU)")

@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     from analysis.naming import format_mix
     from analysis.pareto import hypervolume
 
-    parser = argparse.ArgumentParser(prog=prog('search'), description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog("search"), description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="ream_official")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--trials", type=int, default=8, help="mixes the search runs")

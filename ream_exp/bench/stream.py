@@ -88,7 +88,7 @@ def identical(a: Path, b: Path) -> bool:
 
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(prog=prog('stream'), description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("stream"), description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
