@@ -4,6 +4,8 @@
 #                LEGACY_CHECK=true it also builds the transformers 4.57 environment (once) and runs the
 #                checkpoint load check in it (tests/test_checkpoint.py), which is skipped otherwise
 #   make mutate  plant each deliberate bug of tests/mutate.py and check its tests catch it (a few minutes)
+#   make bench   run one benchmark (ream_exp/bench/): BENCH=observe by default, BENCH_ARGS="..." for its flags;
+#                `python -m ream_exp.bench --help` lists them
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make setup TORCH=torch==2.13.0 TORCH_INDEX=` with CUDA wheels,
@@ -11,13 +13,15 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
-# The transformers 4.57 environment of the checkpoint load check (ream_exp/bench_legacy.py), built once
+# The transformers 4.57 environment of the checkpoint load check (ream_exp/bench/legacy.py), built once
 TF457_VENV ?= $(or $(REAM_EXP_CACHE),outputs/.cache)/tf457-venv
 LEGACY_CHECK ?= $(CI)
 ifeq ($(LEGACY_CHECK),true)
 TEST_NEEDS := tf457
 TEST_ENV := REAM_EXP_TF457_PYTHON=$(abspath $(TF457_VENV))/bin/python
 endif
+BENCH ?= observe
+BENCH_ARGS ?=
 
 .PHONY: setup demo test tf457 mutate bench bench-legacy clean-venv
 
@@ -38,18 +42,18 @@ test: setup $(TEST_NEEDS)
 
 # builds $(TF457_VENV) unless it already holds transformers 4.57 (pip: torch==2.13.0, transformers==4.57.*)
 tf457: setup
-	$(BIN)/python -m ream_exp.bench_legacy --build-only --venv $(TF457_VENV)
+	$(BIN)/python -m ream_exp.bench legacy --build-only --venv $(TF457_VENV)
 
 # MUTANTS="name ..." runs only those mutants
 mutate: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m tests.mutate $(MUTANTS)
 
 bench: setup
-	$(BIN)/python -m ream_exp.bench observe
+	$(BIN)/python -m ream_exp.bench $(BENCH) $(BENCH_ARGS)
 
 # Checkpoints load in transformers 4.57: builds that environment once (outputs/.cache/tf457-venv), then checks
 bench-legacy: setup
-	$(BIN)/python -m ream_exp.bench_legacy --venv $(TF457_VENV)
+	$(BIN)/python -m ream_exp.bench legacy --venv $(TF457_VENV)
 
 clean-venv:
 	rm -rf $(VENV)

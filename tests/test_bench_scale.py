@@ -1,11 +1,12 @@
-"""bench_scale on a tiny shape: it builds the checkpoint, streams each method through the real run, meters
-every decoder layer, extrapolates and reports departures from Qwen3-30B-A3B's shape."""
+"""The scale benchmark (ream_exp/bench/scale.py) on a tiny shape: it builds the checkpoint, streams each
+method through the real run, meters every decoder layer, extrapolates and reports departures from
+Qwen3-30B-A3B's shape."""
 
 import json
 
 import pytest
 
-from ream_exp import bench_scale
+from ream_exp.bench import scale as bench_scale
 
 TINY = ["--device", "cpu", "--layers", "3", "--n", "4", "--seq-len", "32", "--batch-size", "4", "--hidden", "64",
         "--experts", "8", "--top-k", "2", "--width", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",

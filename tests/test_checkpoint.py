@@ -88,7 +88,7 @@ IN_CI = os.environ.get("CI") == "true"
                            "(`make test LEGACY_CHECK=true` or `make tf457` builds one)")
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_checkpoints_load_in_transformers_4_57(family, tmp_path):
-    from ream_exp.bench_legacy import check_family
+    from ream_exp.bench.legacy import check_family
 
     if not TF457_PYTHON:  # CI=true: this check must run there, not skip
         pytest.fail("CI=true but REAM_EXP_TF457_PYTHON is not set: run the tests with `make test`, "

@@ -1,8 +1,8 @@
 """Scale rehearsal: streamed compression of a random model with Qwen3-30B-A3B's layer shapes.
 
-    python -m ream_exp.bench_scale                          # GPU: bf16, 4 layers, 512 x 512 calibration tokens
-    python -m ream_exp.bench_scale --device cpu             # CPU: float32, 2 layers, 8 x 256 calibration tokens
-    python -m ream_exp.bench_scale --device cpu --experts 32 --methods freq,ream_official   # departs from the shape
+    python -m ream_exp.bench scale                          # GPU: bf16, 4 layers, 512 x 512 calibration tokens
+    python -m ream_exp.bench scale --device cpu             # CPU: float32, 2 layers, 8 x 256 calibration tokens
+    python -m ream_exp.bench scale --device cpu --experts 32 --methods freq,ream_official   # departs from the shape
 
 The model is a random Qwen3-MoE with Qwen3-30B-A3B's exact decoder layer (hidden 2048, 128 experts, top-8,
 expert width 768, 32 query / 4 key-value heads of 128, vocabulary 151936; every layer MoE) and only a few
@@ -27,14 +27,14 @@ asserted: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from . import prog
+from .worker import (add_worker_arguments, calibration_overrides, forward, in_fresh_process, peak_rss, rss,
+                     run_config, serve, write_calibration)
 
 # Qwen3-30B-A3B's decoder layer (its config.json) and the paper's calibration and cost.
 QWEN3_30B = dict(hidden=2048, experts=128, top_k=8, width=768, heads=32, kv_heads=4, head_dim=128, vocab=151936)
@@ -56,7 +56,7 @@ def build(root: Path, args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from .moe.tiny import tiny_tokenizer
+    from ..moe.tiny import tiny_tokenizer
 
     config = Qwen3MoeConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -72,18 +72,14 @@ def build(root: Path, args) -> int:
     model.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")  # a character tokenizer: ids < 112 of the vocabulary
     del model
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyz      "
-    for domain in ("general", "math", "code"):
-        texts = ["".join(rng.choice(letters) for _ in range(2 * args.seq_len)) for _ in range(args.n)]
-        (root / f"{domain}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_calibration(root, args.n, 2 * args.seq_len)
     return layer * (2 if args.dtype == "bfloat16" else 4)
 
 
 def overrides(root: Path, args, method: str) -> list[str]:
     return ["model=local", f"model.path={root / 'model'}", f"model.dtype={args.dtype}", "model.stream=true",
             "calib=local", f"calib.n={args.n}", f"calib.seq_len={args.seq_len}", f"calib.batch_size={args.batch_size}",
-            *[f"calib.sources.{d}.path={root / (d + '.jsonl')}" for d in ("general", "math", "code")],
+            *calibration_overrides(root),
             "eval=none", "logger=none", "baseline=false", "progress=false", f"method={method}",
             f"ratio={args.ratio}", f"cache_dir={root / ('cache-' + method)}", f"device={args.device}"]
 
@@ -141,29 +137,20 @@ class LayerMeter:
         self._stop.set()
 
 
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError("VmRSS")
-
-
 def measure(root: Path, args, method: str) -> dict:
     """One streamed run of `method` in this process: {"seconds", "layers": [...], "peak_bytes"}."""
     import torch
-    from hydra import compose, initialize_config_dir
 
     import datasets  # noqa: F401  -- what the run imports, imported before the base is taken
     import scipy.optimize  # noqa: F401
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
 
-    from . import calib, methods, stream  # noqa: F401
-    from .methods import layerwise, merging  # noqa: F401
-    from .run import CONF_DIR, run
-    from .stream import LayerStream
+    from .. import calib, methods, stream  # noqa: F401
+    from ..methods import layerwise, merging  # noqa: F401
+    from ..run import run
+    from ..stream import LayerStream
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides(root, args, method))
+    cfg = run_config(overrides(root, args, method))
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.init()
@@ -187,16 +174,9 @@ def measure(root: Path, args, method: str) -> dict:
         LayerStream.load, LayerStream.finished = load, finished
         meter.close()
     seconds = time.perf_counter() - start
-    whole = (torch.cuda.max_memory_allocated() if cuda else _hwm()) - base  # over the whole run
+    whole = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base  # over the whole run
     peak = max([whole] + [l["peak_bytes"] for l in meter.layers])
     return {"seconds": seconds, "layers": meter.layers, "peak_bytes": peak}
-
-
-def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError("VmHWM")
 
 
 def extrapolate(result: dict, layers: int = QWEN3_30B_LAYERS) -> dict:
@@ -253,7 +233,7 @@ def machine_name(device: str) -> str:
 def _args(argv=None):
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("scale"), description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on a GPU, 2 on CPU)")
     p.add_argument("--n", type=int, default=None, help="calibration sequences (default: 512 on a GPU, 8 on CPU)")
@@ -264,8 +244,7 @@ def _args(argv=None):
     for k, v in QWEN3_30B.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v,
                        help=f"Qwen3-30B-A3B: {v}; any other value departs from its shape (reported)")
-    p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_arguments(p)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.layers = args.layers or (4 if gpu else 2)
@@ -275,26 +254,20 @@ def _args(argv=None):
     return args
 
 
-def _forward(args) -> list[str]:
-    keep = ("device", "layers", "n", "seq_len", "batch_size", "ratio", *QWEN3_30B)
-    return [x for k in keep for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+# What a worker needs of the parent's settings (the rest it derives, as the parent did).
+FORWARDED = ("device", "layers", "n", "seq_len", "batch_size", "ratio", *QWEN3_30B)
 
 
 def main(argv=None) -> None:
     args = _args(argv)
     if args.worker:
-        print(json.dumps(measure(Path(args.dir), args, args.worker)))
-        return
+        return serve(measure, args)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         layer_bytes = build(root, args)
         results = {}
         for method in args.methods.split(","):
-            out = subprocess.run([sys.executable, "-m", "ream_exp.bench_scale", "--worker", method, "--dir", str(root),
-                                  *_forward(args)], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{method} run failed:\n{out.stderr[-4000:]}")
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[method] = in_fresh_process("scale", method, root, forward(args, FORWARDED))
     print(report(args, layer_bytes, results, machine_name(args.device)))
 
 

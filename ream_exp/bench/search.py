@@ -1,6 +1,6 @@
 """The mix search against the 5-mix grid on the toy: hypervolume reached after each run, side by side.
 
-    python -m ream_exp.bench_search [--method ream_official --ratio 0.25 --trials 8 --limit 50 --out DIR]
+    python -m ream_exp.bench search [--method ream_official --ratio 0.25 --trials 8 --limit 50 --out DIR]
 
 Runs, one after the other and on the same eval (eval.limit items per task), the five mixes of
 sweeps/toy_pareto.yaml for one method and ratio (DIR/grid), then sweeps/toy_search.yaml with n_trials
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import PACKAGE_DIR
+from .. import PACKAGE_DIR
+from . import prog
 
 SWEEPS = PACKAGE_DIR.parent / "sweeps"
 
@@ -44,10 +45,9 @@ def _point(metrics: dict | None):
     return 100 * float(scores["mc"]), 100 * float(scores["gen"])
 
 
-def grid_points(sweep_dir: Path) -> list:
-    """(label, point or None) per grid run, in the order the runs finished (metrics.json / error.txt time)."""
-    from analysis.naming import format_mix
-
+def grid_points(sweep_dir: Path, format_mix) -> list:
+    """(label, point or None) per grid run, in the order the runs finished (metrics.json / error.txt time);
+    `format_mix` labels a run's mix."""
     runs = []
     for run_dir in sweep_dir.iterdir():
         metrics_file, error_file = run_dir / "metrics.json", run_dir / "error.txt"
@@ -73,10 +73,8 @@ def search_points(sweep_dir: Path) -> list:
     return runs
 
 
-def hypervolumes(points: list, ref) -> list[float]:
-    """Hypervolume of the first k points, k = 1 .. len(points); failed runs (None) add nothing."""
-    from analysis.pareto import hypervolume
-
+def hypervolumes(points: list, ref, hypervolume) -> list[float]:
+    """`hypervolume` of the first k points, k = 1 .. len(points); failed runs (None) add nothing."""
     out, seen = [], []
     for point in points:
         if point is not None:
@@ -86,11 +84,17 @@ def hypervolumes(points: list, ref) -> list[float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # analysis/ (outside the core package, which never imports it) names the mixes and measures the
+    # hypervolumes; only this benchmark needs it, so it is imported here, when the benchmark runs.
+    from analysis.naming import format_mix
+    from analysis.pareto import hypervolume
+
+    parser = argparse.ArgumentParser(prog=prog("search"), description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="ream_official")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--trials", type=int, default=8, help="mixes the search runs")
     parser.add_argument("--limit", type=int, default=50, help="eval.limit: items per task, for both")
+    # the directory the benchmark has always used, so that a relaunch still reuses the finished runs
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_search"))
     args = parser.parse_args(argv)
     common = [f"method={args.method}", f"ratio={args.ratio}", f"eval.limit={args.limit}"]
@@ -99,13 +103,14 @@ def main(argv=None) -> None:
                                  [*common, f"hydra.sweeper.n_trials={args.trials}",
                                   "hydra.sweeper.sources=[general,math,code]"])
 
-    grid = grid_points(args.out / "grid")
+    grid = grid_points(args.out / "grid", format_mix)
     search = search_points(args.out / "search")
     scored = [p for _, p in grid + search if p is not None]
     if not scored:
         raise SystemExit("error: no run finished with MC and GEN scores")
     ref = (min(p[0] for p in scored) - 1, min(p[1] for p in scored) - 1)
-    hv_grid, hv_search = hypervolumes([p for _, p in grid], ref), hypervolumes([p for _, p in search], ref)
+    hv_grid = hypervolumes([p for _, p in grid], ref, hypervolume)
+    hv_search = hypervolumes([p for _, p in search], ref, hypervolume)
 
     print(f"\n{args.method}, ratio {args.ratio}, eval.limit {args.limit}; reference point "
           f"(MC {ref[0]:.1f}, GEN {ref[1]:.1f}) = union minima - 1 (paper convention over both sets)")

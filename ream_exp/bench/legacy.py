@@ -1,8 +1,8 @@
 """Do ream-exp's checkpoints load in transformers 4.57? Compress a tiny model of every family and compare.
 
-    python -m ream_exp.bench_legacy                      # builds the 4.57 environment once, then checks
-    python -m ream_exp.bench_legacy --venv DIR --families qwen3_moe mixtral
-    python -m ream_exp.bench_legacy --venv DIR --build-only   # only builds (or finds) it: `make tf457`
+    python -m ream_exp.bench legacy                      # builds the 4.57 environment once, then checks
+    python -m ream_exp.bench legacy --venv DIR --families qwen3_moe mixtral
+    python -m ream_exp.bench legacy --venv DIR --build-only   # only builds (or finds) it: `make tf457`
 
 The environment (`python -m venv` + pip install torch==2.13.0 transformers==4.57.*) is built once under
 $REAM_EXP_CACHE/tf457-venv (outputs/.cache by default) and reused; REAM_EXP_TF457_PYTHON=DIR/bin/python
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from . import PACKAGE_DIR
+from . import prog
+from .worker import run_config
+
 
 TF457 = ("torch==2.13.0", "transformers==4.57.*")
-LOAD_SCRIPT = PACKAGE_DIR / "legacy_check.py"
+LOAD_SCRIPT = Path(__file__).resolve().parent / "legacy_check.py"
 ROPE_THETA = 54321.0  # not any family's default, so a dropped rope_theta shows in the logits
 
 
@@ -49,20 +51,17 @@ def build_venv(venv: Path) -> Path:
 
 def compressed_checkpoint(family: str, workdir: Path) -> Path:
     """A tiny `family` model compressed by a real ream-exp run (method=ream, ratio 0.5); its checkpoint/."""
-    from hydra import compose, initialize_config_dir
-
-    from .moe.tiny import tiny_model, tiny_tokenizer
-    from .run import CONF_DIR, run
+    from ..moe.tiny import tiny_model, tiny_tokenizer
+    from ..run import run
 
     model = tiny_model(family, num_experts=8, top_k=2)
     model.config.rope_parameters["rope_theta"] = ROPE_THETA
     base = workdir / f"{family}-base"
     type(model)(model.config).save_pretrained(base)  # rebuilt so the rotary tables use this rope_theta
     tiny_tokenizer().save_pretrained(base)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "model=local", f"model.path={base}", "method=ream", "ratio=0.5", "calib=toy", "calib.n=16",
-            "calib.seq_len=32", "eval=none", "logger=none", "progress=false", f"cache_dir={workdir / 'cache'}"])
+    cfg = run_config([
+        "model=local", f"model.path={base}", "method=ream", "ratio=0.5", "calib=toy", "calib.n=16",
+        "calib.seq_len=32", "eval=none", "logger=none", "progress=false", f"cache_dir={workdir / 'cache'}"])
     run(cfg, workdir / f"{family}-run")
     return workdir / f"{family}-run" / "checkpoint"
 
@@ -73,7 +72,7 @@ def compare_stacks(checkpoint: Path, python: Path, workdir: Path) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from .moe.tiny import tiny_batch
+    from ..moe.tiny import tiny_batch
 
     ids, mask = tiny_batch()
     inputs, result = workdir / "inputs.pt", workdir / f"{checkpoint.parent.name}-legacy.pt"
@@ -103,9 +102,9 @@ def check_family(family: str, python: Path, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .moe.tiny import TINY_FAMILIES
+    from ..moe.tiny import TINY_FAMILIES
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog("legacy"), description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=None, help="the transformers 4.57 environment")
     parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
     parser.add_argument("--build-only", action="store_true", help="build (or find) the environment, print its python")

@@ -1,9 +1,9 @@
 """Load a checkpoint in another Python environment (e.g. transformers 4.57) and record what it computes.
 
 Standalone on purpose: it imports only torch and transformers, so it runs in an environment that has
-neither ream-exp nor its dependencies. `ream_exp.bench_legacy` runs it as a script:
+neither ream-exp nor its dependencies. `ream_exp.bench.legacy` runs it as a script:
 
-    OTHER_ENV/bin/python ream_exp/legacy_check.py CHECKPOINT INPUTS.pt RESULT.pt
+    OTHER_ENV/bin/python ream_exp/bench/legacy_check.py CHECKPOINT INPUTS.pt RESULT.pt
 
 INPUTS.pt holds input_ids and attention_mask; RESULT.pt gets the logits, the transformers version, the
 loading report (missing / unexpected / mismatched weights) and the config values the check compares.

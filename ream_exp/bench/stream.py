@@ -1,6 +1,6 @@
 """Peak memory of a streamed (model.stream=true) and an in-memory run of the same compression, side by side.
 
-    python -m ream_exp.bench_stream [--layers 6 --experts 16 --hidden 2048 --width 768 --method freq]
+    python -m ream_exp.bench stream [--layers 6 --experts 16 --hidden 2048 --width 768 --method freq]
 
 Builds a random Qwen3-MoE (Qwen3-30B-A3B's hidden size and expert width, fewer experts and layers; float32,
 about 2 GB with the defaults), saves it, then runs `ream_exp.run.run` on it twice, each in a fresh
@@ -13,36 +13,28 @@ tensors. Nothing is asserted: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from . import prog
+from .worker import (add_worker_arguments, calibration_overrides, forward, in_fresh_process, peak_rss, rss,
+                     run_config, serve, write_calibration)
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+MODES = ("memory", "streamed")
 
 
-def build(root: Path, args) -> Path:
-    """The random model and its tokenizer in root/model, and calibration texts in root/*.jsonl."""
-    from .moe.tiny import tiny_model, tiny_tokenizer
+def build(root: Path, args) -> int:
+    """The random model and its tokenizer in root/model, and calibration texts in root/*.jsonl; returns
+    the bytes of its weights."""
+    from ..moe.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("qwen3_moe", num_experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                        layers=args.layers, width=args.width, mlp_only_layers=[])
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyz      "
-    for domain in ("general", "math", "code"):
-        texts = ["".join(rng.choice(letters) for _ in range(4 * args.seq_len)) for _ in range(args.n)]
-        (root / f"{domain}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_calibration(root, args.n, 4 * args.seq_len)
     return size
 
 
@@ -50,28 +42,26 @@ def overrides(root: Path, args, streamed: bool) -> list[str]:
     name = "streamed" if streamed else "memory"
     return ["model=local", f"model.path={root / 'model'}", "model.dtype=float32", f"model.stream={str(streamed).lower()}",
             "calib=local", f"calib.n={args.n}", f"calib.seq_len={args.seq_len}",
-            *[f"calib.sources.{d}.path={root / (d + '.jsonl')}" for d in ("general", "math", "code")],
+            *calibration_overrides(root),
             "eval=none", "logger=none", "baseline=false", "progress=false", f"method={args.method}",
             f"ratio={args.ratio}", f"cache_dir={root / ('cache-' + name)}", "device=cpu"]
 
 
-def worker(root: Path, args, streamed: bool) -> None:
-    """One run in this (fresh) process; prints {"peak_mib", "seconds"} as its last line."""
-    from hydra import compose, initialize_config_dir
+def measure(root: Path, args, mode: str) -> dict:
+    """One run in this (fresh) process, in memory or streamed (`mode`): {"peak_mib", "seconds"}."""
+    from ..run import run
 
-    from .run import CONF_DIR, run
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides(root, args, streamed))
+    streamed = mode == "streamed"
+    cfg = run_config(overrides(root, args, streamed))
     import datasets  # noqa: F401  -- the libraries both runs import, counted in the base, not the run
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
 
-    from . import calib, methods, stream  # noqa: F401
-    base = _status_kib("VmRSS")
+    from .. import calib, methods, stream  # noqa: F401
+    base = rss()
     start = time.perf_counter()
-    run(cfg, root / ("streamed" if streamed else "memory"))
-    peak = _status_kib("VmHWM") - base
-    print(json.dumps({"peak_mib": peak / 1024, "seconds": time.perf_counter() - start}))
+    run(cfg, root / mode)
+    peak = peak_rss() - base
+    return {"peak_mib": peak / 2**20, "seconds": time.perf_counter() - start}
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -98,7 +88,7 @@ def identical(a: Path, b: Path) -> bool:
 
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("stream"), description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
@@ -108,31 +98,24 @@ def _args(argv=None):
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--n", type=int, default=16, help="calibration sequences per domain mix (calib.n)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
-    p.add_argument("--worker", choices=("memory", "streamed"), help=argparse.SUPPRESS)
+    add_worker_arguments(p, MODES)
     return p.parse_args(argv)
 
 
-def _forward(args) -> list[str]:
-    keep = ("layers", "experts", "top_k", "hidden", "width", "method", "ratio", "n", "seq_len")
-    return [x for k in keep for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+# What a worker needs of the parent's settings.
+FORWARDED = ("layers", "experts", "top_k", "hidden", "width", "method", "ratio", "n", "seq_len")
 
 
 def main(argv=None) -> None:
     args = _args(argv)
     if args.worker:
-        worker(Path(args.dir), args, args.worker == "streamed")
-        return
+        return serve(measure, args)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         size = build(root, args)
         results = {}
-        for mode in ("memory", "streamed"):
-            out = subprocess.run([sys.executable, "-m", "ream_exp.bench_stream", "--worker", mode, "--dir", str(root),
-                                  *_forward(args)], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{mode} run failed:\n{out.stderr[-4000:]}")
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        for mode in MODES:
+            results[mode] = in_fresh_process("stream", mode, root, forward(args, FORWARDED))
         same = identical(root / "memory" / "checkpoint", root / "streamed" / "checkpoint")
     mem, st = results["memory"], results["streamed"]
     print(f"model: qwen3_moe, {args.layers} layers, {args.experts} experts (top-{args.top_k}), hidden {args.hidden}, "

@@ -1,8 +1,8 @@
-"""Benchmarks that print ratios measured side by side in one run (never assert on time).
+"""The observation pass against a plain forward, measured side by side in one run (never asserted).
 
     python -m ream_exp.bench observe [--experts 128 --top-k 8 --tokens 4096 --repeats 3]
 
-`observe`: a tiny Qwen3-MoE with the paper's expert count and top-k; the time of the observation pass
+A tiny Qwen3-MoE with the paper's expert count and top-k; the time of the observation pass
 (REAP/EAN/freq statistics) divided by the time of a plain forward over the same tokens.
 """
 
@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from .moe.tiny import tiny_batch, tiny_model
-from .observe import observe
+from ..moe.tiny import tiny_batch, tiny_model
+from ..observe import observe
+from . import prog
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -58,20 +59,19 @@ def bench_observe(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
-    obs = sub.add_parser("observe")
-    obs.add_argument("--experts", type=int, default=128)
-    obs.add_argument("--top-k", type=int, default=8)
-    obs.add_argument("--hidden", type=int, default=256)
-    obs.add_argument("--width", type=int, default=128)
-    obs.add_argument("--layers", type=int, default=2)
-    obs.add_argument("--tokens", type=int, default=4096)
-    obs.add_argument("--repeats", type=int, default=3)
-    obs.add_argument("--impls", nargs="+", default=["grouped_mm", "eager"])
+    parser = argparse.ArgumentParser(prog=prog("observe"), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", nargs="+", default=["grouped_mm", "eager"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    {"observe": bench_observe}[args.what](args)
+    bench_observe(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Benchmark of REAM's per-layer stages on one MoE layer shaped like Qwen3-30B-A3B's.
 
-    python -m ream_exp.bench_merge                                   # 128 experts, H 2048, I 768, top-8
-    python -m ream_exp.bench_merge --experts 32 --hidden 512 --width 192 --tokens 1024   # quick CPU run
-    python -m ream_exp.bench_merge --device cuda --dtype bfloat16 --tokens 16384
+    python -m ream_exp.bench merge                                   # 128 experts, H 2048, I 768, top-8
+    python -m ream_exp.bench merge --experts 32 --hidden 512 --width 192 --tokens 1024   # quick CPU run
+    python -m ream_exp.bench merge --device cuda --dtype bfloat16 --tokens 16384
 
 Prints the time of observation, grouping, alignment and merging, each as a multiple of one plain forward
 of the layer over the same tokens, and the peak extra memory of each stage (CPU: resident set size
@@ -21,12 +21,13 @@ from contextlib import contextmanager
 import psutil
 import torch
 
-from .methods.layerwise import BatchState, Needs, observing_layer, token_sample
-from .methods.states import StateStore
-from .methods.merging import align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan, ream_distance
-from .moe import apply_layer_plan, expert_output, moe_layers, router_probs
-from .moe.tiny import tiny_model
-from .plan import experts_to_keep
+from ..methods.layerwise import BatchState, Needs, observing_layer, token_sample
+from ..methods.states import StateStore
+from ..methods.merging import align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan, ream_distance
+from ..moe import apply_layer_plan, expert_output, moe_layers, router_probs
+from ..moe.tiny import tiny_model
+from ..plan import experts_to_keep
+from . import prog
 
 
 class PeakMemory:
@@ -161,7 +162,7 @@ def report(args, rows) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("merge"), description=__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--width", type=int, default=768)

@@ -1,0 +1,65 @@
+"""The benchmarks' one entry (python -m ream_exp.bench NAME) and what they share (ream_exp/bench/worker.py).
+Nothing here times anything: the benchmarks measure, the tests check their plumbing."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ream_exp import bench
+from ream_exp.bench import scale, search, stream, worker
+
+
+def test_every_benchmark_is_listed_and_has_a_main(capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--help"])
+    assert exit.value.code == 0
+    listing = capsys.readouterr().out
+    for name, (module, _) in bench.BENCHMARKS.items():
+        assert f"\n  {name} " in listing
+        assert callable(importlib.import_module(f"ream_exp.bench.{module}").main)
+    with pytest.raises(SystemExit):
+        bench.main(["no_such_benchmark"])
+
+
+def test_the_entry_runs_a_benchmark_with_its_own_flags():
+    out = subprocess.run([sys.executable, "-m", "ream_exp.bench", "scale", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m ream_exp.bench scale")
+    assert "--worker" not in out.stdout  # the worker flag is the benchmark's own business
+
+
+@pytest.mark.parametrize("module, argv", [
+    (scale, ["--device", "cpu", "--layers", "3", "--n", "4", "--seq-len", "32", "--experts", "8", "--ratio", "0.5"]),
+    (stream, ["--layers", "2", "--experts", "4", "--top-k", "2", "--method", "reap", "--seq-len", "16"]),
+])
+def test_a_worker_gets_the_parents_settings(module, argv, tmp_path):
+    parent = module._args(argv)
+    flags = worker.forward(parent, module.FORWARDED)
+    child = module._args(["--worker", "memory" if module is stream else "freq", "--dir", str(tmp_path), *flags])
+    assert {k: getattr(child, k) for k in module.FORWARDED} == {k: getattr(parent, k) for k in module.FORWARDED}
+    if module is scale:  # what the worker derives from them (dtype, defaults by device) agrees too
+        assert (child.dtype, child.layers, child.n, child.seq_len) == (parent.dtype, 3, 4, 32)
+
+
+def test_memory_fields_are_bytes():
+    assert 0 < worker.rss() <= worker.peak_rss()
+
+
+def test_the_search_benchmark_reads_runs_in_order(tmp_path):
+    grid = tmp_path / "grid"
+    for i, (name, metrics) in enumerate([
+        ("0", {"status": "done", "mix": [1, 0, 0], "eval": {"mc": 0.70, "gen": 0.10}}),
+        ("1", {"status": "done", "mix": [0, 0.5, 0.5], "eval": {"mc": 0.75, "gen": 0.05}}),
+    ]):
+        (grid / name).mkdir(parents=True)
+        (grid / name / "metrics.json").write_text(json.dumps(metrics))
+    (grid / "2").mkdir()
+    (grid / "2" / "error.txt").write_text("failed")
+    points = search.grid_points(grid, lambda mix: ":".join(str(w) for w in mix))
+    assert [p for _, p in points if p] == [pytest.approx((70, 10)), pytest.approx((75, 5))]
+    assert len(points) == 3 and points[-1] == ("2", None)
+
+    area = lambda pts, ref: sum(x - ref[0] for x, _ in pts)  # any area: only the order of calls matters
+    assert search.hypervolumes([(2, 0), None, (3, 0)], (0, 0), area) == [2, 2, 5]
