@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .. import PACKAGE_DIR
+from ..mix_labels import format_mix
 from . import prog
 
 SWEEPS = PACKAGE_DIR.parent / "sweeps"
@@ -84,9 +85,8 @@ def hypervolumes(points: list, ref, hypervolume) -> list[float]:
 
 
 def main(argv=None) -> None:
-    # analysis/ (outside the core package, which never imports it) names the mixes and measures the
-    # hypervolumes; only this benchmark needs it, so it is imported here, when the benchmark runs.
-    from analysis.naming import format_mix
+    # analysis/ (outside the core package, which never imports it) measures the hypervolumes; only this
+    # benchmark needs it, so it is imported here, when the benchmark runs.
     from analysis.pareto import hypervolume
 
     parser = argparse.ArgumentParser(prog=prog("search"), description=__doc__.splitlines()[0])
