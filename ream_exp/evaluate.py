@@ -229,7 +229,8 @@ def _nltk_has(resource: str) -> bool:
 
 
 # The code-executing tasks shipped with contained scoring (ream_exp.sandbox): named in refusals.
-CONTAINED_CODE_TASKS = "toy_code, humaneval, humaneval_instruct and livecodebench (and its window livecodebench_2502_2505)"
+CONTAINED_CODE_TASKS = ("toy_code, humaneval, humaneval_instruct and livecodebench (and its window "
+                        "livecodebench_2502_2505)")
 
 # dataset_path values that name a datasets builder of local files, not a hub dataset
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
@@ -386,7 +387,8 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
     "gen", "avg"
     (fractions in [0, 1], None when a side has no task or misses a score), "mc_stderr", "gen_stderr",
     "avg_stderr" (same units), "percent": those six x 100, "mc_tasks", "gen_tasks": the task set of
-    each suite, "gen_protocol": {GEN task: its "protocol"}, "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}, "versions": {task or
+    each suite, "gen_protocol": {GEN task: its "protocol"},
+    "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}, "versions": {task or
     group: the version lm-eval reports}}.
     `checkpoint_dir` (the saved model) is needed only by backend=vllm; `output_dir` receives lm-eval's
     own results (and per-sample) files.
