@@ -4,7 +4,7 @@ A run directory holds config.yaml (or Hydra's .hydra/config.yaml) and either met
 error.txt. Each run becomes one row: run_dir, model, method, experts (= experts_after), experts_before,
 ratio, mix ('0:.3:.7'; 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code
 (0 for a source the mix does not read), seed, mc, gen, avg, mc_stderr, gen_stderr, avg_stderr, mc_tasks,
-gen_tasks, eval, eval_limit, eval_fewshot, eval_items, baseline_mc, baseline_gen, baseline_mc_stderr,
+gen_tasks, eval, eval_limit, eval_fewshot, eval_items, gen_protocol, baseline_mc, baseline_gen, baseline_mc_stderr,
 baseline_gen_stderr, settings, status, error, one `mix_<source>` column per other calibration source, and
 `task/<name>`, `stderr/<name>` columns per evaluated task. A failed run (error.txt without metrics.json, an unreadable
 metrics.json, or "status": "failed") is kept with status='failed' and NaN scores so that a sweep's
@@ -21,7 +21,9 @@ evaluated without them.
 
 Eval settings, so that only like is compared (analysis.pareto refuses to mix them): eval (the eval
 config's name), eval_limit ('all' for no limit, else eval.limit), eval_fewshot (the few-shot count of
-each task, 'name=n' joined by spaces, as lm-eval used it), eval_items (items scored per task, 'name=n').
+each task, 'name=n' joined by spaces, as lm-eval used it), eval_items (items scored per task, 'name=n'),
+gen_protocol (how each GEN task was run: 'name[variant vVERSION; N-shot; metric,filter; chat; max T]'
+joined by spaces, from the "gen_protocol" metrics.json records; docs/algorithms.md, "GEN protocol").
 Each is left empty when the run does not record it (older runs: limit read from config.yaml then).
 
 The uncompressed model's scores that each run's metrics.json carries ("baseline") become baseline_mc,
@@ -53,7 +55,7 @@ from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix
 from analysis.settings import config_identity, recorded_identity, settings_json
 
 SCALE = 100.0  # fraction -> percentage points
-EVAL_COLUMNS = ["eval", "eval_limit", "eval_fewshot", "eval_items"]
+EVAL_COLUMNS = ["eval", "eval_limit", "eval_fewshot", "eval_items", "gen_protocol"]
 BASELINE_COLUMNS = ["baseline_mc", "baseline_gen", "baseline_mc_stderr", "baseline_gen_stderr"]
 STDERR_COLUMNS = ["mc_stderr", "gen_stderr", "avg_stderr"]
 COLUMNS = ["run_dir", "model", "method", "experts", "experts_before", "ratio", "mix",
@@ -164,7 +166,8 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None, i
 
 
 def eval_setting_columns(evaluation: dict, config: dict) -> dict:
-    """eval, eval_limit, eval_fewshot, eval_items (see the module docstring); None where unknown."""
+    """eval, eval_limit, eval_fewshot, eval_items, gen_protocol (see the module docstring); None where
+    unknown."""
     tasks = {n: t for n, t in (evaluation.get("tasks") or {}).items() if isinstance(t, dict)}
     if "limit" in evaluation:
         limit = _limit_label(evaluation["limit"])
@@ -173,7 +176,28 @@ def eval_setting_columns(evaluation: dict, config: dict) -> dict:
     else:
         limit = None
     return {"eval": dig(config, "eval.name"), "eval_limit": limit,
-            "eval_fewshot": _per_task(tasks, "fewshot"), "eval_items": _per_task(tasks, "n")}
+            "eval_fewshot": _per_task(tasks, "fewshot"), "eval_items": _per_task(tasks, "n"),
+            "gen_protocol": gen_protocol_label(evaluation.get("gen_protocol"))}
+
+
+def gen_protocol_label(protocols) -> str | None:
+    """The GEN protocol metrics.json records ({task: protocol}) as one comparable text; '-' for a run
+    without GEN tasks, None when the run does not record it (runs from before the record)."""
+    if not isinstance(protocols, dict):
+        return None
+    if not protocols:
+        return NO_TASKS
+
+    def one(name: str, p: dict) -> str:
+        fewshot = p.get("fewshot")
+        fewshot = json.dumps(fewshot, sort_keys=True) if isinstance(fewshot, dict) else fewshot
+        parts = [f"{p.get('variant')} v{p.get('version')}", f"{fewshot}-shot",
+                 f"{p.get('metric')},{p.get('filter')}", "chat" if p.get("chat_template") else "no chat"]
+        if p.get("max_gen_toks") is not None:
+            parts.append(f"max {p['max_gen_toks']}")
+        return f"{name}[{'; '.join(parts)}]"
+
+    return " ".join(one(name, p if isinstance(p, dict) else {}) for name, p in sorted(protocols.items()))
 
 
 def _limit_label(limit) -> str:

@@ -25,8 +25,9 @@ anyway, each run's values of those settings kept apart (never averaged together;
 comparison flagged (mixed_settings). See analysis.settings for what is compared where.
 
 Eval settings: MC and GEN are means over a suite's tasks, scored on `limit` items with some few-shot
-count, so points are comparable only when all three match (columns mc_tasks / gen_tasks, eval_limit,
-eval_fewshot; see analysis.collect). A table whose scored rows (the baseline included) differ in any
+count, and each GEN task under a protocol (prompt variant, shots, metric, filter: docs/algorithms.md, "GEN
+protocol"), so points are comparable only when all of these match (columns mc_tasks / gen_tasks, eval_limit,
+eval_fewshot, gen_protocol; see analysis.collect). A table whose scored rows (the baseline included) differ in any
 of them is refused with EvalMismatch, naming the settings that differ and the runs of each;
 allow_mixed_evals=True (--allow-mixed-evals) compares them anyway, with every point's eval setting kept
 apart (never averaged together) and the comparison flagged. A column the table does not have (the
@@ -49,7 +50,7 @@ BASELINE = "none"  # method name of the uncompressed model's rows
 KEYS = ["method", "experts"]
 # What must match for two points to share a frontier: column -> its name in labels and messages.
 EVAL_FIELDS = {"mc_tasks": "MC tasks", "gen_tasks": "GEN tasks", "eval_limit": "limit",
-               "eval_fewshot": "few-shot"}
+               "eval_fewshot": "few-shot", "gen_protocol": "GEN protocol"}
 UNKNOWN = "?"  # a setting the table does not record
 RUNS_NAMED = 3  # runs named per eval setting in a mismatch message
 STDERRS = ["mc_stderr", "gen_stderr"]
@@ -57,7 +58,8 @@ OVERRIDE = "pass --allow-mixed-evals (allow_mixed_evals=True) to compare them fl
 
 
 class EvalMismatch(Mismatch):
-    """The points to compare were scored with different eval settings (task sets, limit, few-shot)."""
+    """The points to compare were scored with different eval settings (task sets, limit, few-shot, GEN
+    protocol)."""
 
 
 TaskSetMismatch = EvalMismatch  # its name when task sets were the only setting checked

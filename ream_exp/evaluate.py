@@ -4,16 +4,22 @@
     check_tasks(cfg.eval)                            # before the model is loaded: bad names fail here
     metrics = evaluate(model, tokenizer, cfg.eval, output_dir=run_dir / "lm_eval")
     # {"tasks", "mc", "gen", "avg", "mc_stderr", "gen_stderr", "avg_stderr", "percent", "mc_tasks",
-    #  "gen_tasks", "limit", "bootstrap_iters", "skipped", "versions"}
+    #  "gen_tasks", "gen_protocol", "limit", "bootstrap_iters", "skipped", "versions"}
 
 The eval config is one of conf/eval/*.yaml. Every name in its `tasks` list is scored as ONE task:
 a leaf task by its own metric, a group (mmlu) by the group's aggregate score, a tag by each of the
 tasks it stands for. Whether a task is MC or GEN is read from lm-eval's own `output_type`
 (multiple_choice / loglikelihood -> MC, generate_until -> GEN), never from a list kept here.
-Primary metric: MC -> acc (SPEC 8: acc, not acc_norm); GEN -> the task's first metric under its
-first filter (gsm8k: exact_match,strict-match; ifeval: prompt_level_strict_acc,none; humaneval:
-pass_at_k,create_test = pass@1). `metrics: {task: "metric,filter"}` in the config overrides this.
-MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG = (MC + GEN) / 2 (SPEC 8).
+Primary metric: MC -> acc (README: evaluation; acc, not acc_norm); GEN -> the task's first metric under
+its first filter (gsm8k: exact_match,strict-match; ifeval: prompt_level_strict_acc,none; humaneval:
+pass_at_k,create_test = pass@1). `metrics: {task: "metric,filter"}` in the config overrides this
+(conf/eval/gen.yaml does, for the paper's GEN protocol: docs/algorithms.md, "GEN protocol"); every
+metric lm-eval reports for the task is kept beside the primary one ("metrics").
+MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG = (MC + GEN) / 2 (README: evaluation).
+
+GEN protocol: each task's entry records how it was run ("protocol": the prompt variant, its version,
+the shots, metric, filter, chat template, stop sequences and token cap), and "gen_protocol" gathers the
+GEN tasks' protocols, so that analysis refuses to compare GEN means run under different protocols.
 Each suite's task set is recorded ("mc_tasks", "gen_tasks": the tasks it was meant to score), so
 means over different task sets are never compared unknowingly; a task of the set whose metric is
 missing makes that suite's mean (and AVG) None, with an error logged, never a mean over fewer tasks.
@@ -37,10 +43,15 @@ What made a set of scores (`scores_made_by`, recorded in the uncompressed model'
 cache_meta): EVAL_VERSION below, lm-eval's version and the version each task's YAML declares
 (`metadata.version`, the one lm-eval reports), read from lm-eval's task index before anything runs.
 
-Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval, livecodebench) run only with
-allow_code_eval=true, and only when their scorer runs the code through ream_exp.sandbox
-(`sandbox.contained` hooks). lm-eval's own humaneval is replaced by ream_exp/code_tasks/humaneval.yaml,
-whose directory is always on the task search path; any other code-executing task is refused.
+Code-executing tasks (lm-eval's `unsafe_code`: toy_code, humaneval, humaneval_instruct, livecodebench)
+run only with allow_code_eval=true, and only when their scorer runs the code through ream_exp.sandbox
+(`sandbox.contained` hooks). lm-eval's own humaneval and humaneval_instruct are replaced by
+ream_exp/code_tasks/humaneval*.yaml, whose directory is always on the task search path; any other
+code-executing task is refused.
+
+Data a task needs at run time besides its dataset: ifeval's checks tokenize with nltk's punkt_tab,
+which lm-eval downloads when the task first loads; `check_runtime_data` (called by validate, before
+any load) refuses a run whose punkt_tab is missing, saying how to fetch it once.
 
 Backends: the model already in memory is wrapped in lm-eval's HFLM (no reload), so it is evaluated
 as model.device_map / max_memory / offload_folder placed it. `backend: vllm` runs the GEN tasks with
@@ -68,11 +79,11 @@ log = logging.getLogger(__name__)
 # The version of the code that turns lm-eval's output into scores (metric choice, means, standard errors),
 # recorded in the cached scores of the uncompressed model: bump it when a change here changes a score
 # (README, "Caches").
-EVAL_VERSION = 1
+EVAL_VERSION = 2  # 2: every reported metric and the task's protocol recorded per task
 
 # lm-eval output types answered by scoring fixed continuations (no sampling): the MC side.
 MC_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
-MC_METRIC = "acc"  # SPEC 8 scores MC by acc, not acc_norm
+MC_METRIC = "acc"  # MC is scored by acc, not acc_norm (README: evaluation)
 CODE_EVAL_HINT = "set eval.allow_code_eval=true to run it (executes model-written code)"
 SUITES = ("mc", "gen")
 # lm-eval's default (100000) is for bootstrapped metrics on big suites and takes minutes; every metric
@@ -176,8 +187,50 @@ def check_eval_settings(cfg) -> None:
         raise ConfigError(f"eval.log_samples={cfg.get('log_samples')!r}: choose true or false")
 
 
+# Data files a task loads at run time besides its dataset, by the directory of lm-eval's task YAML:
+# {directory name: [(nltk resource, package name for `python -m nltk.downloader`)]}.
+NLTK_DATA = {"ifeval": [("tokenizers/punkt_tab", "punkt_tab")]}
+
+
+def check_runtime_data(cfg) -> None:
+    """Refuses, before any load, a run whose tasks need nltk data that is not installed (ifeval's
+    punkt_tab, which lm-eval would otherwise try to download mid-run: a node without network fails
+    after the compression). One line naming the tasks and the command that fetches the data once."""
+    cfg = _as_dict(cfg)
+    names = task_names(cfg)
+    if not names:
+        return
+    index = _task_manager(_include_path(cfg)).task_index
+    needs: dict[str, list[str]] = {}
+    for name in names:
+        for leaf, _ in _leaf_tasks(index, name, set()):
+            path = getattr(index.get(leaf), "yaml_path", None) if leaf else None
+            for part in Path(path).parent.parts if path else ():
+                for resource, package in NLTK_DATA.get(part, []):
+                    needs.setdefault(package, [resource])
+                    needs[package].append(name)
+    missing = {package: sorted(set(users[1:])) for package, users in needs.items() if not _nltk_has(users[0])}
+    if missing:
+        packages = " ".join(sorted(missing))
+        users = sorted({user for names in missing.values() for user in names})
+        raise ConfigError(f"eval.tasks {users} need nltk data {sorted(missing)}, which is not installed "
+                          f"(nltk.data.path); fetch it once with `python -m nltk.downloader {packages}` "
+                          "(or drop the task from eval.tasks)")
+
+
+def _nltk_has(resource: str) -> bool:
+    import nltk
+
+    try:
+        nltk.data.find(resource)
+    except LookupError:
+        return False
+    return True
+
+
 # The code-executing tasks shipped with contained scoring (ream_exp.sandbox): named in refusals.
-CONTAINED_CODE_TASKS = "toy_code, humaneval and livecodebench"
+CONTAINED_CODE_TASKS = ("toy_code, humaneval, humaneval_instruct and livecodebench (and its window "
+                        "livecodebench_2502_2505)")
 
 # dataset_path values that name a datasets builder of local files, not a hub dataset
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
@@ -330,10 +383,12 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
              output_dir: str | os.PathLike | None = None) -> dict:
     """Scores `model` on the eval config `cfg`; returns a JSON-serialisable dict.
 
-    {"tasks": {name: {"score", "stderr", "metric", "kind", "n", "fewshot"}}, "mc", "gen", "avg"
+    {"tasks": {name: {"score", "stderr", "metric", "kind", "n", "fewshot", "metrics", "protocol"}}, "mc",
+    "gen", "avg"
     (fractions in [0, 1], None when a side has no task or misses a score), "mc_stderr", "gen_stderr",
     "avg_stderr" (same units), "percent": those six x 100, "mc_tasks", "gen_tasks": the task set of
-    each suite, "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}, "versions": {task or
+    each suite, "gen_protocol": {GEN task: its "protocol"},
+    "limit", "bootstrap_iters": the eval settings, "skipped": {name: reason}, "versions": {task or
     group: the version lm-eval reports}}.
     `checkpoint_dir` (the saved model) is needed only by backend=vllm; `output_dir` receives lm-eval's
     own results (and per-sample) files.
@@ -354,7 +409,7 @@ def evaluate(model, tokenizer, cfg, checkpoint_dir: str | os.PathLike | None = N
         lm = _make_lm(kind, model, tokenizer, cfg, checkpoint_dir)
         tracker = None if output_dir is None else lm_eval_tracker(Path(output_dir), kind)
         raw = _run(lm, group, kind, cfg, task_manager, tracker)
-        scores.update({e.name: _score(e, raw) for e in group})
+        scores.update({e.name: {**_score(e, raw), "protocol": _protocol(e, raw, cfg)} for e in group})
         versions.update(raw.get("versions") or {})
         if tracker is not None:
             save_lm_eval_output(tracker, raw, Path(output_dir), kind)
@@ -385,8 +440,8 @@ def save_lm_eval_output(tracker, raw: dict, output_dir: Path, kind: str) -> list
 
 
 def summarise(tasks: dict) -> dict:
-    """MC / GEN / AVG and their standard errors from per-task results (SPEC 8), the same in percent,
-    and the task sets.
+    """MC / GEN / AVG and their standard errors from per-task results (README: evaluation), the same in
+    percent, the task sets and the GEN tasks' protocols.
 
     A suite's task set is every task of that kind in `tasks`; one without a score makes the suite's
     mean None (an error is logged), and AVG is None unless every suite that has tasks has a mean.
@@ -405,8 +460,9 @@ def summarise(tasks: dict) -> dict:
     values = {**means, "avg": avg, **{f"{k}_stderr": v for k, v in errors.items()}, "avg_stderr": avg_stderr}
     percent = {k: None if v is None else round(100 * v, 2 if k in (*SUITES, "avg") else 3)
                for k, v in values.items()}
+    gen_protocol = {name: tasks[name]["protocol"] for name in task_sets["gen"] if "protocol" in tasks[name]}
     return {"tasks": tasks, **values, "percent": percent,
-            **{f"{kind}_tasks": names for kind, names in task_sets.items()}}
+            **{f"{kind}_tasks": names for kind, names in task_sets.items()}, "gen_protocol": gen_protocol}
 
 
 def _suite_stderr(names: list[str], tasks: dict) -> float | None:
@@ -576,8 +632,31 @@ def _score(entry: Entry, raw: dict) -> dict:
         log.error("%s reports no %r (has %s): its suite's mean will be None", entry.name, entry.metric,
                   available)
         value = None
+    every = {key: float(v) for key, v in sorted(reported.items())
+             if "," in key and "_stderr" not in key and isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"score": None if value is None else float(value), "stderr": _stderr(entry, reported),
-            "metric": entry.metric, "kind": entry.kind, "n": n, "fewshot": _fewshot(entry, raw)}
+            "metric": entry.metric, "kind": entry.kind, "n": n, "fewshot": _fewshot(entry, raw),
+            "metrics": every}
+
+
+def _protocol(entry: Entry, raw: dict, cfg: dict) -> dict:
+    """How a task was run (docs/algorithms.md, "GEN protocol"): the prompt variant (the task YAML's
+    metadata.variant, else lm-eval's task of that name) and its version, shots, metric, filter, chat
+    template, stop sequences and generation cap (None: lm-eval's default, 256 tokens)."""
+    config = entry.leaves[0].config
+    metadata = _mapping(getattr(config, "metadata", None))
+    generation = _mapping(getattr(config, "generation_kwargs", None))
+    metric, filter_name = entry.metric.split(",", 1)
+    cap = cfg.get("max_gen_toks")
+    version = (raw.get("versions") or {}).get(entry.name, metadata.get("version"))
+    protocol = {"variant": metadata.get("variant") or f"lm-eval {entry.name}",
+                "version": None if version is None else str(version), "fewshot": _fewshot(entry, raw),
+                "metric": metric, "filter": filter_name,
+                "chat_template": _for_kind(cfg.get("apply_chat_template"), entry.kind)}
+    if entry.kind == "gen":
+        protocol.update(until=list(generation.get("until") or []),
+                        max_gen_toks=int(cap) if cap else generation.get("max_gen_toks"))
+    return protocol
 
 
 def _stderr(entry: Entry, reported: dict) -> float | None:

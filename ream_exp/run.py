@@ -112,9 +112,10 @@ def validate(cfg: DictConfig):
     """Every check that can fail before a model is loaded. Returns the model's transformers config.
 
     Cheap local checks first (settings, cache_dir, config.json, pre-tokenised ids, weight-file headers),
-    then the hub datasets the run reads; each failure is a ConfigError naming the setting.
+    then the hub datasets the run reads and the nltk data its eval tasks need; each failure is a
+    ConfigError naming the setting.
     """
-    from .evaluate import check_tasks
+    from .evaluate import check_runtime_data, check_tasks
     from .settings import check_settings
     from .tracking import check_logger
 
@@ -138,6 +139,7 @@ def validate(cfg: DictConfig):
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
     check_datasets(_datasets_needed(cfg, needs_calibration))
+    check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (README: evaluation)
     return model_config
 
 

@@ -389,7 +389,7 @@ def test_frontiers_refuse_different_task_sets_naming_the_runs(mixed_root):
     # one task set alone is fine
     same = frontiers(runs[runs["method"] == "ream"])
     assert not same["mixed_evals"].any()
-    assert list(same["evals"]) == [["MC tasks: arc_easy+mmlu | GEN tasks: gsm8k+humaneval | limit: ? | few-shot: ?"]]
+    assert list(same["evals"]) == [["MC tasks: arc_easy+mmlu | GEN tasks: gsm8k+humaneval | limit: ? | few-shot: ? | GEN protocol: ?"]]
 
 
 def test_mixed_task_sets_can_be_compared_flagged_and_never_averaged(mixed_root, tmp_path):
@@ -432,7 +432,7 @@ def test_tables_without_task_sets_count_as_one_set(paper):
     for table in (paper, docs_runs):
         fronts = frontiers(table)
         assert not fronts["mixed_evals"].any()
-        assert {s for sets in fronts["evals"] for s in sets} == {"MC tasks: ? | GEN tasks: ? | limit: ? | few-shot: ?"}
+        assert {s for sets in fronts["evals"] for s in sets} == {"MC tasks: ? | GEN tasks: ? | limit: ? | few-shot: ? | GEN protocol: ?"}
 
 
 def test_task_sets_survive_the_runs_csv(mixed_root, tmp_path):
@@ -447,7 +447,7 @@ def test_task_sets_survive_the_runs_csv(mixed_root, tmp_path):
 # ---------------------------------------------------------------- standard errors and eval settings
 
 def write_full_run(path: Path, method, mix, mc, gen, se=(0.01, 0.02), limit=50, fewshot=0, experts=6,
-                   baseline=(0.8, 0.7, 0.005, 0.006), seed=0, config=None):
+                   baseline=(0.8, 0.7, 0.005, 0.006), seed=0, config=None, gen_protocol=None):
     """A run as evaluate() writes it now: one MC and one GEN task with stderrs, eval settings, baseline;
     `config` ({group: {key: value}}) is merged into its config.yaml."""
     path.mkdir(parents=True)
@@ -461,6 +461,8 @@ def write_full_run(path: Path, method, mix, mc, gen, se=(0.01, 0.02), limit=50, 
     evaluation = {"tasks": tasks, "mc": mc, "gen": gen, "avg": (mc + gen) / 2, "mc_stderr": se[0],
                   "gen_stderr": se[1], "avg_stderr": math.hypot(*se) / 2, "mc_tasks": ["facts"],
                   "gen_tasks": ["arith"], "limit": limit}
+    if gen_protocol is not None:  # {task: protocol}, as evaluate() records it
+        evaluation["gen_protocol"] = gen_protocol
     metrics = {"status": "done", "method": method, "experts_before": 8, "experts_after": experts,
                "mix": list(mix), "eval": evaluation, "baseline": base}
     (path / "metrics.json").write_text(json.dumps(metrics))
@@ -849,3 +851,33 @@ def test_wandb_runs_carry_their_settings_like_run_dirs(tmp_path):
     both = pd.DataFrame([row, wandb_row(other)])
     with pytest.raises(SettingsMismatch, match=r"calib\.n: 128 \(1 run: wandb:me/ream-exp/abc123\) vs 64"):
         frontiers(both)
+
+
+ARITH_PROTOCOL = {"variant": "lm-eval arith", "version": "1.0", "fewshot": 0, "metric": "exact_match",
+                  "filter": "flexible-extract", "chat_template": True, "until": ["Q:"], "max_gen_toks": None}
+
+
+def test_runs_with_a_different_gen_protocol_are_refused(tmp_path):
+    """Same task sets, limit and shots, but one run scored its GEN task under another filter: refused,
+    naming the GEN protocol and the run (docs/algorithms.md, "GEN protocol")."""
+    root = tmp_path / "protocol"
+    write_full_run(root / "a", "reap", (0, 0.5, 0.5), 0.61, 0.55, gen_protocol={"arith": ARITH_PROTOCOL})
+    write_full_run(root / "b", "ream", (0, 0.5, 0.5), 0.63, 0.58, gen_protocol={"arith": ARITH_PROTOCOL})
+    runs = collect_runs(root).set_index("run_dir")
+    assert runs.loc[str(root / "a"), "gen_protocol"] == \
+        "arith[lm-eval arith v1.0; 0-shot; exact_match,flexible-extract; chat]"
+    frontiers(collect_runs(root))  # one protocol: compared
+    write_full_run(root / "c", "ream", (1, 0, 0), 0.7, 0.3,
+                   gen_protocol={"arith": {**ARITH_PROTOCOL, "filter": "strict-match"}})
+    runs = collect_runs(root)
+    with pytest.raises(EvalMismatch) as caught:
+        frontiers(runs)
+    message = str(caught.value)
+    assert "(GEN protocol differ)" in message and str(root / "c") in message and "\n" not in message
+    with pytest.warns(UserWarning, match="GEN protocol"):
+        frontiers(runs, allow_mixed_evals=True)
+    # a run from before the record (no gen_protocol) is not silently compared with one that has it
+    write_full_run(tmp_path / "old" / "a", "reap", (0, 0.5, 0.5), 0.6, 0.5)
+    write_full_run(tmp_path / "old" / "b", "ream", (0, 0.5, 0.5), 0.6, 0.5, gen_protocol={"arith": ARITH_PROTOCOL})
+    with pytest.raises(EvalMismatch, match="GEN protocol"):
+        frontiers(collect_runs(tmp_path / "old"))

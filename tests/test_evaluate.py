@@ -322,6 +322,7 @@ def test_paper_suite_is_mc_plus_gen_and_composes():
     load = {name: yaml.safe_load((CONF_EVAL / f"{name}.yaml").read_text()) for name in ("mc", "gen", "paper", "none")}
     assert load["paper"]["tasks"] == load["mc"]["tasks"] + load["gen"]["tasks"]
     assert load["paper"]["num_fewshot"] == load["gen"]["num_fewshot"]
+    assert load["paper"]["metrics"] == load["gen"]["metrics"]  # the GEN protocol (docs/algorithms.md)
     with initialize_config_dir(config_dir=str(CONF_EVAL.parent), version_base="1.3"):
         for name in ("mc", "gen", "paper", "none"):
             cfg = compose(overrides=[f"+eval={name}"])
@@ -329,17 +330,19 @@ def test_paper_suite_is_mc_plus_gen_and_composes():
 
 
 def test_gen_suite_is_the_papers_six_tasks_with_code_run_contained():
-    """docs/algorithms.md: GEN = ifeval, aime25, gsm8k, gpqa_diamond (5-shot), humaneval, livecodebench v6; the two
-    code-executing ones are ream-exp's tasks, scored by sandbox.contained hooks."""
+    """GEN = ifeval, aime25, gsm8k (5-shot), gpqa_diamond (5-shot), humaneval_instruct, livecodebench v6
+    (docs/algorithms.md, "GEN protocol"); the two code-executing ones are ream-exp's tasks, scored by
+    sandbox.contained hooks (as are their alternatives, humaneval and livecodebench_2502_2505)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     from ream_exp.sandbox import is_contained
 
     gen = yaml.safe_load((CONF_EVAL / "gen.yaml").read_text())
-    assert gen["tasks"] == ["ifeval", "aime25", "gsm8k", "gpqa_diamond_generative_n_shot", "humaneval", "livecodebench"]
-    assert gen["num_fewshot"] == {name: 5 if name.startswith("gpqa") else 0 for name in gen["tasks"]}
+    assert gen["tasks"] == ["ifeval", "aime25", "gsm8k", "gpqa_diamond_generative_n_shot", "humaneval_instruct",
+                            "livecodebench"]
+    assert gen["num_fewshot"] == {name: 5 if name.startswith(("gpqa", "gsm8k")) else 0 for name in gen["tasks"]}
     index = ev._task_manager(None).task_index
-    for name in ("humaneval", "livecodebench"):
+    for name in ("humaneval", "humaneval_instruct", "livecodebench", "livecodebench_2502_2505"):
         config = load_yaml(index[name].yaml_path, resolve_func=True)
         hooks = [config.get("process_results")] + [m["metric"] for m in config["metric_list"]]
         assert config["unsafe_code"] and any(callable(h) and is_contained(h) for h in hooks)
@@ -384,6 +387,15 @@ def test_humaneval_is_replaced_by_the_contained_task():
     assert [m["k"] for m in mine["metric_list"]] == [m["k"] for m in builtin["metric_list"]]
     metric = mine["metric_list"][0]["metric"]
     assert metric.__name__ == "pass_at_k" and is_contained(metric)  # reported as pass_at_k,create_test
+    # humaneval_instruct: lm-eval's instruction prompt and assistant prefix, the same scoring in the sandbox
+    ours = CODE_TASKS_DIR / "humaneval_instruct.yaml"
+    assert Path(ev._task_manager(None).task_index["humaneval_instruct"].yaml_path).resolve() == ours.resolve()
+    builtin = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval_instruct.yaml",
+                        resolve_func=False)
+    mine_instruct = load_yaml(ours, resolve_func=True)
+    assert {k: mine_instruct[k] for k in ("task", "doc_to_text", "gen_prefix")} == \
+        {k: builtin[k] for k in ("task", "doc_to_text", "gen_prefix")}
+    assert is_contained(mine_instruct["metric_list"][0]["metric"])
 
 
 HUMANEVAL_LIKE = [  # HumanEval's fields; the prompts end in a comment, so short completions stay inert

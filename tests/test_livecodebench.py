@@ -23,7 +23,8 @@ from ream_exp.code_tasks import CODE_TASKS_DIR  # noqa: E402
 from ream_exp.code_tasks import livecodebench as lcb  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "livecodebench"
-SHIPPED = CODE_TASKS_DIR / "livecodebench.yaml"
+SHIPPED = CODE_TASKS_DIR / "livecodebench.yaml"  # the whole release_v6
+WINDOW = CODE_TASKS_DIR / "livecodebench_2502_2505.yaml"  # Qwen's window, the alternative
 
 
 def _load_problem_source():
@@ -37,10 +38,10 @@ SOURCE = _load_problem_source()
 TRUTH = {p["question_id"]: p for p in SOURCE.PROBLEMS}
 
 
-def shipped_metadata() -> dict:
+def shipped_metadata(path=WINDOW) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(SHIPPED, resolve_func=False)["metadata"]
+    return load_yaml(path, resolve_func=False)["metadata"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,13 @@ def window_docs(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- problems: release, window, tests
+def test_the_default_task_keeps_every_problem_of_the_release(tmp_path):
+    meta = shipped_metadata(SHIPPED)
+    assert (meta["release"], meta["start_date"], meta["end_date"]) == ("release_v6", None, None)
+    dataset = lcb.load_problems(**meta, source=str(DATA), cache_dir=str(tmp_path))
+    assert sorted(doc["question_id"] for doc in dataset["test"]) == sorted(TRUTH)
+
+
 def test_shipped_window_keeps_exactly_the_problems_dated_inside_it(window_docs):
     meta = shipped_metadata()
     assert meta["release"] == "release_v6"
@@ -286,7 +294,7 @@ def local_task_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("lcb_task")
     metadata = {**shipped_metadata(), "source": str(DATA), "cache_dir": str(root / "hf_cache")}
     (root / "livecodebench_local.yaml").write_text(
-        f"include: {SHIPPED}\ntask: livecodebench_local\n" + yaml.safe_dump({"metadata": metadata}))
+        f"include: {WINDOW}\ntask: livecodebench_local\n" + yaml.safe_dump({"metadata": metadata}))
     return str(root)
 
 

@@ -257,7 +257,7 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
 
     if change == "EVAL_VERSION":
         monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
-        why = "evaluate code v1, this is v2"
+        why = f"evaluate code v{ev.EVAL_VERSION - 1}, this is v{ev.EVAL_VERSION}"
     elif change == "lm-eval":
         monkeypatch.setattr(ev, "lm_eval_version", lambda: "9.9.9")
         why = f"lm-eval {entry['made_by']['lm-eval']}, this is 9.9.9"
@@ -268,7 +268,7 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
         why = "task tiny_mc v1.0, this is v2.0"
     else:  # an entry from before entries recorded what made them
         path.write_text(json.dumps({k: v for k, v in entry.items() if k != "made_by"}))
-        why = "an unknown version (no record of what made it), this is evaluate code v1"
+        why = f"an unknown version (no record of what made it), this is evaluate code v{ev.EVAL_VERSION}"
     assert baseline() == scores and evaluated == [1, 1], "scores made otherwise were used"
     assert [r.getMessage() for r in caplog.records if "baseline cache" in r.getMessage()] == [
         f"baseline cache {path} was made by {why}: recomputing"]

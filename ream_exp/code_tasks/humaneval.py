@@ -1,4 +1,5 @@
-"""HumanEval's pass@k with every candidate program run in ream_exp.sandbox (humaneval.yaml here).
+"""HumanEval's pass@k with every candidate program run in ream_exp.sandbox (humaneval.yaml and
+humaneval_instruct.yaml here).
 
 lm-eval's own humaneval scores through HF `evaluate`'s code_eval, which executes the programs in
 threads of a forked helper with no process-group kill and no temporary directory. This module gives
@@ -18,6 +19,32 @@ LIMITS = Limits(timeout_s=3.0)
 def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
     """lm-eval filter: each generated completion becomes a full program (prompt + completion)."""
     return [[doc["prompt"] + text for text in texts] for texts, doc in zip(resps, docs)]
+
+
+def build_predictions_instruct(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval filter of humaneval_instruct: each reply becomes a full program (see instruct_program)."""
+    return [[instruct_program(doc, text) for text in texts] for texts, doc in zip(resps, docs)]
+
+
+def instruct_program(doc: dict, reply: str) -> str:
+    """The program an instruct model's reply stands for.
+
+    The assistant turn starts with humaneval_instruct's prefix, which opens a ```python block holding the
+    function's signature and docstring, so the reply normally continues the function body and closes
+    the block: the program is prompt + the reply up to its first fence (lm-eval's
+    build_predictions_instruct). A model that re-opens a block of its own (the reply starts with
+    ```python) is read as that block: prompt + its code, the code redefining the function when it holds
+    a whole `def <entry_point>(`, else continuing the body (docs/algorithms.md, "GEN protocol").
+    """
+    stripped = reply.lstrip()
+    if stripped.startswith("```"):
+        body = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        code = body.split("```", 1)[0]
+        if f"def {doc['entry_point']}(" in code:
+            return doc["prompt"] + "\n" + code
+        return doc["prompt"] + code
+    fence = reply.find("```")
+    return doc["prompt"] + (reply if fence == -1 else reply[:fence])
 
 
 @contained

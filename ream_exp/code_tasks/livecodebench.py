@@ -4,8 +4,11 @@
 
 Problems come from the hub dataset livecodebench/code_generation_lite, one JSONL file per update;
 a release (release_v6 = test.jsonl ... test6.jsonl) is all files up to it. The task config names the
-release and the contest-date window (`metadata` in livecodebench.yaml); load_problems keeps the
-problems whose contest_date lies in [start_date, end_date) and decodes their tests.
+release and, optionally, a contest-date window (`metadata`): livecodebench.yaml scores the whole
+release_v6 (1055 problems, what the paper's item counts imply: docs/algorithms.md, "GEN protocol");
+livecodebench_2502_2505.yaml the window 2025-02-01 to 2025-05-01 that Qwen reports. load_problems keeps
+the problems whose contest_date lies in [start_date, end_date) (an open end where a date is null) and
+decodes their tests.
 
 Each problem's tests are its public_test_cases (JSON) followed by its private_test_cases, which the
 dataset stores either as JSON or compressed: base64 text of zlib-compressed bytes of a pickled str
@@ -34,6 +37,7 @@ import uuid
 import zlib
 from pathlib import Path
 
+from ream_exp.config import ConfigError
 from ream_exp.sandbox import Limits, contained, run_program
 
 log = logging.getLogger(__name__)
@@ -58,26 +62,28 @@ WITHOUT_STARTER_CODE = ("Read the inputs from stdin solve the problem and write 
 
 
 # ---------------------------------------------------------------- problems
-def load_problems(release: str, start_date, end_date, source: str = HUB_SOURCE, cache_dir=None,
+def load_problems(release: str, start_date=None, end_date=None, source: str = HUB_SOURCE, cache_dir=None,
                   **_other_metadata):
     """lm-eval `custom_dataset`: the release's problems dated in [start_date, end_date), tests decoded.
 
-    Called with the task's `metadata` (release, start_date, end_date; `source`: a directory or hub
-    prefix holding the release's files, the hub by default).
+    Called with the task's `metadata` (release; start_date, end_date: null for no bound, both null for
+    the whole release; `source`: a directory or hub prefix holding the release's files, the hub by default).
     """
     import datasets
 
     if release not in RELEASE_FILES:
-        raise ValueError(f"livecodebench metadata.release={release!r}: choose one of {sorted(RELEASE_FILES)}")
-    start, end = _as_datetime(start_date), _as_datetime(end_date)
+        raise ConfigError(f"livecodebench metadata.release={release!r}: choose one of {sorted(RELEASE_FILES)}")
+    start = dt.datetime.min if start_date is None else _as_datetime(start_date)
+    end = dt.datetime.max if end_date is None else _as_datetime(end_date)
     if not start < end:
-        raise ValueError(f"livecodebench metadata: start_date {start_date} must be before end_date {end_date}")
+        raise ConfigError(f"livecodebench metadata.start_date={start_date} must be before "
+                          f"metadata.end_date={end_date} (or null for no bound)")
     files = [f"{str(source).rstrip('/')}/{name}" for name in RELEASE_FILES[release]]
     raw = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache_dir)
     in_window = raw.filter(lambda date: start <= _as_datetime(date) < end, input_columns="contest_date")
     problems = in_window.map(as_problem, remove_columns=in_window.column_names)
     log.info("livecodebench %s: %d of %d problems dated in [%s, %s)", release, len(problems), len(raw),
-             start.date(), end.date())
+             start_date or "-", end_date or "-")
     return datasets.DatasetDict({"test": problems})
 
 
