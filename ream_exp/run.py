@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import PACKAGE_DIR
+from . import CONF_DIR as _CONF_DIR
 from .calib import calibration_datasets, recorded_mix, validate_calib, without_unread_sources
 from .calib.cache import cached_calibration
 from .checkpoint import save_checkpoint, write_model_card
@@ -399,7 +399,7 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
     (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
 
 
-CONF_DIR = str(PACKAGE_DIR.parent / "conf")  # the repo's conf/ (absolute: works from any working directory)
+CONF_DIR = str(_CONF_DIR)  # conf/, of the checkout or the installed package (absolute: any working directory)
 
 
 def _one_line(exc: BaseException) -> str:
