@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import CONF_DIR as _CONF_DIR
 from .calib import calibration_datasets, recorded_mix, validate_calib, without_unread_sources
 from .calib.cache import cached_calibration
-from .checkpoint import save_checkpoint, write_model_card
+from .checkpoint import lm_eval_git_hash, save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
                      check_seed)
 from .dataset_check import check_datasets
@@ -174,8 +174,12 @@ def _calibration_cached(cfg: DictConfig) -> bool:
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_dir: Path | None = None) -> dict:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, task_names
 
+    if task_names(cfg.eval):  # eval=none imports no lm-eval
+        import lm_eval.evaluator
+
+        lm_eval.evaluator.get_git_commit_hash = lm_eval_git_hash  # quiet, and this code's commit
     return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
 
 
