@@ -34,7 +34,7 @@ def _run(args, cwd, env, timeout=600):
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{args} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "not a git repository" not in done.stderr, done.stderr[-3000:]
-    STEPS[" ".join(Path(a).name for a in args[:3])] = time.monotonic() - began
+    STEPS[" ".join(Path(a).name for a in args[:3]) if args[1] != "-c" else "import"] = time.monotonic() - began
     return done
 
 
