@@ -6,7 +6,7 @@ Works from a checkout and from an installed package (the notebook ships inside `
 directory (any folder of run directories) reaches the notebook as REAM_EXP_RUNS, --out as
 REAM_EXP_REPORT (default <runs>/report: frontiers.png/.pdf), --ref as REAM_EXP_REF; the executed notebook,
 with its tables and figure, is saved as <out>/toy_pareto.ipynb. Relative paths are read from the
-working directory. Needs nbclient and a python3 Jupyter kernel (ipykernel): `pip install ream-exp[test]`.
+working directory. Needs nbclient and a python3 Jupyter kernel (ipykernel): `pip install ream-exp[notebook]`.
 """
 
 import argparse

@@ -4,6 +4,17 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
+
+def _shipped(name: str) -> Path:
+    """conf/ or sweeps/: inside the package when installed from a wheel (setup.py copies them there), else
+    beside it, in the checkout (an editable install, PYTHONPATH); README: Install."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
+CONF_DIR = _shipped("conf")  # Hydra's primary config directory (ream_exp/run.py)
+SWEEPS_DIR = _shipped("sweeps")  # the multirun definitions: ream-exp -m --config-dir SWEEPS_DIR --config-name NAME
+
 __version__ = "0.1.0"
 
 from . import config as _config  # noqa: E402,F401  (registers the ${pkg:...} and ${group_size:...} resolvers)

@@ -22,10 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import PACKAGE_DIR
+from . import CONF_DIR as _CONF_DIR
 from .calib import calibration_datasets, recorded_mix, validate_calib
 from .calib.cache import cached_calibration
-from .checkpoint import save_checkpoint, write_model_card
+from .checkpoint import lm_eval_git_hash, save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
                      check_seed)
 from .dataset_check import check_datasets
@@ -177,8 +177,12 @@ def _calibration_cached(cfg: DictConfig) -> bool:
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_dir: Path | None = None) -> dict:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, task_names
 
+    if task_names(cfg.eval):  # eval=none imports no lm-eval
+        import lm_eval.evaluator
+
+        lm_eval.evaluator.get_git_commit_hash = lm_eval_git_hash  # quiet, and this code's commit
     return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
 
 
@@ -403,7 +407,7 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
     (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
 
 
-CONF_DIR = str(PACKAGE_DIR.parent / "conf")  # the repo's conf/ (absolute: works from any working directory)
+CONF_DIR = str(_CONF_DIR)  # conf/, of the checkout or the installed package (absolute: any working directory)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -198,6 +198,18 @@ def test_git_commit_is_none_outside_a_git_checkout(tmp_path, monkeypatch):
     assert git_commit() == {"commit": None, "dirty": None}
 
 
+def test_lm_eval_records_this_codes_commit_quietly(tmp_path, monkeypatch, capfd):
+    """lm-eval's results files get git_commit's commit, "unknown" outside a checkout, with nothing on
+    stderr (lm-eval's own `git describe` prints git's "fatal: not a git repository"; README: Install)."""
+    import ream_exp.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "PACKAGE_DIR", tmp_path / "ream_exp")
+    (tmp_path / "ream_exp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.lm_eval_git_hash() == "unknown"
+    assert capfd.readouterr().err == ""
+
+
 # ---- local models keep their dtype -------------------------------------------------------------------
 
 def test_bf16_checkpoint_is_loaded_merged_and_saved_in_bf16(calib_files, tmp_path):
