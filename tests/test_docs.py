@@ -115,6 +115,17 @@ def test_readme_cites_algorithms_not_the_internal_spec():
     assert "docs/algorithms.md" in cited and len(cited) > 1  # the pointer and at least one section
 
 
+def test_no_file_cites_a_document_users_do_not_have():
+    """Code, configs, tests and docs cite docs/algorithms.md, never the internal SPEC."""
+    cite = re.compile(r"\bSPEC(?:\.md|\s+\d)")
+    parts = ("ream_exp", "analysis", "tests", "conf", "sweeps", "docs", "hydra_plugins")
+    files = [f for part in parts for f in (ROOT / part).rglob("*")
+             if f.suffix in (".py", ".yaml", ".md", ".ipynb") and "__pycache__" not in f.parts]
+    citing = [str(f.relative_to(ROOT)) for f in files
+              if f != Path(__file__) and cite.search(f.read_text(encoding="utf-8", errors="replace"))]
+    assert files and citing == []
+
+
 # ---- the paper's numbers ---------------------------------------------------------------------------
 
 METHOD_COLUMNS = {"Freq": "freq", "REAP": "reap", "HC-SMoE": "hc_smoe", "REAM": "ream"}

@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import PACKAGE_DIR
+from .. import SWEEPS_DIR
 from ..mix_labels import format_mix
 from . import prog
 
-SWEEPS = PACKAGE_DIR.parent / "sweeps"
+SWEEPS = SWEEPS_DIR
 
 
 def launch(config_name: str, sweep_dir: Path, overrides: list[str]) -> tuple[int, float]:
