@@ -78,7 +78,8 @@ class WandbLogger:
     @_guarded
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         flat = flatten(metrics)
-        numbers_only = {k: v for k, v in flat.items() if _is_number(v)}
+        # a task's protocol (shots, token cap) describes how it was scored: summary only, never a chart
+        numbers_only = {k: v for k, v in flat.items() if _is_number(v) and "protocol/" not in k}
         if numbers_only:
             self.run.log(numbers_only, step=step)
         # The summary is what run tables show; strings and lists (method, mix) belong there too.
