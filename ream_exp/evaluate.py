@@ -359,10 +359,26 @@ class _OwnOverrides(logging.Filter):
                     and Path(str(args[1])).resolve().is_relative_to(CODE_TASKS_DIR.resolve()))
 
 
-def _quiet_own_overrides() -> None:
-    index_log = logging.getLogger("lm_eval.tasks._index")  # where lm-eval's TaskIndex logs overrides
-    if not any(isinstance(f, _OwnOverrides) for f in index_log.filters):
-        index_log.addFilter(_OwnOverrides())
+class _NothingToAct(logging.Filter):
+    """lm-eval's notices a ream-exp user cannot act on: `--metadata` hints for tasks that take no kwargs,
+    and the HF wrapper's remarks on being handed an already-loaded model (which is how ream-exp calls it)."""
+
+    NOTICES = ("Custom kwargs can be passed to `--metadata`", "`pretrained` model kwarg is not of type",
+               "Passed an already-initialized model through `pretrained`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES) and not any(n in str(record.msg) for n in self.NOTICES)
+
+
+def _quiet_lm_eval() -> None:
+    """Only lm-eval's warnings a user can act on are shown: not its progress notes (INFO), nor the notices
+    _OwnOverrides and _NothingToAct drop."""
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    for name, kind in (("lm_eval.tasks._index", _OwnOverrides), ("lm_eval.api.task", _NothingToAct),
+                       ("lm_eval.models.huggingface", _NothingToAct)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 @functools.lru_cache(maxsize=4)
@@ -373,7 +389,7 @@ def _task_manager(include_path: str | None):
 
     from ream_exp.code_tasks import CODE_TASKS_DIR
 
-    _quiet_own_overrides()
+    _quiet_lm_eval()
     paths = [str(CODE_TASKS_DIR)] + ([include_path] if include_path else [])
     return TaskManager(include_path=paths)
 

@@ -320,6 +320,7 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
             metrics = _run_stages(cfg, run_dir, timer, logger, offload_folder)
     finally:
         logger.finish()
+    report(metrics, run_dir)
     return metrics
 
 
@@ -392,12 +393,20 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, offload_
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics(metrics)
     logger.log_results(run_dir / "metrics.json")
+    return metrics
+
+
+def report(metrics: dict, run_dir: Path) -> None:
+    """The end of a run's output: its scores beside the uncompressed model's, what they mean, its files."""
+    scores, baseline = metrics["eval"], metrics.get("baseline")
     rows = {"uncompressed": baseline} if baseline else {}
-    rows[f"{cfg.method.name} ({metrics['experts_after']}/{experts_before} experts)"] = scores
+    rows[f"{metrics['method']} ({metrics['experts_after']}/{metrics['experts_before']} experts)"] = scores
     if scores.get("tasks"):
         print(score_table(rows))
-    log.info("run finished: %s", run_dir)
-    return metrics
+        print("MC: mean accuracy of the multiple-choice tasks; GEN: mean score of the generation tasks; "
+              "AVG: their mean (in %, ± standard error)")
+    files = [name for name in ("metrics.json", "plan.json", "checkpoint/") if (run_dir / name).exists()]
+    log.info("run finished: %s (%s)", run_dir, ", ".join(files))
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:

@@ -207,7 +207,8 @@ def _start(cfg: dict, run_dir: Path, config_dict: dict | None, mode: str):
         # A Hydra multirun starts its runs in one process; each job gets a fresh W&B run.
         reinit="finish_previous",
         # Both timeouts bound how long an unreachable server can hold up the start.
-        settings=wandb.Settings(init_timeout=timeout, login_timeout=timeout),
+        # quiet: no run summary printed around ream-exp's own score table (the run's files hold it all)
+        settings=wandb.Settings(init_timeout=timeout, login_timeout=timeout, quiet=True),
     )
 
 
