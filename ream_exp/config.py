@@ -12,6 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import PACKAGE_DIR
+from .moe import family_for
+from .moe.groups import router_group_refusal
+from .plan import experts_to_keep
 
 
 class ConfigError(ValueError):
@@ -155,10 +158,6 @@ def check_cache_dir(cache_dir) -> None:
 def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
     """N' = N - round(N * ratio) must keep at least top_k experts (docs/algorithms.md), and a group-limited router's
     groups (moe/groups.py)."""
-    from .moe import family_for
-    from .moe.groups import router_group_refusal
-    from .plan import experts_to_keep
-
     try:
         family = family_for(model_config.model_type)
     except ValueError as exc:  # an architecture this project cannot compress

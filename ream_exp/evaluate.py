@@ -72,7 +72,9 @@ from pathlib import Path
 from typing import Any
 
 from .cache_meta import made_by
-from .config import ConfigError
+from .code_tasks import CODE_TASKS_DIR
+from .config import ConfigError, require_number, require_positive_int
+from .sandbox import is_contained
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,6 @@ def _check_code_tasks_contained(names: list[str], index) -> None:
     """
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from ream_exp.sandbox import is_contained
-
     uncontained = []
     for leaf in sorted({leaf for name in names for leaf, _ in _leaf_tasks(index, name, set()) if leaf}):
         entry = index.get(leaf)
@@ -176,8 +176,6 @@ def _check_code_tasks_contained(names: list[str], index) -> None:
 
 def check_eval_settings(cfg) -> None:
     """eval.bootstrap_iters: a non-negative integer; eval.log_samples: a boolean."""
-    from .config import require_number
-
     cfg = _as_dict(cfg)
     iters = cfg.get("bootstrap_iters")
     meaning = "the bootstrap resamples behind non-mean metrics' stderrs (0 turns every stderr off)"
@@ -327,8 +325,6 @@ def _check_backend(backend: str) -> None:
 
 def _check_tensor_parallel(cfg: dict) -> None:
     """eval.tensor_parallel_size: the GPUs vLLM splits each layer over (backend=vllm), a positive integer."""
-    from .config import require_positive_int
-
     if cfg.get("tensor_parallel_size") is not None:
         require_positive_int("eval.tensor_parallel_size", cfg["tensor_parallel_size"],
                              "the number of GPUs vLLM splits the model over (eval.backend=vllm)")
@@ -352,8 +348,6 @@ class _OwnOverrides(logging.Filter):
     not news. An override by a task of eval.include_path is still reported."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ream_exp.code_tasks import CODE_TASKS_DIR
-
         args = record.args if isinstance(record.args, tuple) else ()
         return not (str(record.msg).startswith("Task '%s' from %s overrides existing task") and len(args) > 1
                     and Path(str(args[1])).resolve().is_relative_to(CODE_TASKS_DIR.resolve()))
@@ -386,8 +380,6 @@ def _task_manager(include_path: str | None):
     # Indexing every lm-eval YAML takes seconds, so one manager per include_path is kept.
     # CODE_TASKS_DIR comes after lm-eval's tasks, so its humaneval replaces the built-in one.
     from lm_eval.tasks import TaskManager
-
-    from ream_exp.code_tasks import CODE_TASKS_DIR
 
     _quiet_lm_eval()
     paths = [str(CODE_TASKS_DIR)] + ([include_path] if include_path else [])
@@ -567,8 +559,6 @@ def _check_contained(entries: list[Entry]) -> None:
 def _runs_code_contained(task) -> bool:
     """Whether a code-executing task scores through a sandbox.contained hook (process_results or a
     metric function), the only places lm-eval runs a task's own code on the model's output."""
-    from ream_exp.sandbox import is_contained
-
     hooks = [task.config.process_results] + [m.get("metric") for m in task.config.metric_list or []]
     return any(is_contained(hook) for hook in hooks if callable(hook))
 

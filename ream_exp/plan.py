@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_torch_save, atomic_write
+
 
 def experts_to_keep(num_experts: int, ratio: float) -> int:
     """N' = N - round(N * ratio) (docs/algorithms.md), rounding halves up so 0.5 never rounds to even."""
@@ -61,8 +63,6 @@ class Plan:
 
     def save(self, run_dir: str | Path) -> Path:
         """plan.json, and plan_perms.pt beside it when the plan aligns neurons (both written atomically)."""
-        from .atomic import atomic_torch_save, atomic_write
-
         path = Path(run_dir) / "plan.json"
         perms = self._perms()
         if perms:  # the permutations first: a plan.json that names them never exists without them

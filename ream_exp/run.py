@@ -24,11 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CONF_DIR as _CONF_DIR
 from .calib import calibration_datasets, recorded_mix, validate_calib
-from .calib.cache import cached_calibration
+from .cache_meta import still_valid
+from .calib.cache import cache_path, cached_calibration, calibration_key
 from .checkpoint import lm_eval_git_hash, save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
                      check_seed)
 from .dataset_check import check_datasets
+from .evaluate import check_runtime_data, check_tasks, evaluate, scores_made_by, task_datasets, task_names
 from .methods import Context, get_method
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
@@ -37,6 +39,8 @@ from .pipeline import (count_parameters, load_model, load_model_config, load_tok
                        resolve_device, score_table, write_json)
 from .stream import PARTIAL, LayerStream, check_stream, resumable
 from .timing import Timings
+from .settings import check_settings, composition_refusal
+from .tracking import check_logger, make_logger
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
@@ -115,10 +119,6 @@ def validate(cfg: DictConfig):
     then the hub datasets the run reads and the nltk data its eval tasks need; each failure is a
     ConfigError naming the setting.
     """
-    from .evaluate import check_runtime_data, check_tasks
-    from .settings import check_settings
-    from .tracking import check_logger
-
     check_settings(cfg)  # every key known, every value of its type (ream_exp/settings.py)
     ratio = check_ratio(cfg.ratio)
     check_seed(cfg.seed)
@@ -153,8 +153,6 @@ def _model_config(model_cfg: DictConfig):
 
 def _datasets_needed(cfg: DictConfig, needs_calibration: bool) -> list:
     """The hub datasets the run reads: its eval tasks', and its calibration sources' unless already tokenised."""
-    from .evaluate import task_datasets
-
     needed = task_datasets(cfg.eval)
     if needs_calibration:
         sources = list(calibration_datasets(cfg.calib).items())
@@ -165,8 +163,6 @@ def _datasets_needed(cfg: DictConfig, needs_calibration: bool) -> list:
 
 def _calibration_cached(cfg: DictConfig) -> bool:
     """Whether this calibration set is in the cache already (then its sources are never read)."""
-    from .calib.cache import cache_path, calibration_key
-
     if not cfg.get("cache_dir") or not any((Path(cfg.cache_dir) / "calib").glob("*.pt")):
         return False  # nothing cached: no need to load the tokenizer to compute the key
     try:
@@ -177,8 +173,6 @@ def _calibration_cached(cfg: DictConfig) -> bool:
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_dir: Path | None = None) -> dict:
-    from .evaluate import evaluate, task_names
-
     if task_names(cfg.eval):  # eval=none imports no lm-eval
         import lm_eval.evaluator
 
@@ -190,8 +184,6 @@ def _usable_baseline(path: Path, current: dict) -> dict | None:
     """A cached baseline's scores, or None (evaluate again) when it is unreadable, was made by other code,
     lm-eval or task versions than `current` says (or does not say: cache_meta), or was written before
     per-task standard errors were recorded."""
-    from .cache_meta import still_valid
-
     try:
         scores = json.loads(path.read_text())
     except (OSError, ValueError):  # cut short or damaged
@@ -237,13 +229,6 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timings) -> dict |
                            output_dir=path.with_name(path.stem + "_lm_eval"))
     store_baseline(cfg, scores, made_by)
     return scores
-
-
-def scores_made_by(eval_cfg) -> dict:
-    """What makes an eval's scores now (lm-eval, task and evaluation versions): evaluate.scores_made_by."""
-    from .evaluate import scores_made_by as made_by  # lm-eval is imported only when a run evaluates
-
-    return made_by(eval_cfg)
 
 
 def store_baseline(cfg: DictConfig, scores: dict, made_by: dict) -> None:
@@ -307,8 +292,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
 
 def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
-    from .tracking import make_logger
-
     validate(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     write_identity(run_dir, cfg)
@@ -457,8 +440,6 @@ def hydra_main(cfg: DictConfig) -> dict | None:
 
 def _hydra_error_line(exc) -> str:
     """One line for a Hydra error: the missing option with the valid ones, or the override that did not parse."""
-    from .settings import composition_refusal
-
     refusal = composition_refusal(exc)  # `metod=reap`: not a setting at all (Hydra would suggest +metod=reap)
     if refusal:
         return refusal

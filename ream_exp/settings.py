@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, shown
+from .calib import validate_mix
 from .methods import METHODS, get_method
 from .setting_types import (MISSING, Bool, Choice, Custom, Group, Int, ListOf, Mapping, Number, OneOf, Spec, Str,
                             _did_you_mean, _join, _one_line, settings_group)
@@ -93,8 +94,6 @@ def check_device_map(value, setting: str, parent) -> None:
 
 def check_mix(value, setting: str, parent) -> None:
     """calib.mix: a list [general, math, code] or a mapping {source: weight} over calib.sources."""
-    from .calib import validate_mix
-
     sources = parent.get("sources") if isinstance(parent, dict) else None
     validate_mix(value, sources if isinstance(value, dict) else None)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from .atomic import atomic_torch_save, atomic_write
 from .checkpoint import write_provenance
+from .weight_files import BITS
 from .config import ConfigError
 from .moe import apply_layer_plan, decoder_layers, keep_experts, moe_layers
 from .plan import LayerPlan
@@ -418,8 +419,6 @@ def _numel(shape) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    from .weight_files import BITS
-
     return BITS[dtype] // 8
 
 

@@ -123,8 +123,6 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
     A streamed model (ctx.stream) is observed layer by layer on the original layers' outputs, which sums
     exactly what the one-pass observation of the whole model sums."""
     if ctx.stream is not None:
-        from .layerwise import Needs, run_layerwise
-
         def plan_layer(layer, obs, n_keep, _timings):
             return _prune_layer(layer, obs.routing_stats(), n_keep, score_name)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
+
 PLACES = (None, "cpu", "disk")
 
 
@@ -96,8 +98,6 @@ class StateStore:
         """Record that the files of `keys` are whole and are what `owner` says (no-op unless kept)."""
         if not self.kept:
             return
-        from ..atomic import atomic_write
-
         text = json.dumps({"owner": owner, "files": self._sizes(keys)}, sort_keys=True).encode()
         atomic_write(self.directory / MANIFEST, lambda f: f.write(text))
         self._sealed = True
