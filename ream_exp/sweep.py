@@ -20,7 +20,10 @@ from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .mix_labels import format_mix
 
 
 def _stamp(path: Path):
@@ -32,6 +35,15 @@ def _stamp(path: Path):
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _mix_label(config: DictConfig) -> str:
+    """The run's calibration mix as ream_exp.mix_labels writes it ('.4:.3:.3'); '' when it has none."""
+    try:
+        mix = OmegaConf.select(config, "calib.mix")
+        return format_mix(OmegaConf.to_container(mix) if OmegaConf.is_config(mix) else mix) or ""
+    except (TypeError, ValueError, OmegaConfBaseException):  # a mix the run itself will refuse
+        return ""
+
+
 def _last_line(path: Path) -> str:
     lines = path.read_text(errors="replace").strip().splitlines()
     return lines[-1] if lines else ""
@@ -39,7 +51,8 @@ def _last_line(path: Path) -> str:
 
 class SweepSummary(Callback):
     def __init__(self) -> None:
-        self.outcomes: list[tuple[str, Path, str]] = []  # (status, run directory, reason when failed)
+        # (status, run directory, reason when failed, the run's calibration mix as a label)
+        self.outcomes: list[tuple[str, Path, str, str]] = []
         self._before: dict[str, object] = {}
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
@@ -48,16 +61,17 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)
+        mix = _mix_label(config)
         if job_return.status != JobStatus.COMPLETED or job_return.return_value is None:
             error = run_dir / "error.txt"
             fresh_error = error.exists() and _stamp(error) != self._before.get("error.txt")
             reason = _last_line(error) if fresh_error else "see the log above"
-            self.outcomes.append(("failed", run_dir, reason))
+            self.outcomes.append(("failed", run_dir, reason, mix))
         elif self._before.get("metrics.json") is not None and \
                 _stamp(run_dir / "metrics.json") == self._before["metrics.json"]:
-            self.outcomes.append(("skipped", run_dir, ""))
+            self.outcomes.append(("skipped", run_dir, "", mix))
         else:
-            self.outcomes.append(("done", run_dir, ""))
+            self.outcomes.append(("done", run_dir, "", mix))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.outcomes:
@@ -66,8 +80,8 @@ class SweepSummary(Callback):
             return
         counts = {status: sum(o[0] == status for o in self.outcomes) for status in ("done", "skipped", "failed")}
         print(f"sweep summary: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
-        for status, run_dir, reason in self.outcomes:
-            print(f"  {status:<8} {run_dir}" + (f"  ({reason})" if reason else ""))
+        for status, run_dir, reason, mix in self.outcomes:
+            print(f"  {status:<8} {run_dir}" + (f"  mix {mix}" if mix else "") + (f"  ({reason})" if reason else ""))
         if counts["failed"]:
             sys.stdout.flush()
             sys.exit(1)  # SystemExit passes through Hydra's error reporting: a plain exit status, no trace

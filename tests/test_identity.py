@@ -171,5 +171,6 @@ def test_finished_sweep_relaunched_from_another_clone_skips_every_run(tmp_path):
     assert Path(where.stdout.strip()).is_relative_to(clone)  # the relaunch runs the clone's code
     again = _sweep(clone, *common, "logger=none", f"cache_dir={tmp_path / 'other cache'}", "model.device_map=cpu")
     assert again.returncode == 0 and "0 done, 2 skipped, 0 failed" in again.stdout, again.stderr[-3000:]
+    assert again.stdout.count("  mix .4:.3:.3") == 2  # each run's line names its calibration mix
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == runs
     assert not (tmp_path / "other cache").exists()
