@@ -82,6 +82,12 @@ def config_identity(config: dict) -> dict | None:
     without NOT_IDENTITY's keys when run_identity cannot take it; None for no config at all."""
     if not isinstance(config, dict) or not config:
         return None
+    if isinstance(config.get("identity"), str):  # what the run recorded (ream_exp.run logs it to W&B)
+        try:
+            return json.loads(config["identity"])
+        except ValueError:
+            pass
+    config = {k: v for k, v in config.items() if k != "identity"}
     from omegaconf import OmegaConf
 
     from ream_exp.identity import NOT_IDENTITY, run_identity

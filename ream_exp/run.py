@@ -47,7 +47,8 @@ from .weight_files import check_weight_files
 log = logging.getLogger("ream_exp")
 
 RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt")
-IDENTITY_FILE = "identity.json"  # run_identity at the run's start: what a relaunch must match to skip it
+IDENTITY_FILE = "identity.json"
+IDENTITY_KEY = "identity"  # the same in the logger's run config, as JSON text (analysis.settings reads it)  # run_identity at the run's start: what a relaunch must match to skip it
 
 
 def saved_identity(run_dir: Path) -> dict | None:
@@ -62,9 +63,10 @@ def saved_identity(run_dir: Path) -> dict | None:
     return run_identity(OmegaConf.load(saved)) if saved.exists() else None
 
 
-def write_identity(run_dir: Path, cfg: DictConfig) -> None:
+def write_identity(run_dir: Path, cfg: DictConfig) -> dict:
     identity = run_identity(cfg)
     write_json(run_dir / IDENTITY_FILE, {"digest": digest(identity), "identity": identity})
+    return identity
 
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -294,9 +296,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    write_identity(run_dir, cfg)
+    identity = write_identity(run_dir, cfg)
     torch.manual_seed(int(cfg.seed))
-    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    # the identity as JSON text: W&B splits nested keys at dots (weights file names have them)
+    logger = make_logger(cfg.logger, run_dir, {**OmegaConf.to_container(cfg, resolve=True),
+                                               IDENTITY_KEY: json.dumps(identity, sort_keys=True)})
     timer = Timings()
     try:
         with offload_scratch(cfg.model, run_dir) as offload_folder:  # removed when the run ends

@@ -847,6 +847,10 @@ def test_wandb_runs_carry_their_settings_like_run_dirs(tmp_path):
                                "limit": None}})
     row = wandb_row(online)
     assert row["settings"] == collect_runs(local.parent)["settings"].iloc[0]
+    recorded = json.loads((local / "identity.json").read_text())["identity"]  # as ream_exp.run logs it
+    logged = FakeRun({**config, "model": {**config["model"], "path": "/gone"},
+                      "identity": json.dumps(recorded)}, online.summary_metrics)
+    assert wandb_row(logged)["settings"] == row["settings"]  # the model's weights as the run saw them
     other = FakeRun({**config, "calib": {**config["calib"], "n": 64}}, online.summary_metrics)
     both = pd.DataFrame([row, wandb_row(other)])
     with pytest.raises(SettingsMismatch, match=r"calib\.n: 128 \(1 run: wandb:me/ream-exp/abc123\) vs 64"):
