@@ -22,6 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from ream_exp import evaluate as ev  # noqa: E402
 from ream_exp.config import ConfigError  # noqa: E402
+from tests.scripted_lm import scripted_lm  # noqa: E402
 
 CONF_EVAL = Path(__file__).resolve().parents[1] / "conf" / "eval"
 LCB_DATA = Path(__file__).resolve().parent / "data" / "livecodebench"
@@ -151,39 +152,8 @@ def _reply(task: str, chat: list) -> str:
     raise AssertionError(f"no reply scripted for {task}")
 
 
-class ScriptedLM:
-    """An lm-eval model with a chat template (the chat kept as JSON) that answers from the scripts above."""
-
-    def __new__(cls):
-        from lm_eval.api.model import LM
-
-        class _Scripted(LM):
-            requests: dict = {}  # task -> [(chat, gen_kwargs, reply)]
-
-            def apply_chat_template(self, chat_history, add_generation_prompt=True):
-                return json.dumps(chat_history)
-
-            @property
-            def tokenizer_name(self):
-                return "scripted"
-
-            def generate_until(self, requests, disable_tqdm=False):
-                answers = []
-                for request in requests:
-                    context, gen_kwargs = request.args
-                    chat = json.loads(context)
-                    reply = _cut_at_stops(_reply(request.task_name, chat), gen_kwargs.get("until"))
-                    self.requests.setdefault(request.task_name, []).append((chat, gen_kwargs, reply))
-                    answers.append(reply)
-                return answers
-
-            def loglikelihood(self, requests, disable_tqdm=False):
-                raise NotImplementedError
-
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):
-                raise NotImplementedError
-
-        return _Scripted()
+def _scripted_reply(task: str, chat: list, gen_kwargs: dict) -> str:
+    return _cut_at_stops(_reply(task, chat), gen_kwargs.get("until"))
 
 
 # ---------------------------------------------------------------- the six tasks, run as eval=gen runs them
@@ -231,7 +201,7 @@ def replay(tmp_path_factory):
     cfg = {**GEN, "include_path": str(root), "allow_code_eval": True,
            "tasks": [t + SUFFIX for t in GEN["tasks"]],
            **{key: {t + SUFFIX: v for t, v in GEN[key].items()} for key in ("num_fewshot", "metrics")}}
-    lm = ScriptedLM()
+    lm = scripted_lm(_scripted_reply)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ev, "_make_lm", lambda *args: lm)
         mp.setattr(nltk, "download", lambda *a, **k: False)  # ifeval's import-time download: offline here

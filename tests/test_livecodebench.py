@@ -21,6 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from ream_exp.code_tasks import CODE_TASKS_DIR  # noqa: E402
 from ream_exp.code_tasks import livecodebench as lcb  # noqa: E402
+from tests.scripted_lm import scripted_lm  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "livecodebench"
 SHIPPED = CODE_TASKS_DIR / "livecodebench.yaml"  # the whole release_v6
@@ -254,37 +255,9 @@ ANSWERS = {  # what the fake model answers to each in-window problem
 }
 
 
-class ScriptedLM:
-    """An lm-eval model that answers each problem with ANSWERS and records the chat it was given."""
-
-    def __new__(cls):
-        from lm_eval.api.model import LM
-
-        class _Scripted(LM):
-            chats: list = []
-
-            def apply_chat_template(self, chat_history, add_generation_prompt=True):
-                self.chats.append(chat_history)
-                return json.dumps(chat_history)
-
-            @property
-            def tokenizer_name(self):
-                return "scripted"
-
-            def generate_until(self, requests, disable_tqdm=False):
-                answers = []
-                for request in requests:
-                    user = json.loads(request.args[0])[-1]["content"]
-                    answers.append(next(a for qid, a in ANSWERS.items() if f"Problem {qid}:" in user))
-                return answers
-
-            def loglikelihood(self, requests, disable_tqdm=False):
-                raise NotImplementedError
-
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):
-                raise NotImplementedError
-
-        return _Scripted()
+def _answer(task: str, chat: list, gen_kwargs: dict) -> str:
+    """ANSWERS' solution of the problem the chat asks."""
+    return next(a for qid, a in ANSWERS.items() if f"Problem {qid}:" in chat[-1]["content"])
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +277,7 @@ def test_livecodebench_scores_through_lm_eval_with_a_scripted_model(local_task_d
 
     from ream_exp import evaluate as ev
 
-    lm = ScriptedLM()
+    lm = scripted_lm(_answer)
     monkeypatch.setattr(ev, "_make_lm", lambda *args: lm)
     cfg = {"name": "lcb", "tasks": ["livecodebench_local"], "include_path": local_task_dir,
            "limit": None, "batch_size": 1, "num_fewshot": {"livecodebench_local": 0}, "max_gen_toks": None,
@@ -314,10 +287,10 @@ def test_livecodebench_scores_through_lm_eval_with_a_scripted_model(local_task_d
     assert task["metric"] == "pass_at_1,none" and task["kind"] == "gen" and task["n"] == 3
     assert task["score"] == pytest.approx(2 / 3) and result["gen"] == task["score"]
     system = load_yaml(SHIPPED, resolve_func=False)["description"]
-    assert sorted(c[-1]["content"] for c in lm.chats) == sorted(
+    assert sorted(c[-1]["content"] for c, _, _ in lm.requests["livecodebench_local"]) == sorted(
         lcb.doc_to_text({"question_content": TRUTH[q]["question_content"], "starter_code": TRUTH[q]["starter_code"]})
         for q in ANSWERS)
-    assert all(c[0] == {"role": "system", "content": system} for c in lm.chats)
+    assert all(c[0] == {"role": "system", "content": system} for c, _, _ in lm.requests["livecodebench_local"])
 
 
 @pytest.mark.slow

@@ -27,14 +27,12 @@ asserted: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from . import prog
-from .worker import (add_worker_arguments, calibration_overrides, forward, in_fresh_process, peak_rss, rss,
-                     run_config, serve, write_calibration)
+from .worker import add_worker_arguments, calibration_overrides, main_of, peak_rss, rss, run_config, write_calibration
 
 # Qwen3-30B-A3B's decoder layer (its config.json) and the paper's calibration and cost.
 QWEN3_30B = dict(hidden=2048, experts=128, top_k=8, width=768, heads=32, kv_heads=4, head_dim=128, vocab=151936)
@@ -260,16 +258,8 @@ FORWARDED = ("device", "layers", "n", "seq_len", "batch_size", "ratio", *QWEN3_3
 
 def main(argv=None) -> None:
     args = _args(argv)
-    if args.worker:
-        return serve(measure, args)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        root = Path(tmp)
-        layer_bytes = build(root, args)
-        results = {}
-        for method in args.methods.split(","):
-            results[method] = in_fresh_process("scale", method, root, forward(args, FORWARDED))
-    print(report(args, layer_bytes, results, machine_name(args.device)))
-
+    main_of("scale", args, measure, build, args.methods.split(","), FORWARDED,
+            lambda root, layer_bytes, results: report(args, layer_bytes, results, machine_name(args.device)))
 
 if __name__ == "__main__":
     main()

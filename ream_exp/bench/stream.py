@@ -13,13 +13,11 @@ tensors. Nothing is asserted: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 from . import prog
-from .worker import (add_worker_arguments, calibration_overrides, forward, in_fresh_process, peak_rss, rss,
-                     run_config, serve, write_calibration)
+from .worker import add_worker_arguments, calibration_overrides, main_of, peak_rss, rss, run_config, write_calibration
 
 MODES = ("memory", "streamed")
 
@@ -108,23 +106,21 @@ FORWARDED = ("layers", "experts", "top_k", "hidden", "width", "method", "ratio",
 
 def main(argv=None) -> None:
     args = _args(argv)
-    if args.worker:
-        return serve(measure, args)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        root = Path(tmp)
-        size = build(root, args)
-        results = {}
-        for mode in MODES:
-            results[mode] = in_fresh_process("stream", mode, root, forward(args, FORWARDED))
-        same = identical(root / "memory" / "checkpoint", root / "streamed" / "checkpoint")
-    mem, st = results["memory"], results["streamed"]
-    print(f"model: qwen3_moe, {args.layers} layers, {args.experts} experts (top-{args.top_k}), hidden {args.hidden}, "
-          f"width {args.width}, float32, {size / 2**20:.0f} MiB of weights; method={args.method} ratio={args.ratio}")
-    print(f"{'':<10}{'peak RSS above interpreter':>28}{'time':>10}")
-    for name, r in (("in-memory", mem), ("streamed", st)):
-        print(f"{name:<10}{r['peak_mib']:>24.0f} MiB{r['seconds']:>9.1f}s")
-    print(f"streamed / in-memory peak: {st['peak_mib'] / mem['peak_mib']:.1%}; identical weights: {same}")
+    main_of("stream", args, measure, build, MODES, FORWARDED, lambda *built: report(args, *built))
 
+
+def report(args, root: Path, size: int, results: dict) -> str:
+    """In-memory vs streamed: peak memory above the interpreter, time, and whether the weights are identical."""
+    same = identical(root / "memory" / "checkpoint", root / "streamed" / "checkpoint")
+    mem, st = results["memory"], results["streamed"]
+    lines = [f"model: qwen3_moe, {args.layers} layers, {args.experts} experts (top-{args.top_k}), "
+             f"hidden {args.hidden}, width {args.width}, float32, {size / 2**20:.0f} MiB of weights; "
+             f"method={args.method} ratio={args.ratio}",
+             f"{'':<10}{'peak RSS above interpreter':>28}{'time':>10}"]
+    for name, r in (("in-memory", mem), ("streamed", st)):
+        lines.append(f"{name:<10}{r['peak_mib']:>24.0f} MiB{r['seconds']:>9.1f}s")
+    lines.append(f"streamed / in-memory peak: {st['peak_mib'] / mem['peak_mib']:.1%}; identical weights: {same}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 DOMAINS = ("general", "math", "code")
@@ -43,6 +44,19 @@ def in_fresh_process(bench: str, job: str, root: Path, flags: list[str]) -> dict
     if out.returncode != 0:
         sys.exit(f"{job} run failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main_of(bench: str, args: argparse.Namespace, measure, build, jobs, forwarded, finish) -> None:
+    """The whole main of a benchmark of whole runs. A worker (--worker JOB) serves its job; the parent builds the
+    model in a temporary directory under --dir (`build(root, args)`), runs each of `jobs` in a fresh process with
+    the settings `forwarded`, and prints `finish(root, built, results)` (the report) while the directory exists."""
+    if args.worker:
+        return serve(measure, args)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        built = build(root, args)
+        results = {job: in_fresh_process(bench, job, root, forward(args, forwarded)) for job in jobs}
+        print(finish(root, built, results))
 
 
 def serve(measure, args: argparse.Namespace) -> None:
