@@ -320,7 +320,7 @@ def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, m
     states at layer 3 from disk: no finished layer is loaded or run again. A manifest of another run (or
     none, or a damaged file) is not trusted: the layers run again. Every path ends with the uninterrupted
     run's checkpoint."""
-    from ream_exp.methods import layerwise
+    from ream_exp.methods import capture
     from ream_exp.methods.states import MANIFEST
 
     source = _source(tmp_path, "qwen3_moe")
@@ -356,8 +356,8 @@ def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, m
     for name in ("load", "load_written"):
         monkeypatch.setattr(LayerStream, name, lambda self, index, f=getattr(LayerStream, name), n=name: (
             read.append((n, index)), f(self, index)))
-    run_layer = layerwise.run_decoder_layer
-    monkeypatch.setattr(layerwise, "run_decoder_layer", lambda layer, hidden, args: (
+    run_layer = capture.run_decoder_layer
+    monkeypatch.setattr(capture, "run_decoder_layer", lambda layer, hidden, args: (
         forwarded.append(layer.self_attn.layer_idx), run_layer(layer, hidden, args))[1])
     run(cfg, tmp_path / "run")
     if manifest == "kept":

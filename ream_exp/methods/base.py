@@ -23,7 +23,8 @@ from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 from ..setting_types import settings_group
-from .layerwise import Needs, run_layerwise
+from .layerwise import run_layerwise
+from .observation import Needs
 from .merging import floor_zero_saliency
 from .states import StatesConfig
 
