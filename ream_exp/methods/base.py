@@ -125,7 +125,7 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
     exactly what the one-pass observation of the whole model sums."""
     if ctx.stream is not None:
         def plan_layer(layer, obs, n_keep, _timings):
-            return _prune_layer(layer, obs.routing_stats(), n_keep, score_name)
+            return _prune_layer(layer, obs, n_keep, score_name)  # a LayerObservation is a LayerStats
 
         return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False))
     stats = ctx.stats()

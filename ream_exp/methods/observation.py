@@ -5,10 +5,11 @@
         ...                        # forwards of the layer's sparse block fill obs
     obs.reap_score, obs.mean_outputs, obs.align_x
 
-The routing sums are kept always (docs/algorithms.md, REAM 1); `Needs` says what a method needs beyond
-them: the mean expert outputs on a seeded token sample (dense statistics) and the MoE inputs of the
-alignment token sample (`token_sample`). Pads never count. OBSERVATION_VERSION versions this code in
-every per-layer observation cache entry (observation_cache.py).
+The routing sums are kept always (LayerObservation extends observe.LayerStats, the one accumulator of
+them; docs/algorithms.md, REAM 1); `Needs` says what a method needs beyond them: the mean expert outputs
+on a seeded token sample (dense statistics) and the MoE inputs of the alignment token sample
+(`token_sample`). Pads never count. OBSERVATION_VERSION versions this code in every per-layer
+observation cache entry (observation_cache.py).
 """
 
 from __future__ import annotations
@@ -42,16 +43,11 @@ class Needs:
 
 
 @dataclass
-class LayerObservation:
-    """One MoE layer's statistics over the non-pad calibration tokens X (float64 sums)."""
+class LayerObservation(LayerStats):
+    """One MoE layer's statistics over the non-pad calibration tokens X (float64 sums): the routing sums
+    of `LayerStats` (tokens, count, soft, ean, reap: the pruning statistics, layer by layer) and what REAM
+    and the merging baselines need beyond them."""
 
-    num_experts: int
-    device: torch.device | str = "cpu"
-    tokens: int = 0  # |X| (a device tensor while observing, an int after `finish`)
-    count: torch.Tensor = field(init=False)  # |X_i|
-    soft: torch.Tensor = field(init=False)  # sum_{X_i} g_i             (the pruning statistics of
-    ean: torch.Tensor = field(init=False)  # sum_{X_i} ||E_i||          ream_exp/observe.py, layer by layer)
-    reap: torch.Tensor = field(init=False)  # sum_{X_i} g_i ||E_i||     (g = routing weight applied)
     sigma_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i ||E_i||   (sigma = full softmax/sigmoid)
     sigma2_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i^2 ||E_i||
     logit_gram: torch.Tensor = field(init=False)  # G^T G of the router logits G [|X|, N]
@@ -63,43 +59,22 @@ class LayerObservation:
     align_x: torch.Tensor | None = None  # MoE inputs of the alignment sample [T_a, H], set by `finish`
 
     def __post_init__(self):
+        super().__post_init__()
         n, f64 = self.num_experts, dict(dtype=torch.float64, device=self.device)
-        self.count, self.reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
-        self.soft, self.ean = torch.zeros(n, **f64), torch.zeros(n, **f64)
         self.sigma_reap, self.sigma2_reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
         self.logit_gram = torch.zeros(n, n, **f64)
 
-    # ---- docs/algorithms.md: pruning methods, REAM 1 ---------------------------------------------------------------
-    @property
-    def freq(self) -> torch.Tensor:
-        return self.count / max(self.tokens, 1)
-
-    def _mean_routed(self, total: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.count > 0, total / self.count.clamp(min=1), torch.zeros_like(total))
-
-    @property
-    def reap_score(self) -> torch.Tensor:
-        """Paper/REAP form: mean over X_i of g_i(x) ||E_i(x)||, g the weight the model applies."""
-        return self._mean_routed(self.reap)
-
+    # ---- docs/algorithms.md: pruning methods, REAM 1 (freq and reap_score: LayerStats') -------------------------
     def sigma_score(self, power: int) -> torch.Tensor:
         """Official-code form: mean over X_i of sigma_i(x)^power ||E_i(x)||, sigma not renormalised."""
         return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
 
-    def routing_stats(self) -> LayerStats:
-        """The pruning methods' statistics of this layer, as the one-pass `observe` sums them."""
-        stats = LayerStats(self.num_experts, self.count.device, int(self.tokens))
-        stats.count, stats.soft, stats.ean, stats.reap = self.count, self.soft, self.ean, self.reap
-        return stats
-
     # ---- accumulation ------------------------------------------------------------------------
     def add_routed(self, routed: Routed, sigma: torch.Tensor) -> None:
-        """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]."""
-        e, norms, s, w = routed.expert, routed.norms, routed.kept(sigma), routed.kept(routed.weight)
-        self.count.index_add_(0, e, routed.keep.double())
-        self.soft.index_add_(0, e, w)
-        self.ean.index_add_(0, e, norms)
-        self.reap.index_add_(0, e, w * norms)
+        """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]:
+        the routing sums and token count (LayerStats.add), then the sigma-weighted ones."""
+        self.add(routed)
+        e, norms, s = routed.expert, routed.norms, routed.kept(sigma)
         self.sigma_reap.index_add_(0, e, s * norms)
         self.sigma2_reap.index_add_(0, e, s * s * norms)
 
@@ -127,7 +102,7 @@ class LayerObservation:
     @torch.no_grad()
     def finish(self, experts: nn.Module, chunk: int = 8) -> None:
         """mean_t w_ti E_i(x_t) = (down_i (sum_t w_ti a_i(x_t)) + b_i sum_t w_ti) / T, in float64."""
-        self.tokens = int(self.tokens)  # the one host sync of the token count
+        super().finish()  # the one host sync of the token count
         if self.dense_hidden is not None:
             means = []
             for s in range(0, self.num_experts, chunk):
@@ -174,7 +149,6 @@ def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, curr
         obs.add_routed(routed, sigma[routed.row, routed.expert])
         g = logits[batch.valid].double()
         obs.logit_gram += g.T @ g
-        obs.tokens = obs.tokens + routed.valid.sum()  # a device tensor until `finish`
         if needs.dense:
             weight = sigma[batch.sim] if needs.dense == "gated" else None
             obs.add_dense(layer.experts, routed.x[batch.sim], weight)
