@@ -166,6 +166,24 @@ def _observing_forward(inner, num_experts: int, sink, token_mask):
 
 
 @contextlib.contextmanager
+def replaced_forward(modules, make_forward):
+    """Within the block, each module's `forward` is make_forward(i, module), made while module.forward is
+    still the one it had; on exit each module gets back its instance forward (e.g. accelerate's hook, which
+    loads offloaded weights) or, without one, its class's."""
+    saved = [m.__dict__.get("forward") for m in modules]
+    for i, m in enumerate(modules):
+        m.forward = make_forward(i, m)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+
+
+@contextlib.contextmanager
 def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask):
     """Within the block, every forward of `experts` also calls sink(Routed) for the batch in flight;
     `token_mask()` gives that batch's flattened non-pad mask (None: every token counts).
@@ -173,15 +191,8 @@ def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask):
     The observing forward wraps whatever forward the module has (an accelerate hook's instance wrapper,
     which loads offloaded weights, or the class's), and that very forward is restored on exit.
     """
-    saved = experts.__dict__.get("forward")  # an instance forward, e.g. accelerate's hook
-    experts.forward = _observing_forward(experts.forward, num_experts, sink, token_mask)
-    try:
+    with replaced_forward([experts], lambda _i, m: _observing_forward(m.forward, num_experts, sink, token_mask)):
         yield
-    finally:
-        if saved is None:
-            del experts.forward  # back to the class's forward
-        else:
-            experts.forward = saved
 
 
 @contextlib.contextmanager

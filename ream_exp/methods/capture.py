@@ -13,7 +13,6 @@ states (and the layer arguments that are its own) wait in a StateStore (states.p
 
 from __future__ import annotations
 
-import contextlib
 import types
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from ..moe import MoELayer, decoder_layers
 from ..moe.offload import execution_device
-from ..observe import decoder_forward
+from ..observe import decoder_forward, replaced_forward
 from .observation import LayerObservation, Needs, observing_layer
 from .states import StateStore
 
@@ -122,22 +121,6 @@ class _SharedArgs:
         return _map_leaves(_shared_with(layer_args, self.first, {}), slot), own
 
 
-@contextlib.contextmanager
-def _replaced_forward(modules, make_forward):
-    """Temporarily give each module an instance `forward` (restoring any instance forward it had)."""
-    saved = [m.__dict__.get("forward") for m in modules]
-    for i, m in enumerate(modules):
-        m.forward = make_forward(i, m)
-    try:
-        yield
-    finally:
-        for m, old in zip(modules, saved):
-            if old is None:
-                del m.forward
-            else:
-                m.forward = old
-
-
 @torch.no_grad()
 def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | None = None,
                    fill: bool = True) -> list[BatchState]:
@@ -162,7 +145,7 @@ def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | No
             return hidden_states
         return types.MethodType(stub, _layer)
 
-    with _replaced_forward(layers, make_stub):
+    with replaced_forward(layers, make_stub):
         for n, b in enumerate(batches):
             record.clear()
             record["args"] = []
