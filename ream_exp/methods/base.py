@@ -138,6 +138,12 @@ def prune_settings(cfg: dict) -> dict:
     return method_settings(cfg, PRUNE_DEFAULTS, PRUNE_CHOICES, str(cfg.get("name", "pruning")))
 
 
+def check_prune_settings(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """The `check` of a saliency-pruning method (reap, freq): unknown or invalid settings fail before any
+    weights are loaded."""
+    prune_settings(cfg)
+
+
 def saliency_prune_plan(ctx: Context, score_name: str, layer_score) -> Plan:
     """reap / freq with their two switches: the one-pass `prune_plan` unless a switch is changed, else
     layer by layer with `layer_score(obs, saliency_form, ctx)` on each observed layer."""
