@@ -50,7 +50,7 @@ class Context:
     # pruning methods share them across ratios through this file (None = no cache).
     stats_path: Path | None = None
     states: StatesConfig = StatesConfig()  # where the layer-wise methods keep the calibration hidden states
-    # model.stream=true: the ream_exp.stream.LayerStream that loads, writes and frees decoder layers
+    # model.stream=true: the methods.layer_stream.LayerStream that loads, writes and frees decoder layers
     # (the model is a meta skeleton); None: the model is in memory whole.
     stream: object | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)

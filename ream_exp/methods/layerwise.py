@@ -16,11 +16,14 @@ the decoder layers one at a time (capture.py). For each MoE layer, in order (REA
 Memory beyond the weights: the calibration hidden states plus one layer's observation
 (O(N*H + N^2) sums and the alignment token sample [T_a, H]), whatever the number of layers.
 The hidden states wait on the execution device, in CPU memory or on disk (calib.states_device,
-states.py), each batch brought to the device only while its layer runs.
+states.py), each batch brought to the device only while its layer runs. The decoder layers come from a
+layer source: the model in memory (`InMemory`) or, with model.stream=true, read, written and freed one at
+a time (layer_stream.LayerStream), which also resumes an interrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -30,7 +33,6 @@ from ..calib import calibration_batches
 from ..moe import apply_layer_plan
 from ..moe.offload import execution_device, materialised
 from ..plan import LayerPlan
-from ..stream import InMemory
 from ..timing import Timings
 from .capture import BatchState, advance, capture_inputs, observe_layer, state_keys
 from .observation import Needs, token_sample
@@ -38,6 +40,35 @@ from .observation_cache import cached_observations, load_observation, observatio
 from .states import StateStore, state_store
 
 log = logging.getLogger("ream_exp")
+
+
+class InMemory:
+    """The layer source of a model held in memory whole: nothing to load, write or resume (the streamed one is
+    layer_stream.LayerStream)."""
+
+    def done(self, index: int) -> bool:
+        return False
+
+    def boundary(self) -> int:
+        return 0
+
+    def states_owner(self, boundary: int) -> None:
+        return None  # nothing to resume: kept states are never read back
+
+    def load(self, index: int) -> None:
+        pass
+
+    def finished(self, index: int, plan: LayerPlan | None = None) -> None:
+        pass
+
+    load_written = release = load
+
+    def complete(self, plans) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def capturing(self):
+        yield
 
 
 def calibration_states(ctx, needs: Needs, store: StateStore | None = None, fill: bool = True) -> list[BatchState]:
@@ -101,7 +132,7 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
     """Observe, plan, apply and propagate MoE layer after MoE layer; returns the (applied) layer plans.
 
     The calibration hidden states wait where calib.states_device says (ctx.states, see states.py).
-    With `ctx.stream` (model.stream=true, ream_exp/stream.py) each decoder layer is loaded before it runs,
+    With `ctx.stream` (model.stream=true, layer_stream.py) each decoder layer is loaded before it runs,
     written and freed once done, and layers finished by an earlier attempt are taken from disk."""
     with state_store(ctx.states) as store:
         return _run_layerwise(ctx, plan_layer, needs, sequential, timings, store)
