@@ -25,6 +25,7 @@ from ..observe import decoder_forward, replaced_forward
 from .observation import LayerObservation, Needs, observing_layer
 from .states import StateStore
 
+
 class _Stop(Exception):
     pass
 

@@ -137,7 +137,6 @@ def token_sample(mask: torch.Tensor, k: int | None, seed: int) -> torch.Tensor:
     return out.reshape(mask.shape)
 
 
-
 # ---- observing one MoE layer -------------------------------------------------------------------------
 
 def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, current: dict):

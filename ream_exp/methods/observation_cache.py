@@ -24,6 +24,7 @@ from ..observe import load_cache_entry
 from . import observation
 from .observation import LayerObservation, Needs
 
+
 def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Path] | None:
     """Per-layer cache files of a non-sequential method's observations (None: no cache configured).
 
