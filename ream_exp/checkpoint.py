@@ -132,7 +132,8 @@ def save_checkpoint(model, tokenizer, directory: Path, cfg, plan: Plan, experts_
 def write_provenance(model, tokenizer, directory: Path, cfg, plan: Plan, experts_before: int,
                      calibrated: bool = True) -> None:
     """Everything of the checkpoint beside the weights and config.json (which save_pretrained, or the
-    streamed writer of ream_exp/stream.py, wrote): tokenizer, plan, legacy keys, compression block, card."""
+    streamed writer of ream_exp/methods/layer_stream.py, wrote): tokenizer, plan, legacy keys, compression
+    block, card."""
     tokenizer.save_pretrained(directory)
     plan.save(directory)
     experts_after = int(getattr(model.config, family_for(model.config.model_type).count_key))

@@ -11,15 +11,18 @@ No expert runs on a token that was not routed to it, so observing costs about on
 Memory is one float64 vector per statistic and layer, whatever the number of tokens.
 
 `observing_experts` is the project's one observing experts forward: it hands each forward's routed
-pairs (expert, unweighted output, applied weight, token row) to a statistics sink, here `LayerStats`,
-in the layer-wise merging driver `LayerObservation`. Norms are float64 norms of the outputs cast to
-float64; pads and a kernel's "no expert" slots never count; nothing syncs with the host per batch.
-It wraps the module's forward as it was (accelerate's offloading hooks included) and restores it.
+pairs (expert, unweighted output, applied weight, token row) to a statistics sink. `LayerStats` is the
+one accumulator of the sums above: `observing` fills one per MoE layer in a single pass, and the
+layer-wise driver's `LayerObservation` (methods/observation.py) extends it, layer by layer. Norms are
+float64 norms of the outputs cast to float64; pads and a kernel's "no expert" slots never count; nothing
+syncs with the host per batch. It wraps the module's forward as it was (accelerate's offloading hooks
+included) and restores it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +43,15 @@ STATS_VERSION = 1
 
 @dataclass
 class LayerStats:
-    """Running sums for one MoE layer (float64, on the layer's device)."""
+    """The routing sums of one MoE layer over the non-pad calibration tokens X (float64, on the layer's device)."""
 
     num_experts: int
     device: torch.device | str = "cpu"
-    tokens: int = 0  # |X|: non-pad tokens seen (a device tensor while observing, see `add`)
-    count: torch.Tensor = field(init=False)
-    soft: torch.Tensor = field(init=False)
-    ean: torch.Tensor = field(init=False)
-    reap: torch.Tensor = field(init=False)
+    tokens: int = 0  # |X|: non-pad tokens seen (a device tensor while observing, an int after `finish`)
+    count: torch.Tensor = field(init=False)  # |X_i|
+    soft: torch.Tensor = field(init=False)  # sum_{X_i} g_i          (g = routing weight applied)
+    ean: torch.Tensor = field(init=False)  # sum_{X_i} ||E_i||
+    reap: torch.Tensor = field(init=False)  # sum_{X_i} g_i ||E_i||
 
     def __post_init__(self):
         for name in ("count", "soft", "ean", "reap"):
@@ -67,10 +70,14 @@ class LayerStats:
     def ean_score(self) -> torch.Tensor:
         return self.ean.clone()
 
+    def _mean_routed(self, total: torch.Tensor) -> torch.Tensor:
+        """total_i / |X_i|: a mean over the tokens routed to expert i; experts never routed get 0."""
+        return torch.where(self.count > 0, total / self.count.clamp(min=1), torch.zeros_like(total))
+
     @property
     def reap_score(self) -> torch.Tensor:
-        """Mean over routed tokens of g_i(x) ||E_i(x)||; experts never routed score 0."""
-        return torch.where(self.count > 0, self.reap / self.count.clamp(min=1), torch.zeros_like(self.reap))
+        """Paper/REAP form: mean over X_i of g_i(x) ||E_i(x)||, g the weight the model applies."""
+        return self._mean_routed(self.reap)
 
     def score(self, name: str) -> torch.Tensor:
         return {"freq": self.freq, "soft_freq": self.soft_freq, "ean": self.ean_score, "reap": self.reap_score}[name]
@@ -121,9 +128,10 @@ class Routed:
     weight: torch.Tensor  # [P] routing weight the model applies to y
     keep: torch.Tensor  # [P] bool: a non-pad token routed to a real expert
 
-    @property
+    @functools.cached_property
     def norms(self) -> torch.Tensor:
-        """||E_e(x)|| in float64, computed from y in float64 (not in the model dtype), 0 where not kept."""
+        """||E_e(x)|| in float64, computed from y in float64 (not in the model dtype), 0 where not kept;
+        computed once per forward, however many sums read it."""
         return torch.where(self.keep, self.y.double().norm(dim=-1), 0.0)
 
     def kept(self, values: torch.Tensor) -> torch.Tensor:
@@ -158,6 +166,24 @@ def _observing_forward(inner, num_experts: int, sink, token_mask):
 
 
 @contextlib.contextmanager
+def replaced_forward(modules, make_forward):
+    """Within the block, each module's `forward` is make_forward(i, module), made while module.forward is
+    still the one it had; on exit each module gets back its instance forward (e.g. accelerate's hook, which
+    loads offloaded weights) or, without one, its class's."""
+    saved = [m.__dict__.get("forward") for m in modules]
+    for i, m in enumerate(modules):
+        m.forward = make_forward(i, m)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+
+
+@contextlib.contextmanager
 def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask):
     """Within the block, every forward of `experts` also calls sink(Routed) for the batch in flight;
     `token_mask()` gives that batch's flattened non-pad mask (None: every token counts).
@@ -165,15 +191,8 @@ def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask):
     The observing forward wraps whatever forward the module has (an accelerate hook's instance wrapper,
     which loads offloaded weights, or the class's), and that very forward is restored on exit.
     """
-    saved = experts.__dict__.get("forward")  # an instance forward, e.g. accelerate's hook
-    experts.forward = _observing_forward(experts.forward, num_experts, sink, token_mask)
-    try:
+    with replaced_forward([experts], lambda _i, m: _observing_forward(m.forward, num_experts, sink, token_mask)):
         yield
-    finally:
-        if saved is None:
-            del experts.forward  # back to the class's forward
-        else:
-            experts.forward = saved
 
 
 @contextlib.contextmanager

@@ -32,14 +32,16 @@ from .config import (ConfigError, check_cache_dir, check_expert_counts, check_mo
 from .dataset_check import check_datasets
 from .evaluate import check_runtime_data, check_tasks, evaluate, scores_made_by, task_datasets, task_names
 from .methods import Context, get_method
+from .methods.layer_stream import LayerStream
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .identity import baseline_key, config_digest, digest, run_identity, stats_key
+from .partial_checkpoint import PARTIAL, resumable
 from .pipeline import (count_parameters, load_model, load_model_config, load_tokenizer, offload_scratch,
                        resolve_device, score_table, write_json)
-from .stream import PARTIAL, LayerStream, check_stream, resumable
 from .timing import Timings
 from .settings import check_settings, composition_refusal
+from .stream_source import check_stream
 from .tracking import check_logger, make_logger
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files

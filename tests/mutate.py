@@ -52,7 +52,7 @@ MUTANTS = [
            "torch.cdist(F.normalize(a_c.float().T, dim=1), F.normalize(a_j.float().T, dim=1))",
            "torch.cdist(a_c.float().T, a_j.float().T)",
            (f"{FORMULA_TESTS}::test_activation_alignment_ignores_the_scale_of_each_neuron",)),
-    Mutant("down-bias-dropped-from-mean-outputs", "ream_exp/methods/layerwise.py",
+    Mutant("down-bias-dropped-from-mean-outputs", "ream_exp/methods/observation.py",
            'if w["down_bias"] is not None:', "if False:",
            (f"{FORMULA_TESTS}::test_gpt_oss_mean_outputs_include_the_down_projection_bias",)),
     Mutant("sequential-keeps-original-outputs-too", "ream_exp/methods/layerwise.py",

@@ -18,7 +18,7 @@ def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     from ream_exp.run import CONF_DIR, run
-    from ream_exp.stream import LayerStream
+    from ream_exp.methods.layer_stream import LayerStream
 
     torch.set_num_threads(min(2, torch.get_num_threads()))  # as tests/conftest.py: the same float sums
     original = LayerStream.finished

@@ -18,7 +18,7 @@ from tests.test_moe_families import _reference_expert
 from tests.test_ream import _permute_expert, reference_layer
 from tests.tolerances import assert_f32_close
 
-from ream_exp.methods.layerwise import LayerObservation
+from ream_exp.methods.observation import LayerObservation
 from ream_exp.methods.merging import align_groups, floor_zero_saliency, pca_weight_features, weight_features
 from ream_exp.moe import apply_layer_plan, canonical_weights, expert_output, moe_layers, write_canonical_weights
 from ream_exp.moe.tiny import tiny_batch, tiny_model

@@ -4,7 +4,7 @@ slots never counted (for both statistics sinks), and the module's own forward ch
 import pytest
 import torch
 
-from ream_exp.methods.layerwise import LayerObservation
+from ream_exp.methods.observation import LayerObservation
 from ream_exp.moe import moe_layers
 from ream_exp.moe.tiny import tiny_model
 from ream_exp.observe import LayerStats, observe, observing_experts

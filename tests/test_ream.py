@@ -12,7 +12,8 @@ from tests.merging_helpers import as_partition, expert_weights64, method_cfg, mo
 from transformers import AutoModelForCausalLM
 
 from ream_exp.methods import METHODS, REAM_VARIANTS, Context, ream
-from ream_exp.methods.layerwise import LayerObservation, advance, capture_inputs, token_sample
+from ream_exp.methods.capture import advance, capture_inputs
+from ream_exp.methods.observation import LayerObservation, token_sample
 from ream_exp.methods.merging import align_groups, group_by_pseudo_pruning
 from ream_exp.moe import apply_layer_plan, canonical_weights, decoder_layers, moe_layers, write_canonical_weights
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model

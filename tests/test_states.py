@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ream_exp.calib import validate_calib
 from ream_exp.config import ConfigError
 from ream_exp.methods import Context, get_method
-from ream_exp.methods.layerwise import _Slot, _map_leaves, advance, capture_inputs
+from ream_exp.methods.capture import _Slot, _map_leaves, advance, capture_inputs
 from ream_exp.methods.states import StatesConfig, StateStore, state_store
 from ream_exp.moe import apply_plan, decoder_layers
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model

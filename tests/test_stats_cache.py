@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ream_exp.methods.layerwise as layerwise
+import ream_exp.methods.observation as observation
 from ream_exp.methods import Context, get_method
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.observe import load_stats, save_stats
@@ -142,7 +143,8 @@ def test_pruning_stats_without_a_record_are_recomputed(model, tmp_path, monkeypa
 @pytest.mark.parametrize("constant", ["OBSERVATION_VERSION", "STATS_VERSION"])
 def test_layer_observations_from_another_version_are_recomputed(constant, model, tmp_path, monkeypatch, caplog):
     """Per-layer observations record both the observing forward's version (observe.py) and the
-    LayerObservation code's (layerwise.py): a change of either recomputes every layer, with one log line."""
+    LayerObservation code's (methods/observation.py): a change of either recomputes every layer, with one
+    log line."""
     import ream_exp.observe as observe
 
     path = tmp_path / "stats" / "key.pt"
@@ -153,7 +155,7 @@ def test_layer_observations_from_another_version_are_recomputed(constant, model,
     plan()
     assert observed == [] and _stale_lines(caplog, "observation cache") == [], "an unchanged version is reused"
 
-    module, label = (layerwise, "observation") if constant == "OBSERVATION_VERSION" else (observe, "observe")
+    module, label = (observation, "observation") if constant == "OBSERVATION_VERSION" else (observe, "observe")
     monkeypatch.setattr(module, constant, getattr(module, constant) + 1)
     plan()
     assert len(observed) == 2, "every MoE layer is observed again"

@@ -15,12 +15,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ream_exp import stream as stream_module
 from ream_exp.config import ConfigError
+from ream_exp.methods.layer_stream import LayerStream
 from ream_exp.moe import decoder_layers
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_tokenizer
+from ream_exp.partial_checkpoint import PARTIAL, PLANS, PROGRESS
 from ream_exp.run import run, validate
-from ream_exp.stream import PARTIAL, LayerStream
+from ream_exp.weight_files import INDEX
 from tests.test_config import make_cfg
 
 
@@ -78,7 +79,7 @@ def _streamed_index_is_complete(checkpoint: Path) -> None:
         with safe_open(f, "pt") as h:
             on_disk.update({k: f.name for k in h.keys()})
     assert index["weight_map"] == on_disk
-    assert not (checkpoint / stream_module.PROGRESS).exists() and not (checkpoint / stream_module.PLANS).exists()
+    assert not (checkpoint / PROGRESS).exists() and not (checkpoint / PLANS).exists()
 
 
 @pytest.mark.parametrize("method", ["ream_official", "ream_nonseq", "hc_smoe", "m_smoe", "freq", "ean", "reap",
@@ -175,7 +176,7 @@ def test_killed_run_resumes_to_the_same_checkpoint(method, calib_files, tmp_path
     with pytest.raises(Killed):
         run(cfg, tmp_path / "run")
     partial = tmp_path / "run" / PARTIAL
-    assert json.loads((partial / stream_module.PROGRESS).read_text())["layers"].keys() == {"0", "1", "2"}
+    assert json.loads((partial / PROGRESS).read_text())["layers"].keys() == {"0", "1", "2"}
 
     monkeypatch.setattr(LayerStream, "finished", lambda self, index, plan=None: (written.append(index),
                                                                                original(self, index, plan)))
@@ -202,7 +203,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def assert_identical_files(a: Path, b: Path) -> None:
     """Every safetensors shard and the index byte for byte (names too), beside assert_same_checkpoint."""
-    names = sorted(f.name for f in a.glob("*.safetensors")) + [stream_module.INDEX]
+    names = sorted(f.name for f in a.glob("*.safetensors")) + [INDEX]
     assert names[:-1] == sorted(f.name for f in b.glob("*.safetensors"))
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -211,7 +212,7 @@ def assert_identical_files(a: Path, b: Path) -> None:
 
 def _written_layers(run_dir: Path) -> set[str]:
     try:
-        return set(json.loads((run_dir / PARTIAL / stream_module.PROGRESS).read_text())["layers"])
+        return set(json.loads((run_dir / PARTIAL / PROGRESS).read_text())["layers"])
     except (OSError, ValueError, KeyError):
         return set()
 
@@ -264,10 +265,10 @@ def test_partial_output_of_another_config_is_set_aside(calib_files, tmp_path, mo
     monkeypatch.setattr(LayerStream, "finished", lambda *a, **k: (_ for _ in ()).throw(Killed("at once")))
     with pytest.raises(Killed):
         run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.stream=true"), tmp_path / "run")
-    assert (tmp_path / "run" / PARTIAL / stream_module.PROGRESS).exists()
+    assert (tmp_path / "run" / PARTIAL / PROGRESS).exists()
     monkeypatch.undo()
     run(_cfg(source, calib_files, tmp_path / "cache", "freq", "model.stream=true"), tmp_path / "run")
-    kept = list((tmp_path / "run" / "attempts").glob(f"*/{PARTIAL}/{stream_module.PROGRESS}"))
+    kept = list((tmp_path / "run" / "attempts").glob(f"*/{PARTIAL}/{PROGRESS}"))
     assert len(kept) == 1 and (tmp_path / "run" / "checkpoint" / "config.json").exists()
 
 
@@ -320,7 +321,7 @@ def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, m
     states at layer 3 from disk: no finished layer is loaded or run again. A manifest of another run (or
     none, or a damaged file) is not trusted: the layers run again. Every path ends with the uninterrupted
     run's checkpoint."""
-    from ream_exp.methods import layerwise
+    from ream_exp.methods import capture
     from ream_exp.methods.states import MANIFEST
 
     source = _source(tmp_path, "qwen3_moe")
@@ -340,7 +341,7 @@ def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, m
     with pytest.raises(Killed):
         run(cfg, tmp_path / "run")
     sealed = json.loads((states_dir / MANIFEST).read_text())
-    progress = json.loads((tmp_path / "run" / PARTIAL / stream_module.PROGRESS).read_text())
+    progress = json.loads((tmp_path / "run" / PARTIAL / PROGRESS).read_text())
     assert sealed["owner"] == {"config": progress["config"], "run": progress["run"], "boundary": 3}
     if manifest == "another run":
         sealed["owner"]["run"] = "0" * 32
@@ -356,8 +357,8 @@ def test_resume_reads_kept_states_instead_of_rerunning_finished_layers(method, m
     for name in ("load", "load_written"):
         monkeypatch.setattr(LayerStream, name, lambda self, index, f=getattr(LayerStream, name), n=name: (
             read.append((n, index)), f(self, index)))
-    run_layer = layerwise.run_decoder_layer
-    monkeypatch.setattr(layerwise, "run_decoder_layer", lambda layer, hidden, args: (
+    run_layer = capture.run_decoder_layer
+    monkeypatch.setattr(capture, "run_decoder_layer", lambda layer, hidden, args: (
         forwarded.append(layer.self_attn.layer_idx), run_layer(layer, hidden, args))[1])
     run(cfg, tmp_path / "run")
     if manifest == "kept":

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 import psutil
 import torch
 
-from ..methods.layerwise import BatchState, Needs, observing_layer, token_sample
+from ..methods.capture import BatchState
+from ..methods.observation import Needs, observing_layer, token_sample
 from ..methods.states import StateStore
 from ..methods.merging import align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan, ream_distance
 from ..moe import apply_layer_plan, expert_output, moe_layers, router_probs

@@ -143,10 +143,10 @@ def measure(root: Path, args, method: str) -> dict:
     import scipy.optimize  # noqa: F401
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
 
-    from .. import calib, methods, stream  # noqa: F401
+    from .. import calib, methods, partial_checkpoint, stream_source  # noqa: F401
     from ..methods import layerwise, merging  # noqa: F401
+    from ..methods.layer_stream import LayerStream
     from ..run import run
-    from ..stream import LayerStream
 
     cfg = run_config(overrides(root, args, method))
     cuda = args.device.startswith("cuda")

@@ -54,7 +54,8 @@ def measure(root: Path, args, mode: str) -> dict:
     import datasets  # noqa: F401  -- the libraries both runs import, counted in the base, not the run
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
 
-    from .. import calib, methods, stream  # noqa: F401
+    from .. import calib, methods, partial_checkpoint, stream_source  # noqa: F401
+    from ..methods import layer_stream  # noqa: F401
     base = rss()
     start = time.perf_counter()
     run(cfg, root / mode)

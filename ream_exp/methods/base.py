@@ -23,7 +23,8 @@ from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 from ..setting_types import settings_group
-from .layerwise import Needs, run_layerwise
+from .layerwise import run_layerwise
+from .observation import Needs
 from .merging import floor_zero_saliency
 from .states import StatesConfig
 
@@ -49,7 +50,7 @@ class Context:
     # pruning methods share them across ratios through this file (None = no cache).
     stats_path: Path | None = None
     states: StatesConfig = StatesConfig()  # where the layer-wise methods keep the calibration hidden states
-    # model.stream=true: the ream_exp.stream.LayerStream that loads, writes and frees decoder layers
+    # model.stream=true: the methods.layer_stream.LayerStream that loads, writes and frees decoder layers
     # (the model is a meta skeleton); None: the model is in memory whole.
     stream: object | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
@@ -124,7 +125,7 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
     exactly what the one-pass observation of the whole model sums."""
     if ctx.stream is not None:
         def plan_layer(layer, obs, n_keep, _timings):
-            return _prune_layer(layer, obs.routing_stats(), n_keep, score_name)
+            return _prune_layer(layer, obs, n_keep, score_name)  # a LayerObservation is a LayerStats
 
         return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False))
     stats = ctx.stats()
@@ -135,6 +136,12 @@ def prune_plan(ctx: Context, score_name: str) -> Plan:
 def prune_settings(cfg: dict) -> dict:
     """The switches of a saliency-pruning method (reap, freq) with defaults filled in, every value checked."""
     return method_settings(cfg, PRUNE_DEFAULTS, PRUNE_CHOICES, str(cfg.get("name", "pruning")))
+
+
+def check_prune_settings(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """The `check` of a saliency-pruning method (reap, freq): unknown or invalid settings fail before any
+    weights are loaded."""
+    prune_settings(cfg)
 
 
 def saliency_prune_plan(ctx: Context, score_name: str, layer_score) -> Plan:

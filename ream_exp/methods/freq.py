@@ -6,21 +6,16 @@ calibration batch, the scale that code scores on. The ranking is the same; the s
 zero floor min(0.5, smallest non-zero S) ties never-routed experts with the least-routed one (see `base`).
 """
 
-from .base import PRUNE_CHOICES, PRUNE_DEFAULTS, Context, prune_settings, saliency_prune_plan
+from .base import PRUNE_CHOICES, PRUNE_DEFAULTS, Context, check_prune_settings, saliency_prune_plan
 
 NEEDS_CALIBRATION = True
-# The settings (ream_exp.settings checks them before anything loads): the two switches of `base`.
-DEFAULTS, CHOICES = PRUNE_DEFAULTS, PRUNE_CHOICES
+# The settings (ream_exp.settings checks them before anything loads) and their check: `base`'s two switches.
+DEFAULTS, CHOICES, check = PRUNE_DEFAULTS, PRUNE_CHOICES, check_prune_settings
 
 
 def layer_score(obs, form: str, ctx: Context):
     """S of one observed layer in `form`."""
     return obs.count / ctx.n_batches if form == "official" else obs.freq
-
-
-def check(cfg: dict, num_experts: int, n_keep: int) -> None:
-    """Unknown or invalid settings fail before any weights are loaded."""
-    prune_settings(cfg)
 
 
 def plan(ctx: Context):

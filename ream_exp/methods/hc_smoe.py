@@ -14,7 +14,8 @@ from __future__ import annotations
 from ..plan import Plan
 from .base import Context, method_settings
 from ..timing import Timings
-from .layerwise import Needs, run_layerwise
+from .layerwise import run_layerwise
+from .observation import Needs
 from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
                       merge_layer_plan, pca_seed)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 from ..plan import Plan
 from .base import Context, method_settings
 from ..timing import Timings
-from .layerwise import Needs, run_layerwise
+from .layerwise import run_layerwise
+from .observation import Needs
 from .merging import group_by_pseudo_pruning, groups_per_router_group, logit_cosine, merge_layer_plan, weight_matching
 
 NEEDS_CALIBRATION = True

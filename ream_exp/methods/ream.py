@@ -28,7 +28,8 @@ from ..config import rule_group_size
 from ..plan import Plan
 from .base import Context, method_settings
 from ..timing import Timings
-from .layerwise import Needs, run_layerwise
+from .layerwise import run_layerwise
+from .observation import Needs
 from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
                       groups_per_router_group, merge_layer_plan, pca_seed, ream_distance)
 

@@ -10,21 +10,16 @@ that code does, and method.sequential=true (see `base`).
 """
 
 from . import ream
-from .base import PRUNE_CHOICES, PRUNE_DEFAULTS, Context, prune_settings, saliency_prune_plan
+from .base import PRUNE_CHOICES, PRUNE_DEFAULTS, Context, check_prune_settings, saliency_prune_plan
 
 NEEDS_CALIBRATION = True
-# The settings (ream_exp.settings checks them before anything loads): the two switches of `base`.
-DEFAULTS, CHOICES = PRUNE_DEFAULTS, PRUNE_CHOICES
+# The settings (ream_exp.settings checks them before anything loads) and their check: `base`'s two switches.
+DEFAULTS, CHOICES, check = PRUNE_DEFAULTS, PRUNE_CHOICES, check_prune_settings
 
 
 def layer_score(obs, form: str, _ctx: Context):
     """S of one observed layer in `form`: REAM's saliency, which is REAP's in the paper form."""
     return ream.saliency(obs, {"saliency": "reap", "saliency_form": form, "gated_sim": True})
-
-
-def check(cfg: dict, num_experts: int, n_keep: int) -> None:
-    """Unknown or invalid settings fail before any weights are loaded."""
-    prune_settings(cfg)
 
 
 def plan(ctx: Context):

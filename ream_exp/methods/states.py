@@ -17,7 +17,7 @@ not (delete states_dir after one).
 The states are kept in the model's dtype, exactly as the decoder layers return them (a 2M-token
 calibration of a 2048-wide model is 8 GB in bf16), and every copy is exact (`Tensor.to`, torch.save),
 so the plans are the same bits wherever they wait. A store holds lists of tensors by key; it does not
-know what they are (layerwise.BatchState does).
+know what they are (capture.BatchState does).
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""What the layer-wise driver observes of one MoE layer: `LayerObservation` and the sink that fills it.
+
+    with observing_layer(layer, needs) as (obs, current):
+        current["batch"] = batch   # its token masks (non-pad, similarity and alignment samples)
+        ...                        # forwards of the layer's sparse block fill obs
+    obs.reap_score, obs.mean_outputs, obs.align_x
+
+The routing sums are kept always (LayerObservation extends observe.LayerStats, the one accumulator of
+them; docs/algorithms.md, REAM 1); `Needs` says what a method needs beyond them: the mean expert outputs
+on a seeded token sample (dense statistics) and the MoE inputs of the alignment token sample
+(`token_sample`). Pads never count. OBSERVATION_VERSION versions this code in every per-layer
+observation cache entry (observation_cache.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..moe import MoELayer, canonical_weights, experts_hidden, router_probs
+from ..moe.offload import execution_device, materialised
+from ..observe import LayerStats, Routed, observing_experts
+
+# Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
+DENSE_BLOCK = 1 << 26
+# The version of the code that fills a LayerObservation (its sink, token samples and `finish`), recorded
+# with observe.STATS_VERSION in every per-layer observation cache entry: bump it when a change here changes
+# what is observed (README, "Caches").
+OBSERVATION_VERSION = 1
+
+
+@dataclass
+class Needs:
+    """What a method needs observed beyond the exact routing sums (which are always kept)."""
+
+    dense: str | None = None  # mean expert outputs on the similarity sample: "gated" | "plain" | None
+    align: bool = False  # keep the MoE inputs of the alignment token sample
+    sim_tokens: int | None = None  # similarity sample size (None/0: every non-pad token, exact)
+    align_tokens: int = 32768
+
+
+@dataclass
+class LayerObservation(LayerStats):
+    """One MoE layer's statistics over the non-pad calibration tokens X (float64 sums): the routing sums
+    of `LayerStats` (tokens, count, soft, ean, reap: the pruning statistics, layer by layer) and what REAM
+    and the merging baselines need beyond them."""
+
+    sigma_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i ||E_i||   (sigma = full softmax/sigmoid)
+    sigma2_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i^2 ||E_i||
+    logit_gram: torch.Tensor = field(init=False)  # G^T G of the router logits G [|X|, N]
+    dense_tokens: int = 0
+    dense_hidden: torch.Tensor | None = None  # sum_t w_ti a_i(x_t) [N, I] (w = sigma or 1)
+    dense_weight: torch.Tensor | None = None  # sum_t w_ti [N]
+    mean_outputs: torch.Tensor | None = None  # mean_t w_ti E_i(x_t) [N, H], set by `finish`
+    align_chunks: list = field(default_factory=list, repr=False)
+    align_x: torch.Tensor | None = None  # MoE inputs of the alignment sample [T_a, H], set by `finish`
+
+    def __post_init__(self):
+        super().__post_init__()
+        n, f64 = self.num_experts, dict(dtype=torch.float64, device=self.device)
+        self.sigma_reap, self.sigma2_reap = torch.zeros(n, **f64), torch.zeros(n, **f64)
+        self.logit_gram = torch.zeros(n, n, **f64)
+
+    # ---- docs/algorithms.md: pruning methods, REAM 1 (freq and reap_score: LayerStats') -------------------------
+    def sigma_score(self, power: int) -> torch.Tensor:
+        """Official-code form: mean over X_i of sigma_i(x)^power ||E_i(x)||, sigma not renormalised."""
+        return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
+
+    # ---- accumulation ------------------------------------------------------------------------
+    def add_routed(self, routed: Routed, sigma: torch.Tensor) -> None:
+        """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]:
+        the routing sums and token count (LayerStats.add), then the sigma-weighted ones."""
+        self.add(routed)
+        e, norms, s = routed.expert, routed.norms, routed.kept(sigma)
+        self.sigma_reap.index_add_(0, e, s * norms)
+        self.sigma2_reap.index_add_(0, e, s * s * norms)
+
+    def add_dense(self, experts: nn.Module, x: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Accumulate sum_t w_ti a_i(x_t) for every expert on tokens x [t, H] (w [t, N], or 1)."""
+        n, t = self.num_experts, x.shape[0]
+        if t == 0:
+            return
+        width = experts.gate_up_proj[0].numel() // x.shape[1]  # 2I, whatever the layout
+        step = max(1, DENSE_BLOCK // (n * width))
+        for s in range(0, t, step):
+            a = experts_hidden(experts, x[s:s + step]).float()  # [N, t', I]
+            if weight is None:
+                part, wsum = a.sum(1), torch.full((n,), float(a.shape[1]), device=a.device)
+            else:
+                w = weight[s:s + step].float().T  # [N, t']
+                part, wsum = torch.bmm(w[:, None, :], a).squeeze(1), w.sum(1)
+            if self.dense_hidden is None:
+                self.dense_hidden = torch.zeros(part.shape, dtype=torch.float64, device=part.device)
+                self.dense_weight = torch.zeros(n, dtype=torch.float64, device=part.device)
+            self.dense_hidden += part.double()
+            self.dense_weight += wsum.double()
+        self.dense_tokens += t
+
+    @torch.no_grad()
+    def finish(self, experts: nn.Module, chunk: int = 8) -> None:
+        """mean_t w_ti E_i(x_t) = (down_i (sum_t w_ti a_i(x_t)) + b_i sum_t w_ti) / T, in float64."""
+        super().finish()  # the one host sync of the token count
+        if self.dense_hidden is not None:
+            means = []
+            for s in range(0, self.num_experts, chunk):
+                idx = list(range(s, min(s + chunk, self.num_experts)))
+                w = canonical_weights(experts, idx)
+                m = torch.bmm(w["down"].double(), self.dense_hidden[idx, :, None]).squeeze(-1)
+                if w["down_bias"] is not None:
+                    m = m + w["down_bias"].double() * self.dense_weight[idx, None]
+                means.append(m)
+            self.mean_outputs = torch.cat(means) / max(self.dense_tokens, 1)
+            self.dense_hidden = None
+        if self.align_chunks:
+            self.align_x = torch.cat(self.align_chunks)
+            self.align_chunks = []
+
+
+# ---- token samples -------------------------------------------------------------------------------
+
+def token_sample(mask: torch.Tensor, k: int | None, seed: int) -> torch.Tensor:
+    """A seeded sample of k non-pad positions of `mask` [n, S] as a bool mask (all of them if k is None/0).
+
+    One seeded permutation serves every sample size, so a smaller sample is a subset of a larger one.
+    """
+    valid = mask.reshape(-1).bool()
+    pos = valid.nonzero().squeeze(1)
+    if not k or k >= pos.numel():
+        return valid.reshape(mask.shape)
+    gen = torch.Generator().manual_seed(int(seed))
+    pick = pos[torch.randperm(pos.numel(), generator=gen)[: int(k)]]
+    out = torch.zeros_like(valid)
+    out[pick] = True
+    return out.reshape(mask.shape)
+
+
+# ---- observing one MoE layer -------------------------------------------------------------------------
+
+def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, current: dict):
+    """Statistics of one experts forward (see `ream_exp.observe.observing_experts`) for the batch in
+    `current`, whose router logits a forward hook put in `current["logits"]`."""
+    def sink(routed: Routed) -> None:
+        batch, logits = current["batch"], current["logits"]
+        sigma = router_probs(layer, logits)
+        obs.add_routed(routed, sigma[routed.row, routed.expert])
+        g = logits[batch.valid].double()
+        obs.logit_gram += g.T @ g
+        if needs.dense:
+            weight = sigma[batch.sim] if needs.dense == "gated" else None
+            obs.add_dense(layer.experts, routed.x[batch.sim], weight)
+        if needs.align:
+            obs.align_chunks.append(routed.x[batch.align])
+
+    return sink
+
+
+@contextlib.contextmanager
+def observing_layer(layer: MoELayer, needs: Needs):
+    """Within the block, forwards of the layer's sparse block fill the yielded LayerObservation; set
+    `current["batch"]` (a BatchState, for its token masks) before each forward. `finish` runs on exit.
+
+    Offloaded experts and router weights are loaded once for the whole block (`materialised`)."""
+    with materialised([layer.experts, layer.router]):
+        obs = LayerObservation(layer.num_experts, execution_device(layer.router))
+        current: dict = {}
+
+        def grab_logits(_module, _inputs, output):
+            current["logits"] = output[0] if isinstance(output, tuple) else output
+
+        hook = layer.router.register_forward_hook(grab_logits)
+        try:
+            with observing_experts(layer.experts, layer.num_experts, _observation_sink(layer, obs, needs, current),
+                                   lambda: current["batch"].valid):
+                yield obs, current
+        finally:
+            hook.remove()
+        obs.finish(layer.experts)
