@@ -204,11 +204,16 @@ def _offsets_past_end(path):
     _with_header(path, header, data)
 
 
+def _trailing_bytes(path):
+    path.write_bytes(path.read_bytes() + b"\0" * 16)  # bytes no tensor covers: the library refuses them too
+
+
 DAMAGE = [(_truncated, r"is truncated: tensor .* lies at bytes"),
-          (_foreign, r"is truncated or not a safetensors file: header length"),
-          (_garbage_header, r"is not a safetensors file: its header is not JSON"),
+          (_foreign, r"is truncated or not a safetensors file \(\d+ bytes\): header too large"),
+          (_garbage_header, r"is truncated or not a safetensors file \(\d+ bytes\): invalid JSON in header"),
           (_shape_off, r"needs \d+ bytes, but its data_offsets span \d+"),
-          (_offsets_past_end, r"is truncated: tensor .* lies at bytes")]
+          (_offsets_past_end, r"is truncated: tensor .* lies at bytes"),
+          (_trailing_bytes, r"is not a valid safetensors file: .*not fully covered")]
 
 
 @pytest.mark.parametrize("damage,message", DAMAGE, ids=lambda v: getattr(v, "__name__", ""))
