@@ -195,7 +195,7 @@ CALIB = Group({
                                "calib.n", lo=0), MIX_FORMS, length=len(DOMAINS)),
                  Mapping(Number("the weight of its source, a fraction of calib.n (int(calib.n * weight) sequences)",
                                 lo=0)),
-                 kind="a mapping or a list", meaning=MIX_FORMS, nullable=True),  # against sources and n: check_mix
+                 kind="a mapping or a list", meaning=MIX_FORMS, nullable=True),  # with sources, n: calib.check_mix*
     "n": Int("the number of calibration sequences", lo=1),
     "seq_len": Int("the length of every calibration sequence in tokens", lo=1),
     "seed": Int("the integer seed of each source's row order"),

@@ -63,7 +63,7 @@ def mix_as_weights(mix, sources=None) -> dict[str, float]:
 
 
 def check_mix(calib: dict) -> None:
-    """calib.mix against calib.sources (its form and weights checked by the schema, ream_exp.settings):
+    """calib.mix against calib.sources (its form and weights checked by ream_exp.setting_schema):
     a mapping names at least one source and only declared ones; some weight is positive."""
     mix, sources = calib.get("mix"), calib.get("sources")
     if mix is None or mix == MISSING:

@@ -27,8 +27,8 @@ import torch
 
 from ..atomic import atomic_torch_save
 from ..cache_meta import StaleEntry, made_by, report_stale, require_current
-from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_shorthand, mix_as_weights, resolve_source,
-               used_sources)
+from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_shorthand, mix_as_weights,
+               resolve_source, used_sources)
 
 log = logging.getLogger("ream_exp")
 
