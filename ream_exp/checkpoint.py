@@ -8,8 +8,8 @@
   version and git commit, kept experts or groups per layer) and the config keys transformers 4.x reads
   (`legacy_keys`), since transformers 5 writes only its own names and 4.57 falls back to its defaults
   for the rest (128 experts for Qwen3-MoE, rope_theta 10000);
-- README.md, a model card in the Hugging Face hub's conventions, rewritten with the scores by
-  `write_model_card` once the checkpoint is evaluated.
+- README.md, a model card (huggingface_hub's ModelCard: base_model, tags, library and pipeline in its
+  YAML header), rewritten with the scores by `write_model_card` once the checkpoint is evaluated.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 import subprocess
 from pathlib import Path
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
 
 from . import PACKAGE_DIR, __version__
@@ -28,6 +28,7 @@ from .moe import family_for
 from .plan import Plan
 
 CARD = "README.md"
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"  # ModelCard.from_template fills card_data (the YAML)
 
 
 # ---- config.json: the keys older transformers read ------------------------------------------------
@@ -153,14 +154,14 @@ def hub_id(path: str | None) -> str | None:
     return path
 
 
-def _front_matter(block: dict) -> str:
+def card_data(block: dict) -> ModelCardData:
+    """The card's metadata (its YAML header, as the hub reads it): the base model where it is a hub id."""
     tags = ["ream-exp", "moe"]
     if block["kind"] != "none":
         tags.append(f"expert-{block['kind']}")
     tags.append(block["method"])
-    meta = {"base_model": hub_id(block["base_model"]["path"]), "tags": tags, "library_name": "transformers",
-            "pipeline_tag": "text-generation"}
-    return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v is not None}, sort_keys=False) + "---\n"
+    return ModelCardData(base_model=hub_id(block["base_model"]["path"]), tags=tags, library_name="transformers",
+                         pipeline_tag="text-generation")
 
 
 def score_rows(rows: dict[str, dict]) -> str:
@@ -205,10 +206,15 @@ def _body(block: dict, config: dict, scores: dict | None, baseline: dict | None)
     return "\n".join(text) + "\n"
 
 
+def model_card(block: dict, config: dict, scores: dict | None = None, baseline: dict | None = None) -> ModelCard:
+    """The model card of a checkpoint made as `block` says (config.json's compression block)."""
+    return ModelCard.from_template(card_data(block), template_str=CARD_TEMPLATE,
+                                   body=_body(block, config, scores, baseline))
+
+
 def write_model_card(directory: Path, scores: dict | None = None, baseline: dict | None = None) -> Path:
     """README.md from config.json's compression block (and the scores once evaluated), written atomically."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
-    block = config["compression"]
-    text = (_front_matter(block) + "\n" + _body(block, config, scores, baseline)).encode()
+    text = str(model_card(config["compression"], config, scores, baseline)).encode()
     return atomic_write(directory / CARD, lambda f: f.write(text))

@@ -94,45 +94,20 @@ def check_model_path(model_cfg: DictConfig) -> None:
         raise ConfigError(f"model.path {path!r} is not a directory (model={model_cfg.get('name')})")
 
 
-MEMORY_DEVICES = "GPU ordinals (0, 1, ...), cpu, mps or disk"
+def check_placement_keys(model: dict) -> None:
+    """model.max_memory and model.offload_folder place weights only with a model.device_map (run by
+    ream_exp.settings.check_settings; their values are checked by the schema)."""
+    for key in ("max_memory", "offload_folder"):
+        if model.get(key) not in (None, "", {}) and not model.get("device_map"):
+            raise ConfigError(f"model.{key} is set but model.device_map is null: {key} places weights only "
+                              "with a device_map (e.g. model.device_map=auto)")
 
 
 def check_placement(model_cfg: DictConfig) -> None:
-    """model.max_memory and model.offload_folder: only with a device_map; devices and sizes accelerate reads."""
-    from accelerate.utils import convert_file_size_to_int
-
-    device_map, max_memory = model_cfg.get("device_map"), model_cfg.get("max_memory")
-    for key in ("max_memory", "offload_folder"):
-        if model_cfg.get(key) not in (None, "", {}) and not device_map:
-            raise ConfigError(f"model.{key} is set but model.device_map is null: {key} places weights only "
-                              "with a device_map (e.g. model.device_map=auto)")
-    if max_memory not in (None, "", {}):
-        if not isinstance(max_memory, (dict, DictConfig)):
-            raise ConfigError(f"model.max_memory={shown(max_memory)} is not a mapping: give {{device: size}}, "
-                              "e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}")
-        for device, size in max_memory.items():
-            if not (str(device).isdigit() or device in ("cpu", "mps", "disk")):
-                raise ConfigError(f"model.max_memory names device {device!r}: devices are {MEMORY_DEVICES}")
-            try:
-                convert_file_size_to_int(size)
-            except (ValueError, AttributeError):
-                raise ConfigError(f"model.max_memory.{device}={shown(size)} is not a size: give bytes or a size "
-                                  "with a unit, e.g. 70GiB") from None
+    """model.offload_folder, where accelerate writes the weights a device map sends to disk, can be written."""
     if model_cfg.get("offload_folder"):
         require_writable_dir("model.offload_folder", model_cfg.offload_folder,
                              "where accelerate writes the weights the device map sends to disk")
-
-
-def check_ratio(ratio) -> float:
-    meaning = "the fraction of experts removed per MoE layer, in [0, 1)"
-    ratio = require_number("ratio", ratio, meaning)
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio={ratio} is outside [0, 1): ratio is {meaning}")
-    return ratio
-
-
-def check_seed(seed) -> int:
-    return require_number("seed", seed, "the integer seed of every random choice of the run", integer=True)
 
 
 def require_writable_dir(setting: str, value, meaning: str) -> Path:

@@ -27,8 +27,7 @@ from .calib import calibration_datasets, recorded_mix, validate_calib
 from .cache_meta import still_valid
 from .calib.cache import cache_path, cached_calibration, calibration_key
 from .checkpoint import lm_eval_git_hash, save_checkpoint, write_model_card
-from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
-                     check_seed)
+from .config import ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement
 from .dataset_check import check_datasets
 from .evaluate import check_runtime_data, check_tasks, evaluate, scores_made_by, task_datasets, task_names
 from .methods import Context, get_method
@@ -42,7 +41,7 @@ from .pipeline import (count_parameters, load_model, load_model_config, load_tok
 from .timing import Timings
 from .settings import check_settings, composition_refusal
 from .stream_source import check_stream
-from .tracking import check_logger, make_logger
+from .tracking import make_logger
 from .rundir import RunDirRefusal, RunDirTaken, hold_run_dir, hydra_job_files, set_aside
 from .weight_files import check_weight_files
 
@@ -123,10 +122,8 @@ def validate(cfg: DictConfig):
     then the hub datasets the run reads and the nltk data its eval tasks need; each failure is a
     ConfigError naming the setting.
     """
-    check_settings(cfg)  # every key known, every value of its type (ream_exp/settings.py)
-    ratio = check_ratio(cfg.ratio)
-    check_seed(cfg.seed)
-    check_logger(cfg.get("logger"))
+    check_settings(cfg)  # every key known, every value of its type, the checks of several (ream_exp/settings.py)
+    ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
     needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
     check_tasks(cfg.eval)

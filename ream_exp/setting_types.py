@@ -84,6 +84,8 @@ class Number(Spec):
         number = require_number(setting, value, self.meaning, integer=self.integer)  # its message, list hint too
         if self.integer and self.hi is None and self.lo in (0, 1) and number < self.lo:
             self.fail(number, setting, "must be a positive integer" if self.lo == 1 else "must be 0 or more")
+        if self.hi is None and self.lo is not None and number < self.lo:
+            self.fail(number, setting, f"must be >= {self.lo}")
         below = self.lo is not None and number < self.lo
         above = self.hi is not None and (number >= self.hi if self.hi_open else number > self.hi)
         if below or above:
@@ -123,16 +125,20 @@ class Choice(Spec):
 
 
 class ListOf(Spec):
+    """A list of `item`s (exactly `length` of them, when given)."""
+
     kind = "a list"
 
-    def __init__(self, item: Spec, meaning: str = "", nullable: bool = False):
+    def __init__(self, item: Spec, meaning: str = "", nullable: bool = False, length: int | None = None):
         super().__init__(meaning, nullable)
-        self.item = item
+        self.item, self.length = item, length
 
     def accepts(self, value) -> bool:
         return isinstance(value, list)
 
     def check_value(self, value, setting: str, parent) -> None:
+        if self.length is not None and len(value) != self.length:
+            self.fail(value, setting, f"has {len(value)} item{'s' if len(value) != 1 else ''}, not {self.length}")
         for i, item in enumerate(value):
             self.item.check(item, f"{setting}[{i}]", value)
 

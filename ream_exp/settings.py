@@ -1,258 +1,38 @@
-"""Every setting of a run, declared once with its type, and checked before anything is loaded.
+"""Every setting of a run checked before anything is loaded: each value against the one schema
+(ream_exp.setting_schema), then the checks that need several settings.
 
     from ream_exp.settings import check_settings
     check_settings(cfg)      # the composed config; a ConfigError naming the first bad setting
 
-`SCHEMA` describes the composed config: the top level of conf/config.yaml and one `Group` per config
-group (conf/model, conf/calib, conf/eval, conf/logger; a method's settings come from its own module's
-DEFAULTS and CHOICES, see `method_group`). A group lists every key any of its options may hold: a key
-that is not declared is refused with the allowed ones listed (`unknown setting metod (top level);
-allowed: ...`), also where Hydra's `+key=value` added it past struct mode. Declared keys may be absent:
-the code reading them has a default. A value is checked for its type, range and choices only;
-`???` (not set yet) passes here and is reported by the check that needs it (e.g. model.path).
+A key the schema does not declare is refused with the allowed ones listed (`unknown setting metod (top
+level); allowed: ...`), also where Hydra's `+key=value` added it past struct mode. A value is checked for
+its type, range and choices; `???` (not set yet) passes here and is reported by the check that needs it
+(e.g. model.path). Then `GROUP_CHECKS`, the named checks of one group's settings together (they live in
+the module that owns the settings: model.max_memory needs model.device_map, calib.mix names declared
+sources), and, for a method that reads calibration, `CALIBRATION_CHECKS` (the mix against calib.n).
 
-Checks that need more than one value (the model's expert counts, group sizes, a calibration
-mix against calib.n, files and datasets) stay where they are (ream_exp.run.validate and the functions
-it calls); the schema runs first. It reads the config and never changes it: no default is filled in,
-so the resolved config.yaml (and the sweep identity built on it) is exactly what Hydra composed.
-Messages are one line: `<setting>=<value> <what is wrong>: <setting> is <what it means>`, or, for a
-setting with a few allowed values, `<setting>=<value>; valid: a, b, c`.
+What needs more than the settings (the model's expert counts, group sizes, files, datasets) is checked
+by ream_exp.run.validate and the functions it calls, after this. It reads the config and never changes
+it: no default is filled in, so the resolved config.yaml (and the sweep identity built on it) is exactly
+what Hydra composed. Messages are one line: `<setting>=<value> <what is wrong>: <setting> is <what it
+means>`, or, for a setting with a few allowed values, `<setting>=<value>; valid: a, b, c`.
 """
 
 from __future__ import annotations
 
-import re
-
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, shown
-from .calib import validate_mix
-from .methods import METHODS, get_method
-from .setting_types import (MISSING, Bool, Choice, Custom, Group, Int, ListOf, Mapping, Number, OneOf, Spec, Str,
-                            _did_you_mean, _join, _one_line, settings_group)
+from .calib import check_mix, check_mix_reads, check_states_dir
+from .config import ConfigError, check_placement_keys
+from .methods import METHODS
+from .setting_schema import CALIB, EVAL, LOGGER, MODEL, SCHEMA, SOURCE, method_group
+from .setting_types import MISSING, Group, _join, _one_line
 
-# ---------------------------------------------------------------- settings with their own rules
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N (GPU index N), mps"
-
-
-def check_device(value, setting: str, parent) -> None:
-    """device: auto | cpu | cuda | cuda:N | mps, and the accelerator named must be visible here (unless
-    model.device_map places the weights, which makes `device` unused)."""
-    text = value if isinstance(value, str) else None
-    match = re.fullmatch(r"cuda(?::(\d+))?", text or "")
-    if text not in ("auto", "cpu", "mps") and match is None:
-        hint = {"gpu": "cuda", "cuda0": "cuda:0", "gpu:0": "cuda:0", "metal": "mps"}.get(str(value).lower())
-        raise ConfigError(f"{setting}={shown(value)}; valid: {DEVICE_FORMS}"
-                          + (f" (did you mean {hint}?)" if hint else ""))
-    model = (parent or {}).get("model") if isinstance(parent, dict) else None
-    if isinstance(model, dict) and model.get("device_map"):
-        return
-    import torch
-
-    if match is not None:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"{setting}={text}: no CUDA device is visible here (torch.cuda.is_available() is "
-                              "false); use device=auto or device=cpu")
-        if match.group(1) is not None and int(match.group(1)) >= count:
-            raise ConfigError(f"{setting}={text}: only {count} CUDA device(s) are visible here "
-                              f"(cuda:0 to cuda:{count - 1})")
-    if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"{setting}=mps: the MPS backend is not available here; use device=auto or device=cpu")
-
-
-def check_group_size_table(key, setting: str) -> None:
-    """model.group_size's keys are ratios ("0.25"), read as floats by the group_size resolver."""
-    try:
-        ratio = float(key)
-    except (TypeError, ValueError):
-        ratio = None
-    if ratio is None or not 0 <= ratio < 1:
-        raise ConfigError(f"{setting} has key {key!r}, which is not a ratio in [0, 1): model.group_size maps a "
-                          'ratio to REAM\'s group size C, e.g. {"0.25": 16, "0.5": 32}')
-
-
-MEMORY_DEVICE = re.compile(r"\d+|cpu|mps|disk|cuda(:\d+)?")
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def check_device_map(value, setting: str, parent) -> None:
-    """model.device_map: null, one of accelerate's strategies (auto, ...), a device, or {module: device}."""
-    what = (f"{setting} is null, one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:N, N) or a "
-            "mapping {module: device} with GPU ordinals, cpu, mps or disk")
-    if isinstance(value, dict):
-        for module, device in value.items():
-            if isinstance(device, bool) or not MEMORY_DEVICE.fullmatch(str(device)):
-                raise ConfigError(f"{setting}.{module}={shown(device)} is not a device: {what}")
-        return
-    if isinstance(value, bool) or not (isinstance(value, int) or value in DEVICE_MAP_STRATEGIES
-                                       or MEMORY_DEVICE.fullmatch(str(value)) and value != "disk"):
-        raise ConfigError(f"{setting}={shown(value)} is not a device map: {what}"
-                          + _did_you_mean(value, DEVICE_MAP_STRATEGIES))
-
-
-def check_mix(value, setting: str, parent) -> None:
-    """calib.mix: a list [general, math, code] or a mapping {source: weight} over calib.sources."""
-    sources = parent.get("sources") if isinstance(parent, dict) else None
-    validate_mix(value, sources if isinstance(value, dict) else None)
-
-
-LIMIT_MEANING = ("eval.limit is null (every example), a positive integer (examples per task) or a fraction in "
-                 "(0, 1) of each task's examples")
-
-
-def check_limit(value, setting: str, parent) -> None:
-    """lm-eval reads a limit below 1 as a fraction of each task's examples (ceil), any other as int(limit)
-    examples: so 1.0 would mean one example and 1.5 one too. Only unambiguous values are taken."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{setting}={shown(value)} is not a number: {LIMIT_MEANING}")
-    if value <= 0:
-        raise ConfigError(f"{setting}={shown(value)} must be positive: {LIMIT_MEANING}")
-    if isinstance(value, float) and value >= 1:
-        whole = f" (for {int(value)} examples write {int(value)})" if value == int(value) else ""
-        raise ConfigError(f"{setting}={shown(value)} is neither a whole number of examples nor a fraction below 1"
-                          f"{whole}: {LIMIT_MEANING}")
-
-
-BATCH_MEANING = ("eval.batch_size is a positive integer, auto or auto:N (lm-eval finds the largest batch that fits, "
-                 "again N times over the run), or null (1; auto with backend=vllm)")
-
-
-def check_eval_batch_size(value, setting: str, parent) -> None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ConfigError(f"{setting}={value} must be a positive integer: {BATCH_MEANING}")
-        return
-    match = re.fullmatch(r"auto(?::(\d+(?:\.\d+)?))?", value) if isinstance(value, str) else None
-    if match is None or (match.group(1) is not None and float(match.group(1)) <= 0):
-        raise ConfigError(f"{setting}={shown(value)} is not a batch size: {BATCH_MEANING}")
-
-
-def check_method(value, setting: str, parent) -> None:
-    """method: its `name` one of the registered methods, its other keys that method's settings."""
-    if not isinstance(value, dict):
-        raise ConfigError(f"{setting}={shown(value)} is not a mapping of settings: choose a method with method=NAME")
-    name = value.get("name")
-    module = get_method(name)  # unknown method 'x'; valid: ...
-    method_group(module, name).check_value(value, setting, None, where=f"method={name}")
-
-
-def method_group(module, name: str) -> Group:
-    """Method `name`'s settings as a Group: `name` plus its module's DEFAULTS, typed by their defaults (a
-    bool is true or false, an int an integer, None null or an integer) and CHOICES (one of them)."""
-    return settings_group(getattr(module, "DEFAULTS", {}), getattr(module, "CHOICES", {}), name)
-
-
-# ---------------------------------------------------------------- the schema
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DTYPE_HINTS = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-MODEL = Group({
-    "name": Str("the model config's name"),
-    "path": Str("a checkpoint directory or hub id"),
-    "revision": Str("the hub revision of model.path", nullable=True),
-    "dtype": Choice(*DTYPES, hints=DTYPE_HINTS),
-    "device_map": Custom(check_device_map, nullable=True),
-    "max_memory": Mapping(meaning="{device: size} with model.device_map, e.g. {0: 70GiB, cpu: 200GiB}",
-                          nullable=True),
-    "offload_folder": Str("where accelerate writes weights the device map sends to disk", nullable=True),
-    "stream": Bool(),
-    "trust_remote_code": Bool(),
-    "group_size": Mapping(Int("REAM's group size C for that ratio", lo=0), nullable=True,
-                          meaning='a mapping {ratio: C}, e.g. {"0.25": 16, "0.5": 32}', key=check_group_size_table),
-})
-
-SOURCE = Group({
-    "path": Str("a local file or directory, or a hub dataset id"),
-    "name": Str("the hub dataset's config name", nullable=True),
-    "split": Str("the dataset split read"),
-    "revision": Str("the hub dataset's git revision", nullable=True),
-    "streaming": Bool(),
-    "shuffle_buffer": Int("the seeded shuffle buffer of a streamed source, in rows", lo=1),
-    "format": Choice("text", "chat"),
-    "field": Str("the text column (format: text)"),
-    "fields": Mapping(Str("a column name"), "the columns of the chat roles, e.g. {user: instruction, assistant: "
-                                            "output} (format: chat)", nullable=True),
-    "min_chars": Int("the least characters per text", nullable=True, lo=0),
-    "min_chars_per_seq_len": Number("the least characters per text as a fraction of calib.seq_len", nullable=True,
-                                    lo=0),
-    "where": Mapping(ListOf(Spec(nullable=True)), "a mapping {column: [values kept]}", nullable=True),
-})
-
-CALIB = Group({
-    "name": Str("the calibration config's name"),
-    "path": Str("a pre-tokenised .pt file (calib=pretokenized)", nullable=True),
-    "sources": Mapping(SOURCE, "a mapping {source: its settings}", nullable=True),
-    "mix": Custom(check_mix, nullable=True),
-    "n": Int("the number of calibration sequences", lo=1),
-    "seq_len": Int("the length of every calibration sequence in tokens", lo=1),
-    "seed": Int("the integer seed of each source's row order"),
-    "min_fill": Number("the least share of real tokens per row", lo=0, hi=1),
-    "pack": Bool(),
-    "batch_size": Int("the number of sequences per forward pass", lo=1),
-    "states_device": Choice("cpu", "disk", nullable=True),
-    "states_dir": Str("the directory of the calibration hidden states (calib.states_device=disk)", nullable=True),
-})
-
-FEWSHOT = "the few-shot count, one for all tasks or per task (null: each task's own)"
-PER_TASK_INT = Mapping(Int("the few-shot count of that task", lo=0))
-EVAL = Group({
-    "name": Str("the eval config's name"),
-    "tasks": ListOf(Str("an lm-eval task, group or tag name"), "a list of lm-eval task names, e.g. [gsm8k]",
-                    nullable=True),
-    "include_path": Str("a directory of extra lm-eval task YAMLs", nullable=True),
-    "limit": Custom(check_limit, nullable=True),
-    "batch_size": Custom(check_eval_batch_size, nullable=True),
-    "num_fewshot": OneOf(Int(FEWSHOT, lo=0), PER_TASK_INT, kind="an integer >= 0 or a mapping {task: shots}",
-                         meaning=FEWSHOT, nullable=True),
-    "max_gen_toks": Int("the most tokens a generation may produce (null: each task's own cap)", nullable=True,
-                        lo=1),
-    "allow_code_eval": Bool(),
-    "apply_chat_template": OneOf(Bool(), Group({"mc": Bool(), "gen": Bool()}),
-                                 kind="true, false or a mapping {mc: bool, gen: bool}",
-                                 meaning="whether prompts go through the tokenizer's chat template"),
-    "backend": Choice("hf", "vllm"),
-    "tensor_parallel_size": Int("the number of GPUs vLLM splits the model over (eval.backend=vllm)",
-                                nullable=True, lo=1),
-    "vllm_args": Mapping(meaning="extra keyword arguments of lm-eval's vLLM backend", nullable=True),
-    "metrics": Mapping(Str('a "metric,filter" key lm-eval reports'), 'a mapping {task: "metric,filter"}',
-                       nullable=True),
-    "bootstrap_iters": Int("the bootstrap resamples behind non-mean metrics' stderrs (0 turns every stderr off)",
-                           nullable=True, lo=0),
-    "log_samples": Bool(),
-})
-
-LOGGER = Group({
-    "name": Choice("wandb", "none"),
-    "project": Str("the W&B project", nullable=True),
-    "entity": Str("the W&B team or user", nullable=True),
-    "mode": Choice("offline", "online", "disabled", nullable=True),
-    "group": Str("the W&B group (null: the sweep's name)", nullable=True),
-    "tags": ListOf(Str("a W&B tag"), "a list of W&B tags", nullable=True),
-    "run_name": Str("the W&B run's name (null: method_r<ratio>_<mix>)", nullable=True),
-    "init_timeout": Number("the seconds an online start may wait for the server", nullable=True, lo=0),
-})
-
-for _group in (MODEL, CALIB, EVAL, LOGGER):  # conf/<group>/*.yaml: messages name the option, e.g. (model=toy)
-    _group.named = True
-
-# conf/config.yaml, in the order checked: ratio and seed first, as the groups' interpolations use them.
-SCHEMA = Group({
-    "ratio": Number("the fraction of experts removed per MoE layer, in [0, 1)", lo=0, hi=1, hi_open=True),
-    "seed": Int("the integer seed of every random choice of the run"),
-    "save": Bool(),
-    "device": Custom(check_device),
-    "progress": Bool(),
-    "baseline": Bool(),
-    "cache_dir": Str("where the caches go (set cache_dir=DIR or REAM_EXP_CACHE)", nullable=True),
-    "run_dir": Str("the run directory when run() is given none", nullable=True),
-    "model": MODEL,
-    "calib": CALIB,
-    "method": Custom(check_method),
-    "eval": EVAL,
-    "logger": LOGGER,
-}, tolerated=("hydra",))  # only in a config composed with return_hydra_config
+# checks of several settings of one group, run once every value has its type (each takes the group's values)
+GROUP_CHECKS = {"model": (check_placement_keys,), "calib": (check_mix,)}
+# calib's checks that matter only where a calibration is built: for a method that reads one
+CALIBRATION_CHECKS = (check_states_dir, check_mix_reads)
 
 
 # ---------------------------------------------------------------- walking a composed config
@@ -286,17 +66,41 @@ def _child(node, key, setting: str):
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Checks every setting of a composed run config against SCHEMA; raises the first problem as a
-    one-line ConfigError. Unknown keys first (a typo must not run the defaults), then each key in
-    SCHEMA's order, each resolved just before it is checked."""
+    """Checks every setting of a composed run config against SCHEMA, then GROUP_CHECKS (and, where the
+    method reads calibration, CALIBRATION_CHECKS); raises the first problem as a one-line ConfigError.
+    Unknown keys first (a typo must not run the defaults), then each key in SCHEMA's order, each resolved
+    just before it is checked."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     SCHEMA.check_keys({key: None for key in cfg.keys()}, "", "top level")
+    values = {}
     for key, spec in SCHEMA.fields.items():
         if key in cfg:
-            value = _child(cfg, key, key)
+            values[key] = _child(cfg, key, key)
             parent = {"model": _plain_or_none(cfg, "model")} if key == "device" else None
-            spec.check(value, key, parent)
+            spec.check(values[key], key, parent)
+    for group, checks in GROUP_CHECKS.items():
+        if isinstance(values.get(group), dict):
+            for check in checks:
+                check(values[group])
+    if isinstance(values.get("calib"), dict) and _reads_calibration(values.get("method")):
+        for check in CALIBRATION_CHECKS:
+            check(values["calib"])
+
+
+def check_group(group: str, node) -> None:
+    """One group's settings on their own (a calib config, say), as check_settings checks them in a run
+    whose method reads calibration: the schema's Group, then the group's named checks."""
+    value = _plain(node if isinstance(node, (DictConfig, ListConfig)) else OmegaConf.create(node), group)
+    SCHEMA.fields[group].check(value, group)
+    for check in GROUP_CHECKS.get(group, ()) + (CALIBRATION_CHECKS if group == "calib" else ()):
+        check(value)
+
+
+def _reads_calibration(method) -> bool:
+    """Whether the method builds a calibration set (its module's NEEDS_CALIBRATION; an unknown one does)."""
+    name = method.get("name") if isinstance(method, dict) else None
+    return getattr(METHODS.get(name), "NEEDS_CALIBRATION", True)
 
 
 def _plain_or_none(cfg: DictConfig, key: str):
@@ -338,5 +142,4 @@ def _group_at(path: str, node: DictConfig) -> Group | None:
     return groups.get(path)
 
 
-__all__ = ["SCHEMA", "Bool", "Choice", "ConfigError", "Custom", "Group", "Int", "ListOf", "Mapping", "Number",
-           "OneOf", "Spec", "Str", "check_settings", "composition_refusal", "method_group", "settings_group"]
+__all__ = ["CALIBRATION_CHECKS", "GROUP_CHECKS", "check_group", "check_settings", "composition_refusal"]

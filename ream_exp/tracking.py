@@ -25,7 +25,6 @@ import logging
 import numbers
 from pathlib import Path
 
-from .config import ConfigError
 from .mix_labels import format_mix
 
 log = logging.getLogger(__name__)
@@ -116,17 +115,12 @@ class WandbLogger:
             self.run.finish()
 
 
-def check_logger(cfg) -> str | None:
-    """The W&B mode a logger config asks for, None for no logging; ConfigError for a bad name or mode."""
+def wandb_mode(cfg) -> str | None:
+    """The W&B mode a logger config asks for (online or offline), None for no logging; its name and mode
+    are checked with every other setting (ream_exp.settings)."""
     cfg = _as_dict(cfg)
     name, mode = cfg.get("name") or "none", cfg.get("mode") or "offline"
-    if name == "none" or mode == "disabled":
-        return None
-    if name != "wandb":
-        raise ConfigError(f"logger.name={name!r}: choose wandb or none")
-    if mode not in MODES:
-        raise ConfigError(f"logger.mode={mode!r}: choose offline, online or disabled")
-    return mode
+    return None if name != "wandb" or mode == "disabled" else mode
 
 
 def make_logger(cfg, run_dir: str | Path, config_dict: dict | None = None) -> NullLogger | WandbLogger:
@@ -134,7 +128,7 @@ def make_logger(cfg, run_dir: str | Path, config_dict: dict | None = None) -> Nu
     mode (offline | online | disabled), group (default: the sweep), tags, run_name (default: method,
     ratio, mix), init_timeout (seconds)."""
     cfg = _as_dict(cfg)
-    mode = check_logger(cfg)
+    mode = wandb_mode(cfg)
     if mode is None:
         return NullLogger()
     cfg = {**cfg, "run_name": cfg.get("run_name") or run_name(config_dict or {}),

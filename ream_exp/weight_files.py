@@ -2,11 +2,11 @@
 
     check_weight_files(model_cfg)     # ConfigError naming the file, else None
 
-A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets: [begin, end]}} (plus an optional `__metadata__`), then the tensor bytes; offsets count from
-the end of the header. A truncated download or a file of another format fails one of these checks,
-read from the first bytes and the file size only. A sharded checkpoint's model.safetensors.index.json
-must name shards that exist. Hub ids are checked where their files are already in the local hub cache.
+Each file is opened with the safetensors library, as from_pretrained opens it: that parses its header and
+refuses a file whose header is not JSON, whose tensors' byte ranges do not cover the data exactly, or
+whose tensor sizes disagree with their dtype and shape, without reading any tensor. A refusal is said in
+one line with the numbers behind it (`refusal`). A sharded checkpoint's model.safetensors.index.json must
+name shards that exist. Hub ids are checked where their files are already in the local hub cache.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import math
 import struct
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from .config import ConfigError
 
 INDEX = "model.safetensors.index.json"
@@ -23,45 +25,65 @@ SINGLE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
 BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "E8M0": 8, "U16": 16, "I16": 16,
         "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64,
-        "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+        "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # bits per element of each safetensors dtype
 
 
 def check_safetensors(path: Path) -> None:
-    """Header length, JSON header, and every tensor's offsets and size against the file's size."""
+    """The file as the safetensors library opens it (header parsed and checked; no tensor read)."""
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"weight file {path} cannot be read ({exc.strerror or exc})") from None
+    except SafetensorError as exc:
+        raise ConfigError(f"weight file {path} {refusal(path, exc)}") from None
+
+
+def refusal(path: Path, exc: Exception) -> str:
+    """Why the library refused the file, with the byte counts that say what is wrong where the header reads.
+
+    The library's reason names neither the bytes a truncated file lacks nor the tensor whose size is off,
+    and it does not expose the header's data_offsets (safe_open gives names, dtypes and shapes only, and
+    only of a file it accepts): those come from reading the header here."""
+    reason = str(exc).removeprefix("Error while deserializing header: ")
     size = path.stat().st_size
+    read = _raw_header(path, size)
+    if read is None:
+        return f"is truncated or not a safetensors file ({size} bytes): {reason}"
+    header_len, header = read
+    data_size = size - 8 - header_len
+    last = max(header, key=lambda name: header[name][2][1], default=None)
+    if last is not None and header[last][2][1] > data_size:
+        begin, end = header[last][2]
+        return (f"is truncated: tensor {last!r} lies at bytes {begin}..{end} of the data, but the file holds only "
+                f"{data_size} data bytes")
+    for name, (dtype, shape, (begin, end)) in header.items():
+        bits = BITS.get(dtype)
+        if bits is not None and (end - begin) * 8 != math.prod(shape) * bits:
+            return (f"is not a valid safetensors file: tensor {name!r} ({dtype} {shape}) needs "
+                    f"{math.prod(shape) * bits // 8} bytes, but its data_offsets span {end - begin}")
+    return f"is not a valid safetensors file: {reason}"
+
+
+def _raw_header(path: Path, size: int) -> tuple[int, dict] | None:
+    """The header's length and {tensor: (dtype, shape, (begin, end))} as the file's first bytes give them
+    (an 8-byte little-endian length, then a JSON object; offsets count from the header's end); None where
+    they do not."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ConfigError(f"weight file {path} is not a safetensors file: {size} bytes, shorter than its header")
+            return None
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(MAX_HEADER, size - 8):
-            raise ConfigError(f"weight file {path} is truncated or not a safetensors file: header length "
-                              f"{header_len} bytes, file size {size}")
+            return None
         try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"weight file {path} is not a safetensors file: its header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ConfigError(f"weight file {path} is not a safetensors file: its header is not a JSON object")
-    data_size = size - 8 - header_len
-    for name, info in header.items():
-        if name != "__metadata__":
-            _check_tensor(path, name, info, data_size)
-
-
-def _check_tensor(path: Path, name: str, info, data_size: int) -> None:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise ConfigError(f"weight file {path}: tensor {name!r} has no dtype/shape/data_offsets "
-                          "in the header") from None
-    if not 0 <= begin <= end <= data_size:
-        raise ConfigError(f"weight file {path} is truncated: tensor {name!r} lies at bytes {begin}..{end} of the "
-                          f"data, but the file holds only {data_size} data bytes")
-    bits = BITS.get(dtype)
-    if bits is not None and (end - begin) * 8 != math.prod(shape) * bits:
-        raise ConfigError(f"weight file {path}: tensor {name!r} ({dtype} {shape}) needs "
-                          f"{math.prod(shape) * bits // 8} bytes, but its data_offsets span {end - begin}")
+            raw = json.loads(f.read(header_len))
+            tensors = {name: (info["dtype"], [int(n) for n in info["shape"]],
+                              (int(info["data_offsets"][0]), int(info["data_offsets"][1])))
+                       for name, info in raw.items() if name != "__metadata__"}
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+    return header_len, tensors
 
 
 def _shards(directory: Path) -> list[Path]:

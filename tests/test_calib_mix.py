@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 
 from analysis.collect import collect_runs, make_row
 from analysis.naming import format_mix, mix_weights, other_sources, parse_mix
-from ream_exp.calib import (DOMAINS, build_calibration, counts_for_mix, recorded_mix, used_sources, validate_calib,
-                            validate_mix, without_unread_sources)
+from ream_exp.calib import (DOMAINS, build_calibration, counts_for_mix, mix_as_weights, recorded_mix, used_sources,
+                            without_unread_sources)
 from ream_exp.calib.cache import calibration_key, calibration_key_material, tensor_checksum
 from ream_exp.config import ConfigError
 from ream_exp.moe.tiny import tiny_tokenizer
 from ream_exp.identity import run_identity
 from ream_exp.run import run
+from ream_exp.settings import check_group
 from tests import calib_digests
 from tests.test_config import make_cfg
 
@@ -90,33 +91,33 @@ def test_old_toy_run_configs_are_the_same_run_with_the_new_tool_source():
 
 def test_weights_are_fractions_of_n_in_a_fixed_source_order():
     sources = {"tool": {}, "general": {}, "chat": {}, "math": {}, "code": {}}
-    weights = validate_mix({"chat": 0.1, "tool": 0.2, "code": 0.3, "general": 0.25}, sources)
+    weights = mix_as_weights({"chat": 0.1, "tool": 0.2, "code": 0.3, "general": 0.25}, sources)
     assert list(weights) == ["general", "code", "tool", "chat"]  # shorthand's order, then calib.sources'
     assert counts_for_mix(10, {"chat": 0.1, "tool": 0.2, "code": 0.3, "general": 0.25}, sources) == \
         {"general": 2, "math": 0, "code": 3, "tool": 2, "chat": 1}
     # not normalised: the same int(n * weight) rule as the list, whatever the sum
     assert counts_for_mix(10, {"general": 0.3, "math": 0.3, "code": 0.3}) == counts_for_mix(10, [0.3, 0.3, 0.3])
     assert counts_for_mix(10, {"general": 1.5}) == {"general": 15, "math": 0, "code": 0}
-    assert validate_mix([0, 0.5, 0.5]) == {"general": 0.0, "math": 0.5, "code": 0.5}
+    assert mix_as_weights([0, 0.5, 0.5]) == {"general": 0.0, "math": 0.5, "code": 0.5}
 
 
 @pytest.mark.parametrize("mix,message", [
     ({}, r"^calib.mix=\{\} names no source"),
     ({"tol": 1}, r"^calib.mix names source 'tol', which calib.sources does not declare: calib.sources declares "
                  r"general, math, code, tool"),
-    ({"general": 0.5, "tool": -1}, r"^calib.mix.tool=-1.0 is negative"),
+    ({"general": 0.5, "tool": -1}, r"^calib.mix.tool=-1.0 must be >= 0: calib.mix.tool is the weight of its source"),
     ({"general": "lots"}, r"^calib.mix.general='lots' is not a number"),
     ({"general": True}, r"^calib.mix.general=true is not a number"),
     ({"general": None}, r"^calib.mix.general=null is not a number"),
     ({"general": 0, "tool": 0.0}, r"^calib.mix is all zero"),
-    ("general", r"^calib.mix='general' is neither a mapping nor a list"),
-    (0.5, r"^calib.mix=0.5 is neither a mapping nor a list"),
+    ("general", r"^calib.mix='general' is not a mapping or a list"),
+    (0.5, r"^calib.mix=0.5 is not a mapping or a list"),
 ])
 def test_bad_mappings_are_one_config_error(mix, message, four_files):
     cfg = _local(four_files)
     cfg.mix = mix
     with pytest.raises(ConfigError, match=message) as caught:
-        validate_calib(cfg)
+        check_group("calib", cfg)
     assert "\n" not in str(caught.value)
 
 
@@ -124,7 +125,7 @@ def test_a_weight_on_an_undeclared_source_is_refused_even_when_zero(calib_files)
     cfg = _local(calib_files, "calib.mix={general:1,tool:0}")
     with pytest.raises(ConfigError, match="'tool', which calib.sources does not declare: calib.sources declares "
                                           "general, math, code"):
-        validate_calib(cfg)
+        check_group("calib", cfg)
 
 
 def test_the_shorthand_still_needs_only_the_sources_it_reads():
@@ -134,7 +135,7 @@ def test_the_shorthand_still_needs_only_the_sources_it_reads():
     cfg.mix = [0.5, 0, 0.5]
     with pytest.raises(ConfigError, match=r"asks for 2 general sequences but calib.sources has no 'general' "
                                           r"\(it declares code\)"):
-        used_sources(cfg)
+        check_group("calib", cfg)
 
 
 def test_four_sources_build_source_by_source(four_files):

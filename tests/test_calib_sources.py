@@ -15,10 +15,11 @@ import torch
 from omegaconf import OmegaConf
 
 import ream_exp.calib.sources as sources
-from ream_exp.calib import build_calibration, resolve_source, validate_calib
+from ream_exp.calib import build_calibration, resolve_source
 from ream_exp.calib.cache import cache_path, cached_calibration, calibration_key, tensor_checksum
 from ream_exp.calib.sources import iter_texts, load_source
 from ream_exp.moe.tiny import tiny_tokenizer
+from ream_exp.settings import check_group
 from tests.test_config import make_cfg
 
 SEQ = 64  # c4 keeps texts of >= ceil(0.9 * 64) = 58 characters
@@ -127,14 +128,18 @@ def test_reap_chat_source_renders_template_and_packs(hub_files):
 def test_source_config_errors_before_reading(hub_files):
     cfg = reap_calib(hub_files, "calib.mix=[0.5,0,0.5]")
     with pytest.raises(ValueError, match="calib.sources has no 'general'"):
-        validate_calib(cfg)
+        check_group("calib", cfg)
     cfg = reap_calib(hub_files)
     cfg.sources.code.fields = {"asker": "instruction"}
-    with pytest.raises(ValueError, match="format: chat needs `fields`"):
-        validate_calib(cfg)
+    with pytest.raises(ValueError, match=r"^calib.sources.code.fields has key 'asker', which is not a chat role: "
+                                         r"calib.sources.code.fields maps roles \(system, user, assistant\)"):
+        check_group("calib", cfg)
+    cfg.sources.code.fields = None
+    with pytest.raises(ValueError, match=r"^calib.sources.code.fields=null: format: chat needs `fields`"):
+        check_group("calib", cfg)
     cfg = paper_calib(hub_files, "+calib.sources.math.format=markdown")
-    with pytest.raises(ValueError, match="format 'markdown' is not one of text, chat"):
-        validate_calib(cfg)
+    with pytest.raises(ValueError, match=r"^calib.sources.math.format='markdown'; valid: text, chat$"):
+        check_group("calib", cfg)
 
 
 # ---- cache -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -184,7 +185,10 @@ def test_model_card_before_evaluation_and_hub_base_model(tmp_path):
              "experts_per_layer": {"before": 128, "after": 96}, "ream_exp": {"version": "x", "commit": None},
              "base_model": {"name": "qwen3_30b_a3b", "path": "Qwen/Qwen3-30B-A3B-Instruct-2507", "dtype": "bfloat16"}}
     (tmp_path / "config.json").write_text(json.dumps({"compression": block, "dtype": "bfloat16"}))
-    meta, body = _front_matter(write_model_card(tmp_path).read_text())
+    card = write_model_card(tmp_path)
+    meta, body = _front_matter(card.read_text())
+    assert ModelCard.load(card).data.to_dict() == meta  # the hub's reader reads the same header
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("transformers", "text-generation")
     assert meta["base_model"] == "Qwen/Qwen3-30B-A3B-Instruct-2507"
     assert meta["tags"] == ["ream-exp", "moe", "expert-pruning", "reap"]
     assert "Not evaluated" in body and "128 -> 96" in body

@@ -44,14 +44,16 @@ BAD_SETTINGS = [
     (["ratio=null"], r"^ratio=null is not a number"),
     (["ratio=[0.25,0.5]"], r"^ratio=\[0.25, 0.5\] is not a number.*ream-exp -m ratio=0.25,0.5"),
     (["ratio=true"], r"^ratio=true is not a number"),
-    (["calib.mix=abc"], r"^calib.mix='abc' is neither a mapping nor a list: calib.mix is a mapping \{source: weight\}"
+    (["calib.mix=abc"], r"^calib.mix='abc' is not a mapping or a list: calib.mix is a mapping \{source: weight\}"
                         r".* or 3 ratios \(general : math : code\)"),
     (["calib.mix=[0.5,x,0.5]"], r"^calib.mix\[1\]='x' is not a number"),
     (["calib.mix={general:0.5,tol:0.5}"], r"^calib.mix names source 'tol', which calib.sources does not declare: "
                                           r"calib.sources declares general, math, code"),
     (["calib.mix={}"], r"^calib.mix=\{\} names no source: calib.mix is a mapping \{source: weight\}"),
-    (["calib.mix={general:0.5,code:-0.1}"], r"^calib.mix.code=-0.1 is negative: weights must be >= 0$"),
-    (["calib.mix={general:x}"], r"^calib.mix.general='x' is not a number: calib.mix.general is the weight of source"),
+    (["calib.mix={general:0.5,code:-0.1}"], r"^calib.mix.code=-0.1 must be >= 0: calib.mix.code is the weight of its "
+                                            r"source, a fraction of calib.n"),
+    (["calib.mix={general:x}"], r"^calib.mix.general='x' is not a number: calib.mix.general is the weight of its "
+                                r"source"),
     (["calib.mix={general:[1]}"], r"^calib.mix.general=\[1\] is not a number"),
     (["calib.mix={general:0,code:0}"], r"^calib.mix is all zero \(\{'general': 0.0, 'code': 0.0\}\)"),
     (["calib.n=2", "calib.mix={general:0.3,code:0.3}"], r"^calib.n=2 with calib.mix=.* takes int\(n \* ratio\) = 0"),
@@ -204,11 +206,16 @@ def _offsets_past_end(path):
     _with_header(path, header, data)
 
 
+def _trailing_bytes(path):
+    path.write_bytes(path.read_bytes() + b"\0" * 16)  # bytes no tensor covers: the library refuses them too
+
+
 DAMAGE = [(_truncated, r"is truncated: tensor .* lies at bytes"),
-          (_foreign, r"is truncated or not a safetensors file: header length"),
-          (_garbage_header, r"is not a safetensors file: its header is not JSON"),
+          (_foreign, r"is truncated or not a safetensors file \(\d+ bytes\): header too large"),
+          (_garbage_header, r"is truncated or not a safetensors file \(\d+ bytes\): invalid JSON in header"),
           (_shape_off, r"needs \d+ bytes, but its data_offsets span \d+"),
-          (_offsets_past_end, r"is truncated: tensor .* lies at bytes")]
+          (_offsets_past_end, r"is truncated: tensor .* lies at bytes"),
+          (_trailing_bytes, r"is not a valid safetensors file: .*not fully covered")]
 
 
 @pytest.mark.parametrize("damage,message", DAMAGE, ids=lambda v: getattr(v, "__name__", ""))

@@ -20,6 +20,7 @@ from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layer
 from ream_exp.moe.families import family_for
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.run import validate
+from ream_exp.settings import check_group
 from tests.test_config import CONF, make_cfg, options
 from tests.tolerances import assert_f32_close
 
@@ -61,6 +62,7 @@ def test_named_mix_composes_on_the_paper_sources(name):
     assert (calib.n, calib.seq_len, calib.seed, calib.min_fill, calib.pack) == (3072, 512, 42, 0.9, False)
     assert [calib.sources[d].path for d in ("general", "math", "code")] == [
         "allenai/c4", "AI-MO/NuminaMath-1.5", "bigcode/the-stack-smol"]
+    check_group("calib", calib)
     validate_calib(calib)
 
 
@@ -69,7 +71,7 @@ def test_free_ratios_and_bad_ratios():
     assert list(_cfg("calib=mix_0_5_5", "calib.mix=[0.1,0.1,0.8]").calib.mix) == [0.1, 0.1, 0.8]
     for mix, message in [("[0.5,-0.1,0.5]", "must be >= 0"), ("[0,0,0]", "all zero"), ("[0.5,0.5]", "3 ratios")]:
         with pytest.raises(ValueError, match=message):
-            validate_calib(_cfg("calib=paper", f"calib.mix={mix}").calib)
+            check_group("calib", _cfg("calib=paper", f"calib.mix={mix}").calib)
 
 
 def test_reap_calibration_config():

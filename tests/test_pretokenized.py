@@ -11,6 +11,7 @@ from ream_exp.calib import build_calibration, validate_calib
 from ream_exp.config import ConfigError
 from ream_exp.methods import Context, get_method
 from ream_exp.moe.tiny import tiny_batch, tiny_model
+from ream_exp.settings import check_group
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -47,7 +48,7 @@ def test_validation_needs_no_mix_for_a_file_and_keeps_checking_mixes(tmp_path):
     torch.save(_tokens(), tmp_path / "calib.pt")
     validate_calib(_calib_cfg(tmp_path / "calib.pt"))
     with pytest.raises(ValueError, match="all zero"):
-        validate_calib(OmegaConf.create({"name": "local", "mix": [0, 0, 0]}))
+        check_group("calib", OmegaConf.create({"name": "local", "mix": [0, 0, 0]}))
 
 
 def _bad(tmp_path, data, match):

@@ -21,7 +21,8 @@ from ream_exp import PACKAGE_DIR
 from ream_exp.calib import build_calibration, validate_calib
 from ream_exp.config import ConfigError
 from ream_exp.methods import METHODS
-from ream_exp.settings import CALIB, EVAL, LOGGER, MODEL, SCHEMA, check_settings, method_group
+from ream_exp.setting_schema import CALIB, EVAL, LOGGER, MODEL, SCHEMA, method_group
+from ream_exp.settings import check_settings
 from tests.test_config import CONF, make_cfg, options
 
 REAM_EXP = str(Path(sys.executable).parent / "ream-exp")

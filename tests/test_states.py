@@ -21,6 +21,7 @@ from ream_exp.methods.states import StatesConfig, StateStore, state_store
 from ream_exp.moe import apply_plan, decoder_layers
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model
 from ream_exp.observe import observe, observing
+from ream_exp.settings import check_group
 from tests.merging_helpers import method_cfg
 
 
@@ -143,13 +144,13 @@ def _calib(**keys):
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"states_device": "gpu"}, r"calib.states_device='gpu': choose one of null .*cpu, disk"),
+    ({"states_device": "gpu"}, r"calib.states_device='gpu'; valid: null, cpu, disk"),
     ({"states_device": "cpu", "states_dir": "/tmp/x"}, r"calib.states_dir='/tmp/x' is set but calib.states_device='cpu'"),
     ({"states_dir": "/tmp/x"}, r"calib.states_device=null: states_dir is used only with calib.states_device=disk"),
 ])
 def test_bad_states_settings_are_one_line_errors(keys, message):
     with pytest.raises(ConfigError, match=message) as err:
-        validate_calib(_calib(**keys))
+        check_group("calib", _calib(**keys))
     assert "\n" not in str(err.value)
 
 

@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from ream_exp import tracking
+from ream_exp.config import ConfigError
+from ream_exp.settings import check_group
 from ream_exp.tracking import NullLogger, WandbLogger, make_logger
 
 CONF_LOGGER = Path(__file__).resolve().parents[1] / "conf" / "logger"
@@ -132,11 +134,11 @@ def test_failing_wandb_calls_never_raise(caplog):
     assert "disk full" in caplog.text and "sync failed" in caplog.text
 
 
-def test_bad_settings_are_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="wandbb"):
-        make_logger({"name": "wandbb"}, tmp_path)
-    with pytest.raises(ValueError, match="onlin"):
-        make_logger(wandb_cfg(mode="onlin"), tmp_path)
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^logger.name='wandbb'; valid: wandb, none \(did you mean wandb\?\)$"):
+        check_group("logger", {"name": "wandbb"})
+    with pytest.raises(ConfigError, match=r"^logger.mode='onlin'; valid: null, offline, online, disabled"):
+        check_group("logger", wandb_cfg(mode="onlin"))
 
 
 RUN_CONFIG = {"method": {"name": "reap"}, "ratio": 0.25, "calib": {"mix": [0, 0.5, 0.5]}, "seed": 0}
@@ -219,4 +221,4 @@ def test_toy_sweeps_log_to_wandb_offline():
         sweep = OmegaConf.load(path)
         assert list(sweep.defaults)[-1] == "_self_", path.name
         assert (sweep.logger.name, sweep.logger.mode) == ("wandb", "offline"), path.name
-        assert tracking.check_logger(sweep.logger) == "offline"
+        assert tracking.wandb_mode(sweep.logger) == "offline"

@@ -26,9 +26,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, require_number, require_positive_int, require_writable_dir, shown
+from ..config import ConfigError, require_writable_dir, shown
+from ..setting_types import MISSING
 from .pretokenized import check_token_ids, load_pretokenized
-from .sources import check_local_source, hub_dataset, iter_texts, load_source, source_columns
+from .sources import check_chat_fields, check_local_source, hub_dataset, iter_texts, load_source
 
 log = logging.getLogger(__name__)
 
@@ -41,51 +42,46 @@ def _declared(sources) -> list[str]:
     return [str(name) for name in (sources or {})]
 
 
-def validate_mix(mix, sources=None) -> dict[str, float]:
+def mix_as_weights(mix, sources=None) -> dict[str, float]:
     """The mix as {source: weight}: the shorthand [a, b, c] means {general: a, math: b, code: c}.
 
-    Weights are fractions of calib.n (int(n * weight) sequences each), summing to at most 1 (validate_calib
-    checks that), not necessarily to 1. The
-    order is the one rows are built in: general, math, code first, then the other sources in the order
-    calib.sources declares them (`sources`, when given; else as written). With `sources`, every name of
-    a mapping must be declared there.
+    Weights are fractions of calib.n (int(n * weight) sequences each), summing to at most 1, not
+    necessarily to 1 (`check_mix`, `check_mix_reads`). The order is the one rows are built in: general,
+    math, code first, then the other sources in the order calib.sources declares them (`sources`, when
+    given; else as written). A TypeError or ValueError for a mix of neither form.
     """
-    if isinstance(mix, (dict, DictConfig)):
-        return _validate_mapping(mix, sources)
-    if isinstance(mix, str) or not isinstance(mix, (list, tuple, ListConfig)):
-        raise ConfigError(f"calib.mix={shown(mix)} is neither a mapping nor a list: calib.mix is {MIX_FORMS}")
-    meaning = f"{len(DOMAINS)} ratios ({' : '.join(DOMAINS)}), e.g. [0.3,0.3,0.3]"
-    ratios = [require_number(f"calib.mix[{i}]", x, f"one of the {meaning}") for i, x in enumerate(mix)]
-    if len(ratios) != len(DOMAINS):
-        raise ConfigError(f"calib.mix must have {meaning} (or be {MIX_FORMS.split(', or ')[0]}), got {ratios}")
-    if any(x < 0 for x in ratios):
-        raise ConfigError(f"calib.mix ratios must be >= 0, got {ratios}")
-    if sum(ratios) == 0:
-        raise ConfigError(f"calib.mix is all zero ({ratios}): at least one source needs a positive ratio")
-    return dict(zip(DOMAINS, ratios))
-
-
-def _validate_mapping(mix, sources) -> dict[str, float]:
-    mix = OmegaConf.to_container(mix, resolve=True) if isinstance(mix, DictConfig) else dict(mix)
-    declared = _declared(sources)
-    known = f"calib.sources declares {', '.join(declared)}" if declared else "calib.sources declares none"
-    if not mix:
-        raise ConfigError(f"calib.mix={{}} names no source: calib.mix is {MIX_FORMS.split(', or ')[0]} ({known})")
-    weights = {}
-    for name, value in mix.items():
-        name = str(name)
-        if sources is not None and name not in declared:
-            raise ConfigError(f"calib.mix names source {name!r}, which calib.sources does not declare: {known} "
-                              f"(declare it as calib.sources.{name}: path, field, ...)")
-        weights[name] = require_number(f"calib.mix.{name}", value,
-                                       f"the weight of source {name!r} (int(calib.n * weight) sequences)")
-        if weights[name] < 0:
-            raise ConfigError(f"calib.mix.{name}={weights[name]} is negative: weights must be >= 0")
-    if sum(weights.values()) == 0:
-        raise ConfigError(f"calib.mix is all zero ({weights}): at least one source needs a positive weight")
-    order = list(DOMAINS) + [d for d in declared if d not in DOMAINS]
+    if isinstance(mix, (ListConfig, DictConfig)):
+        mix = OmegaConf.to_container(mix, resolve=True)
+    if not isinstance(mix, dict):
+        if isinstance(mix, str) or len(mix) != len(DOMAINS):
+            raise ValueError(f"calib.mix={shown(mix)} is neither a mapping nor {len(DOMAINS)} ratios")
+        return dict(zip(DOMAINS, map(float, mix)))
+    order = list(DOMAINS) + [d for d in _declared(sources) if d not in DOMAINS]
     rank = {name: i for i, name in enumerate(order)}
+    weights = {str(name): float(value) for name, value in mix.items()}
     return dict(sorted(weights.items(), key=lambda kv: rank.get(kv[0], len(order))))
+
+
+def check_mix(calib: dict) -> None:
+    """calib.mix against calib.sources (its form and weights checked by ream_exp.setting_schema):
+    a mapping names at least one source and only declared ones; some weight is positive."""
+    mix, sources = calib.get("mix"), calib.get("sources")
+    if mix is None or mix == MISSING:
+        return
+    if isinstance(mix, dict):
+        declared = _declared(sources)
+        known = f"calib.sources declares {', '.join(declared)}" if declared else "calib.sources declares none"
+        if not mix:
+            raise ConfigError(f"calib.mix={{}} names no source: calib.mix is {MIX_FORMS.split(', or ')[0]} ({known})")
+        for name in map(str, mix):
+            if name not in declared:
+                raise ConfigError(f"calib.mix names source {name!r}, which calib.sources does not declare: {known} "
+                                  f"(declare it as calib.sources.{name}: path, field, ...)")
+    weights = mix_as_weights(mix, sources)
+    if not any(weights.values()):
+        shown_weights = weights if isinstance(mix, dict) else list(weights.values())
+        kind = "weight" if isinstance(mix, dict) else "ratio"
+        raise ConfigError(f"calib.mix is all zero ({shown_weights}): at least one source needs a positive {kind}")
 
 
 def is_shorthand(weights: dict[str, float]) -> bool:
@@ -96,20 +92,20 @@ def is_shorthand(weights: dict[str, float]) -> bool:
 def without_unread_sources(calib: dict) -> dict:
     """A resolved calib config without the sources its mix gives no weight, which cannot change a run
     (so declaring a new source, as the toy's `tool`, leaves earlier runs' configs the same). A mix that
-    does not validate is left for validate_calib to report, and the config is returned as it is."""
+    of neither form is left for the settings check to report, and the config is returned as it is."""
     sources, mix = calib.get("sources"), calib.get("mix")
     if not isinstance(sources, dict) or mix is None:
         return calib
     try:
-        read = {name for name, weight in validate_mix(mix).items() if weight > 0}
-    except ConfigError:
+        read = {name for name, weight in mix_as_weights(mix).items() if weight > 0}
+    except (TypeError, ValueError):
         return calib
     return {**calib, "sources": {name: src for name, src in sources.items() if name in read}}
 
 
 def counts_for_mix(n: int, mix, sources=None) -> dict[str, int]:
     """{source: int(n * weight)}; the three shorthand sources are always listed (0 when not in the mix)."""
-    weights = validate_mix(mix, sources)
+    weights = mix_as_weights(mix, sources)
     counts = {d: int(n * weights.get(d, 0.0)) for d in DOMAINS}
     counts.update({d: int(n * w) for d, w in weights.items() if d not in DOMAINS})
     return counts
@@ -119,7 +115,7 @@ def recorded_mix(cfg) -> dict[str, float] | None:
     """The mix as metrics.json records it, {source: weight} (None for pre-tokenised calibration)."""
     if is_pretokenized(cfg) or cfg.get("mix") is None:
         return None
-    return validate_mix(cfg.mix, cfg.get("sources"))
+    return mix_as_weights(cfg.mix, cfg.get("sources"))
 
 
 def _pad_id(tokenizer) -> int:
@@ -187,12 +183,11 @@ def is_pretokenized(cfg) -> bool:
 
 
 def validate_calib(cfg, vocab_size: int | None = None) -> None:
-    """What can be checked before a model is loaded: the sizes, then the pre-tokenised file or the mix of sources.
-
-    With the model's `vocab_size`, pre-tokenised ids must also lie in [0, vocab_size).
-    """
-    require_positive_int("calib.batch_size", cfg.get("batch_size", 8), "the number of sequences per forward pass")
-    validate_states(cfg)
+    """What the calibration needs beyond its settings (ream_exp.settings checks those first): a writable
+    states directory, then the pre-tokenised file (with the model's `vocab_size`, its ids in [0,
+    vocab_size)), or each source the mix reads given a path and, where local, present."""
+    if cfg.get("states_dir") not in (None, "") and cfg.get("states_device") == "disk":
+        require_writable_dir("calib.states_dir", cfg.states_dir, "the directory of the calibration hidden states")
     if is_pretokenized(cfg):
         calib = load_pretokenized(cfg.get("path"))
         if vocab_size is not None:
@@ -200,26 +195,41 @@ def validate_calib(cfg, vocab_size: int | None = None) -> None:
         rows, length = calib["input_ids"].shape
         log.info("calibration: %d sequences x %d tokens from calib.path=%s", rows, length, cfg.get("path"))
         return
-    mix = validate_mix(cfg.mix, cfg.get("sources"))
-    n = require_positive_int("calib.n", cfg.get("n"), "the number of calibration sequences")
-    require_positive_int("calib.seq_len", cfg.get("seq_len"), "the length of every calibration sequence in tokens")
-    require_number("calib.seed", cfg.get("seed", 0), "the integer seed of each source's row order", integer=True)
-    min_fill = require_number("calib.min_fill", cfg.get("min_fill", 0.9), "the least share of real tokens per row")
-    if not 0 <= min_fill <= 1:
-        raise ConfigError(f"calib.min_fill={min_fill} is outside [0, 1]: it is the least share of real tokens per row")
-    check_mix_total(mix, n, cfg.mix)
     used = used_sources(cfg)
-    if not used:
-        raise ConfigError(f"calib.n={n} with calib.mix={shown(cfg.mix)} takes int(n * ratio) = 0 sequences "
-                          "from every source: raise calib.n")
-    log.info("%s", calibration_line(used, int(cfg.seq_len), n))
-    for _, src in used.values():  # a domain the mix needs is configured, in a known format, its file present
-        source_columns(src)
+    log.info("%s", calibration_line(used, int(cfg.seq_len), int(cfg.n)))
+    for _, src in used.values():  # a local file the mix reads is present
         check_local_source(src)
 
 
 # Float sums of weights meant to add up to 1 (0.1 + 0.2 + 0.7) may exceed it by rounding.
 MIX_TOTAL_TOLERANCE = 1e-6
+
+
+def check_mix_reads(calib: dict) -> None:
+    """calib.mix against calib.n, where a calibration is built from sources (the settings check runs this
+    for a method that reads calibration): the weights sum to at most 1, every source the mix takes
+    sequences from is declared (a chat source with its fields), and some source gets a sequence."""
+    mix, sources = calib.get("mix"), calib.get("sources") or {}
+    if is_pretokenized(calib) or mix is None or mix == MISSING:
+        return
+    for key in ("n", "seq_len"):
+        if calib.get(key) is None:
+            raise ConfigError(f"calib.{key} is not set: a calibration mixed from sources needs calib.n sequences "
+                              "of calib.seq_len tokens")
+    n = calib["n"]
+    if n == MISSING:
+        return
+    check_mix_total(mix_as_weights(mix, sources), n, mix)
+    counts = counts_for_mix(n, mix, sources if isinstance(mix, dict) else None)
+    for name, count in counts.items():
+        if count and name not in sources:
+            raise ConfigError(f"calib.mix asks for {count} {name} sequences but calib.sources has no {name!r} "
+                              f"(it declares {', '.join(_declared(sources)) or 'none'})")
+        if count:
+            check_chat_fields(sources[name] or {}, f"calib.sources.{name}")
+    if not any(counts.values()):
+        raise ConfigError(f"calib.n={n} with calib.mix={shown(mix)} takes int(n * ratio) = 0 sequences "
+                          "from every source: raise calib.n")
 
 
 def check_mix_total(weights: dict[str, float], n: int, mix) -> None:
@@ -233,6 +243,15 @@ def check_mix_total(weights: dict[str, float], n: int, mix) -> None:
                           "calib.n; give weights summing to at most 1 (e.g. [0.4,0.3,0.3]) and the total as calib.n")
 
 
+def check_states_dir(calib: dict) -> None:
+    """calib.states_dir only with calib.states_device=disk: where the layer-wise hidden states wait
+    (methods/states.py)."""
+    place, directory = calib.get("states_device"), calib.get("states_dir")
+    if directory not in (None, "") and place != "disk":
+        raise ConfigError(f"calib.states_dir={shown(directory)} is set but calib.states_device={shown(place)}: "
+                          "states_dir is used only with calib.states_device=disk")
+
+
 def calibration_line(used: dict[str, tuple[int, dict]], seq_len: int, n: int) -> str:
     """`calibration: 127 sequences x 128 tokens: general 51, math 38, code 38 (int(calib.n * weight) of
     calib.n=128)`, said before anything loads (the note only where the counts do not add up to calib.n)."""
@@ -242,33 +261,15 @@ def calibration_line(used: dict[str, tuple[int, dict]], seq_len: int, n: int) ->
     return f"calibration: {total} sequences x {seq_len} tokens: {counts}{note}"
 
 
-STATES_PLACES = ("null (the model's execution device)", "cpu", "disk")
-
-
-def validate_states(cfg) -> None:
-    """calib.states_device and calib.states_dir: where the layer-wise hidden states wait (methods/states.py)."""
-    place, directory = cfg.get("states_device"), cfg.get("states_dir")
-    if place not in (None, "cpu", "disk"):
-        raise ConfigError(f"calib.states_device={shown(place)}: choose one of {', '.join(STATES_PLACES)}")
-    if directory in (None, ""):
-        return
-    if place != "disk":
-        raise ConfigError(f"calib.states_dir={shown(directory)} is set but calib.states_device={shown(place)}: "
-                          "states_dir is used only with calib.states_device=disk")
-    require_writable_dir("calib.states_dir", directory, "the directory of the calibration hidden states")
-
-
 def used_sources(cfg) -> dict[str, tuple[int, dict]]:
-    """{source: (count, source config)} for every source the mix takes sequences from, in build order."""
+    """{source: (count, source config)} for every source the mix takes sequences from, in build order (the
+    sources themselves checked by check_mix_reads); a ConfigError for one whose path is not set yet."""
     used, sources = {}, cfg.get("sources") or {}
     mapping = isinstance(cfg.mix, (dict, DictConfig))
     for domain, count in counts_for_mix(int(cfg.n), cfg.mix, sources if mapping else None).items():
         if count == 0:
             continue
-        src = sources.get(domain)
-        if src is None:
-            raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources has no {domain!r} "
-                              f"(it declares {', '.join(_declared(sources)) or 'none'})")
+        src = sources[domain]
         if OmegaConf.is_config(src) and OmegaConf.is_missing(src, "path"):
             raise ConfigError(f"calib.mix asks for {count} {domain} sequences but calib.sources.{domain}.path is not "
                               f"set: give calib.sources.{domain}.path=FILE (or a hub dataset id), or weight {domain} 0")
@@ -305,6 +306,7 @@ def calibration_batches(calib: dict[str, torch.Tensor], batch_size: int):
     return [{k: v[i:i + batch_size] for k, v in calib.items()} for i in range(0, n, batch_size)]
 
 
-__all__ = ["DOMAINS", "build_calibration", "calibration_batches", "calibration_datasets", "counts_for_mix",
-           "is_pretokenized", "is_shorthand", "load_pretokenized", "load_source", "recorded_mix", "resolve_source",
-           "used_sources", "validate_calib", "validate_mix", "without_unread_sources"]
+__all__ = ["DOMAINS", "MIX_FORMS", "build_calibration", "calibration_batches", "calibration_datasets", "check_mix",
+           "check_mix_reads", "check_states_dir", "counts_for_mix", "is_pretokenized", "is_shorthand",
+           "load_pretokenized", "load_source", "mix_as_weights", "recorded_mix", "resolve_source", "used_sources",
+           "validate_calib", "without_unread_sources"]

@@ -27,8 +27,8 @@ import torch
 
 from ..atomic import atomic_torch_save
 from ..cache_meta import StaleEntry, made_by, report_stale, require_current
-from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_shorthand, resolve_source, used_sources,
-               validate_mix)
+from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_shorthand, mix_as_weights,
+               resolve_source, used_sources)
 
 log = logging.getLogger("ream_exp")
 
@@ -88,7 +88,7 @@ def calibration_key_material(cfg, tokenizer) -> dict:
 def mix_key(cfg) -> list[float] | dict[str, float]:
     """The mix in the key: [general, math, code] when it reads only those (so a mapping over them and its
     three-number list share one cached set, and keys from before mappings stay valid), else {source: weight}."""
-    weights = validate_mix(cfg.mix, cfg.get("sources"))
+    weights = mix_as_weights(cfg.mix, cfg.get("sources"))
     return [weights.get(d, 0.0) for d in DOMAINS] if is_shorthand(weights) else weights
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, shown
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
@@ -66,19 +66,19 @@ FORMATS = ("text", "chat")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
+def check_chat_fields(src, setting: str) -> None:
+    """A source with format: chat names the columns of its turns (`fields`; their roles are checked by the
+    settings schema, ream_exp.setting_schema)."""
+    if src.get("format", "text") == "chat" and not src.get("fields"):
+        raise ConfigError(f"{setting}.fields={shown(src.get('fields'))}: format: chat needs `fields` mapping roles "
+                          f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}")
+
+
 def source_columns(src) -> list[str]:
     """The dataset columns a source reads: its `field`, or the columns of its chat `fields`."""
-    fmt = src.get("format", "text")
-    if fmt not in FORMATS:
-        raise ConfigError(f"calibration source {src['path']!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "text":
-        return [src.get("field", "text")]
-    fields = dict(src.get("fields") or {})
-    if not fields or any(role not in CHAT_ROLES for role in fields):
-        raise ConfigError(f"calibration source {src['path']!r}: format: chat needs `fields` mapping roles "
-                          f"({', '.join(CHAT_ROLES)}) to columns, e.g. {{user: instruction, assistant: output}}; "
-                          f"got {fields}")
-    return list(fields.values())
+    if src.get("format", "text") == "chat":
+        return list(dict(src["fields"]).values())
+    return [src.get("field", "text")]
 
 
 def _chat_renderer(src, tokenizer):
