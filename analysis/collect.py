@@ -16,7 +16,7 @@ mc_tasks / gen_tasks name the task set behind each mean: the sorted task names j
 without kinds), they are left empty: unknown. analysis.pareto refuses to compare different sets.
 
 Standard errors: mc_stderr, gen_stderr, avg_stderr and one `stderr/<name>` per task, as metrics.json
-records them (lm-eval's per-task stderrs; the suites' from them, see ream_exp.evaluate); NaN for runs
+records them (lm-eval's per-task stderrs; the suites' from them, see ream_exp.evaluation.scores); NaN for runs
 evaluated without them.
 
 Eval settings, so that only like is compared (analysis.pareto refuses to mix them): eval (the eval

@@ -4,7 +4,7 @@
     ream-exp model=local model.path=DIR method=reap ratio=0.5 eval=none logger=none hydra.run.dir=OUT
 
 The run directory gets config.yaml (resolved), plan.json, metrics.json, checkpoint/ (unless save=false) and
-lm_eval/ (lm-eval's own results files, per-sample outputs with eval.log_samples=true; see ream_exp.evaluate).
+lm_eval/ (lm-eval's own results files, per-sample outputs with eval.log_samples=true; see ream_exp.evaluation).
 Tests call `run(cfg)` directly; `hydra_main` is the Hydra task and `main` the console script, which prints
 errors raised on purpose (ConfigError, Hydra's config composition errors) as one `error: ...` line.
 """
@@ -26,11 +26,14 @@ from . import CONF_DIR as _CONF_DIR
 from .calib import calibration_datasets, recorded_mix, validate_calib
 from .cache_meta import still_valid
 from .calib.cache import cache_path, cached_calibration, calibration_key
-from .checkpoint import lm_eval_git_hash, save_checkpoint, write_model_card
+from .checkpoint import save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
                      check_seed)
 from .dataset_check import check_datasets
-from .evaluate import check_runtime_data, check_tasks, evaluate, scores_made_by, task_datasets, task_names
+from .evaluation.checks import check_tasks
+from .evaluation.data_needs import check_runtime_data, task_datasets
+from .evaluation.harness import evaluate
+from .evaluation.scores import scores_made_by
 from .methods import Context, get_method
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
@@ -175,10 +178,6 @@ def _calibration_cached(cfg: DictConfig) -> bool:
 
 
 def _evaluate(model, tokenizer, cfg, checkpoint_dir: Path | None = None, output_dir: Path | None = None) -> dict:
-    if task_names(cfg.eval):  # eval=none imports no lm-eval
-        import lm_eval.evaluator
-
-        lm_eval.evaluator.get_git_commit_hash = lm_eval_git_hash  # quiet, and this code's commit
     return evaluate(model, tokenizer, cfg.eval, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
 
 

@@ -225,15 +225,15 @@ def test_calibration_is_built_before_the_model_loads(tiny_checkpoint, calib_file
 
 @pytest.mark.parametrize("change", ["EVAL_VERSION", "lm-eval", "task version", "no record"])
 def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypatch, caplog):
-    """The cached scores of the uncompressed model record what made them (evaluate.py's EVAL_VERSION,
+    """The cached scores of the uncompressed model record what made them (evaluation/scores.py's EVAL_VERSION,
     lm-eval's version, each task's declared version) and keep the versions lm-eval reported; scores made
     otherwise, or that do not say, are evaluated again and overwritten, with one log line saying why."""
     import logging
     import shutil
 
     import ream_exp
-    import ream_exp.evaluate as ev
     import ream_exp.run as run_module
+    from ream_exp.evaluation import scores as eval_scores, task_index
     from ream_exp.timing import Timings
 
     tasks = tmp_path / "tasks"
@@ -248,29 +248,30 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
     assert baseline() == scores
     [path] = (tmp_path / "cache" / "baseline").glob("*.json")
     entry = json.loads(path.read_text())
-    assert entry["made_by"] == {"cache format": 1, "ream-exp": ream_exp.__version__, "evaluate code": ev.EVAL_VERSION,
-                                "lm-eval": ev.lm_eval_version(), "task tiny_mc": 1.0}
+    assert entry["made_by"] == {"cache format": 1, "ream-exp": ream_exp.__version__,
+                                "evaluate code": eval_scores.EVAL_VERSION,
+                                "lm-eval": eval_scores.lm_eval_version(), "task tiny_mc": 1.0}
     assert entry["versions"] == {"tiny_mc": 1.0}  # the versions lm-eval reports, kept in the entry
     caplog.set_level(logging.INFO, logger="ream_exp")
     assert baseline() == scores and evaluated == [1], "unchanged: the cached scores are used"
     assert "baseline cache" not in caplog.text
 
     if change == "EVAL_VERSION":
-        monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
-        why = f"evaluate code v{ev.EVAL_VERSION - 1}, this is v{ev.EVAL_VERSION}"
+        monkeypatch.setattr(eval_scores, "EVAL_VERSION", eval_scores.EVAL_VERSION + 1)
+        why = f"evaluate code v{eval_scores.EVAL_VERSION - 1}, this is v{eval_scores.EVAL_VERSION}"
     elif change == "lm-eval":
-        monkeypatch.setattr(ev, "lm_eval_version", lambda: "9.9.9")
+        monkeypatch.setattr(eval_scores, "lm_eval_version", lambda: "9.9.9")
         why = f"lm-eval {entry['made_by']['lm-eval']}, this is 9.9.9"
     elif change == "task version":
         yaml = tasks / "tiny_mc.yaml"
         yaml.write_text(yaml.read_text().replace("version: 1.0", "version: 2.0"))
-        ev._task_manager.cache_clear()  # the task index is read once per process
+        task_index.task_manager.cache_clear()  # the task index is read once per process
         why = "task tiny_mc v1.0, this is v2.0"
     else:  # an entry from before entries recorded what made them
         path.write_text(json.dumps({k: v for k, v in entry.items() if k != "made_by"}))
-        why = f"an unknown version (no record of what made it), this is evaluate code v{ev.EVAL_VERSION}"
+        why = f"an unknown version (no record of what made it), this is evaluate code v{eval_scores.EVAL_VERSION}"
     assert baseline() == scores and evaluated == [1, 1], "scores made otherwise were used"
     assert [r.getMessage() for r in caplog.records if "baseline cache" in r.getMessage()] == [
         f"baseline cache {path} was made by {why}: recomputing"]
-    assert json.loads(path.read_text())["made_by"] == ev.scores_made_by(cfg.eval)  # rewritten, new record
+    assert json.loads(path.read_text())["made_by"] == eval_scores.scores_made_by(cfg.eval)  # rewritten, new record
     assert baseline() == scores and evaluated == [1, 1]
