@@ -38,8 +38,10 @@ from .methods import Context, get_method
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .identity import baseline_key, config_digest, digest, run_identity, stats_key
-from .pipeline import (count_parameters, load_model, load_model_config, load_tokenizer, offload_scratch,
-                       resolve_device, score_table, write_json)
+from .atomic import write_json
+from .loading import load_model, load_model_config, load_tokenizer
+from .placement import offload_scratch, resolve_device
+from .report import report
 from .stream import PARTIAL, LayerStream, check_stream, resumable
 from .timing import Timings
 from .settings import check_settings, composition_refusal
@@ -115,6 +117,10 @@ def _finished_metrics(path: Path) -> dict | None:
         log.warning("unreadable %s (%s): treated as an unfinished attempt", path, exc)
         return None
     return metrics if isinstance(metrics, dict) and metrics.get("status") == "done" else None
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def validate(cfg: DictConfig):
@@ -380,19 +386,6 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, offload_
     logger.log_metrics(metrics)
     logger.log_results(run_dir / "metrics.json")
     return metrics
-
-
-def report(metrics: dict, run_dir: Path) -> None:
-    """The end of a run's output: its scores beside the uncompressed model's, what they mean, its files."""
-    scores, baseline = metrics["eval"], metrics.get("baseline")
-    rows = {"uncompressed": baseline} if baseline else {}
-    rows[f"{metrics['method']} ({metrics['experts_after']}/{metrics['experts_before']} experts)"] = scores
-    if scores.get("tasks"):
-        print(score_table(rows))
-        print("MC: mean accuracy of the multiple-choice tasks; GEN: mean score of the generation tasks; "
-              "AVG: their mean (in %, ± standard error)")
-    files = [name for name in ("metrics.json", "plan.json", "checkpoint/") if (run_dir / name).exists()]
-    log.info("run finished: %s (%s)", run_dir, ", ".join(files))
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:

@@ -213,7 +213,7 @@ def test_lm_eval_records_this_codes_commit_quietly(tmp_path, monkeypatch, capfd)
 # ---- local models keep their dtype -------------------------------------------------------------------
 
 def test_bf16_checkpoint_is_loaded_merged_and_saved_in_bf16(calib_files, tmp_path):
-    from ream_exp.pipeline import load_model
+    from ream_exp.loading import load_model
 
     base = tmp_path / "bf16"
     tiny_model("qwen3_moe", num_experts=8, top_k=2).to(torch.bfloat16).save_pretrained(base)

@@ -301,7 +301,7 @@ class MixSearchSweeper(Sweeper):
 
     def _write_summary(self, study, sweep_dir: Path) -> None:
         """search.json: every trial (number, state, mix, MC, GEN) and the Pareto front's trial numbers."""
-        from ream_exp.pipeline import write_json
+        from ream_exp.atomic import write_json
 
         trials = [{"number": t.number, "state": t.state.name, "mix": t.user_attrs.get("mix"),
                    "values": list(t.values) if t.values else None,

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from ream_exp.calib import DOMAINS
-from ream_exp.pipeline import write_json
+from ream_exp.atomic import write_json
 from ream_exp.run import finished_metrics
 
 
