@@ -1,7 +1,7 @@
 """The end of a multirun: which runs were done, skipped or failed, and a non-zero exit if any failed.
 
 `SweepSummary` is a Hydra callback (registered in conf/config.yaml under hydra.callbacks). A failed run
-never stops the others (ream_exp.run.main returns None for it in a multirun), so Hydra alone would exit 0
+never stops the others (ream_exp.cli.hydra_main returns None for it in a multirun), so Hydra alone would exit 0
 after a sweep full of failures. The callback classifies each job as it ends, in the process that ran it:
 
   failed   the job raised, or main returned None for it;

@@ -790,7 +790,7 @@ def _write_toy_run(path: Path, cfg, mc: float, identity: bool = True, config_tex
     from omegaconf import OmegaConf
 
     from ream_exp.identity import digest, run_identity
-    from ream_exp.run import IDENTITY_FILE
+    from ream_exp.run_records import IDENTITY_FILE
 
     path.mkdir(parents=True)
     OmegaConf.save(cfg, path / "config.yaml", resolve=True)

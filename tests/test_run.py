@@ -196,26 +196,28 @@ def test_pretokenized_calibration_through_the_pipeline(tiny_checkpoint, tmp_path
 
 def test_vllm_evaluates_the_uncompressed_baseline_from_model_path(tmp_path, monkeypatch):
     """vLLM loads the model itself: the uncompressed model's checkpoint is model.path."""
-    import ream_exp.run as run_module
+    import ream_exp.baseline as baseline_module
     from ream_exp.timing import Timings
 
     seen = []
-    monkeypatch.setattr(run_module, "_evaluate", lambda model, tok, cfg, checkpoint_dir=None, output_dir=None:
+    monkeypatch.setattr(baseline_module, "evaluate", lambda model, tok, cfg, checkpoint_dir=None, output_dir=None:
                         seen.append(checkpoint_dir) or {"tasks": {}})
     cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=reap", "eval=gen", "eval.backend=vllm",
                    f"cache_dir={tmp_path / 'cache'}")
-    run_module.cached_baseline(None, None, cfg, Timings())
+    baseline_module.cached_baseline(None, None, cfg, Timings())
     assert seen == [tmp_path]
 
 
 def test_calibration_is_built_before_the_model_loads(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
     """Cheap steps first: a calibration source that cannot give its sequences fails with the tokenizer
     alone; neither the model nor the baseline evaluation ever starts."""
+    import ream_exp.baseline as baseline_module
     import ream_exp.run as run_module
 
     started = []
     monkeypatch.setattr(run_module, "load_model", lambda *a, **k: started.append("load"))
-    monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: started.append("evaluate"))
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: started.append("evaluate"))
+    monkeypatch.setattr(baseline_module, "evaluate", lambda *a, **k: started.append("baseline"))
     cfg = _cfg(tiny_checkpoint, calib_files, tmp_path, "method=reap", "calib.n=4096", "calib.seq_len=512")
     with pytest.raises(Exception) as failure:
         run(cfg, tmp_path / "run")
@@ -232,7 +234,7 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
     import shutil
 
     import ream_exp
-    import ream_exp.run as run_module
+    import ream_exp.baseline as baseline_module
     from ream_exp.evaluation import scores as eval_scores, task_index
     from ream_exp.timing import Timings
 
@@ -241,10 +243,11 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
     (tmp_path / "model").mkdir()
     evaluated = []
     scores = {"tasks": {"tiny_mc": {"score": 0.5, "stderr": 0.1, "kind": "mc"}}, "versions": {"tiny_mc": 1.0}}
-    monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: evaluated.append(1) or json.loads(json.dumps(scores)))
+    monkeypatch.setattr(baseline_module, "evaluate",
+                        lambda *a, **k: evaluated.append(1) or json.loads(json.dumps(scores)))
     cfg = make_cfg("model=local", f"model.path={tmp_path / 'model'}", "method=reap", "eval=mc", "eval.tasks=[tiny_mc]",
                    f"eval.include_path={tasks}", f"cache_dir={tmp_path / 'cache'}")
-    baseline = lambda: run_module.cached_baseline(None, None, cfg, Timings())  # noqa: E731
+    baseline = lambda: baseline_module.cached_baseline(None, None, cfg, Timings())  # noqa: E731
     assert baseline() == scores
     [path] = (tmp_path / "cache" / "baseline").glob("*.json")
     entry = json.loads(path.read_text())

@@ -183,9 +183,9 @@ def test_group_is_the_sweep_in_a_hydra_multirun(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from ream_exp.run import CONF_DIR
+    from ream_exp import CONF_DIR
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra.sweep.dir={tmp_path / 'toy_pareto'}"], return_hydra_config=True)
     assert tracking.sweep_name() is None  # no Hydra job in this process yet
     OmegaConf.set_readonly(cfg.hydra, False)

@@ -243,7 +243,7 @@ class MixSearchSweeper(Sweeper):
 
     def _finished_in_run_dir(self, overrides: List[str]):
         """(MC, GEN) of this job's run directory when it already holds finished results of this config."""
-        from ream_exp.run import finished_metrics
+        from ream_exp.run_records import finished_metrics
         from ream_exp.search import objectives
 
         job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
