@@ -1,5 +1,6 @@
 """Loading a model from a directory or hub id (after the config was checked): its config.json alone, its
-tokenizer alone, or its weights, placed as placement.py says."""
+tokenizer, or its weights, placed as placement.py says. A run loads its tokenizer once (ream_exp.run) and
+passes it along: calibration, the baseline, the checkpoint and the evaluation all use that one."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from .placement import placement_kwargs
 
 
 def load_model(model_cfg: DictConfig, device: str, offload_folder: str | Path | None = None):
-    """AutoModelForCausalLM + AutoTokenizer from a directory or hub id (after the config was checked).
+    """AutoModelForCausalLM from a directory or hub id (after the config was checked); no tokenizer.
 
     With model.device_map, accelerate places the weights (model.max_memory per device; weights sent to
     "disk" go to model.offload_folder, else to `offload_folder`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = model_cfg.get("dtype", "float32")
     kwargs = dict(dtype=dtype if dtype == "auto" else getattr(torch, dtype),
@@ -31,12 +32,11 @@ def load_model(model_cfg: DictConfig, device: str, offload_folder: str | Path | 
     model = AutoModelForCausalLM.from_pretrained(str(model_cfg.path), **kwargs).eval()
     if not model_cfg.get("device_map"):
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_cfg.path), trust_remote_code=kwargs["trust_remote_code"])
-    return model, tokenizer
+    return model
 
 
 def load_tokenizer(model_cfg: DictConfig):
-    """The model's tokenizer alone (no weights): enough to key the calibration cache before loading."""
+    """The model's tokenizer (no weights): enough to key the calibration cache before loading."""
     from transformers import AutoTokenizer
 
     trust = bool(model_cfg.get("trust_remote_code"))

@@ -16,9 +16,11 @@ ream_exp.evaluation.harness).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -77,7 +79,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
 
 def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
-    validate(cfg)
+    tokenizer = functools.cache(functools.partial(load_tokenizer, cfg.model))  # loaded once, when first needed
+    validate(cfg, tokenizer)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     identity = write_identity(run_dir, cfg)
     torch.manual_seed(int(cfg.seed))
@@ -87,7 +90,7 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     timer = Timings()
     try:
         with offload_scratch(cfg.model, run_dir) as offload_folder:  # removed when the run ends
-            metrics = _run_stages(cfg, run_dir, timer, logger, offload_folder)
+            metrics = _run_stages(cfg, run_dir, timer, logger, tokenizer(), offload_folder)
     finally:
         logger.finish()
     report(metrics, run_dir)
@@ -95,14 +98,18 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------- validate: before any load
-def validate(cfg: DictConfig):
+def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     """Every check that can fail before a model is loaded. Returns the model's transformers config.
+
+    `tokenizer` returns the run's tokenizer (keys the calibration cache; called only when a set is cached),
+    by default model.path's, loaded here.
 
     Cheap local checks first (settings, cache_dir, config.json, pre-tokenised ids, weight-file headers),
     then the hub datasets the run reads and the nltk data its eval tasks need; each failure is a
     ConfigError naming the setting.
     """
     check_settings(cfg)  # every key known, every value of its type (ream_exp/settings.py)
+    tokenizer = tokenizer or functools.partial(load_tokenizer, cfg.model)
     ratio = check_ratio(cfg.ratio)
     check_seed(cfg.seed)
     check_logger(cfg.get("logger"))
@@ -121,7 +128,7 @@ def validate(cfg: DictConfig):
     if needs_calibration:
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
-    check_datasets(_datasets_needed(cfg, needs_calibration))
+    check_datasets(_datasets_needed(cfg, needs_calibration, tokenizer))
     check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (README: evaluation)
     return model_config
 
@@ -134,32 +141,33 @@ def _model_config(model_cfg: DictConfig):
         raise ConfigError(f"model.path={str(model_cfg.path)!r}: its config.json cannot be read ({reason})") from exc
 
 
-def _datasets_needed(cfg: DictConfig, needs_calibration: bool) -> list:
+def _datasets_needed(cfg: DictConfig, needs_calibration: bool, tokenizer: Callable[[], Any]) -> list:
     """The hub datasets the run reads: its eval tasks', and its calibration sources' unless already tokenised."""
     needed = task_datasets(cfg.eval)
     if needs_calibration:
         sources = list(calibration_datasets(cfg.calib).items())
-        if sources and not _calibration_cached(cfg):
+        if sources and not _calibration_cached(cfg, tokenizer):
             needed += sources
     return needed
 
 
-def _calibration_cached(cfg: DictConfig) -> bool:
+def _calibration_cached(cfg: DictConfig, tokenizer: Callable[[], Any]) -> bool:
     """Whether this calibration set is in the cache already (then its sources are never read)."""
     if not cfg.get("cache_dir") or not any((Path(cfg.cache_dir) / "calib").glob("*.pt")):
         return False  # nothing cached: no need to load the tokenizer to compute the key
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        loaded = tokenizer()
     except (OSError, ValueError):  # no tokenizer here yet: the sources will have to be read
         return False
-    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, tokenizer)).exists()
+    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, loaded)).exists()
 
 
 # ---------------------------------------------------------------- the stages
-def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, offload_folder: Path | None = None) -> dict:
+def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenizer,
+                offload_folder: Path | None = None) -> dict:
+    """The stages after validation, in order, with the run's one tokenizer; returns metrics.json's content."""
     method = get_method(cfg.method.name)
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
     calib = _calibrate(cfg, method, tokenizer, timer)
     stream = None
     with timer("load"):
@@ -167,7 +175,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, offload_
             stream = LayerStream.open(cfg.model, device, run_dir, config_digest(cfg))
             model = stream.model
         else:
-            model, tokenizer = load_model(cfg.model, device, offload_folder)
+            model = load_model(cfg.model, device, offload_folder)
     experts_before, params_before = moe_layers(model)[0].num_experts, count_parameters(model)
     # a streamed run's baseline is cached (check_streamed_baseline) or evaluated by vLLM from model.path
     baseline = cached_baseline(model if stream is None else None, tokenizer, cfg, timer)
@@ -184,7 +192,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, offload_
     params_after = count_parameters(model)
     if stream is not None and scores_wanted(cfg):  # the compressed model is on disk only
         model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),
-                           device)[0]
+                           device)
     with timer("evaluate"):
         scores = evaluate(model, tokenizer, cfg.eval, checkpoint_dir=run_dir / "checkpoint" if cfg.save else None,
                           output_dir=run_dir / "lm_eval" if scores_wanted(cfg) else None)

@@ -220,7 +220,7 @@ def test_bf16_checkpoint_is_loaded_merged_and_saved_in_bf16(calib_files, tmp_pat
     tiny_tokenizer().save_pretrained(base)
     cfg = _cfg(base, calib_files, tmp_path, "method=ream", "ratio=0.5", "eval.tasks=[]", "logger=none")
     assert cfg.model.dtype == "auto"
-    model, _ = load_model(cfg.model, "cpu")
+    model = load_model(cfg.model, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     run(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint"

@@ -142,6 +142,34 @@ def test_unfinished_attempt_is_kept_aside_and_rerun(tiny_checkpoint, calib_files
     assert run(cfg, out) == json.loads((out / "metrics.json").read_text())  # finished: skipped
 
 
+def test_a_run_loads_its_tokenizer_once(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
+    """Calibration, validate's look into the calibration cache, the checkpoint and the evaluation share one
+    tokenizer: from_pretrained runs once per run, whether validate needs it (a hub source, tokenised
+    already) or not."""
+    import datasets
+    import transformers
+
+    from ream_exp.calib.cache import cache_path, calibration_key_material, key_of, save_cached
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    common = ("method=freq", "eval.tasks=[]", "logger=none")
+    local = _cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.25")
+    hub = _cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.5", "calib.sources.math.path=someorg/numbers")
+    material = calibration_key_material(hub.calib, transformers.AutoTokenizer.from_pretrained(str(tiny_checkpoint)))
+    tokens = torch.ones(sum(material["counts"].values()), 32, dtype=torch.long)
+    save_cached(cache_path(hub.cache_dir, key_of(material)), key_of(material), material,
+                {"input_ids": tokens, "attention_mask": tokens})  # the hub source is never read
+    loads, real = [], transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(str(a[0])) or real(*a, **k))
+    for cfg, name in ((local, "local"), (hub, "hub")):
+        loads.clear()
+        assert run(cfg, tmp_path / name)["status"] == "done"
+        assert loads == [str(tiny_checkpoint)], name
+        assert (tmp_path / name / "checkpoint" / "tokenizer_config.json").exists()
+
+
 def test_pruning_statistics_are_shared_across_ratios(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
     import ream_exp.methods.base as base
 
