@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import write_json
 from .baseline import cached_baseline, check_streamed_baseline, scores_wanted, store_baseline
 from .calib import calibration_datasets, recorded_mix, validate_calib
-from .calib.cache import cache_path, cached_calibration, calibration_key
+from .calib.cache import cached_calibration, is_cached
 from .checkpoint import save_checkpoint, write_model_card
 from .config import (ConfigError, check_cache_dir, check_expert_counts, check_model_path, check_placement, check_ratio,
                      check_seed)
@@ -152,14 +152,15 @@ def _datasets_needed(cfg: DictConfig, needs_calibration: bool, tokenizer: Callab
 
 
 def _calibration_cached(cfg: DictConfig, tokenizer: Callable[[], Any]) -> bool:
-    """Whether this calibration set is in the cache already (then its sources are never read)."""
+    """Whether this calibration set will be read from the cache (then its sources are never read): there,
+    sound and made by this code and tokenizer, as the calibration cache itself checks it (calib.cache)."""
     if not cfg.get("cache_dir") or not any((Path(cfg.cache_dir) / "calib").glob("*.pt")):
         return False  # nothing cached: no need to load the tokenizer to compute the key
     try:
         loaded = tokenizer()
     except (OSError, ValueError):  # no tokenizer here yet: the sources will have to be read
         return False
-    return cache_path(cfg.cache_dir, calibration_key(cfg.calib, loaded)).exists()
+    return is_cached(cfg.calib, loaded, cfg.cache_dir)
 
 
 # ---------------------------------------------------------------- the stages
