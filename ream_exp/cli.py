@@ -7,6 +7,10 @@
 `hydra_main` is the Hydra task and `main` the console script, which prints errors raised on purpose
 (ConfigError, Hydra's config composition errors) as one `error: ...` line. In a multirun a failed run is
 logged in one line and the sweep goes on (ream_exp.sweep sums the sweep up).
+
+Ctrl-C (KeyboardInterrupt) stops a run or a whole sweep with one line, `interrupted: <run dir>; relaunch
+the same command to resume`, after a sweep's summary so far, and exit status 130; no traceback. The
+relaunch skips the finished runs and sets the interrupted attempt aside (ream_exp.run_records).
 """
 
 from __future__ import annotations
@@ -24,10 +28,20 @@ from .config import ConfigError
 from .rundir import RunDirRefusal
 from .run import run
 from .settings import composition_refusal
+from .sweep import summarise_interrupted_sweep
 
 log = logging.getLogger("ream_exp")
 
 CONF_DIR = str(_CONF_DIR)  # conf/, of the checkout or the installed package (absolute: any working directory)
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: KeyboardInterrupt (so Hydra passes it on untouched) naming the run's directory."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 def _one_line(exc: BaseException) -> str:
@@ -54,6 +68,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         return run(cfg, run_dir)
+    except KeyboardInterrupt:  # stops a sweep too; main() says so in one line
+        raise RunInterrupted(run_dir) from None
     except Exception as exc:  # run() has written error.txt, unless the directory refused the run
         if hc.mode == RunMode.MULTIRUN:  # one failed run must not sink the sweep
             details = "" if isinstance(exc, RunDirRefusal) else f"; details in {run_dir / 'error.txt'}"
@@ -78,21 +94,37 @@ def _hydra_error_line(exc) -> str:
     return f"cannot parse override {override!r}: {_one_line(exc)}" if override else _one_line(exc)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C: the sweep's summary so far (a multirun), then one line naming the run it stopped; exit 130."""
+    summarise_interrupted_sweep()
+    run_dir = getattr(exc, "run_dir", None)
+    print(f"interrupted{f': {run_dir}' if run_dir else ''}; relaunch the same command to resume", file=sys.stderr)
+    sys.exit(INTERRUPTED_STATUS)
+
+
 def main() -> None:
     """The `ream-exp` console script: Hydra's entry point, with errors raised on purpose as one line.
 
     Hydra prints its own errors (an unknown group option like method=foo, a bad override) over several
     lines unless HYDRA_FULL_ERROR=1, which makes it re-raise them; so it is set here, and those errors
-    become `error: ...` too. Every other exception keeps its full traceback.
+    become `error: ...` too. Ctrl-C is one line too (see the module docstring). Every other exception keeps
+    its full traceback.
     """
     global _user_wants_traces
+    _user_wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        if _user_wants_traces:  # Hydra's own error reports, untouched
+            hydra_main()
+        else:
+            _main_with_error_lines()
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+
+
+def _main_with_error_lines() -> None:
     from hydra.errors import CompactHydraException
 
     previous = os.environ.get("HYDRA_FULL_ERROR")
-    _user_wants_traces = previous == "1"
-    if _user_wants_traces:  # Hydra's own behaviour, untouched
-        hydra_main()
-        return
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()

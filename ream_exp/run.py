@@ -91,8 +91,10 @@ def _run_fresh(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         with offload_scratch(cfg.model, run_dir) as offload_folder:  # removed when the run ends
             metrics = _run_stages(cfg, run_dir, timer, logger, tokenizer(), offload_folder)
-    finally:
-        logger.finish()
+    except BaseException:  # an error, or Ctrl-C: the W&B run is marked failed
+        logger.finish(exit_code=1)
+        raise
+    logger.finish()
     report(metrics, run_dir)
     return metrics
 

@@ -27,8 +27,8 @@ from .stream import PARTIAL, resumable
 
 log = logging.getLogger("ream_exp")
 
-# What an attempt writes into its run directory
-RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt")
+# What an attempt writes into its run directory (wandb/: the W&B run's own files, logger=wandb)
+RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt", "wandb")
 IDENTITY_FILE = "identity.json"  # run_identity at the run's start: what a relaunch must match to skip it
 IDENTITY_KEY = "identity"  # the same in the logger's run config, as JSON text (analysis.settings reads it)
 
@@ -55,9 +55,10 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict | None:
     """The metrics of a run already finished in `run_dir` with this very config, else None.
 
     A finished run with a different config is refused: results are never overwritten. Leftovers of an
-    unfinished attempt (a crash, a kill, a damaged metrics.json) are moved to attempts/<time>-<unique>/, not
-    deleted, and the run starts over; only a streamed run's finished layers (checkpoint.partial/ of this
-    very config, model.stream=true) stay, for the relaunch to continue from them.
+    unfinished attempt (a crash, a kill, Ctrl-C, a damaged metrics.json; its W&B run's files too) are moved
+    to attempts/<time>-<unique>/, not deleted, and the run starts over; only a streamed run's finished
+    layers (checkpoint.partial/ of this very config, model.stream=true) stay, for the relaunch to continue
+    from them.
     """
     done = _finished_metrics(run_dir / "metrics.json")
     if done is not None:

@@ -132,6 +132,20 @@ def test_failing_wandb_calls_never_raise(caplog):
     assert "disk full" in caplog.text and "sync failed" in caplog.text
 
 
+def test_a_failed_or_interrupted_run_finishes_its_wandb_run_as_failed():
+    class Run:
+        def __init__(self):
+            self.finished = []
+
+        def finish(self, **kwargs):
+            self.finished.append(kwargs)
+
+    failed, done = Run(), Run()
+    WandbLogger(failed).finish(exit_code=1)
+    WandbLogger(done).finish()
+    assert failed.finished == [{"exit_code": 1}] and done.finished == [{}]
+
+
 def test_bad_settings_are_config_errors(tmp_path):
     with pytest.raises(ValueError, match="wandbb"):
         make_logger({"name": "wandbb"}, tmp_path)
