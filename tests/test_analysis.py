@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from analysis import tables
-from analysis.collect import collect_runs, collect_wandb, wandb_row
+from analysis.collect import collect_runs
+from analysis.wandb_runs import collect_wandb, wandb_row
 from analysis.naming import format_mix, parse_mix
 from analysis.pareto import EvalMismatch, SettingsMismatch, frontiers, hypervolume, pareto_front, read_points_csv
 from analysis.plots import plot_frontiers
