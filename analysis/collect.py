@@ -1,9 +1,10 @@
 """Collect ream-exp runs (Hydra run directories, or a W&B project) into one pandas table.
 
 A run directory holds config.yaml (or Hydra's .hydra/config.yaml) and either metrics.json or
-error.txt. Each run becomes one row (its columns: analysis.rows; a W&B project's runs: analysis.wandb_runs). A failed run (error.txt without
-metrics.json, an unreadable metrics.json, or "status": "failed") is kept with status='failed' and NaN
-scores so that a sweep's holes stay visible; everything downstream drops rows without scores.
+error.txt. Each run becomes one row (its columns: analysis.rows; a W&B project's runs:
+analysis.wandb_runs). A failed run (error.txt without metrics.json, an unreadable metrics.json, or
+"status": "failed") is kept with status='failed' and NaN scores so that a sweep's holes stay visible;
+everything downstream drops rows without scores.
 
 Run:  python -m analysis.collect outputs/ [more dirs] [--csv runs.csv]
 """
