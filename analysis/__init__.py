@@ -2,8 +2,10 @@
 
 Modules (each runnable on its own):
   collect.py  run dirs (or a W&B project) -> one row per run     python -m analysis.collect outputs/
+  rows.py     one run's config + metrics -> its row; the columns (library; used by collect.py, wandb_runs.py)
+  wandb_runs.py  a W&B project's runs -> rows                   (library; used by report.py)
   pareto.py   frontier + hypervolume per (method, experts)      python -m analysis.pareto --csv FILE
-  settings.py what a frontier's runs must share (run identity)  (library; used by collect.py and pareto.py)
+  settings.py what a frontier's runs must share (run identity)  (library; used by rows.py and pareto.py)
   plots.py    MC-vs-GEN scatter with frontier steps             (library; used by report.py)
   tables.py   best-GEN-mix table and the per-mix MC/GEN table   (library; used by report.py)
   report.py   everything above into one folder                  python -m analysis.report --runs outputs/

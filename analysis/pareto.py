@@ -27,7 +27,7 @@ comparison flagged (mixed_settings). See analysis.settings for what is compared 
 Eval settings: MC and GEN are means over a suite's tasks, scored on `limit` items with some few-shot
 count, and each GEN task under a protocol (prompt variant, shots, metric, filter: docs/algorithms.md, "GEN
 protocol"), so points are comparable only when all of these match (columns mc_tasks / gen_tasks, eval_limit,
-eval_fewshot, gen_protocol; see analysis.collect). A table whose scored rows (the baseline included) differ in any
+eval_fewshot, gen_protocol; see analysis.rows). A table whose scored rows (the baseline included) differ in any
 of them is refused with EvalMismatch, naming the settings that differ and the runs of each;
 allow_mixed_evals=True (--allow-mixed-evals) compares them anyway, with every point's eval setting kept
 apart (never averaged together) and the comparison flagged. A column the table does not have (the

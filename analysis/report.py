@@ -24,9 +24,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import tables
-from analysis.collect import collect_runs, collect_wandb
+from analysis.collect import collect_runs
 from analysis.pareto import Mismatch, add_comparison_arguments, check_evals, check_settings, frontiers, frontiers_json
 from analysis.plots import plot_frontiers
+from analysis.wandb_runs import collect_wandb
 
 
 def write_report(runs: pd.DataFrame, out_dir, offset: float = 1.0,

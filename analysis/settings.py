@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 BASELINE = "none"  # method name of the uncompressed model's rows (as analysis.pareto)
-IDENTITY_FILE = "identity.json"  # what ream_exp.run writes in each run directory: {"digest", "identity"}
+IDENTITY_FILE = "identity.json"  # what ream_exp.run_records writes in each run dir: {"digest", "identity"}
 # Dotted keys of the identity that are not compared (see the module docstring).
 NOT_COMPARED = frozenset({
     "seed", "ratio", "save", "baseline",

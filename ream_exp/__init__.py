@@ -12,7 +12,7 @@ def _shipped(name: str) -> Path:
     return inside if inside.is_dir() else PACKAGE_DIR.parent / name
 
 
-CONF_DIR = _shipped("conf")  # Hydra's primary config directory (ream_exp/run.py)
+CONF_DIR = _shipped("conf")  # Hydra's primary config directory (ream_exp/cli.py)
 SWEEPS_DIR = _shipped("sweeps")  # the multirun definitions: ream-exp -m --config-dir SWEEPS_DIR --config-name NAME
 
 __version__ = "0.1.0"

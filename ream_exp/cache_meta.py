@@ -11,7 +11,7 @@ A record is a flat JSON-able mapping, label -> version, in a fixed order:
     "ream-exp"          ream_exp.__version__
     "<name> code"       each per-cache code version, an integer kept next to the code that computes the
                         entry (calib/cache.py FORMAT_VERSION, observe.py STATS_VERSION,
-                        methods/observation.py OBSERVATION_VERSION, evaluate.py EVAL_VERSION): bumped by
+                        methods/observation.py OBSERVATION_VERSION, evaluation/scores.py EVAL_VERSION): bumped by
                         whoever changes that computation
     anything else       what else the entry depends on outside the key, e.g. "lm-eval", "task gsm8k",
                         "tokenizer" (see the README's caching section for each cache's record)

@@ -76,7 +76,7 @@ class Outcome:
 
 def contained(hook):
     """Marks an lm-eval hook (process_results or metric) that runs model-written code only through
-    run_program; ream_exp.evaluate refuses to run a code-executing task without such a hook."""
+    run_program; ream_exp.evaluation refuses to run a code-executing task without such a hook."""
     hook.runs_code_contained = True
     return hook
 

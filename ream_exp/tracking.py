@@ -2,11 +2,12 @@
 
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     logger.log_plan(run_dir / "plan.json"); logger.log_metrics(metrics)
-    logger.log_results(run_dir / "metrics.json"); logger.finish()
+    logger.log_results(run_dir / "metrics.json"); logger.finish()   # finish(exit_code=1): the run failed
 
 Both loggers have the same methods, so the pipeline never asks whether logging is on.
 W&B runs offline by default: files go under <run_dir>/wandb/, no login is needed, and
-`wandb sync <run_dir>/wandb/offline-run-*` uploads them later. A mode=online run that cannot start
+`wandb sync <run_dir>/wandb/offline-run-*` uploads them later (a relaunch moves the wandb/ of an unfinished
+attempt to attempts/ with the rest of it: ream_exp.run_records). A mode=online run that cannot start
 (no API key, no network) continues offline with a warning. Logging never stops a run: every W&B
 call is guarded, and a W&B that cannot start at all leaves a NullLogger in its place.
 
@@ -49,7 +50,7 @@ class NullLogger:
     def log_results(self, path: str | Path) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -109,10 +110,14 @@ class WandbLogger:
         self.run.log_artifact(artifact)
 
     @_guarded
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """Ends the W&B run; a non-zero exit_code (the run failed or was interrupted) marks it failed."""
         if not self._finished:
             self._finished = True
-            self.run.finish()
+            if exit_code:
+                self.run.finish(exit_code=exit_code)
+            else:
+                self.run.finish()
 
 
 def wandb_mode(cfg) -> str | None:

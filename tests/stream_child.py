@@ -17,7 +17,8 @@ def main(argv: list[str]) -> None:
     run_dir, hold_after, overrides = argv[0], int(argv[1]), argv[2:]
     from hydra import compose, initialize_config_dir
 
-    from ream_exp.run import CONF_DIR, run
+    from ream_exp import CONF_DIR
+    from ream_exp.run import run
     from ream_exp.methods.layer_stream import LayerStream
 
     torch.set_num_threads(min(2, torch.get_num_threads()))  # as tests/conftest.py: the same float sums
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
                 time.sleep(60)
 
     LayerStream.finished = finished
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     run(cfg, run_dir)
 

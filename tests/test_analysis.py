@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from analysis import tables
-from analysis.collect import collect_runs, collect_wandb, wandb_row
+from analysis.collect import collect_runs
+from analysis.wandb_runs import collect_wandb, wandb_row
 from analysis.naming import format_mix, parse_mix
 from analysis.pareto import EvalMismatch, SettingsMismatch, frontiers, hypervolume, pareto_front, read_points_csv
 from analysis.plots import plot_frontiers
@@ -790,7 +791,7 @@ def _write_toy_run(path: Path, cfg, mc: float, identity: bool = True, config_tex
     from omegaconf import OmegaConf
 
     from ream_exp.identity import digest, run_identity
-    from ream_exp.run import IDENTITY_FILE
+    from ream_exp.run_records import IDENTITY_FILE
 
     path.mkdir(parents=True)
     OmegaConf.save(cfg, path / "config.yaml", resolve=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.collect import collect_runs, make_row
+from analysis.collect import collect_runs
+from analysis.rows import make_row
 from analysis.naming import format_mix, mix_weights, other_sources, parse_mix
 from ream_exp.calib import (DOMAINS, build_calibration, counts_for_mix, mix_as_weights, recorded_mix, used_sources,
                             without_unread_sources)

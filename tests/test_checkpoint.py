@@ -217,14 +217,14 @@ def test_lm_eval_records_this_codes_commit_quietly(tmp_path, monkeypatch, capfd)
 # ---- local models keep their dtype -------------------------------------------------------------------
 
 def test_bf16_checkpoint_is_loaded_merged_and_saved_in_bf16(calib_files, tmp_path):
-    from ream_exp.pipeline import load_model
+    from ream_exp.loading import load_model
 
     base = tmp_path / "bf16"
     tiny_model("qwen3_moe", num_experts=8, top_k=2).to(torch.bfloat16).save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     cfg = _cfg(base, calib_files, tmp_path, "method=ream", "ratio=0.5", "eval.tasks=[]", "logger=none")
     assert cfg.model.dtype == "auto"
-    model, _ = load_model(cfg.model, "cpu")
+    model = load_model(cfg.model, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     run(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint"

@@ -63,9 +63,10 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD)
 def test_bad_input_is_rejected_before_loading(overrides, message, tiny_checkpoint, calib_files, monkeypatch):
-    import ream_exp.pipeline as pipeline
+    import transformers
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("model loaded despite bad input"))
     with pytest.raises(ValueError, match=message):
         validate(_local(tiny_checkpoint, calib_files, *overrides))
 

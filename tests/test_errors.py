@@ -400,6 +400,7 @@ def test_hub_calibration_sources_are_not_needed_once_tokenised(tiny_checkpoint, 
     import datasets
     from transformers import AutoTokenizer
 
+    import ream_exp.calib.cache as calib_cache
     from ream_exp.calib.cache import cache_path, calibration_key_material, key_of, save_cached
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")
@@ -414,6 +415,16 @@ def test_hub_calibration_sources_are_not_needed_once_tokenised(tiny_checkpoint, 
     save_cached(cache_path(cfg.cache_dir, key_of(material)), key_of(material), material,
                 {"input_ids": tokens, "attention_mask": tokens})
     validate(cfg)  # the tokenised set is cached: the hub source is never read, so it need not be reachable
+    # a set the cache would not use (made by other calibration code, or damaged) is rebuilt from the sources
+    with pytest.MonkeyPatch.context() as newer:
+        newer.setattr(calib_cache, "FORMAT_VERSION", calib_cache.FORMAT_VERSION + 1)
+        with pytest.raises(ConfigError, match=r"someorg/numbers for calib.sources.math"):
+            validate(cfg)
+    validate(cfg)
+    entry = cache_path(cfg.cache_dir, key_of(material))
+    entry.write_bytes(entry.read_bytes()[:-100])  # cut short
+    with pytest.raises(ConfigError, match=r"someorg/numbers for calib.sources.math"):
+        validate(cfg)
 
 
 def test_hub_model_weights_in_the_hub_cache_are_checked_too(tiny_checkpoint, calib_files, tmp_path, monkeypatch,

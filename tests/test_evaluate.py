@@ -1,4 +1,4 @@
-"""ream_exp/evaluate.py on a tiny real Qwen3-MoE and the tiny lm-eval tasks in tests/data/tiny_tasks/.
+"""ream_exp/evaluation/ on a tiny real Qwen3-MoE and the tiny lm-eval tasks in tests/data/tiny_tasks/.
 
     pytest tests/test_evaluate.py
 
@@ -20,7 +20,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from ream_exp import evaluate as ev  # noqa: E402
+from ream_exp.evaluation import checks, code_policy, entries, eval_config, harness, scores, task_index  # noqa: E402
 from ream_exp.config import ConfigError  # noqa: E402
 
 TASK_DIR = Path(__file__).resolve().parent / "data" / "tiny_tasks"
@@ -108,7 +108,7 @@ def suite(model_and_tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         recorder = Spy(lm_eval.simple_evaluate)
         mp.setattr(lm_eval, "simple_evaluate", recorder)
-        result = ev.evaluate(model, tokenizer, cfg)
+        result = harness.evaluate(model, tokenizer, cfg)
     return result, recorder
 
 
@@ -176,8 +176,8 @@ def test_unsafe_task_is_skipped_in_a_mixed_suite(suite):
 
 
 def test_unsafe_task_alone_is_skipped_with_a_warning(model_and_tokenizer, spy, caplog):
-    caplog.set_level(logging.WARNING, logger=ev.__name__)
-    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_unsafe"]))
+    caplog.set_level(logging.WARNING, logger=code_policy.__name__)
+    result = harness.evaluate(*model_and_tokenizer, eval_cfg(["tiny_unsafe"]))
     assert result["tasks"] == {} and result["avg"] is None and spy.calls == []
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "tiny_unsafe" in warning and "allow_code_eval" in warning
@@ -194,7 +194,7 @@ def test_contained_code_task_runs_when_allowed(model_and_tokenizer, spy, monkeyp
 
     real_run_program = sandbox.run_program
     monkeypatch.setattr(sandbox, "run_program", recording_run_program)
-    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_contained"], allow_code_eval=True, limit=2))
+    result = harness.evaluate(*model_and_tokenizer, eval_cfg(["tiny_contained"], allow_code_eval=True, limit=2))
     assert result["tasks"]["tiny_contained"]["kind"] == "gen" and result["tasks"]["tiny_contained"]["n"] == 2
     assert len(programs) == 2  # every response ran through the sandbox
     assert spy.calls[0]["kwargs"]["confirm_run_unsafe_code"] is True
@@ -204,7 +204,7 @@ def test_contained_code_task_runs_when_allowed(model_and_tokenizer, spy, monkeyp
 
 def test_uncontained_code_task_is_refused_when_allowed(model_and_tokenizer, spy):
     with pytest.raises(ValueError, match=r"tiny_unsafe.*outside ream_exp.sandbox"):
-        ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc", "tiny_unsafe"], allow_code_eval=True))
+        harness.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc", "tiny_unsafe"], allow_code_eval=True))
     assert spy.calls == []  # refused before anything was generated or scored
 
 
@@ -212,15 +212,16 @@ def test_uncontained_code_task_is_refused_before_any_model_work():
     # check_tasks runs in validate(), before the weights load: it reads the task YAML's hooks only
     cfg = eval_cfg(["tiny_mc", "tiny_unsafe"], allow_code_eval=True)
     with pytest.raises(ConfigError, match=r"\['tiny_unsafe'\] execute model-written code outside ream_exp.sandbox"):
-        ev.check_tasks(cfg)
-    assert ev.check_tasks(eval_cfg(["tiny_mc", "tiny_contained"], allow_code_eval=True)) == ["tiny_mc", "tiny_contained"]
-    assert ev.check_tasks(eval_cfg(["tiny_unsafe"], allow_code_eval=False)) == ["tiny_unsafe"]  # skipped, not run
+        checks.check_tasks(cfg)
+    allowed = eval_cfg(["tiny_mc", "tiny_contained"], allow_code_eval=True)
+    assert checks.check_tasks(allowed) == ["tiny_mc", "tiny_contained"]
+    assert checks.check_tasks(eval_cfg(["tiny_unsafe"], allow_code_eval=False)) == ["tiny_unsafe"]  # skipped, not run
 
 
 def test_per_task_fewshot_metric_override_and_gen_cap(model_and_tokenizer, spy):
     cfg = eval_cfg(["tiny_mc", "tiny_gen"], limit=3, num_fewshot={"tiny_mc": 2},
                    metrics={"tiny_gen": "exact_match"}, max_gen_toks=2)
-    result = ev.evaluate(*model_and_tokenizer, cfg)
+    result = harness.evaluate(*model_and_tokenizer, cfg)
     assert spy.call_for("tiny_mc")["raw"]["n-shot"]["tiny_mc"] == 2
     gen_call = spy.call_for("tiny_gen")
     assert gen_call["raw"]["n-shot"]["tiny_gen"] == 0
@@ -237,27 +238,28 @@ def test_eval_none_never_touches_lm_eval(monkeypatch):
         raise AssertionError("lm-eval was used for eval=none")
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", forbidden)
-    monkeypatch.setattr(ev, "_task_manager", forbidden)
+    asked = task_index.task_manager.cache_info()  # every module reaches lm-eval's task index through it
     none_cfg = yaml.safe_load((CONF_EVAL / "none.yaml").read_text())
     for cfg in (none_cfg, {"name": "mc", "tasks": []}, None):
-        result = ev.evaluate(object(), object(), cfg)
+        result = harness.evaluate(object(), object(), cfg)
         assert result["tasks"] == {} and result["mc"] is None and result["gen"] is None and result["avg"] is None
+    assert task_index.task_manager.cache_info() == asked, "lm-eval's task index was read for eval=none"
 
 
 def test_unknown_task_fails_before_any_model_work(spy):
     cfg = eval_cfg(["tiny_mc", "no_such_task_xyz"])
     with pytest.raises(ValueError, match="no_such_task_xyz"):
-        ev.check_tasks(cfg)
+        checks.check_tasks(cfg)
     with pytest.raises(ValueError, match="no_such_task_xyz"):
-        ev.evaluate(object(), object(), cfg)  # not a model: any model work would fail differently
+        harness.evaluate(object(), object(), cfg)  # not a model: any model work would fail differently
     assert spy.calls == []
 
 
 def test_stray_per_task_settings_are_rejected():
     with pytest.raises(ValueError, match="tiny_gen"):
-        ev.check_tasks(eval_cfg(["tiny_mc"], num_fewshot={"tiny_gen": 5}))
+        checks.check_tasks(eval_cfg(["tiny_mc"], num_fewshot={"tiny_gen": 5}))
     with pytest.raises(ValueError, match="tiny_typo"):
-        ev.check_tasks(eval_cfg(["tiny_mc"], metrics={"tiny_typo": "acc"}))
+        checks.check_tasks(eval_cfg(["tiny_mc"], metrics={"tiny_typo": "acc"}))
 
 
 def test_vllm_backend_needs_vllm_and_a_checkpoint(monkeypatch):
@@ -270,10 +272,10 @@ def test_vllm_backend_needs_vllm_and_a_checkpoint(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", vllm_spec(False))
     with pytest.raises(ConfigError, match="vllm"):
-        ev.check_tasks(eval_cfg(["tiny_gen"], backend="vllm"))
+        checks.check_tasks(eval_cfg(["tiny_gen"], backend="vllm"))
     monkeypatch.setattr(importlib.util, "find_spec", vllm_spec(True))
     with pytest.raises(ValueError, match="checkpoint_dir"):
-        ev.evaluate(object(), object(), eval_cfg(["tiny_gen"], backend="vllm"))
+        harness.evaluate(object(), object(), eval_cfg(["tiny_gen"], backend="vllm"))
 
 
 def test_vllm_is_split_over_tensor_parallel_size_gpus(monkeypatch):
@@ -289,9 +291,10 @@ def test_vllm_is_split_over_tensor_parallel_size_gpus(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: object() if name == "vllm" else real_find_spec(name, *args))
     cfg = eval_cfg(["tiny_gen"], backend="vllm", tensor_parallel_size=8, vllm_args={"max_model_len": 4096})
-    assert ev._make_lm("gen", None, None, cfg, "ckpt") == "vllm lm"
+    assert harness.make_lm("gen", None, None, cfg, "ckpt") == "vllm lm"
+    assert set(harness.LM_BUILDERS) == set(checks.BACKENDS)  # every backend a config may name has a builder
     assert made == {"pretrained": "ckpt", "batch_size": 4, "tensor_parallel_size": 8, "max_model_len": 4096}
-    ev._make_lm("gen", None, None, eval_cfg(["tiny_gen"], backend="vllm"), "ckpt")
+    harness.make_lm("gen", None, None, eval_cfg(["tiny_gen"], backend="vllm"), "ckpt")
     assert made["tensor_parallel_size"] == 1
 
 
@@ -302,7 +305,7 @@ def test_vllm_is_split_over_tensor_parallel_size_gpus(monkeypatch):
 ])
 def test_bad_tensor_parallel_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        ev.check_tasks(eval_cfg(["tiny_gen"], **overrides))
+        checks.check_tasks(eval_cfg(["tiny_gen"], **overrides))
 
 
 @pytest.mark.parametrize("path", sorted(CONF_EVAL.glob("*.yaml")), ids=lambda p: p.stem)
@@ -313,7 +316,7 @@ def test_conf_eval_tasks_exist_in_lm_eval(path):
     import ream_exp.config  # noqa: F401  (the ${pkg:...} resolver used by eval/toy.yaml)
 
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert ev.check_tasks(cfg) == ([] if cfg["name"] == "none" else cfg["tasks"])
+    assert checks.check_tasks(cfg) == ([] if cfg["name"] == "none" else cfg["tasks"])
 
 
 def test_paper_suite_is_mc_plus_gen_and_composes():
@@ -341,7 +344,7 @@ def test_gen_suite_is_the_papers_six_tasks_with_code_run_contained():
     assert gen["tasks"] == ["ifeval", "aime25", "gsm8k", "gpqa_diamond_generative_n_shot", "humaneval_instruct",
                             "livecodebench"]
     assert gen["num_fewshot"] == {name: 5 if name.startswith(("gpqa", "gsm8k")) else 0 for name in gen["tasks"]}
-    index = ev._task_manager(None).task_index
+    index = task_index.task_manager(None).task_index
     for name in ("humaneval", "humaneval_instruct", "livecodebench", "livecodebench_2502_2505"):
         config = load_yaml(index[name].yaml_path, resolve_func=True)
         hooks = [config.get("process_results")] + [m["metric"] for m in config["metric_list"]]
@@ -349,18 +352,18 @@ def test_gen_suite_is_the_papers_six_tasks_with_code_run_contained():
 
 
 def test_summarise_handles_one_side_only():
-    only_mc = ev.summarise({"a": {"score": 0.25, "kind": "mc"}, "b": {"score": 0.75, "kind": "mc"}})
+    only_mc = scores.summarise({"a": {"score": 0.25, "kind": "mc"}, "b": {"score": 0.75, "kind": "mc"}})
     assert only_mc["mc"] == 0.5 and only_mc["gen"] is None and only_mc["avg"] == 0.5
     assert only_mc["mc_tasks"] == ["a", "b"] and only_mc["gen_tasks"] == []
-    only_gen = ev.summarise({"g": {"score": 0.1, "kind": "gen"}})
+    only_gen = scores.summarise({"g": {"score": 0.1, "kind": "gen"}})
     assert math.isclose(only_gen["avg"], 0.1) and only_gen["percent"]["gen"] == 10.0
 
 
 def test_a_missing_metric_makes_its_suite_mean_none(caplog):
-    caplog.set_level(logging.ERROR, logger=ev.__name__)
+    caplog.set_level(logging.ERROR, logger=scores.__name__)
     tasks = {"a": {"score": 0.5, "kind": "mc"}, "g": {"score": 0.6, "kind": "gen"},
              "x": {"score": None, "kind": "gen"}}
-    result = ev.summarise(tasks)
+    result = scores.summarise(tasks)
     # never the mean over the tasks that happen to have a score (0.6 here)
     assert result["gen"] is None and result["avg"] is None and result["percent"]["gen"] is None
     assert result["mc"] == 0.5 and result["gen_tasks"] == ["g", "x"] and result["tasks"] == tasks
@@ -378,7 +381,7 @@ def test_humaneval_is_replaced_by_the_contained_task():
     from ream_exp.sandbox import is_contained
 
     ours = CODE_TASKS_DIR / "humaneval.yaml"
-    assert Path(ev._task_manager(None).task_index["humaneval"].yaml_path).resolve() == ours.resolve()
+    assert Path(task_index.task_manager(None).task_index["humaneval"].yaml_path).resolve() == ours.resolve()
     builtin = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml", resolve_func=False)
     mine = load_yaml(ours, resolve_func=True)
     kept = ["task", "dataset_path", "unsafe_code", "output_type", "test_split", "doc_to_text", "doc_to_target",
@@ -389,7 +392,7 @@ def test_humaneval_is_replaced_by_the_contained_task():
     assert metric.__name__ == "pass_at_k" and is_contained(metric)  # reported as pass_at_k,create_test
     # humaneval_instruct: lm-eval's instruction prompt and assistant prefix, the same scoring in the sandbox
     ours = CODE_TASKS_DIR / "humaneval_instruct.yaml"
-    assert Path(ev._task_manager(None).task_index["humaneval_instruct"].yaml_path).resolve() == ours.resolve()
+    assert Path(task_index.task_manager(None).task_index["humaneval_instruct"].yaml_path).resolve() == ours.resolve()
     builtin = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval_instruct.yaml",
                         resolve_func=False)
     mine_instruct = load_yaml(ours, resolve_func=True)
@@ -427,7 +430,7 @@ def test_contained_humaneval_scores_through_lm_eval(model_and_tokenizer, spy, mo
 
     monkeypatch.setattr(contained_humaneval, "run_program", recording_run_program)
     cfg = eval_cfg(["humaneval_local"], include_path=str(tmp_path), allow_code_eval=True, max_gen_toks=2)
-    result = ev.evaluate(*model_and_tokenizer, cfg)
+    result = harness.evaluate(*model_and_tokenizer, cfg)
     task = result["tasks"]["humaneval_local"]
     reported = spy.calls[0]["raw"]["results"]["humaneval_local"]
     assert task["metric"] == "pass_at_k,create_test" and task["score"] == reported["pass_at_k,create_test"]
@@ -448,7 +451,7 @@ def test_stderrs_are_lm_evals_and_the_suite_formula_on_a_fake_result():
             self.task_name = name
 
     def entry(name, kind, metric):
-        return ev.Entry(name, name, None, [Leaf(name)], kind, metric)
+        return entries.Entry(name, name, None, [Leaf(name)], kind, metric)
 
     raw = {"results": {"a": {"acc,none": 0.5, "acc_stderr,none": 0.03, "acc_norm,none": 0.9,
                              "acc_norm_stderr,none": 0.5},
@@ -457,20 +460,20 @@ def test_stderrs_are_lm_evals_and_the_suite_formula_on_a_fake_result():
                              "exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.9},
                        "h": {"pass@1,none": 0.4, "pass@1_stderr,none": "N/A"}},
            "n-samples": {n: {"effective": 10} for n in "abgh"}, "n-shot": {"a": 0, "b": 0, "g": 5, "h": 0}}
-    tasks = {"a": ev._score(entry("a", "mc", "acc,none"), raw),
-             "b": ev._score(entry("b", "mc", "acc,none"), raw),
-             "g": ev._score(entry("g", "gen", "exact_match,flexible-extract"), raw)}
+    tasks = {"a": scores.task_score(entry("a", "mc", "acc,none"), raw),
+             "b": scores.task_score(entry("b", "mc", "acc,none"), raw),
+             "g": scores.task_score(entry("g", "gen", "exact_match,flexible-extract"), raw)}
     assert [tasks[n]["stderr"] for n in "abg"] == [0.03, 0.04, 0.05]
     assert tasks["g"]["fewshot"] == 5 and tasks["a"]["n"] == 10
-    result = ev.summarise(tasks)
+    result = scores.summarise(tasks)
     assert result["mc_stderr"] == pytest.approx(math.sqrt(0.03 ** 2 + 0.04 ** 2) / 2)  # 0.025
     assert result["gen_stderr"] == pytest.approx(0.05)
     assert result["avg_stderr"] == pytest.approx(math.sqrt(0.025 ** 2 + 0.05 ** 2) / 2)
     assert result["percent"]["mc_stderr"] == pytest.approx(2.5) and result["percent"]["mc"] == 60.0
     # a task whose stderr lm-eval left "N/A" has none, and makes its suite's stderr unknown, not smaller
-    tasks["h"] = ev._score(entry("h", "gen", "pass@1,none"), raw)
+    tasks["h"] = scores.task_score(entry("h", "gen", "pass@1,none"), raw)
     assert tasks["h"]["stderr"] is None
-    result = ev.summarise(tasks)
+    result = scores.summarise(tasks)
     assert result["gen"] == pytest.approx(0.3) and result["gen_stderr"] is None and result["avg_stderr"] is None
     assert result["mc_stderr"] == pytest.approx(0.025)
 
@@ -481,7 +484,7 @@ def test_stderrs_from_a_real_lm_eval_run_match_the_logged_samples(model_and_toke
     and the EvaluationTracker wrote its results and samples files into output_dir."""
     out = tmp_path / "lm_eval"
     cfg = eval_cfg(["tiny_mc", "tiny_group", "tiny_gen"], limit=5, log_samples=True, bootstrap_iters=10)
-    result = ev.evaluate(*model_and_tokenizer, cfg, output_dir=out)
+    result = harness.evaluate(*model_and_tokenizer, cfg, output_dir=out)
     assert all(c["kwargs"]["bootstrap_iters"] == 10 and c["kwargs"]["log_samples"] for c in spy.calls)
     results = {p.name.split("_")[1]: p for p in out.glob("results_*.json")}
     assert set(results) == {"mc", "gen"}
@@ -514,14 +517,14 @@ def test_stderrs_from_a_real_lm_eval_run_match_the_logged_samples(model_and_toke
 
 
 def test_without_log_samples_only_results_files_are_written(model_and_tokenizer, tmp_path):
-    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc"], limit=3), output_dir=tmp_path / "o")
+    result = harness.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc"], limit=3), output_dir=tmp_path / "o")
     names = [p.name for p in (tmp_path / "o").iterdir()]
     assert len(names) == 1 and names[0].startswith("results_mc_") and names[0].endswith(".json")
-    assert result["bootstrap_iters"] == ev.DEFAULT_BOOTSTRAP_ITERS and result["tasks"]["tiny_mc"]["stderr"] > 0
+    assert result["bootstrap_iters"] == eval_config.DEFAULT_BOOTSTRAP_ITERS and result["tasks"]["tiny_mc"]["stderr"] > 0
 
 
 def test_bootstrap_iters_zero_turns_stderrs_off(model_and_tokenizer):
-    result = ev.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc", "tiny_gen"], limit=3, bootstrap_iters=0))
+    result = harness.evaluate(*model_and_tokenizer, eval_cfg(["tiny_mc", "tiny_gen"], limit=3, bootstrap_iters=0))
     assert result["tasks"]["tiny_mc"]["stderr"] is None and result["mc_stderr"] is None
     assert result["mc"] is not None and result["avg_stderr"] is None
 
@@ -533,4 +536,4 @@ def test_bootstrap_iters_zero_turns_stderrs_off(model_and_tokenizer):
 ])
 def test_bad_stderr_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        ev.check_tasks(eval_cfg(["tiny_mc"], **overrides))
+        checks.check_tasks(eval_cfg(["tiny_mc"], **overrides))

@@ -2,7 +2,7 @@
 
     pytest tests/test_gen_protocol.py
 
-Offline: each of conf/eval/gen.yaml's six tasks is run by ream_exp.evaluate exactly as `eval=gen` runs
+Offline: each of conf/eval/gen.yaml's six tasks is run by ream_exp.evaluation exactly as `eval=gen` runs
 it -- the task YAML lm-eval's index resolves, gen.yaml's shots, metrics and chat template -- on a
 handful of items written here (a local copy of the task that differs only in where its documents come
 from), with a scripted model giving replies typical of an instruct model. The scripted model honours
@@ -20,7 +20,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from ream_exp import evaluate as ev  # noqa: E402
+from ream_exp.evaluation import checks, data_needs, harness, task_index  # noqa: E402
 from ream_exp.config import ConfigError  # noqa: E402
 from tests.scripted_lm import scripted_lm  # noqa: E402
 
@@ -172,7 +172,7 @@ def replay(tmp_path_factory):
     import nltk
 
     root = tmp_path_factory.mktemp("gen_replay")
-    index = ev._task_manager(None).task_index
+    index = task_index.task_manager(None).task_index
     # Each task's documents as JSON files loaded through the datasets cache, as hub datasets are: lm-eval
     # reads a task's documents more than once, and gpqa's process_docs shuffles the choices, which agree
     # between the reads only through the cache of `Dataset.map` (an in-memory dataset reshuffles).
@@ -203,9 +203,9 @@ def replay(tmp_path_factory):
            **{key: {t + SUFFIX: v for t, v in GEN[key].items()} for key in ("num_fewshot", "metrics")}}
     lm = scripted_lm(_scripted_reply)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "_make_lm", lambda *args: lm)
+        mp.setattr(harness, "make_lm", lambda *args: lm)
         mp.setattr(nltk, "download", lambda *a, **k: False)  # ifeval's import-time download: offline here
-        result = ev.evaluate(None, None, cfg)
+        result = harness.evaluate(None, None, cfg)
     return result, lm.requests
 
 
@@ -331,12 +331,12 @@ def test_gen_yaml_and_paper_yaml_compose_the_papers_protocol():
 def test_the_livecodebench_window_is_a_task_of_its_own():
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    index = ev._task_manager(None).task_index
+    index = task_index.task_manager(None).task_index
     whole = load_yaml(index["livecodebench"].yaml_path, resolve_func=False)["metadata"]
     window = load_yaml(index["livecodebench_2502_2505"].yaml_path, resolve_func=False)["metadata"]
     assert (whole["release"], whole["start_date"], whole["end_date"]) == ("release_v6", None, None)
     assert (window["release"], window["start_date"], window["end_date"]) == ("release_v6", "2025-02-01", "2025-05-01")
-    assert ev.check_tasks({"name": "w", "tasks": ["livecodebench_2502_2505"], "allow_code_eval": True})
+    assert checks.check_tasks({"name": "w", "tasks": ["livecodebench_2502_2505"], "allow_code_eval": True})
 
 
 def test_missing_punkt_tab_is_one_config_error_naming_the_command(tmp_path, monkeypatch):
@@ -344,9 +344,9 @@ def test_missing_punkt_tab_is_one_config_error_naming_the_command(tmp_path, monk
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # an empty nltk data directory
     with pytest.raises(ConfigError) as caught:
-        ev.check_runtime_data(GEN)
+        data_needs.check_runtime_data(GEN)
     message = str(caught.value)
     assert "\n" not in message and "['ifeval']" in message and "python -m nltk.downloader punkt_tab" in message
-    ev.check_runtime_data({**GEN, "tasks": ["gsm8k", "aime25"]})  # no ifeval: nothing needed
+    data_needs.check_runtime_data({**GEN, "tasks": ["gsm8k", "aime25"]})  # no ifeval: nothing needed
     (tmp_path / "tokenizers" / "punkt_tab").mkdir(parents=True)
-    ev.check_runtime_data(GEN)  # present: fine
+    data_needs.check_runtime_data(GEN)  # present: fine

@@ -152,7 +152,7 @@ def _clone(tmp_path: Path) -> Path:
 
 def _sweep(cwd: Path, *overrides):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(cwd)}
-    return subprocess.run([sys.executable, "-m", "ream_exp.run", "-m", *overrides], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "ream_exp.cli", "-m", *overrides], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 

@@ -275,14 +275,14 @@ def local_task_dir(tmp_path_factory) -> str:
 def test_livecodebench_scores_through_lm_eval_with_a_scripted_model(local_task_dir, monkeypatch):
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from ream_exp import evaluate as ev
+    from ream_exp.evaluation import harness
 
     lm = scripted_lm(_answer)
-    monkeypatch.setattr(ev, "_make_lm", lambda *args: lm)
+    monkeypatch.setattr(harness, "make_lm", lambda *args: lm)
     cfg = {"name": "lcb", "tasks": ["livecodebench_local"], "include_path": local_task_dir,
            "limit": None, "batch_size": 1, "num_fewshot": {"livecodebench_local": 0}, "max_gen_toks": None,
            "allow_code_eval": True, "apply_chat_template": True, "backend": "hf"}
-    result = ev.evaluate(None, None, cfg)
+    result = harness.evaluate(None, None, cfg)
     task = result["tasks"]["livecodebench_local"]
     assert task["metric"] == "pass_at_1,none" and task["kind"] == "gen" and task["n"] == 3
     assert task["score"] == pytest.approx(2 / 3) and result["gen"] == task["score"]
@@ -295,18 +295,18 @@ def test_livecodebench_scores_through_lm_eval_with_a_scripted_model(local_task_d
 
 @pytest.mark.slow
 def test_livecodebench_is_refused_unless_code_eval_is_allowed(local_task_dir, monkeypatch):
-    from ream_exp import evaluate as ev
+    from ream_exp.evaluation import harness
 
-    monkeypatch.setattr(ev, "_make_lm", lambda *args: pytest.fail("no model may be built"))
+    monkeypatch.setattr(harness, "make_lm", lambda *args: pytest.fail("no model may be built"))
     cfg = {"name": "lcb", "tasks": ["livecodebench_local"], "include_path": local_task_dir,
            "allow_code_eval": False}
-    result = ev.evaluate(None, None, cfg)
+    result = harness.evaluate(None, None, cfg)
     assert result["tasks"] == {} and "allow_code_eval" in result["skipped"]["livecodebench_local"]
 
 
 @pytest.mark.slow
 def test_livecodebench_is_in_the_task_index_from_the_package(local_task_dir):
-    from ream_exp import evaluate as ev
+    from ream_exp.evaluation import task_index
 
-    index = ev._task_manager(local_task_dir).task_index  # CODE_TASKS_DIR is on every task path
+    index = task_index.task_manager(local_task_dir).task_index  # CODE_TASKS_DIR is on every task path
     assert Path(index["livecodebench"].yaml_path).resolve() == SHIPPED.resolve()

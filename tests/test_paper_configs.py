@@ -99,10 +99,9 @@ def _config_json(tmp_path, model_type, n, k):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_config_validates_before_loading(name, tmp_path, monkeypatch):
-    import ream_exp.pipeline as pipeline
-
     model_type, n, k, c25, c50 = MODELS[name]
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights loaded during validate"))
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded during validate"))
     cfg = _cfg(f"model={name}", "calib=toy", method="ream")
     assert cfg.model.name == name and "/" in cfg.model.path and not cfg.model.path.startswith(("/", "."))
     assert (cfg.model.dtype, cfg.model.device_map, cfg.model.trust_remote_code) == ("bfloat16", "auto", False)
@@ -121,9 +120,6 @@ def test_group_size_falls_back_for_models_without_a_table(tmp_path):
 
 
 def test_unsupported_architecture_fails_from_config_json(tmp_path, monkeypatch):
-    import ream_exp.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     tf.AutoConfig.for_model("granitemoe", num_local_experts=8, num_experts_per_tok=2).save_pretrained(tmp_path)
     cfg = _cfg("model=qwen3_30b_a3b", "calib=paper", f"model.path={tmp_path}")

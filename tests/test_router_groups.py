@@ -13,7 +13,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV3Config
 
-import ream_exp.pipeline as pipeline
 from ream_exp.config import check_expert_counts
 from ream_exp.methods import Context, get_method, top_experts
 from ream_exp.moe import apply_plan, moe_layers
@@ -176,7 +175,7 @@ def test_ratios_that_break_the_router_groups_are_refused_before_loading():
 
 def test_run_refuses_such_a_ratio_before_loading_the_model(tmp_path, monkeypatch):
     _v3_config(vocab_size=112).save_pretrained(tmp_path)  # config.json alone: no weights to load
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded despite bad ratio"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=random", "ratio=0.125", "eval=none",
                    "logger=none")
     with pytest.raises(ValueError, match=r"ratio=0\.125 .*n_group=4"):

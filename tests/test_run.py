@@ -142,6 +142,34 @@ def test_unfinished_attempt_is_kept_aside_and_rerun(tiny_checkpoint, calib_files
     assert run(cfg, out) == json.loads((out / "metrics.json").read_text())  # finished: skipped
 
 
+def test_a_run_loads_its_tokenizer_once(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
+    """Calibration, validate's look into the calibration cache, the checkpoint and the evaluation share one
+    tokenizer: from_pretrained runs once per run, whether validate needs it (a hub source, tokenised
+    already) or not."""
+    import datasets
+    import transformers
+
+    from ream_exp.calib.cache import cache_path, calibration_key_material, key_of, save_cached
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    common = ("method=freq", "eval.tasks=[]", "logger=none")
+    local = _cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.25")
+    hub = _cfg(tiny_checkpoint, calib_files, tmp_path, *common, "ratio=0.5", "calib.sources.math.path=someorg/numbers")
+    material = calibration_key_material(hub.calib, transformers.AutoTokenizer.from_pretrained(str(tiny_checkpoint)))
+    tokens = torch.ones(sum(material["counts"].values()), 32, dtype=torch.long)
+    save_cached(cache_path(hub.cache_dir, key_of(material)), key_of(material), material,
+                {"input_ids": tokens, "attention_mask": tokens})  # the hub source is never read
+    loads, real = [], transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(str(a[0])) or real(*a, **k))
+    for cfg, name in ((local, "local"), (hub, "hub")):
+        loads.clear()
+        assert run(cfg, tmp_path / name)["status"] == "done"
+        assert loads == [str(tiny_checkpoint)], name
+        assert (tmp_path / name / "checkpoint" / "tokenizer_config.json").exists()
+
+
 def test_pruning_statistics_are_shared_across_ratios(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
     import ream_exp.methods.base as base
 
@@ -196,26 +224,28 @@ def test_pretokenized_calibration_through_the_pipeline(tiny_checkpoint, tmp_path
 
 def test_vllm_evaluates_the_uncompressed_baseline_from_model_path(tmp_path, monkeypatch):
     """vLLM loads the model itself: the uncompressed model's checkpoint is model.path."""
-    import ream_exp.run as run_module
+    import ream_exp.baseline as baseline_module
     from ream_exp.timing import Timings
 
     seen = []
-    monkeypatch.setattr(run_module, "_evaluate", lambda model, tok, cfg, checkpoint_dir=None, output_dir=None:
+    monkeypatch.setattr(baseline_module, "evaluate", lambda model, tok, cfg, checkpoint_dir=None, output_dir=None:
                         seen.append(checkpoint_dir) or {"tasks": {}})
     cfg = make_cfg("model=local", f"model.path={tmp_path}", "method=reap", "eval=gen", "eval.backend=vllm",
                    f"cache_dir={tmp_path / 'cache'}")
-    run_module.cached_baseline(None, None, cfg, Timings())
+    baseline_module.cached_baseline(None, None, cfg, Timings())
     assert seen == [tmp_path]
 
 
 def test_calibration_is_built_before_the_model_loads(tiny_checkpoint, calib_files, tmp_path, monkeypatch):
     """Cheap steps first: a calibration source that cannot give its sequences fails with the tokenizer
     alone; neither the model nor the baseline evaluation ever starts."""
+    import ream_exp.baseline as baseline_module
     import ream_exp.run as run_module
 
     started = []
     monkeypatch.setattr(run_module, "load_model", lambda *a, **k: started.append("load"))
-    monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: started.append("evaluate"))
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: started.append("evaluate"))
+    monkeypatch.setattr(baseline_module, "evaluate", lambda *a, **k: started.append("baseline"))
     cfg = _cfg(tiny_checkpoint, calib_files, tmp_path, "method=reap", "calib.n=4096", "calib.seq_len=512")
     with pytest.raises(Exception) as failure:
         run(cfg, tmp_path / "run")
@@ -225,15 +255,15 @@ def test_calibration_is_built_before_the_model_loads(tiny_checkpoint, calib_file
 
 @pytest.mark.parametrize("change", ["EVAL_VERSION", "lm-eval", "task version", "no record"])
 def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypatch, caplog):
-    """The cached scores of the uncompressed model record what made them (evaluate.py's EVAL_VERSION,
+    """The cached scores of the uncompressed model record what made them (evaluation/scores.py's EVAL_VERSION,
     lm-eval's version, each task's declared version) and keep the versions lm-eval reported; scores made
     otherwise, or that do not say, are evaluated again and overwritten, with one log line saying why."""
     import logging
     import shutil
 
     import ream_exp
-    import ream_exp.evaluate as ev
-    import ream_exp.run as run_module
+    import ream_exp.baseline as baseline_module
+    from ream_exp.evaluation import scores as eval_scores, task_index
     from ream_exp.timing import Timings
 
     tasks = tmp_path / "tasks"
@@ -241,36 +271,38 @@ def test_a_baseline_made_otherwise_is_evaluated_again(change, tmp_path, monkeypa
     (tmp_path / "model").mkdir()
     evaluated = []
     scores = {"tasks": {"tiny_mc": {"score": 0.5, "stderr": 0.1, "kind": "mc"}}, "versions": {"tiny_mc": 1.0}}
-    monkeypatch.setattr(run_module, "_evaluate", lambda *a, **k: evaluated.append(1) or json.loads(json.dumps(scores)))
+    monkeypatch.setattr(baseline_module, "evaluate",
+                        lambda *a, **k: evaluated.append(1) or json.loads(json.dumps(scores)))
     cfg = make_cfg("model=local", f"model.path={tmp_path / 'model'}", "method=reap", "eval=mc", "eval.tasks=[tiny_mc]",
                    f"eval.include_path={tasks}", f"cache_dir={tmp_path / 'cache'}")
-    baseline = lambda: run_module.cached_baseline(None, None, cfg, Timings())  # noqa: E731
+    baseline = lambda: baseline_module.cached_baseline(None, None, cfg, Timings())  # noqa: E731
     assert baseline() == scores
     [path] = (tmp_path / "cache" / "baseline").glob("*.json")
     entry = json.loads(path.read_text())
-    assert entry["made_by"] == {"cache format": 1, "ream-exp": ream_exp.__version__, "evaluate code": ev.EVAL_VERSION,
-                                "lm-eval": ev.lm_eval_version(), "task tiny_mc": 1.0}
+    assert entry["made_by"] == {"cache format": 1, "ream-exp": ream_exp.__version__,
+                                "evaluate code": eval_scores.EVAL_VERSION,
+                                "lm-eval": eval_scores.lm_eval_version(), "task tiny_mc": 1.0}
     assert entry["versions"] == {"tiny_mc": 1.0}  # the versions lm-eval reports, kept in the entry
     caplog.set_level(logging.INFO, logger="ream_exp")
     assert baseline() == scores and evaluated == [1], "unchanged: the cached scores are used"
     assert "baseline cache" not in caplog.text
 
     if change == "EVAL_VERSION":
-        monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
-        why = f"evaluate code v{ev.EVAL_VERSION - 1}, this is v{ev.EVAL_VERSION}"
+        monkeypatch.setattr(eval_scores, "EVAL_VERSION", eval_scores.EVAL_VERSION + 1)
+        why = f"evaluate code v{eval_scores.EVAL_VERSION - 1}, this is v{eval_scores.EVAL_VERSION}"
     elif change == "lm-eval":
-        monkeypatch.setattr(ev, "lm_eval_version", lambda: "9.9.9")
+        monkeypatch.setattr(eval_scores, "lm_eval_version", lambda: "9.9.9")
         why = f"lm-eval {entry['made_by']['lm-eval']}, this is 9.9.9"
     elif change == "task version":
         yaml = tasks / "tiny_mc.yaml"
         yaml.write_text(yaml.read_text().replace("version: 1.0", "version: 2.0"))
-        ev._task_manager.cache_clear()  # the task index is read once per process
+        task_index.task_manager.cache_clear()  # the task index is read once per process
         why = "task tiny_mc v1.0, this is v2.0"
     else:  # an entry from before entries recorded what made them
         path.write_text(json.dumps({k: v for k, v in entry.items() if k != "made_by"}))
-        why = f"an unknown version (no record of what made it), this is evaluate code v{ev.EVAL_VERSION}"
+        why = f"an unknown version (no record of what made it), this is evaluate code v{eval_scores.EVAL_VERSION}"
     assert baseline() == scores and evaluated == [1, 1], "scores made otherwise were used"
     assert [r.getMessage() for r in caplog.records if "baseline cache" in r.getMessage()] == [
         f"baseline cache {path} was made by {why}: recomputing"]
-    assert json.loads(path.read_text())["made_by"] == ev.scores_made_by(cfg.eval)  # rewritten, new record
+    assert json.loads(path.read_text())["made_by"] == eval_scores.scores_made_by(cfg.eval)  # rewritten, new record
     assert baseline() == scores and evaluated == [1, 1]

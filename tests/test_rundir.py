@@ -246,3 +246,56 @@ def test_a_live_claim_that_replaced_a_dead_holder_is_put_back(tmp_path):
     (tmp_path / HOLDER_NAME).write_text(live)  # another process took over between our read and our move
     assert not rundir._remove_dead(tmp_path, dead)
     assert (tmp_path / HOLDER_NAME).read_text() == live and [p.name for p in tmp_path.iterdir()] == [HOLDER_NAME]
+
+
+def test_ctrl_c_in_a_stage_marks_the_logged_run_failed_and_releases_the_directory(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    from ream_exp.tracking import NullLogger
+
+    class Recorder(NullLogger):
+        def finish(self, exit_code=0):
+            finished.append(exit_code)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    finished = []
+    monkeypatch.setattr(run_module, "make_logger", lambda *a, **k: Recorder())
+    monkeypatch.setattr(run_module, "evaluate", ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*_args(tiny_checkpoint, tmp_path, "ratio=0.25")), out)
+    assert finished == [1]  # W&B records the run as failed, not finished
+    assert (out / "plan.json").exists() and not (out / "error.txt").exists() and not (out / "metrics.json").exists()
+    with hold_run_dir(out):
+        pass
+
+
+def _interrupted(*args, cwd, interrupt=""):
+    """`ream-exp ARGS` with Ctrl-C pressed in the evaluation of the run directory named `interrupt`."""
+    return subprocess.run([sys.executable, "-m", "tests.interrupt_child", *args], capture_output=True, text=True,
+                          env={**ENV, "INTERRUPT_RUN": interrupt}, cwd=PACKAGE_DIR.parent, timeout=600)
+
+
+@pytest.mark.slow  # two launches through the CLI, with W&B
+def test_ctrl_c_is_one_line_and_the_relaunch_sets_the_attempt_and_its_wandb_run_aside(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = [*_args(tiny_checkpoint, tmp_path, "ratio=0.25", f"hydra.run.dir={out}"), "logger=wandb",
+            "logger.mode=offline", "save=true"]
+    stopped = _interrupted(*args, cwd=tmp_path, interrupt="run")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert stopped.stderr.splitlines()[-1] == f"interrupted: {out}; relaunch the same command to resume"
+    assert "Traceback" not in stopped.stdout + stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
+    assert not (out / "metrics.json").exists() and not (out / "error.txt").exists()
+    left = {"plan.json", "checkpoint", "wandb"}
+    assert left <= {p.name for p in out.iterdir()}
+    (interrupted_wandb,) = (out / "wandb").glob("offline-run-*")
+    assert not (out / HOLDER_NAME).exists()  # the directory was released
+    resumed = _interrupted(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["status"] == "done"
+    (attempt,) = (out / "attempts").iterdir()
+    assert left <= {p.name for p in attempt.iterdir()}
+    assert [p.name for p in (attempt / "wandb").glob("offline-run-*")] == [interrupted_wandb.name]
+    (fresh_wandb,) = (out / "wandb").glob("offline-run-*")  # `wandb sync` of the run dir: the finished run alone
+    assert fresh_wandb.name != interrupted_wandb.name

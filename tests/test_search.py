@@ -210,7 +210,7 @@ def test_bad_search_settings_are_refused_before_any_run(tmp_path, override, mess
 @pytest.mark.slow  # two real toy runs, then a relaunch that runs none
 def test_toy_search_runs_real_trials_and_resumes(tmp_path):
     sweep = tmp_path / "toy_search"
-    args = [sys.executable, "-m", "ream_exp.run", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name",
+    args = [sys.executable, "-m", "ream_exp.cli", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name",
             "toy_search", f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "eval.limit=4", "calib.n=32",
             "method=freq", "progress=false"]
     env = {**ENV, "REAM_EXP_CACHE": str(tmp_path / "cache")}  # (a cache_dir override would name the run dirs)

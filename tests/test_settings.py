@@ -187,17 +187,17 @@ def test_a_read_source_without_a_path_is_named(tmp_path):
 # ---- lm-eval's notice that ream-exp's humaneval replaces its own ---------------------------------------
 
 def test_own_humaneval_override_is_not_logged(caplog):
-    import ream_exp.evaluate as ev
+    from ream_exp.evaluation import task_index
 
-    ev._task_manager.cache_clear()
+    task_index.task_manager.cache_clear()
     with caplog.at_level(logging.WARNING, logger="lm_eval"):
-        manager = ev._task_manager(None)
+        manager = task_index.task_manager(None)
     assert "humaneval" in manager.all_tasks
     assert not [r for r in caplog.records if "overrides existing task" in r.getMessage()]
 
 
 def test_other_task_overrides_are_still_logged():
-    import ream_exp.evaluate as ev
+    from ream_exp.evaluation import task_index
     from ream_exp.code_tasks import CODE_TASKS_DIR
 
     def record(path):
@@ -205,7 +205,7 @@ def test_other_task_overrides_are_still_logged():
                                  "Task '%s' from %s overrides existing task from %s",
                                  ("humaneval", path, "/site-packages/lm_eval/tasks/humaneval"), None)
 
-    keep = ev._OwnOverrides().filter
+    keep = task_index._OwnOverrides().filter
     assert not keep(record(CODE_TASKS_DIR / "humaneval.yaml"))
     assert keep(record(Path("/my/tasks/humaneval.yaml")))
 

@@ -71,6 +71,33 @@ def test_failed_run_does_not_sink_the_sweep_and_sweeps_resume(tiny_checkpoint, t
     assert fine.returncode == 0 and _summary(fine.stdout)[0] == "sweep summary: 0 done, 2 skipped, 0 failed"
 
 
+@pytest.mark.slow  # two sweeps through the CLI
+def test_ctrl_c_stops_the_sweep_with_its_summary_and_one_line(tiny_checkpoint, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=local", f"model.path={tiny_checkpoint}", "method=freq", "ratio=0.25,0.5,0.75", "eval=none",
+            "logger=none", "save=true", "calib.n=8", "calib.seq_len=32", "progress=false",
+            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=r${ratio}", f"cache_dir={tmp_path / 'c'}"]
+
+    def launch(interrupt=""):  # Ctrl-C in the evaluation of the run directory named `interrupt`
+        env = {**ENV, "INTERRUPT_RUN": interrupt,
+               "PYTHONPATH": os.pathsep.join([str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+        return subprocess.run([sys.executable, "-m", "tests.interrupt_child", *args], capture_output=True,
+                              text=True, env=env, cwd=PACKAGE_DIR.parent, timeout=600)
+
+    stopped = launch(interrupt="r0.5")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stdout + stopped.stderr
+    assert _summary(stopped.stdout) == ("sweep summary: 1 done, 0 skipped, 0 failed, 1 interrupted",
+                                        {"r0.25": "done", "r0.5": "interrupted"})
+    assert stopped.stderr.splitlines()[-1] == f"interrupted: {sweep / 'r0.5'}; relaunch the same command to resume"
+    assert not (sweep / "r0.75").exists()  # the sweep stopped: no later run started
+    resumed = launch()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _summary(resumed.stdout) == ("sweep summary: 2 done, 1 skipped, 0 failed",
+                                        {"r0.25": "skipped", "r0.5": "done", "r0.75": "done"})
+    assert (sweep / "r0.5" / "attempts").is_dir()  # the interrupted attempt's plan and checkpoint, set aside
+
+
 def _status(metrics: Path):
     try:
         return json.loads(metrics.read_text()).get("status")

@@ -134,6 +134,20 @@ def test_failing_wandb_calls_never_raise(caplog):
     assert "disk full" in caplog.text and "sync failed" in caplog.text
 
 
+def test_a_failed_or_interrupted_run_finishes_its_wandb_run_as_failed():
+    class Run:
+        def __init__(self):
+            self.finished = []
+
+        def finish(self, **kwargs):
+            self.finished.append(kwargs)
+
+    failed, done = Run(), Run()
+    WandbLogger(failed).finish(exit_code=1)
+    WandbLogger(done).finish()
+    assert failed.finished == [{"exit_code": 1}] and done.finished == [{}]
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match=r"^logger.name='wandbb'; valid: wandb, none \(did you mean wandb\?\)$"):
         check_group("logger", {"name": "wandbb"})
@@ -185,9 +199,9 @@ def test_group_is_the_sweep_in_a_hydra_multirun(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from ream_exp.run import CONF_DIR
+    from ream_exp import CONF_DIR
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra.sweep.dir={tmp_path / 'toy_pareto'}"], return_hydra_config=True)
     assert tracking.sweep_name() is None  # no Hydra job in this process yet
     OmegaConf.set_readonly(cfg.hydra, False)

@@ -243,7 +243,7 @@ class MixSearchSweeper(Sweeper):
 
     def _finished_in_run_dir(self, overrides: List[str]):
         """(MC, GEN) of this job's run directory when it already holds finished results of this config."""
-        from ream_exp.run import finished_metrics
+        from ream_exp.run_records import finished_metrics
         from ream_exp.search import objectives
 
         job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -301,7 +301,7 @@ class MixSearchSweeper(Sweeper):
 
     def _write_summary(self, study, sweep_dir: Path) -> None:
         """search.json: every trial (number, state, mix, MC, GEN) and the Pareto front's trial numbers."""
-        from ream_exp.pipeline import write_json
+        from ream_exp.atomic import write_json
 
         trials = [{"number": t.number, "state": t.state.name, "mix": t.user_attrs.get("mix"),
                    "values": list(t.values) if t.values else None,

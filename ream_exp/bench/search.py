@@ -31,7 +31,7 @@ SWEEPS = SWEEPS_DIR
 
 def launch(config_name: str, sweep_dir: Path, overrides: list[str]) -> tuple[int, float]:
     """Run one multirun through ream-exp's entry point; its exit status and wall-clock seconds."""
-    command = [sys.executable, "-m", "ream_exp.run", "-m", "--config-dir", str(SWEEPS), "--config-name",
+    command = [sys.executable, "-m", "ream_exp.cli", "-m", "--config-dir", str(SWEEPS), "--config-name",
                config_name, *overrides, f"hydra.sweep.dir={sweep_dir}", "progress=false"]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()

@@ -100,7 +100,7 @@ def run_config(overrides: list[str]):
     """The run's config (conf/config.yaml) composed with `overrides`, as `ream-exp OVERRIDES` would."""
     from hydra import compose, initialize_config_dir
 
-    from ..run import CONF_DIR
+    from .. import CONF_DIR
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)

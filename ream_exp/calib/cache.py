@@ -157,6 +157,24 @@ def load_cached(path: Path, key: str, rows: int, seq_len: int, current: dict | N
     return calib
 
 
+def is_cached(cfg, tokenizer, cache_dir: str | Path | None) -> bool:
+    """Whether cached_calibration would read this set from the cache instead of building it: its entry is
+    there, sound (load_cached's checks) and made by this code and tokenizer (its made_by record). Reads
+    only: a stale or damaged entry is reported and rebuilt by cached_calibration, not here."""
+    if is_pretokenized(cfg) or cache_dir is None:
+        return False
+    material = calibration_key_material(cfg, tokenizer)
+    key = key_of(material)
+    path = cache_path(cache_dir, key)
+    if not path.exists():
+        return False
+    try:
+        load_cached(path, key, sum(material["counts"].values()), material["seq_len"], calibration_made_by(material))
+    except (StaleEntry, ValueError):
+        return False
+    return True
+
+
 def cached_calibration(cfg, tokenizer, cache_dir: str | Path | None) -> dict[str, torch.Tensor]:
     """build_calibration(cfg, tokenizer), read from `<cache_dir>/calib/` when this exact set was built before."""
     if is_pretokenized(cfg) or cache_dir is None:
@@ -182,4 +200,4 @@ def cached_calibration(cfg, tokenizer, cache_dir: str | Path | None) -> dict[str
 
 
 __all__ = ["cache_path", "cached_calibration", "calibration_key", "calibration_key_material", "calibration_made_by",
-           "load_cached", "save_cached", "tokenizer_fingerprint"]
+           "is_cached", "load_cached", "save_cached", "tokenizer_fingerprint"]

@@ -3,7 +3,7 @@
     python -m ream_exp.toy.quality                       # the shipped checkpoint, every item
     python -m ream_exp.toy.quality --model DIR --limit 20
 
-The experiment pipeline evaluates through ``ream_exp.evaluate`` with ``conf/eval/toy.yaml``; this is
+The experiment pipeline evaluates through ``ream_exp.evaluation`` with ``conf/eval/toy.yaml``; this is
 the same lm-eval call, kept here so the toy world can check itself without the pipeline.
 """
 

@@ -16,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from ream_exp.calib import DOMAINS
-from ream_exp.pipeline import write_json
-from ream_exp.run import finished_metrics
+from ream_exp.atomic import write_json
+from ream_exp.run_records import finished_metrics
 
 
 def stub_scores(mix: dict) -> tuple[float, float]:
