@@ -1,8 +1,9 @@
 # ream-exp: one command to set up and run, one to set up and test.
 #   make demo    set up .venv and run the default job (toy MoE, REAM, ratio 0.25, toy benchmarks)
-#   make test    set up .venv and run the test suite (CPU, offline); with CI=true (as .ci/run has it) or
-#                LEGACY_CHECK=true it also builds the transformers 4.57 environment (once) and runs the
-#                checkpoint load check in it (tests/test_checkpoint.py), which is skipped otherwise
+#   make test    set up .venv and run the test suite (CPU, offline; it builds the docs site strictly, as make docs);
+#                with CI=true (as .ci/run has it) or LEGACY_CHECK=true it also builds the transformers 4.57
+#                environment (once) and runs the checkpoint load check in it (tests/test_checkpoint.py), which
+#                is skipped otherwise
 #   make mutate  plant each deliberate bug of tests/mutate.py and check its tests catch it (a few minutes)
 #   make bench   run one benchmark (ream_exp/bench/): BENCH=observe by default, BENCH_ARGS="..." for its flags;
 #                `python -m ream_exp.bench --help` lists them
