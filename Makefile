@@ -1,11 +1,14 @@
 # ream-exp: one command to set up and run, one to set up and test.
 #   make demo    set up .venv and run the default job (toy MoE, REAM, ratio 0.25, toy benchmarks)
-#   make test    set up .venv and run the test suite (CPU, offline); with CI=true (as .ci/run has it) or
-#                LEGACY_CHECK=true it also builds the transformers 4.57 environment (once) and runs the
-#                checkpoint load check in it (tests/test_checkpoint.py), which is skipped otherwise
+#   make test    set up .venv and run the test suite (CPU, offline; it builds the docs site strictly, as make docs);
+#                with CI=true (as .ci/run has it) or LEGACY_CHECK=true it also builds the transformers 4.57
+#                environment (once) and runs the checkpoint load check in it (tests/test_checkpoint.py), which
+#                is skipped otherwise
 #   make mutate  plant each deliberate bug of tests/mutate.py and check its tests catch it (a few minutes)
 #   make bench   run one benchmark (ream_exp/bench/): BENCH=observe by default, BENCH_ARGS="..." for its flags;
 #                `python -m ream_exp.bench --help` lists them
+#   make docs    build the documentation site (mkdocs.yml, docs/) in strict mode into $(SITE_DIR) (git-ignored);
+#                make docs-serve serves it at http://127.0.0.1:8000 while you edit
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make setup TORCH=torch==2.13.0 TORCH_INDEX=` with CUDA wheels,
@@ -22,8 +25,11 @@ TEST_ENV := REAM_EXP_TF457_PYTHON=$(abspath $(TF457_VENV))/bin/python
 endif
 BENCH ?= observe
 BENCH_ARGS ?=
+SITE_DIR ?= outputs/site
+# mkdocs-material 9.7+ prints a banner about MkDocs 2.0 on every build
+DOCS_ENV := NO_MKDOCS_2_WARNING=1
 
-.PHONY: setup demo test tf457 mutate bench bench-legacy clean-venv
+.PHONY: setup demo test tf457 mutate bench bench-legacy docs docs-serve clean-venv
 
 setup: $(VENV)/.installed
 
@@ -54,6 +60,13 @@ bench: setup
 # Checkpoints load in transformers 4.57: builds that environment once (outputs/.cache/tf457-venv), then checks
 bench-legacy: setup
 	$(BIN)/python -m ream_exp.bench legacy --venv $(TF457_VENV)
+
+# the docs extra (mkdocs, mkdocs-material) comes with the test extra that setup installs
+docs: setup
+	$(DOCS_ENV) $(BIN)/python -m mkdocs build --strict --site-dir $(SITE_DIR)
+
+docs-serve: setup
+	$(DOCS_ENV) $(BIN)/python -m mkdocs serve
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Ships the repository's conf/ and sweeps/ inside the installed package, as ream_exp/conf and ream_exp/sweeps.
 
-The checkout keeps them at the top level (the source of truth; README: Install). A wheel, and so a
+The checkout keeps them at the top level (the source of truth; docs/getting-started.md, Install). A wheel, and so a
 `pip install` from a git URL, a directory or an sdist, copies them into the built package; an editable
 install (`pip install -e .`, `make setup`) copies nothing and reads them where they are. ream_exp.CONF_DIR
 and ream_exp.SWEEPS_DIR find either place. Everything else is in pyproject.toml.

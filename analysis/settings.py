@@ -7,7 +7,7 @@ config.yaml) and a W&B run (its config) get it from run_identity on their config
 fails, from the config without ream_exp.identity.NOT_IDENTITY's keys.
 
 A run's *settings* (column `settings` of analysis.collect, JSON {dotted key: value}) are that identity
-without what a frontier point is allowed to vary over or average (README: Analysis):
+without what a frontier point is allowed to vary over or average (docs/sweeps.md: Analysis):
   - `seed`: the run seed, the one thing averaged (two seeds of the same settings are one point);
   - `ratio`: the expert count is a frontier key already;
   - `calib.mix` and the calibration sources it reads: what a frontier varies over. A source's own settings

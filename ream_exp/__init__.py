@@ -7,7 +7,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _shipped(name: str) -> Path:
     """conf/ or sweeps/: inside the package when installed from a wheel (setup.py copies them there), else
-    beside it, in the checkout (an editable install, PYTHONPATH); README: Install."""
+    beside it, in the checkout (an editable install, PYTHONPATH); docs/getting-started.md, Install."""
     inside = PACKAGE_DIR / name
     return inside if inside.is_dir() else PACKAGE_DIR.parent / name
 

@@ -1,5 +1,5 @@
 """The uncompressed model's scores beside each run's (baseline=true): evaluated once per (model, eval config)
-and cached in <cache_dir>/baseline/<key>.json with the record of what made them (README, "Caches").
+and cached in <cache_dir>/baseline/<key>.json with the record of what made them (docs/caches.md).
 
 A streamed run never holds the whole uncompressed model, so its baseline must be in the cache already
 (check_streamed_baseline, before any load), with the command that fills it (baseline_command).

@@ -14,7 +14,7 @@ A record is a flat JSON-able mapping, label -> version, in a fixed order:
                         methods/observation.py OBSERVATION_VERSION, evaluation/scores.py EVAL_VERSION): bumped by
                         whoever changes that computation
     anything else       what else the entry depends on outside the key, e.g. "lm-eval", "task gsm8k",
-                        "tokenizer" (see the README's caching section for each cache's record)
+                        "tokenizer" (see docs/caches.md for each cache's record)
 
 An entry whose record differs from the current one in any label, or that has none (written before entries
 recorded what made them: an unknown version), is recomputed, with ONE log line (report_stale) naming the

@@ -79,7 +79,7 @@ def lm_eval_git_hash() -> str:
     """What lm-eval records as `git_hash` in its results files (lm_eval/results_*.json): this code's commit
     (git_commit), "unknown" outside a git checkout, as an installed package runs. lm-eval's own
     get_git_commit_hash runs `git describe` in the working directory, whatever that is, and leaves git's
-    "fatal: not a git repository" on the terminal once per suite outside one (README: Install)."""
+    "fatal: not a git repository" on the terminal once per suite outside one (docs/getting-started.md, Install)."""
     return git_commit()["commit"] or "unknown"
 
 

@@ -37,7 +37,7 @@ from .moe import MoELayer, moe_layers
 from .moe.offload import execution_device
 
 # The version of the code that computes the routing statistics (the observing forward, LayerStats' sums),
-# recorded in every stats cache entry: bump it when a change here changes the numbers (README, "Caches").
+# recorded in every stats cache entry: bump it when a change here changes the numbers (docs/caches.md).
 STATS_VERSION = 1
 
 

@@ -129,7 +129,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
     check_datasets(_datasets_needed(cfg, needs_calibration, tokenizer))
-    check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (README: evaluation)
+    check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (docs/evaluation.md)
     return model_config
 
 

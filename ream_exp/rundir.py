@@ -8,7 +8,7 @@ means the last holder died holding it, a stale lock, taken over with a warning. 
 held directory gets `RunDirBusy` at once, naming the holder.
 
 Where the filesystem refuses flock (`FLOCK_REFUSED`: Lustre mounted without flock, NFS without a lock
-daemon; README "Running"), one warning says so and .lock-holder.json alone is the lock: it is created
+daemon; docs/running.md), one warning says so and .lock-holder.json alone is the lock: it is created
 whole and atomically (a hard link to a finished temporary file, safe on NFS), so only one process gets it.
 Nothing drops it when its holder dies, so a relaunch takes it over only when it names a dead process of
 this host; one naming another host is refused, with the file to delete if its holder is known to be gone.
@@ -108,7 +108,7 @@ def _warn_took_over(run_dir: Path, dead: dict) -> None:
                 run_dir, _describe(dead))
 
 
-# What flock answers where a filesystem cannot lock (README "Running"): ENOSYS (Lustre mounted without
+# What flock answers where a filesystem cannot lock (docs/running.md): ENOSYS (Lustre mounted without
 # -o flock, FUSE filesystems without locking), ENOLCK (NFS whose lock daemon, lockd/statd, is not running or
 # not reachable), EOPNOTSUPP/ENOTSUP (filesystems that reject the call). EACCES, EAGAIN and EWOULDBLOCK mean
 # another process holds the lock (filelock reports them as Timeout), never a refusal.

@@ -61,6 +61,8 @@ def check_group_size_table(key, setting: str) -> None:
 
 MEMORY_DEVICE = re.compile(r"\d+|cpu|mps|disk|cuda(:\d+)?")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_VALUES = (f"null, one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:N, N) or a mapping "
+                     "{module: device} with GPU ordinals, cpu, mps or disk")
 
 
 MEMORY_DEVICES = "GPU ordinals (0, 1, ...), cpu, mps or disk"
@@ -92,8 +94,7 @@ def check_chat_role(role, setting: str) -> None:
 
 def check_device_map(value, setting: str, parent) -> None:
     """model.device_map: null, one of accelerate's strategies (auto, ...), a device, or {module: device}."""
-    what = (f"{setting} is null, one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:N, N) or a "
-            "mapping {module: device} with GPU ordinals, cpu, mps or disk")
+    what = f"{setting} is {DEVICE_MAP_VALUES}"
     if isinstance(value, dict):
         for module, device in value.items():
             if isinstance(device, bool) or not MEMORY_DEVICE.fullmatch(str(device)):
@@ -105,8 +106,9 @@ def check_device_map(value, setting: str, parent) -> None:
                           + _did_you_mean(value, DEVICE_MAP_STRATEGIES))
 
 
-LIMIT_MEANING = ("eval.limit is null (every example), a positive integer (examples per task) or a fraction in "
-                 "(0, 1) of each task's examples")
+LIMIT_VALUES = ("null (every example), a positive integer (examples per task) or a fraction in (0, 1) of each "
+                "task's examples")
+LIMIT_MEANING = f"eval.limit is {LIMIT_VALUES}"
 
 
 def check_limit(value, setting: str, parent) -> None:
@@ -122,8 +124,9 @@ def check_limit(value, setting: str, parent) -> None:
                           f"{whole}: {LIMIT_MEANING}")
 
 
-BATCH_MEANING = ("eval.batch_size is a positive integer, auto or auto:N (lm-eval finds the largest batch that fits, "
-                 "again N times over the run), or null (1; auto with backend=vllm)")
+BATCH_VALUES = ("a positive integer, auto or auto:N (lm-eval finds the largest batch that fits, again N times over "
+                "the run), or null (1; auto with backend=vllm)")
+BATCH_MEANING = f"eval.batch_size is {BATCH_VALUES}"
 
 
 def check_eval_batch_size(value, setting: str, parent) -> None:
@@ -159,13 +162,13 @@ MODEL = Group({
     "name": Str("the model config's name"),
     "path": Str("a checkpoint directory or hub id"),
     "revision": Str("the hub revision of model.path", nullable=True),
-    "dtype": Choice(*DTYPES, hints=DTYPE_HINTS),
-    "device_map": Custom(check_device_map, nullable=True),
+    "dtype": Choice(*DTYPES, hints=DTYPE_HINTS, meaning="the dtype the weights load in (auto: the checkpoint's)"),
+    "device_map": Custom(check_device_map, nullable=True, meaning=DEVICE_MAP_VALUES),
     "max_memory": Mapping(Custom(check_memory_size), "{device: size} with model.device_map, e.g. {0: 70GiB, "
                           "cpu: 200GiB}", nullable=True, key=check_memory_device),
     "offload_folder": Str("where accelerate writes weights the device map sends to disk", nullable=True),
-    "stream": Bool(),
-    "trust_remote_code": Bool(),
+    "stream": Bool("whether the model is read, compressed and written one decoder layer at a time"),
+    "trust_remote_code": Bool("whether transformers may run the checkpoint's own modelling code"),
     "group_size": Mapping(Int("REAM's group size C for that ratio", lo=0), nullable=True,
                           meaning='a mapping {ratio: C}, e.g. {"0.25": 16, "0.5": 32}', key=check_group_size_table),
 })
@@ -175,9 +178,10 @@ SOURCE = Group({
     "name": Str("the hub dataset's config name", nullable=True),
     "split": Str("the dataset split read"),
     "revision": Str("the hub dataset's git revision", nullable=True),
-    "streaming": Bool(),
+    "streaming": Bool("whether the hub dataset is streamed rather than downloaded whole"),
     "shuffle_buffer": Int("the seeded shuffle buffer of a streamed source, in rows", lo=1),
-    "format": Choice(*FORMATS),
+    "format": Choice(*FORMATS, meaning="a text column as is, or chat roles (`fields`) rendered with the "
+                                       "tokenizer's chat template"),
     "field": Str("the text column (format: text)"),
     "fields": Mapping(Str("a column name"), "the columns of the chat roles, e.g. {user: instruction, assistant: "
                                             "output} (format: chat)", nullable=True, key=check_chat_role),
@@ -200,9 +204,11 @@ CALIB = Group({
     "seq_len": Int("the length of every calibration sequence in tokens", lo=1),
     "seed": Int("the integer seed of each source's row order"),
     "min_fill": Number("the least share of real tokens per row", lo=0, hi=1),
-    "pack": Bool(),
+    "pack": Bool("whether texts are joined into full rows rather than truncated and padded one per row"),
     "batch_size": Int("the number of sequences per forward pass", lo=1),
-    "states_device": Choice("cpu", "disk", nullable=True),
+    "states_device": Choice("cpu", "disk", nullable=True,
+                            meaning="where the layer-wise methods keep the calibration hidden states (null: the "
+                                    "model's device)"),
     "states_dir": Str("the directory of the calibration hidden states (calib.states_device=disk)", nullable=True),
 })
 
@@ -213,17 +219,18 @@ EVAL = Group({
     "tasks": ListOf(Str("an lm-eval task, group or tag name"), "a list of lm-eval task names, e.g. [gsm8k]",
                     nullable=True),
     "include_path": Str("a directory of extra lm-eval task YAMLs", nullable=True),
-    "limit": Custom(check_limit, nullable=True),
-    "batch_size": Custom(check_eval_batch_size, nullable=True),
+    "limit": Custom(check_limit, nullable=True, meaning=LIMIT_VALUES),
+    "batch_size": Custom(check_eval_batch_size, nullable=True, meaning=BATCH_VALUES),
     "num_fewshot": OneOf(Int(FEWSHOT, lo=0), PER_TASK_INT, kind="an integer >= 0 or a mapping {task: shots}",
                          meaning=FEWSHOT, nullable=True),
     "max_gen_toks": Int("the most tokens a generation may produce (null: each task's own cap)", nullable=True,
                         lo=1),
-    "allow_code_eval": Bool(),
+    "allow_code_eval": Bool("whether tasks that run model-written code may run"),
     "apply_chat_template": OneOf(Bool(), Group({"mc": Bool(), "gen": Bool()}),
                                  kind="true, false or a mapping {mc: bool, gen: bool}",
                                  meaning="whether prompts go through the tokenizer's chat template"),
-    "backend": Choice("hf", "vllm"),
+    "backend": Choice("hf", "vllm", meaning="what runs the GEN tasks: the model in memory, or vLLM loading the saved "
+                                            "checkpoint (MC tasks always run on the model in memory)"),
     "tensor_parallel_size": Int("the number of GPUs vLLM splits the model over (eval.backend=vllm)",
                                 nullable=True, lo=1),
     "vllm_args": Mapping(meaning="extra keyword arguments of lm-eval's vLLM backend", nullable=True),
@@ -231,14 +238,14 @@ EVAL = Group({
                        nullable=True),
     "bootstrap_iters": Int("the bootstrap resamples behind non-mean metrics' stderrs (0 turns every stderr off)",
                            nullable=True, lo=0),
-    "log_samples": Bool(),
+    "log_samples": Bool("whether every item's prompt, response and score is written to <run dir>/lm_eval/"),
 })
 
 LOGGER = Group({
-    "name": Choice("wandb", "none"),
+    "name": Choice("wandb", "none", meaning="the tracker"),
     "project": Str("the W&B project", nullable=True),
     "entity": Str("the W&B team or user", nullable=True),
-    "mode": Choice("offline", "online", "disabled", nullable=True),
+    "mode": Choice("offline", "online", "disabled", nullable=True, meaning="the W&B mode"),
     "group": Str("the W&B group (null: the sweep's name)", nullable=True),
     "tags": ListOf(Str("a W&B tag"), "a list of W&B tags", nullable=True),
     "run_name": Str("the W&B run's name (null: method_r<ratio>_<mix>)", nullable=True),
@@ -252,15 +259,15 @@ for _group in (MODEL, CALIB, EVAL, LOGGER):  # conf/<group>/*.yaml: messages nam
 SCHEMA = Group({
     "ratio": Number("the fraction of experts removed per MoE layer, in [0, 1)", lo=0, hi=1, hi_open=True),
     "seed": Int("the integer seed of every random choice of the run"),
-    "save": Bool(),
-    "device": Custom(check_device),
-    "progress": Bool(),
-    "baseline": Bool(),
+    "save": Bool("whether the compressed checkpoint is written to <run dir>/checkpoint/"),
+    "device": Custom(check_device, meaning=f"{DEVICE_FORMS}; unused when model.device_map is set"),
+    "progress": Bool("whether long steps show progress bars"),
+    "baseline": Bool("whether the uncompressed model's scores are reported too (evaluated once, cached)"),
     "cache_dir": Str("where the caches go (set cache_dir=DIR or REAM_EXP_CACHE)", nullable=True),
     "run_dir": Str("the run directory when run() is given none", nullable=True),
     "model": MODEL,
     "calib": CALIB,
-    "method": Custom(check_method),
+    "method": Custom(check_method, meaning="the method chosen with method=NAME and its own settings"),
     "eval": EVAL,
     "logger": LOGGER,
 }, tolerated=("hydra",))  # only in a config composed with return_hydra_config

@@ -180,8 +180,8 @@ class OneOf(Spec):
 class Custom(Spec):
     """A value checked by `check(value, setting, parent)`, a function raising ConfigError."""
 
-    def __init__(self, check, nullable: bool = False):
-        super().__init__("", nullable)
+    def __init__(self, check, nullable: bool = False, meaning: str = ""):
+        super().__init__(meaning, nullable)  # the meaning is for the reference; `check` writes its own messages
         self._check = check
 
     def check(self, value, setting: str, parent=None) -> None:

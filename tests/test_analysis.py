@@ -627,7 +627,7 @@ def test_mix_labels_do_not_overlap_each_other_or_points(paper):
                 assert not any(box.contains(x, y) for x, y in pixels), text
 
 
-# ---------------------------------------------------------------- like with like: settings (README: Analysis)
+# ---------------------------------------------------------------- like with like: settings (docs/sweeps.md: Analysis)
 
 SOURCES = {"general": {"path": "allenai/c4", "field": "text"}, "math": {"path": "AI-MO/NuminaMath-1.5"},
            "code": {"path": "bigcode/the-stack-smol"}}

@@ -204,7 +204,8 @@ def test_git_commit_is_none_outside_a_git_checkout(tmp_path, monkeypatch):
 
 def test_lm_eval_records_this_codes_commit_quietly(tmp_path, monkeypatch, capfd):
     """lm-eval's results files get git_commit's commit, "unknown" outside a checkout, with nothing on
-    stderr (lm-eval's own `git describe` prints git's "fatal: not a git repository"; README: Install)."""
+    stderr (lm-eval's own `git describe` prints git's "fatal: not a git repository"; docs/getting-started.md,
+    Install)."""
     import ream_exp.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "PACKAGE_DIR", tmp_path / "ream_exp")

@@ -1,20 +1,31 @@
-"""The documentation users have: README.md and docs/*.md point only at things that exist.
+"""The documentation users have: README.md and the pages of docs/ point only at things that exist, the site
+builds, and the settings reference is the schema's.
 
 Every relative link or image names a file or folder of the repository; an #anchor into a markdown file
 names one of its headings under GitHub's rule (lowercase, punctuation other than '-' and '_' dropped,
-each space a '-', repeated headings suffixed -1, -2, ...). The README cites docs/algorithms.md, never
-the team's internal spec, and the paper's numbers in docs/algorithms.md are tests/data/paper_table.csv.
+each space a '-', repeated headings suffixed -1, -2, ...), which mkdocs.yml gives the site too, so a link
+works on GitHub and on the site alike. `mkdocs build --strict` (the site, mkdocs.yml) refuses a link from a
+page to a missing page or file, an anchor that names no heading and a page left out of the site: it runs
+here, so `make test` (and CI) fail on them. The settings reference (docs/reference/settings.md) is what
+`python -m ream_exp.settings_reference` writes. The README is the front door: short, with the two commands.
+Docs cite docs/algorithms.md, never the team's internal spec, and the paper's numbers in docs/algorithms.md
+are tests/data/paper_table.csv.
 """
 
 import csv
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 ALGORITHMS = ROOT / "docs" / "algorithms.md"
+SETTINGS_PAGE = ROOT / "docs" / "reference" / "settings.md"
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
@@ -78,9 +89,16 @@ def broken_links(md: Path, root: Path = ROOT) -> list[str]:
     ("`reap_official` and `freq_official`", "reap_official-and-freq_official"),
     ("MC / GEN for every mix", "mc--gen-for-every-mix"),
     ("See [the docs](docs/x.md) now", "see-the-docs-now"),
+    ("calib.sources.NAME", "calibsourcesname"),
 ])
 def test_anchor_rule(heading, anchor):
+    """GitHub's rule, and the site's (mkdocs.yml: pymdownx's slugify of the heading's text, code and links
+    rendered as their text), give the same anchor."""
+    from pymdownx.slugs import slugify
+
     assert github_anchor(heading) == anchor
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "")
+    assert slugify(case="lower")(text, "-") == anchor
 
 
 def test_checker_finds_missing_files_and_anchors(tmp_path):
@@ -106,6 +124,77 @@ def test_checker_finds_missing_files_and_anchors(tmp_path):
 @pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(md):
     assert broken_links(md) == []
+
+
+def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner about MkDocs 2.0
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
+                           "--site-dir", str(site)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_site_builds_in_strict_mode(tmp_path):
+    """`make docs` as CI runs it: every page in the site, every link between pages and every anchor resolves."""
+    result = mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    for page in ("index.html", "reference/settings/index.html", "algorithms/index.html", "toy/index.html"):
+        assert (tmp_path / "site" / page).is_file()
+
+
+def test_strict_build_refuses_a_broken_link_or_anchor(tmp_path):
+    """The same config over a copy of docs/ with a link to a missing page and one to a missing heading."""
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    page = tmp_path / "docs" / "index.md"
+    page.write_text(page.read_text(encoding="utf-8") + "\n[gone](no-such-page.md) [bad](running.md#no-such-heading)\n")
+    result = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "no-such-page.md" in output and "no-such-heading" in output, output[-4000:]
+
+
+def test_settings_reference_is_what_the_generator_writes():
+    from ream_exp.settings_reference import render
+
+    assert SETTINGS_PAGE.read_text(encoding="utf-8") == render(), \
+        "the schema or conf/ changed: python -m ream_exp.settings_reference > docs/reference/settings.md"
+
+
+def test_settings_reference_names_every_setting():
+    """Walked here from the schema, not by the generator: every key of every group, of a calibration source
+    and of each method's settings, and every option of conf/, is on the page."""
+    from ream_exp import CONF_DIR
+    from ream_exp.methods import METHODS
+    from ream_exp.settings import SCHEMA, SOURCE, Group, method_group
+
+    page = SETTINGS_PAGE.read_text(encoding="utf-8")
+    keys = list(SCHEMA.fields)
+    keys += [f"{k}.{sub}" for k, spec in SCHEMA.fields.items() if isinstance(spec, Group) for sub in spec.fields]
+    keys += [f"calib.sources.NAME.{k}" for k in SOURCE.fields]
+    keys += [f"method.{k}" for name, module in METHODS.items() for k in method_group(module, name).fields
+             if k != "name"]
+    options = [p.stem for group in ("model", "calib", "method", "eval", "logger")
+               for p in (CONF_DIR / group).glob("*.yaml")]
+    missing = [k for k in keys + options if f"`{k}`" not in page]
+    assert len(keys) > 60 and set(METHODS) <= set(options) and missing == []
+
+
+def test_readme_is_a_front_door():
+    """A few screens, with the two commands as the Makefile and CI have them, and a link to every page."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 150
+    assert "make demo" in readme and "make test" in readme
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^demo: setup\n\t\$\(BIN\)/ream-exp$", makefile, re.M)  # the default job, no arguments
+    assert re.search(r"^test: setup.*\n\t.* -m pytest ", makefile, re.M)
+    assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(encoding="utf-8"), re.M)
+    nav = re.findall(r"^\s*- (?:[^:\n]+: )?(\S+\.md)$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.M)
+    linked = {t.partition("#")[0] for t in LINK.findall(without_code(readme))}
+    assert len(nav) > 10 and [p for p in nav if f"docs/{p}" not in linked] == []
+
+
+def test_toy_heatmap_in_the_docs_is_the_packages():
+    """docs/img holds a copy of the figure the package ships (the site cannot reach outside docs/)."""
+    shipped = ROOT / "ream_exp" / "toy" / "expert_heatmap.png"
+    assert (ROOT / "docs" / "img" / "toy_expert_heatmap.png").read_bytes() == shipped.read_bytes()
 
 
 def test_readme_cites_algorithms_not_the_internal_spec():

@@ -1,6 +1,6 @@
-"""A non-editable install works without the checkout (README: Install): the package built as a wheel, installed
-in a fresh venv and run from an empty directory runs the default toy job, a toy sweep, the report and the
-notebook, with conf/ and sweeps/ read from inside the installed package.
+"""A non-editable install works without the checkout (docs/getting-started.md, Install): the package built as a
+wheel, installed in a fresh venv and run from an empty directory runs the default toy job, a toy sweep, the
+report and the notebook, with conf/ and sweeps/ read from inside the installed package.
 
 To stay fast the venv borrows this interpreter's installed dependencies (a .pth line naming its
 site-packages; the editable install's finder there is not activated, as a .pth line only adds a path) and
@@ -86,19 +86,19 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_the_job_a_sweep_the_report_and_t
     assert conf == site / "ream_exp" / "conf" and (conf / "config.yaml").is_file()
     assert sweeps == site / "ream_exp" / "sweeps" and (sweeps / "toy_pareto.yaml").is_file()
 
-    # the default job (toy MoE, README: Running), shrunk
+    # the default job (toy MoE, README: Two commands), shrunk
     _run([str(bin_dir / "ream-exp"), "method=freq", *SMALL], work, env)
     (run_dir,) = (work / "outputs" / "runs").iterdir()
     assert json.loads((run_dir / "metrics.json").read_text())["ratio"] == 0.25
     assert f"path: {conf}" in (run_dir / ".hydra" / "hydra.yaml").read_text()
 
-    # a toy sweep, as README's Sweeps section gives it for an installed package: 2 runs
+    # a toy sweep, as docs/sweeps.md gives it for an installed package: 2 runs
     _run([str(bin_dir / "ream-exp"), "-m", "--config-dir", str(sweeps), "--config-name", "toy_pareto",
           "method=freq", "ratio=0.25,0.5", "calib.mix=[0.4,0.3,0.3]", *SMALL], work, env)
     sweep = work / "outputs" / "sweeps" / "toy_pareto"
     assert len(list(sweep.glob("*/metrics.json"))) == 2
 
-    # the report and the notebook (README: Analysis)
+    # the report and the notebook (docs/sweeps.md: Analysis)
     _run([python, "-m", "analysis.report", "--runs", str(sweep.relative_to(work)), "--out", "report"], work, env)
     assert (work / "report" / "runs.csv").is_file() and (work / "report" / "frontiers.png").is_file()
     _run([python, "-m", "analysis.notebook", str(sweep.relative_to(work)), "--out", "notebook"], work, env)

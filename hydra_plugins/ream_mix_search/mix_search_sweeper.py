@@ -50,7 +50,7 @@ class MixSearchConf:
     n_jobs: int = 1            # runs launched together (a parallel launcher, e.g. hydra/launcher=slurm)
     study_name: Optional[str] = None      # null = <method>_r<ratio>_<digest of the config without the mix>
     storage: Optional[str] = None         # null = sqlite:///<sweep dir>/study.db
-    # The sampler: Gaussian-process log-EHVI, made for budgets of tens of trials (see README, sweeps)
+    # The sampler: Gaussian-process log-EHVI, made for budgets of tens of trials (see docs/sweeps.md)
     sampler: Dict[str, Any] = field(default_factory=lambda: {
         "_target_": "optuna.samplers.GPSampler", "seed": 0, "n_startup_trials": 3})
 

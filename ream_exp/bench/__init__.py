@@ -1,4 +1,4 @@
-"""Benchmarks: ratios measured side by side in one run, never asserted (README, Benchmarks).
+"""Benchmarks: ratios measured side by side in one run, never asserted (docs/benchmarks.md).
 
     python -m ream_exp.bench NAME [args]     # NAME: one of BENCHMARKS below; `NAME --help` for its settings
     make bench BENCH=NAME                    # the same through the Makefile (observe by default)

@@ -6,7 +6,8 @@
 
 The environment (`python -m venv` + pip install torch==2.13.0 transformers==4.57.*) is built once under
 $REAM_EXP_CACHE/tf457-venv (outputs/.cache by default) and reused; REAM_EXP_TF457_PYTHON=DIR/bin/python
-then lets tests/test_checkpoint.py run the same check (`make test` sets it when CI=true, see README).
+then lets tests/test_checkpoint.py run the same check (`make test` sets it when CI=true: docs/getting-started.md,
+CI).
 Per family: a tiny random model with a non-default rope_theta (the value transformers 4.57 used to drop)
 is compressed by `ream-exp`'s own run (method=ream, ratio 0.5, merged and aligned), and its checkpoint is
 loaded by both stacks: every weight must load in 4.57 and its logits must equal transformers 5's to

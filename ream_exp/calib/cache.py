@@ -8,7 +8,7 @@ of its vocabulary, merges, normalisation, special tokens and chat template), the
 seed, min_fill, pack and FORMAT_VERSION. The key hashes all of it but the two parts that say what made
 the tokens, FORMAT_VERSION and the tokenizer's hash: those are the entry's record (cache_meta.made_by,
 with the cache format and ream-exp's version), so a set made by other code or another tokenizer under the
-same name is found, reported in one log line naming what differs, and rebuilt over (README, "Caches").
+same name is found, reported in one log line naming what differs, and rebuilt over (docs/caches.md).
 A set is stored at `<cache_dir>/calib/<key>.pt` with its key, record and a sha256 of its tensors;
 it is written to a temporary file and renamed, so a crash never leaves a half-written set under the
 final name. A file that cannot be read, has the wrong key, keys, dtypes or shapes, or fails its checksum
@@ -33,7 +33,7 @@ from . import (DOMAINS, build_calibration, counts_for_mix, is_pretokenized, is_s
 log = logging.getLogger("ream_exp")
 
 # The version of the code that builds calibration tokens, recorded in every cached set: bump it when the
-# way calibration tokens are built changes (README, "Caches").
+# way calibration tokens are built changes (docs/caches.md).
 FORMAT_VERSION = 1
 TENSORS = ("input_ids", "attention_mask")
 

@@ -10,7 +10,7 @@
 The eval config is one of conf/eval/*.yaml. Every name in its `tasks` list is scored as ONE task:
 a leaf task by its own metric, a group (mmlu) by the group's aggregate score, a tag by each of the
 tasks it stands for. MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG = (MC + GEN) / 2
-(README: evaluation).
+(docs/evaluation.md).
 
 The modules, in the order a run uses them:
 

@@ -2,8 +2,8 @@
 name, whether it is MC or GEN, and the metric it is scored by.
 
 Whether a task is MC or GEN is read from lm-eval's own `output_type` (multiple_choice / loglikelihood
--> MC, generate_until -> GEN), never from a list kept here. Primary metric: MC -> acc (README:
-evaluation; acc, not acc_norm); GEN -> the task's first metric under its first filter (gsm8k:
+-> MC, generate_until -> GEN), never from a list kept here. Primary metric: MC -> acc (docs/evaluation.md;
+acc, not acc_norm); GEN -> the task's first metric under its first filter (gsm8k:
 exact_match,strict-match; ifeval: prompt_level_strict_acc,none; humaneval: pass_at_k,create_test =
 pass@1). `metrics: {task: "metric,filter"}` in the config overrides this (conf/eval/gen.yaml does, for
 the paper's GEN protocol: docs/algorithms.md, "GEN protocol"). A change here that changes a score
@@ -19,7 +19,7 @@ from .eval_config import mapping
 
 # lm-eval output types answered by scoring fixed continuations (no sampling): the MC side.
 MC_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
-MC_METRIC = "acc"  # MC is scored by acc, not acc_norm (README: evaluation)
+MC_METRIC = "acc"  # MC is scored by acc, not acc_norm (docs/evaluation.md)
 
 
 @dataclass

@@ -3,7 +3,7 @@ means and standard errors, and the record of what made a set of scores.
 
 Each task's entry keeps its primary metric's score (entries: metric choice) and every metric lm-eval
 reports for the task ("metrics"). MC = mean of the MC task scores, GEN = mean of the GEN ones, AVG =
-(MC + GEN) / 2 (README: evaluation).
+(MC + GEN) / 2 (docs/evaluation.md).
 
 GEN protocol: each task's entry records how it was run ("protocol": the prompt variant, its version,
 the shots, metric, filter, chat template, stop sequences and token cap), and "gen_protocol" gathers the
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # The version of the code that turns lm-eval's output into scores (metric choice in entries.py, means,
 # standard errors here), recorded in the cached scores of the uncompressed model: bump it when a change
-# there changes a score (README, "Caches").
+# there changes a score (docs/caches.md).
 EVAL_VERSION = 2  # 2: every reported metric and the task's protocol recorded per task
 
 SUITES = ("mc", "gen")
@@ -116,7 +116,7 @@ def _fewshot(entry: Entry, raw: dict):
 
 # ---------------------------------------------------------------- the suites
 def summarise(tasks: dict) -> dict:
-    """MC / GEN / AVG and their standard errors from per-task results (README: evaluation), the same in
+    """MC / GEN / AVG and their standard errors from per-task results (docs/evaluation.md), the same in
     percent, the task sets and the GEN tasks' protocols.
 
     A suite's task set is every task of that kind in `tasks`; one without a score makes the suite's

@@ -19,7 +19,7 @@ from .eval_config import as_dict, include_path, mapping, task_names
 
 class _OwnOverrides(logging.Filter):
     """Drops lm-eval's "Task 'humaneval' from <ream_exp/code_tasks/...> overrides existing task from ..."
-    warning, logged by every run: replacing lm-eval's humaneval is ream-exp's design (README: evaluation),
+    warning, logged by every run: replacing lm-eval's humaneval is ream-exp's design (docs/evaluation.md),
     not news. An override by a task of eval.include_path is still reported."""
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -28,7 +28,7 @@ from ..observe import LayerStats, Routed, observing_experts
 DENSE_BLOCK = 1 << 26
 # The version of the code that fills a LayerObservation (its sink, token samples and `finish`), recorded
 # with observe.STATS_VERSION in every per-layer observation cache entry: bump it when a change here changes
-# what is observed (README, "Caches").
+# what is observed (docs/caches.md).
 OBSERVATION_VERSION = 1
 
 

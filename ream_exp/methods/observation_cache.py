@@ -1,6 +1,6 @@
 """The per-layer observation cache: one file per MoE layer of a non-sequential method's observations.
 
-    stats/<key>-layers-<what>-<layer>.pt      (README, "Caches")
+    stats/<key>-layers-<what>-<layer>.pt      (docs/caches.md)
 
 Without propagation through compressed layers a layer's `LayerObservation` depends only on the model,
 the calibration tokens, what is observed and the sampling seed, not on the ratio: a sweep over ratios

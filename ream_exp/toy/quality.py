@@ -1,4 +1,4 @@
-"""Score a toy checkpoint on the toy tasks with lm-eval (the numbers quoted in the README).
+"""Score a toy checkpoint on the toy tasks with lm-eval (the numbers quoted in ream_exp/toy/README.md).
 
     python -m ream_exp.toy.quality                       # the shipped checkpoint, every item
     python -m ream_exp.toy.quality --model DIR --limit 20
