@@ -3,21 +3,29 @@
     check_stream(cfg, model_config)         # ConfigError for settings streaming cannot honour, before any load
     model, dtype = meta_model(cfg.model, source_dir(cfg.model))   # the CausalLM on the meta device
     key_files(source)                       # checkpoint tensor name -> the shard that holds it
+    stacked, rest = stacked_experts(model, mapping, keys)   # fused expert tensors read expert by expert
 
 methods/layer_stream.py reads each decoder layer's tensors (`layer_of` says whose a tensor is) from the
-shards into the meta skeleton, as `from_pretrained` would convert them.
+shards into the meta skeleton, as `from_pretrained` would convert them. The fused expert tensors that
+transformers builds by stacking per-expert checkpoint tensors (and concatenating gate and up) are built
+here instead, one expert at a time into the preallocated fused tensor in the run's dtype (`read_stacked`):
+the same values (stacking and concatenating copy, converting the dtype is `copy_`'s conversion), without
+every expert's converted tensor alive at once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import ConfigError
-from .weight_files import INDEX
+from .weight_files import INDEX, ShardReader
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -99,3 +107,88 @@ def meta_model(model_cfg, source: Path):
     if (source / "generation_config.json").is_file():  # as from_pretrained reads it
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model, dtype
+
+
+# ---- fused expert tensors, read expert by expert --------------------------------------------------
+
+@dataclass
+class Stacked:
+    """A model tensor that transformers' conversion builds as cat([stack(experts of pattern) for pattern],
+    dim): `parts` holds, per source pattern in order, the checkpoint keys of experts 0..E-1."""
+
+    name: str
+    dim: int  # the concatenation dimension of the fused tensor (0: one pattern, stacked only)
+    parts: list[list[str]]
+
+
+def _stacking_dim(converter) -> int | None:
+    """The concatenation dim of a conversion that stacks per-expert tensors (MergeModulelist(0), then
+    Concatenate(d >= 1) when there are several patterns); None for any other conversion."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = converter.operations
+    if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return None
+    if len(ops) == 1:
+        return 0 if len(converter.source_patterns) == 1 else None
+    if len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim >= 1:
+        return ops[1].dim
+    return None
+
+
+def stacked_experts(model: nn.Module, mapping: list, keys: list[str]) -> tuple[list[Stacked], list[str]]:
+    """The model tensors among `keys`' targets built by stacking per-expert tensors, and the keys left for
+    transformers' own conversion. Keys are renamed as `convert_and_load_state_dict_in_model` renames them
+    (which also marks the conversions used, for the reverse conversion on save)."""
+    from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                 rename_source_key)
+
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    found: dict[str, dict[str, list[str]]] = {}
+    converter_of, rest = {}, []
+    for key in sorted(keys, key=dot_natural_key):  # transformers' order: experts 0, 1, ..., 10, ...
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None or name not in meta or _stacking_dim(by_pattern[pattern]) is None:
+            rest.append(key)
+            continue
+        converter_of[name] = by_pattern[pattern]
+        found.setdefault(name, {}).setdefault(pattern, []).append(key)
+    stacked = []
+    for name, patterns in found.items():
+        converter = converter_of[name]
+        parts = [patterns.get(p, []) for p in converter.source_patterns]
+        if any(len(keys_) != meta[name].shape[0] for keys_ in parts):  # not one key per expert: transformers'
+            rest.extend(k for keys_ in parts for k in keys_)
+            continue
+        stacked.append(Stacked(name, _stacking_dim(converter), parts))
+    return stacked, rest
+
+
+@torch.no_grad()
+def read_stacked(target: Stacked, files: dict[str, Path], like: torch.Tensor, device) -> torch.Tensor:
+    """The fused tensor `target` (shape and dtype of `like`, on `device`), each expert's checkpoint tensor
+    read from its shard into its slice (ShardReader: converted there, no other copy alive)."""
+    out = torch.empty(like.shape, dtype=like.dtype, device=device)
+    with ExitStack() as stack:
+        readers: dict[Path, ShardReader] = {}
+
+        def reader(key: str) -> ShardReader:
+            f = files[key]
+            if f not in readers:
+                readers[f] = stack.enter_context(ShardReader(f))
+            return readers[f]
+
+        offset = 0
+        for keys in target.parts:
+            size = reader(keys[0]).shape(keys[0])[target.dim - 1] if target.dim else None
+            for e, key in enumerate(keys):
+                dst = out[e] if size is None else out[e].narrow(target.dim - 1, offset, size)
+                reader(key).read_into(key, dst)
+            offset += size or 0
+    if target.dim and offset != out.shape[target.dim]:
+        raise ValueError(f"{target.name}: its experts' checkpoint tensors fill {offset} of {out.shape[target.dim]} "
+                         f"along dimension {target.dim}")
+    return out

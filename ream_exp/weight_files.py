@@ -1,12 +1,16 @@
 """The checkpoint's safetensors files, checked from their headers before anything is loaded.
 
     check_weight_files(model_cfg)     # ConfigError naming the file, else None
+    with ShardReader(path) as shard:  # one tensor at a time, read into a tensor of the caller's
+        shard.read_into(name, out)
 
 Each file is opened with the safetensors library, as from_pretrained opens it: that parses its header and
 refuses a file whose header is not JSON, whose tensors' byte ranges do not cover the data exactly, or
 whose tensor sizes disagree with their dtype and shape, without reading any tensor. A refusal is said in
 one line with the numbers behind it (`refusal`). A sharded checkpoint's model.safetensors.index.json must
 name shards that exist. Hub ids are checked where their files are already in the local hub cache.
+`ShardReader` reads one tensor's bytes with plain file reads (no memory mapping, so the pages read are the
+page cache's, not the process's) into a tensor the caller allocated, converting its dtype on the way.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import struct
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError
@@ -132,3 +137,48 @@ def check_weight_files(model_cfg) -> None:
             shards = []
     for shard in shards:
         check_safetensors(shard)
+
+
+# ---- reading one tensor ------------------------------------------------------------------------------
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+class ShardReader:
+    """One safetensors file, read tensor by tensor with plain file reads (see the module doc)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = self.path.open("rb")
+        (header_len,) = struct.unpack("<Q", self.file.read(8))
+        self.header = json.loads(self.file.read(header_len))
+        self.data_start = 8 + header_len
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.header[name]["shape"])
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor `name` copied into `out` (same shape; any dtype and device: converted as `Tensor.copy_`
+        converts). Read straight into `out` when it is a contiguous CPU tensor of the file's dtype, else
+        through a buffer of one tensor's bytes."""
+        info = self.header[name]
+        dtype, shape = TORCH_DTYPES[info["dtype"]], tuple(info["shape"])
+        if tuple(out.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}, not {list(out.shape)}")
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        target = out if direct else torch.empty(shape, dtype=dtype)
+        begin, end = info["data_offsets"]
+        self.file.seek(self.data_start + begin)
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        if self.file.readinto(view) != end - begin:
+            raise ValueError(f"{self.path} is truncated: tensor {name!r} could not be read whole")
+        if not direct:
+            out.copy_(target)

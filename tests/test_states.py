@@ -96,6 +96,24 @@ def test_states_keep_the_model_dtype():
     assert torch.equal(hidden, model.get_input_embeddings()(ids))
 
 
+
+def test_batches_carry_their_token_rows_computed_on_the_host(monkeypatch):
+    """Each captured batch holds the rows of its masks as index tensors (the observing sink selects with
+    them, no host sync per batch and layer): the very positions boolean indexing selects, in order."""
+    ids, mask = _batches_with_mixed_padding()
+    batches = _batches(ids, mask)
+    for b in batches:
+        b["sim"] = b["sim"] * (torch.arange(b["sim"].numel()).reshape(b["sim"].shape) % 3 > 0)
+        b["align"] = b["align"] * (torch.arange(b["align"].numel()).reshape(b["align"].shape) % 2 == 0)
+    states = capture_inputs(tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=2), batches, StateStore("cpu"))
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("rows computed after capture"))
+    for state, b in zip(states, batches):
+        x = torch.randn(state.valid.numel(), 3)
+        for name, key in (("valid", "attention_mask"), ("sim", "sim"), ("align", "align")):
+            rows = state.rows(name)
+            assert rows.dtype == torch.long and rows.device == state.valid.device
+            assert torch.equal(x.index_select(0, rows), x[b[key].reshape(-1).bool()]), name
+
 def _plan_data(plan) -> dict:
     data = plan.to_dict()
     data.get("info", {}).pop("timings", None)  # seconds, not results

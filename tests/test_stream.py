@@ -151,6 +151,33 @@ def test_loaded_layers_do_not_keep_the_shard_mapped(tmp_path):
         stream.release(index)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("source_dtype, run_dtype", [(torch.bfloat16, "float32"), (torch.float32, "float32"),
+                                                     (torch.float32, "bfloat16")])
+def test_layers_load_as_from_pretrained_loads_them(family, source_dtype, run_dtype, tmp_path, monkeypatch):
+    """Each decoder layer the stream loads equals from_pretrained's in the run's dtype, bit for bit; the
+    fused expert tensors (every family but GPT-OSS, whose checkpoint holds them fused) are read expert by
+    expert, never through transformers' stacking of every expert's converted tensor."""
+    from omegaconf import OmegaConf
+    from transformers.core_model_loading import MergeModulelist
+
+    source = _source(tmp_path, family, source_dtype)
+    dtype = getattr(torch, run_dtype)
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).state_dict()
+    stacked = []
+    monkeypatch.setattr(MergeModulelist, "convert", lambda *a, **k: stacked.append(a))
+    stream = LayerStream.open(OmegaConf.create({"path": str(source), "dtype": run_dtype}), "cpu", tmp_path / "run",
+                              "digest")
+    for index in range(4):
+        stream.load(index)
+        loaded = {n: t for n, t in stream.model.state_dict().items() if f".layers.{index}." in n}
+        assert loaded and loaded.keys() <= reference.keys()
+        for name, t in loaded.items():
+            assert t.dtype == reference[name].dtype and torch.equal(t, reference[name]), name
+        stream.release(index)
+    assert not stacked
+
+
 class Killed(RuntimeError):
     pass
 

@@ -14,7 +14,8 @@ sequences of 512 tokens, batch 8) scaled down by --n and --seq-len.
 Per decoder layer it records the time from the end of the previous layer (or of the calibration capture) to
 the layer's shard being written, and the peak memory while the layer was processed: on a GPU the torch
 allocator's peak (torch.cuda.max_memory_allocated), on CPU the resident set sampled every 5 ms, both above
-what the process held once everything was imported. Printed: the per-layer numbers, the run extrapolated
+what the process held once everything was imported, also in layers (divided by one decoder layer's bytes in
+the run's dtype). Printed: the per-layer numbers, the run extrapolated
 to Qwen3-30B-A3B's 48 layers (the time outside the layers plus 48 times the mean layer time; the peak is
 per layer, so it does not grow with the layer count), and beside them what the REAM paper reports for its
 official code on one GPU: about 1.5 h sequential (1 h non-sequential) and about 30 GB beyond the 61 GB of
@@ -197,15 +198,18 @@ def report(args, layer_bytes: int, results: dict[str, dict], machine: str) -> st
     if off:
         lines.append("DEPARTS from Qwen3-30B-A3B's shape: "
                      + ", ".join(f"{k} {a} (not {b})" for k, (a, b) in off.items()))
-    lines.append(f"{'method':<15}{'layer':>6}{'seconds':>10}{'peak GiB':>10}")
+    lines.append(f"{'method':<15}{'layer':>6}{'seconds':>10}{'peak GiB':>10}{'layers':>8}")
     for method, r in results.items():
         for l in r["layers"]:
-            lines.append(f"{method:<15}{l['layer']:>6}{l['seconds']:>10.1f}{l['peak_bytes'] / gib:>10.2f}")
-    lines.append(f"extrapolated to {QWEN3_30B_LAYERS} layers at this calibration size (peak: streamed, whole run):")
+            lines.append(f"{method:<15}{l['layer']:>6}{l['seconds']:>10.1f}{l['peak_bytes'] / gib:>10.2f}"
+                         f"{l['peak_bytes'] / layer_bytes:>8.2f}")
+    lines.append(f"extrapolated to {QWEN3_30B_LAYERS} layers at this calibration size (peak: streamed, whole run, "
+                 "and in layers: the peak divided by one layer's bytes):")
     for method, r in results.items():
         e = extrapolate(r)
         lines.append(f"  {method:<15}{e['seconds'] / 3600:>7.2f} h ({e['mean_layer_seconds']:.1f} s per layer, "
-                     f"{r['seconds']:.0f} s measured)   peak {e['peak_bytes'] / gib:.1f} GiB in all")
+                     f"{r['seconds']:.0f} s measured)   peak {e['peak_bytes'] / gib:.1f} GiB in all, "
+                     f"{e['peak_bytes'] / layer_bytes:.2f} layers")
     states = PAPER_CALIB["n"] * PAPER_CALIB["seq_len"] * QWEN3_30B["hidden"] * 2 / gib
     lines.append(f"official REAM code (paper, one GPU, Qwen3-30B-A3B): ~{OFFICIAL['hours_sequential']} h "
                  f"sequential, ~{OFFICIAL['hours_nonsequential']} h non-sequential; "

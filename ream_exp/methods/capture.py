@@ -14,7 +14,7 @@ states (and the layer arguments that are its own) wait in a StateStore (states.p
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -56,6 +56,15 @@ class BatchState:
     valid: torch.Tensor  # [B*S] non-pad tokens
     sim: torch.Tensor  # [B*S] tokens of the similarity sample
     align: torch.Tensor  # [B*S] tokens of the alignment sample
+    row_index: dict = field(default_factory=dict, repr=False)  # mask name -> its rows, as an index tensor
+
+    def rows(self, name: str) -> torch.Tensor:
+        """The positions of mask `name` ("valid", "sim", "align") as an index on the masks' device, in
+        order: what boolean indexing selects, without its host sync (capture computes them on the host;
+        a batch built without them computes each once)."""
+        if name not in self.row_index:
+            self.row_index[name] = getattr(self, name).nonzero().squeeze(1)
+        return self.row_index[name]
 
     def load(self) -> tuple[torch.Tensor, list]:
         """The hidden states and every decoder layer's (args, kwargs), on the execution device."""
@@ -155,8 +164,9 @@ def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | No
             except _Stop:
                 pass
             layer_args, own = shared.split(record["args"])
-            state = BatchState(store, f"batch{n}", device, layer_args, bool(own),
-                               *(b[k].reshape(-1).bool().to(device) for k in ("attention_mask", "sim", "align")))
+            masks = [b[k].reshape(-1).bool() for k in ("attention_mask", "sim", "align")]
+            state = BatchState(store, f"batch{n}", device, layer_args, bool(own), *(m.to(device) for m in masks),
+                               {k: m.nonzero().squeeze(1).to(device) for k, m in zip(("valid", "sim", "align"), masks)})
             hidden = record.pop("hidden")
             if fill:
                 if own:

@@ -34,7 +34,7 @@ from ..checkpoint import write_provenance
 from ..moe import apply_layer_plan, decoder_layers, keep_experts, moe_layers
 from ..partial_checkpoint import PARTIAL, PartialCheckpoint
 from ..plan import LayerPlan
-from ..stream_source import key_files, layer_of, meta_model, source_dir
+from ..stream_source import key_files, layer_of, meta_model, read_stacked, source_dir, stacked_experts
 
 
 def _is_meta(t: torch.Tensor | None) -> bool:
@@ -81,13 +81,20 @@ class LayerStream:
 
     # ---- reading ----------------------------------------------------------------------------------------
     def _load(self, keys: list[str], files: dict[str, Path]) -> None:
-        """Read `keys` from their shards into the model (converted as from_pretrained converts them)."""
+        """Read `keys` from their shards into the model (converted as from_pretrained converts them): the
+        fused expert tensors expert by expert (stream_source.read_stacked), the rest by transformers."""
         from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
         from transformers.utils import logging as hf_logging
 
+        stacked, keys = stacked_experts(self.model, self.mapping, keys)
+        for target in stacked:
+            _set_parameter(self.model, target.name, read_stacked(target, files, self.model.get_parameter(
+                target.name), self.device))
+        if not keys:
+            return
         with contextlib.ExitStack() as stack:
             if hf_logging.is_progress_bar_enabled():  # one "Loading weights" bar per layer says nothing
                 hf_logging.disable_progress_bar()
@@ -270,6 +277,15 @@ def _return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Parameter `name` of `model` becomes `value`, as transformers' loading sets a loaded parameter."""
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    param = nn.Parameter(value, requires_grad=value.is_floating_point())
+    param._is_hf_initialized = True
+    setattr(module, attr, param)
 
 
 def _to_meta(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -146,13 +146,14 @@ def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, curr
         batch, logits = current["batch"], current["logits"]
         sigma = router_probs(layer, logits)
         obs.add_routed(routed, sigma[routed.row, routed.expert])
-        g = logits[batch.valid].double()
+        g = logits.index_select(0, batch.rows("valid")).double()  # rows by index: no host sync per batch
         obs.logit_gram += g.T @ g
         if needs.dense:
-            weight = sigma[batch.sim] if needs.dense == "gated" else None
-            obs.add_dense(layer.experts, routed.x[batch.sim], weight)
+            sim = batch.rows("sim")
+            weight = sigma.index_select(0, sim) if needs.dense == "gated" else None
+            obs.add_dense(layer.experts, routed.x.index_select(0, sim), weight)
         if needs.align:
-            obs.align_chunks.append(routed.x[batch.align])
+            obs.align_chunks.append(routed.x.index_select(0, batch.rows("align")))
 
     return sink
 
