@@ -19,13 +19,17 @@ from .offload import materialised
 
 
 def _slice_expert_dim(module: nn.Module, keep: torch.Tensor, n: int) -> None:
-    """Index dim 0 of every direct parameter/buffer of `module` that has one entry per expert."""
-    for name, p in list(module.named_parameters(recurse=False)):
-        if p.dim() >= 1 and p.shape[0] == n:
-            setattr(module, name, nn.Parameter(p.data[keep].clone(), requires_grad=p.requires_grad))
+    """Index dim 0 of every direct parameter/buffer of `module` that has one entry per expert.
+
+    Indexing by a tensor copies; each original is dropped as soon as its copy replaces it, smallest first, so
+    a layer's largest tensor and its kept rows are the most held at once (a streamed run's peak)."""
+    params = [k for k, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == n]
+    for name in sorted(params, key=lambda k: getattr(module, k).numel()):
+        requires_grad = getattr(module, name).requires_grad
+        setattr(module, name, nn.Parameter(getattr(module, name).data[keep], requires_grad=requires_grad))
     for name, b in list(module.named_buffers(recurse=False)):
         if b is not None and b.dim() >= 1 and b.shape[0] == n:
-            module._buffers[name] = b[keep].clone()
+            module._buffers[name] = b[keep]
 
 
 def keep_experts(layer: MoELayer, keep: list[int]) -> None:
