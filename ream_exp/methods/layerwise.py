@@ -38,9 +38,10 @@ from ..atomic import atomic_torch_save
 from ..cache_meta import made_by, require_current
 from ..calib import calibration_batches
 from ..moe import MoELayer, apply_layer_plan, canonical_weights, decoder_layers, experts_hidden, router_probs
+from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
 from .. import observe
-from ..observe import LayerStats, Routed, decoder_forward, load_cache_entry, observing_experts
+from ..observe import LayerStats, Routed, decoder_forward, load_cache_entry, observing_experts, zero_compute
 from ..plan import LayerPlan
 from ..stream import InMemory
 from ..timing import Timings
@@ -133,7 +134,7 @@ class LayerObservation:
         n, t = self.num_experts, x.shape[0]
         if t == 0:
             return
-        width = experts.gate_up_proj[0].numel() // x.shape[1]  # 2I, whatever the layout
+        width = fused_up(experts)[0].numel() // x.shape[1]  # 2I (I ungated), whatever the layout
         step = max(1, DENSE_BLOCK // (n * width))
         for s in range(0, t, step):
             a = experts_hidden(experts, x[s:s + step]).float()  # [N, t', I]
@@ -367,7 +368,7 @@ def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, curr
         batch, logits = current["batch"], current["logits"]
         sigma = router_probs(layer, logits)
         obs.add_routed(routed, sigma[routed.row, routed.expert])
-        g = logits[batch.valid].double()
+        g = logits[batch.valid][:, :layer.num_experts].double()  # zero-compute rows after the experts: not ours
         obs.logit_gram += g.T @ g
         obs.tokens = obs.tokens + routed.valid.sum()  # a device tensor until `finish`
         if needs.dense:
@@ -395,7 +396,7 @@ def observing_layer(layer: MoELayer, needs: Needs):
         hook = layer.router.register_forward_hook(grab_logits)
         try:
             with observing_experts(layer.experts, layer.num_experts, _observation_sink(layer, obs, needs, current),
-                                   lambda: current["batch"].valid):
+                                   lambda: current["batch"].valid, zero_compute(layer)):
                 yield obs, current
         finally:
             hook.remove()
