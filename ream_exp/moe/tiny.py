@@ -118,3 +118,30 @@ def tiny_batch(batch: int = 4, seq: int = 16, seed: int = 0, pad_last: int = 3):
     mask[1::2, seq - pad_last:] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+@torch.no_grad()
+def tiny_model_of(model_type: str, num_experts: int = 8, top_k: int = 2, hidden: int = 32, layers: int = 3,
+                  width: int = 16, seed: int = 0, std: float = 0.2, **extra):
+    """A randomly initialised model of any MoE model type of the installed transformers, built from its
+    config class at tiny size (moe/tiny_configs.py) as AutoModelForCausalLM builds it; routers and experts
+    drawn with a visible spread so routing varies (the rest keeps the model's own init)."""
+    from transformers import AutoModelForCausalLM
+
+    from .layers import moe_layers
+    from .tiny_configs import tiny_config
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, num_experts=num_experts, top_k=top_k, hidden=hidden, layers=layers,
+                         width=width, **extra)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for layer in moe_layers(model):
+        family = layer.family
+        for module, tensors in ((layer.router, family.router_tensors), (layer.block, family.block_tensors)):
+            state = dict(module.named_parameters()) | dict(module.named_buffers())
+            for name, _, _ in tensors:  # router rows and correction biases
+                state[name].copy_(torch.randn(state[name].shape, generator=gen) * (std if "weight" in name else 0.1))
+        for t in layer.experts.parameters():
+            t.copy_(torch.randn(t.shape, generator=gen) * std)
+    return model

@@ -1,0 +1,208 @@
+"""Every MoE model type of the installed transformers, read from its registry (moe/registry.py) and built
+tiny from its config class (moe/tiny_configs.py): each one ream-exp claims passes four checks, each one it
+refuses is refused from its config alone, with a reason.
+
+1. experts that are never routed removed: the logits stay (rounding only) those of the model whose routers
+   score the removed experts -inf (the same unless the router's softmax, over fewer experts, now weighs or
+   chooses the kept ones differently), and a save + stock `from_pretrained` reload gives the same logits
+   bit for bit;
+2. reap and ream_official plan and compress it, and the compressed model reloads with the same logits;
+3. the streamed run (model.stream=true) writes the in-memory run's checkpoint (tests/test_stream.py);
+4. the saved config.json holds the new count under every key that held the old one.
+
+The README's family table is generated from the same claims (python -m ream_exp.moe.family_table).
+"""
+
+import contextlib
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ream_exp.config import ConfigError, check_expert_counts
+from ream_exp.methods import Context, get_method
+from ream_exp.moe import apply_plan, moe_layers
+from ream_exp.moe.discover import Unsupported
+from ream_exp.moe.families import config_value, family_for
+from ream_exp.moe.registry import causal_lm_moe_types
+from ream_exp.moe.tiny import tiny_batch, tiny_model_of, tiny_tokenizer
+from ream_exp.moe.tiny_configs import tiny_config
+from ream_exp.run import run
+from tests.test_prune import _logits
+from tests.merging_helpers import method_cfg
+from tests.test_config import make_cfg
+from tests.test_stream import _overrides, assert_same_checkpoint
+from tests.tolerances import assert_f32_close
+
+CAUSAL = causal_lm_moe_types()
+
+
+def _claim(model_type: str, **sizes):
+    """The family ream-exp reads for the tiny config, or the reason it refuses it."""
+    try:
+        return family_for(tiny_config(model_type, **sizes))
+    except Unsupported as exc:
+        return str(exc)
+
+
+CLAIMED = [mt for mt in CAUSAL if not isinstance(_claim(mt), str)]
+
+
+def test_the_registry_lists_the_moe_families():
+    """The registry is read, not typed: the nine families of the first tables and the newer ones are there."""
+    assert {"qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe"} <= set(CAUSAL)
+    assert "llama" not in CAUSAL and len(CAUSAL) >= 53
+
+
+def test_at_least_45_causal_lm_families_are_claimed():
+    assert len(CLAIMED) >= 45, sorted(set(CAUSAL) - set(CLAIMED))
+
+
+@pytest.mark.parametrize("model_type", sorted(set(CAUSAL) - set(CLAIMED)))
+def test_refused_families_are_refused_from_the_config_with_a_reason(model_type, monkeypatch):
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    config = tiny_config(model_type)
+    with pytest.raises(ConfigError, match=rf"model.path: model_type {model_type!r}: \w+"):
+        check_expert_counts(config, 0.5)
+
+
+# ---- check 1 and 4: never-routed experts removed, saved, reloaded -------------------------------------
+
+@contextlib.contextmanager
+def _routers_without(model, removed: dict[int, list[int]]):
+    """The unpruned model whose routers score the `removed` experts of each layer with logit -inf: what a
+    router sliced to the kept rows computes (a softmax renormalised over them, choices among them), for
+    every family, as the router's own code runs. The router's logits are F.linear(x, its weight rows)."""
+    rows = {}
+    for layer in moe_layers(model):
+        state = dict(layer.router.named_parameters())
+        for name, _, _ in layer.family.router_tensors:
+            if state.get(name) is not None and state[name].dim() == 2:
+                rows[state[name].data_ptr()] = removed.get(layer.index, [])
+    linear = torch.nn.functional.linear
+
+    def masked(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        drop = rows.get(weight.data_ptr())
+        if drop:
+            out = out.clone()
+            out[..., drop] = -torch.inf
+        return out
+
+    torch.nn.functional.linear = masked
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+
+
+_OTHER_NUMBER = re.compile(r"size|dim|per_tok|top|shared")  # widths and top-k, not expert counts
+
+
+def _count_keys_agree(directory, family, before: int, after: int) -> None:
+    """Every key of config.json (nested configs too) that held the expert count holds the new one."""
+    saved = json.loads((directory / "config.json").read_text())
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", k, v
+
+    stale = [key for key, name, v in walk(saved) if "expert" in name and not _OTHER_NUMBER.search(name) and (
+        v == before or (isinstance(v, list) and before in v))]
+    assert not stale, f"config.json keys still saying {before} experts: {stale}"
+    reloaded = AutoConfig.from_pretrained(directory)  # the keys as the config class reads them (aliases too)
+    for key in family.count_keys:
+        value = config_value(reloaded, key)
+        assert value == after or (isinstance(value, list) and after in value), (key, value)
+
+
+def _unrouted_per_group(stats, layer) -> int:
+    never = stats[layer.index].count == 0
+    return int(never.view(layer.router_groups, -1).sum(-1).min())
+
+
+def _never_routed_plan(model, batches, n: int):
+    """reap's plan removing, in every MoE layer, as many never-routed experts as every layer (router group)
+    has. Removing experts can move the routing of the kept ones (a softmax over fewer rows, a choice by
+    probability plus bias), and then the routing of later layers: the never-routed experts are found again
+    with the removed ones scored -inf, until the plan removes only experts that reference never routes."""
+    removed, plan = None, None
+    for _ in range(4):
+        with _routers_without(model, removed or {}):
+            stats = Context(model, batches, 0.0, {"name": "reap"}, progress=False).stats()
+            layers = moe_layers(model)
+            if removed is not None and all(set(removed[l.index]) <= _never(stats, l.index) for l in layers):
+                return plan
+            n_drop = min(l.router_groups * _unrouted_per_group(stats, l) for l in layers)
+            assert n_drop >= 1, "test precondition: every MoE layer (router group) has experts never routed"
+            plan = get_method("reap").plan(Context(model, batches, n_drop / n, {"name": "reap"}, progress=False))
+        assert all(set(lp.removed) <= _never(stats, lp.layer) for lp in plan.layers)
+        removed = {lp.layer: lp.removed for lp in plan.layers}
+    raise AssertionError("the never-routed experts did not settle")
+
+
+def _never(stats, index: int) -> set[int]:
+    return set(torch.nonzero(stats[index].count == 0).flatten().tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", CLAIMED)
+def test_removing_never_routed_experts_keeps_the_logits_through_a_reload(model_type, tmp_path):
+    n = 16
+    model = tiny_model_of(model_type, num_experts=n, top_k=2, seed=3)
+    family = family_for(model.config)
+    ids, mask = tiny_batch(batch=2, seq=5, pad_last=0)  # 10 tokens x top-2 over 16 experts: gaps everywhere
+    plan = _never_routed_plan(model, {"input_ids": ids, "attention_mask": mask}, n)
+    with _routers_without(model, {lp.layer: lp.removed for lp in plan.layers}):
+        before = _logits(model, ids, mask)
+    apply_plan(model, plan)
+    pruned = _logits(model, ids, mask)
+    text = model.config.get_text_config()
+    assert_f32_close(pruned, before, text.hidden_size, text.num_hidden_layers + 1, msg=model_type)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    n_after = n - len(plan.layers[0].removed)
+    assert all(l.num_experts == n_after for l in moe_layers(reloaded))
+    torch.testing.assert_close(_logits(reloaded, ids, mask), pruned, rtol=0, atol=0)
+    _count_keys_agree(tmp_path, family, n, n_after)
+
+
+# ---- check 2: reap and ream_official compress it -------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", CLAIMED)
+@pytest.mark.parametrize("method", ["reap", "ream_official"])
+def test_reap_and_ream_official_compress_and_reload(model_type, method, tmp_path):
+    model = tiny_model_of(model_type, num_experts=8, top_k=2)
+    ids, mask = tiny_batch(batch=4, seq=12)
+    settings = method_cfg(method, *(["method.group_size=4"] if method != "reap" else []))
+    plan = get_method(method).plan(Context(model, {"input_ids": ids, "attention_mask": mask}, 0.5, settings,
+                                           batch_size=2, progress=False))
+    apply_plan(model, plan)
+    assert all(l.num_experts == 4 for l in moe_layers(model))
+    expected = _logits(model, ids, mask)
+    assert torch.isfinite(expected).all()
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ids, mask), expected,
+                               rtol=0, atol=0)
+    _count_keys_agree(tmp_path, family_for(tiny_config(model_type)), 8, 4)
+
+
+# ---- check 3: streamed equals in memory ----------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", CLAIMED)
+def test_streamed_checkpoint_equals_in_memory(model_type, calib_files, tmp_path):
+    source = tmp_path / "source"
+    tiny_model_of(model_type, num_experts=8, top_k=2, layers=4).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    small = [o for o in _overrides(source, calib_files, tmp_path / "cache", "ream_official")
+             if not o.startswith(("calib.n=", "calib.seq_len="))] + ["calib.n=8", "calib.seq_len=16"]
+    for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
+        run(make_cfg(*small, *more), tmp_path / name)
+    assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
