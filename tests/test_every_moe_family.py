@@ -16,6 +16,7 @@ The README's family table is generated from the same claims (python -m ream_exp.
 import contextlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +27,11 @@ from ream_exp.methods import Context, get_method
 from ream_exp.moe import apply_plan, moe_layers
 from ream_exp.moe.discover import Unsupported
 from ream_exp.moe.families import config_value, family_for
+from ream_exp.moe.family_table import committed_table, markdown
 from ream_exp.moe.registry import causal_lm_moe_types
 from ream_exp.moe.tiny import tiny_batch, tiny_model_of, tiny_tokenizer
 from ream_exp.moe.tiny_configs import tiny_config
+from ream_exp.plan import LayerPlan, Plan
 from ream_exp.run import run
 from tests.test_prune import _logits
 from tests.merging_helpers import method_cfg
@@ -37,6 +40,7 @@ from tests.test_stream import _overrides, assert_same_checkpoint
 from tests.tolerances import assert_f32_close
 
 CAUSAL = causal_lm_moe_types()
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _claim(model_type: str, **sizes):
@@ -58,6 +62,10 @@ def test_the_registry_lists_the_moe_families():
 
 def test_at_least_45_causal_lm_families_are_claimed():
     assert len(CLAIMED) >= 45, sorted(set(CAUSAL) - set(CLAIMED))
+
+
+def test_the_readme_family_table_is_the_generated_one():
+    assert committed_table(README) == markdown(), "run: python -m ream_exp.moe.family_table --write README.md"
 
 
 @pytest.mark.parametrize("model_type", sorted(set(CAUSAL) - set(CLAIMED)))
@@ -179,6 +187,7 @@ def test_removing_never_routed_experts_keeps_the_logits_through_a_reload(model_t
 @pytest.mark.parametrize("method", ["reap", "ream_official"])
 def test_reap_and_ream_official_compress_and_reload(model_type, method, tmp_path):
     model = tiny_model_of(model_type, num_experts=8, top_k=2)
+    family = family_for(model.config)
     ids, mask = tiny_batch(batch=4, seq=12)
     settings = method_cfg(method, *(["method.group_size=4"] if method != "reap" else []))
     plan = get_method(method).plan(Context(model, {"input_ids": ids, "attention_mask": mask}, 0.5, settings,
@@ -190,7 +199,7 @@ def test_reap_and_ream_official_compress_and_reload(model_type, method, tmp_path
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ids, mask), expected,
                                rtol=0, atol=0)
-    _count_keys_agree(tmp_path, family_for(tiny_config(model_type)), 8, 4)
+    _count_keys_agree(tmp_path, family, 8, 4)
 
 
 # ---- check 3: streamed equals in memory ----------------------------------------------------------------
@@ -199,10 +208,81 @@ def test_reap_and_ream_official_compress_and_reload(model_type, method, tmp_path
 @pytest.mark.parametrize("model_type", CLAIMED)
 def test_streamed_checkpoint_equals_in_memory(model_type, calib_files, tmp_path):
     source = tmp_path / "source"
-    tiny_model_of(model_type, num_experts=8, top_k=2, layers=4).save_pretrained(source)
+    tiny_model_of(model_type, num_experts=8, top_k=2).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     small = [o for o in _overrides(source, calib_files, tmp_path / "cache", "ream_official")
              if not o.startswith(("calib.n=", "calib.seq_len="))] + ["calib.n=8", "calib.seq_len=16"]
     for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
         run(make_cfg(*small, *more), tmp_path / name)
     assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
+
+
+# ---- special routing: what each family's own care keeps -------------------------------------------------
+
+def _tensor(module, name):
+    return (dict(module.named_parameters()) | dict(module.named_buffers()))[name]
+
+
+@pytest.mark.parametrize("model_type", CLAIMED)
+def test_expert_indexed_tensors_follow_the_kept_experts(model_type):
+    """Router rows, router biases, correction biases kept on the block (MiniMax-M2, HY-V3, AFMoE, LFM2)
+    and ERNIE's [1, E] bias keep exactly the kept experts' entries, in plan order; rows past the routed
+    experts (LongCat's zero-compute experts, Inkling's shared-expert rows) stay after them."""
+    model = tiny_model_of(model_type, num_experts=8, top_k=2)
+    layer = moe_layers(model)[0]
+    family = layer.family
+    keep = [1, 2, 4, 7]  # two of each half: the tiny group-limited routers have n_group = 2
+    tail = list(range(8, family.router_rows))
+    tensors = [(layer.router, n, d, size) for n, d, size in family.router_tensors] + [
+        (layer.block, n, d, size) for n, d, size in family.block_tensors]
+    assert tensors, "every router has expert-indexed rows"
+    want = [t_idx(_tensor(m, n), d, keep + (tail if size != 8 else [])) for m, n, d, size in tensors]
+    apply_plan(model, Plan("test", 0.5, [LayerPlan(l.index, 8, keep) for l in moe_layers(model)]))
+    for (module, name, dim, _), expected in zip(tensors, want):
+        assert torch.equal(_tensor(module, name), expected), name
+
+
+def t_idx(t, dim, index):
+    return t.detach().index_select(dim, torch.as_tensor(index)).clone()
+
+
+@pytest.mark.parametrize("model_type", CLAIMED)
+def test_shared_experts_dense_and_hybrid_layers_are_untouched(model_type):
+    """Everything but the routed experts and the expert-indexed router / block tensors stays bit for bit:
+    shared experts and their gates, dense MLP layers, mamba / linear-attention layers of hybrid stacks."""
+    model = tiny_model_of(model_type, num_experts=8, top_k=2)
+    family = family_for(model.config)
+    touched = set()
+    for layer in moe_layers(model):
+        touched |= {f"{layer.name}.{family.experts_attr}.{n}" for n, _ in layer.experts.named_parameters()}
+        touched |= {f"{layer.name}.{family.router_attr}.{n}" for n, _, _ in family.router_tensors}
+        touched |= {f"{layer.name}.{n}" for n, _, _ in family.block_tensors}
+    before = {n: t.clone() for n, t in model.state_dict().items() if n not in touched}
+    assert before
+    apply_plan(model, Plan("test", 0.5, [LayerPlan(l.index, 8, [1, 2, 4, 7]) for l in moe_layers(model)]))
+    after = model.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_zero_compute_slots_are_not_counted():
+    """LongCat-Flash's zero-compute experts (router rows after the routed ones) hand their slots to a real
+    expert with weight 0: observation counts only the slots that reach a real expert."""
+    model = tiny_model_of("longcat_flash", num_experts=8, top_k=2)
+    layer = moe_layers(model)[0]
+    assert layer.family.router_rows > layer.num_experts
+    ids, mask = tiny_batch(batch=2, seq=8, pad_last=0)
+    seen = []
+    hook = layer.router.register_forward_hook(lambda m, a, out: seen.append(out[2].clone()))
+    stats = Context(model, {"input_ids": ids, "attention_mask": mask}, 0.0, {"name": "freq"}, progress=False).stats()
+    hook.remove()
+    index = torch.cat(seen)
+    real = index[index < layer.num_experts]
+    assert (index >= layer.num_experts).any(), "test precondition: some slots go to zero-compute experts"
+    assert torch.equal(stats[layer.index].count, torch.bincount(real, minlength=8).double())
+
+
+def test_hash_routed_layers_are_refused_with_their_reason():
+    """DeepSeek-V4 routes some layers by a fixed token-to-expert table (tid2eid): its block needs the token
+    ids, so it is refused, from its config, before any weights load."""
+    with pytest.raises(Unsupported, match=r"deepseek_v4.*input_ids.*token id"):
+        family_for(tiny_config("deepseek_v4"))

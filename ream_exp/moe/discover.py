@@ -1,25 +1,29 @@
 """Read a MoE architecture from the model itself: what ream-exp needs to know, or why it cannot compress it.
 
-`discover(config)` builds the model on the meta device (no weights, no memory) and reads:
+`read_architecture(config)` builds the model on the meta device (no weights, no memory) and reads:
 
 - where the sparse blocks are: the decoder layers (`model.get_decoder().layers`) whose submodules include
   a fused experts module (transformers' `use_experts_implementation` marks it with is_transposed /
   is_concatenated / has_bias / has_gate); the block is the experts' parent, the same path in every layer;
-- the router: the block's child holding a 2-D tensor with one row per expert (or per expert plus the
-  block's zero-compute experts); every tensor indexed by expert in the router, the block and the experts
-  module (router rows and biases, correction biases kept on the block, a [1, E] bias) with its dim;
-- the expert counts: the experts module's first dim; the config keys that hold it (top level, a nested
-  text_config, per-layer lists), and the module attributes that cache it;
+- the router: the block's child holding a 2-D tensor with one row per expert (or more rows: zero-compute
+  or shared experts after the routed ones); every tensor indexed by expert in the router and on the
+  block (router rows and biases, correction biases kept on the block, a [1, E] bias) with its dim;
+- the expert counts: the experts module's first dim; the text config's keys that hold it (top level or a
+  nested text_config, ints or per-layer lists), and the module attributes that cache it;
 - how the router turns logits into sigma(x): one block is materialised with random weights (the routed
-  experts replaced by a recorder) and run on random tokens; the weights handed to the experts must be
+  experts replaced by a recorder, large shared experts by zeros) and run on random tokens (the router
+  alone when the block is the decoder layer itself); the weights handed to the experts must be
   proportional, token by token, to softmax or sigmoid of the router's first output at the chosen
-  experts, and the chosen experts must be the top-k of those scores (plus a correction bias, within the
-  router's groups). The one scoring that explains them is the family's; none or two: refused;
+  experts, and the chosen experts must be the top-k of those scores (or of the scores or logits plus a
+  correction bias, within the router's groups). The one scoring that explains them is the family's;
+  none or two: refused;
 - group-limited routers: n_group / topk_group from the router; the group score (best expert or best two)
   is the hypothesis that reproduces the router's choices.
 
-What cannot be read is in families.FAMILIES (by model type). A model that cannot be handled raises
-`Unsupported` with one line naming what is missing, before any weights load.
+Refused besides: a block whose routing needs more than the hidden states (token ids for hash-routed
+layers, routing state carried from layer to layer) and experts that transform each expert's output
+after down_proj (a per-expert norm). What cannot be read is in families.FAMILIES (by model type). A model
+that cannot be handled raises `Unsupported` with one line naming what is missing, before any weights load.
 """
 
 from __future__ import annotations
@@ -164,19 +168,30 @@ def _config_items(config, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _text_config(config) -> tuple[str, object]:
+    """(dotted prefix, config) of the text model's config: the config itself, or a nested one."""
+    text = config.get_text_config()
+    for key, value in vars(config).items():
+        if value is text and text is not config:
+            return f"{key}.", text
+    return "", config
+
+
 def count_keys(config, num_experts: int) -> tuple[str, ...]:
-    """Dotted config keys holding the routed-expert count (an int, or a per-layer list holding it); a key
-    the config class also knows under an alias (attribute_map) is named by the alias, as configs write it."""
-    aliases = {target: alias for alias, target in type(config).attribute_map.items()}
+    """Dotted config keys of the text model holding the routed-expert count (an int, or a per-layer list
+    holding it; a vision tower's own experts are not ours); a key the config class also knows under an
+    alias (attribute_map) is named by the alias, as configs write it."""
+    prefix, text = _text_config(config)
+    aliases = {target: alias for alias, target in type(text).attribute_map.items()}
     keys = []
-    for key, value in _config_items(config):
+    for key, value in _config_items(text, prefix):
         name = key.rpartition(".")[2]
         if not _COUNT_NAME.search(name) or _NOT_COUNT.search(name.replace("num_experts", "").replace(
                 "n_routed_experts", "").replace("num_local_experts", "")):
             continue
         if (isinstance(value, int) and not isinstance(value, bool) and value == num_experts) or (
                 isinstance(value, (list, tuple)) and num_experts in value):
-            keys.append(aliases.get(key, key))
+            keys.append(prefix + aliases.get(key[len(prefix):], key[len(prefix):]))
     return tuple(keys)
 
 
@@ -434,4 +449,6 @@ def read_architecture(config, known: dict | None = None) -> dict:
         cached=tuple(cached_count_attributes(block, counts, recurse=False)
                      + [f"{router_attr}.{a}" for a in cached_count_attributes(router, counts, recurse=True)]
                      + [f"{experts_attr}.{a}" for a in cached_count_attributes(experts, counts, recurse=False)]),
-        has_gate=bool(experts.has_gate), **scoring)
+        has_gate=bool(experts.has_gate), num_layers=len(decoder.layers),
+        shared=tuple(name for name, child in block.named_children()
+                     if "shared" in name and any(True for _ in child.parameters())), **scoring)

@@ -49,12 +49,21 @@ class Family:
     cached: tuple[str, ...] = ()    # block attributes (dotted) caching an expert count
     has_gate: bool = True           # gate_up_proj (act(gate) * up) or up_proj alone (act(up))
     moe_layers: tuple[int, ...] = ()
+    num_layers: int = 0             # decoder layers, MoE or not
+    shared: tuple[str, ...] = ()    # the block's shared (always-on) experts and their gates: never touched
     notes: tuple[str, ...] = ()     # what is special, in words (README's family table)
 
 
 # What cannot be read from the model, by model type: fields of Family that replace what was read, and a
-# note saying why.
+# note saying why; or the reason the model type is refused ("refused").
+_LAYER_STATE = ("its decoder layers hand {} to the next layer besides the hidden states: the layer-wise "
+                "driver and the streamed path run one decoder layer at a time on hidden states alone")
 FAMILIES: dict[str, dict] = {
+    "glm_moe_dsa": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (prev_topk_indices)")},
+    "hy_v4": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (prev_topk_indices)")},
+    "kolibri1_1": {"refused": _LAYER_STATE.format("shared key/value states and an index pool")},
+    "inkling2_loop_text": {"refused": "its middle decoder layers run several times per forward (loop passes): "
+                                      "the layer-wise driver observes each decoder layer once"},
     # sparsemixer: the top-1 weight is a softmax over the experts within 2 jitter_eps of the best logit, the
     # second one's over the rest: not proportional to one softmax, but sigma(x) is the router's softmax
     "phimoe": {"scoring": "softmax", "renormalised": False,
@@ -79,6 +88,10 @@ def _notes(arch: dict) -> tuple[str, ...]:
         notes.append("sigmoid router")
     if not arch["renormalised"] and arch["scoring"] == "softmax":
         notes.append("top-k weights not renormalised")
+    if len(arch["moe_layers"]) < arch["num_layers"]:
+        notes.append(f"MoE in {len(arch['moe_layers'])} of the tiny model's {arch['num_layers']} decoder layers")
+    if arch["shared"]:
+        notes.append("shared " + ", ".join(f"`{n}`" for n in arch["shared"]) + " untouched")
     if arch["n_group"] > 1:
         notes.append(f"group-limited (n_group {arch['n_group']}, group score: best {arch['group_score_experts']})")
     if arch["router_rows"] > arch["num_experts"]:
@@ -98,6 +111,8 @@ _CACHE: dict[tuple, Family | Unsupported] = {}
 
 def _read_family(config) -> Family:
     model_type = config.model_type
+    if "refused" in FAMILIES.get(model_type, {}):
+        raise Unsupported(FAMILIES[model_type]["refused"])
     arch = read_architecture(config, FAMILIES.get(model_type))
     family = Family(name=model_type, model_types=(model_type,), count_key=arch["count_keys"][0],
                     notes=_notes(arch), **arch)
