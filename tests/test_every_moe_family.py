@@ -286,3 +286,31 @@ def test_hash_routed_layers_are_refused_with_their_reason():
     ids, so it is refused, from its config, before any weights load."""
     with pytest.raises(Unsupported, match=r"deepseek_v4.*input_ids.*token id"):
         family_for(tiny_config("deepseek_v4"))
+
+
+# the table the nine first families had before the architecture was read: (count key, router, scoring,
+# group score of a group-limited router)
+FIRST_TABLE = {
+    "qwen3_moe": ("num_experts", "gate", "softmax", 0), "qwen2_moe": ("num_experts", "gate", "softmax", 0),
+    "mixtral": ("num_local_experts", "gate", "softmax", 0), "olmoe": ("num_experts", "gate", "softmax", 0),
+    "deepseek_v3": ("n_routed_experts", "gate", "sigmoid", 2), "gpt_oss": ("num_local_experts", "router", "softmax", 0),
+    "qwen3_next": ("num_experts", "gate", "softmax", 0), "glm4_moe": ("n_routed_experts", "gate", "sigmoid", 2),
+    "deepseek_v2": ("n_routed_experts", "gate", "softmax", 1),
+}
+GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1}, "glm4_moe": {"n_group": 2, "topk_group": 1},
+           "deepseek_v2": {"n_group": 2, "topk_group": 1}}
+
+
+@pytest.mark.parametrize("model_type", sorted(FIRST_TABLE))
+def test_the_first_families_read_as_their_table_said(model_type):
+    """What is read from the model equals the hand-written table it replaces (tiny.py's own configs)."""
+    from ream_exp.checkpoint import expert_count_names
+    from ream_exp.moe.tiny import tiny_model
+
+    count_key, router, scoring, group_score = FIRST_TABLE[model_type]
+    family = family_for(tiny_model(model_type, **GROUPED.get(model_type, {})).config)
+    assert (family.router_attr, family.scoring) == (router, scoring)
+    assert family.group_score_experts == group_score
+    config = tiny_model(model_type).config
+    assert count_key in expert_count_names(config)
+    assert getattr(config, family_for(config).count_key) == getattr(config, count_key)

@@ -382,11 +382,12 @@ def read_scoring(seen: dict, num_experts: int, n_group: int, topk_group: int) ->
     real = weights != 0
     wanted = [set(r[m].tolist()) for r, m in zip(index, real)]
     candidates = [sigma] + [s + b for b in seen["biases"] for s in (sigma, logits)]
-    for best in ((0,) if n_group <= 1 else (1, 2)):
-        for scores in candidates:
-            picks = _group_choice(scores, k, n_group, topk_group, best)
-            if all(w <= set(p.tolist()) for w, p in zip(wanted, picks)):
-                return {"scoring": scoring, "renormalised": not constant, "group_score_experts": best}
+    explaining = [best for best in ((0,) if n_group <= 1 else (1, 2))
+                  if any(all(w <= set(p.tolist()) for w, p in zip(wanted, _group_choice(scores, k, n_group,
+                                                                                        topk_group, best)))
+                         for scores in candidates)]
+    if explaining:  # both group scores explaining the probe: the stricter one (each group keeps two)
+        return {"scoring": scoring, "renormalised": not constant, "group_score_experts": max(explaining)}
     raise Unsupported(f"the router's choice of experts is not the top-{k} of its {scoring} scores (or of its "
                       f"scores or logits plus a correction bias{', within its router groups' if n_group > 1 else ''})")
 
