@@ -6,8 +6,9 @@ refuses is refused from its config alone, with a reason.
    score the removed experts -inf (the same unless the router's softmax, over fewer experts, now weighs or
    chooses the kept ones differently), and a save + stock `from_pretrained` reload gives the same logits
    bit for bit;
-2. reap and ream_official plan and compress it, and the compressed model reloads with the same logits;
-3. the streamed run (model.stream=true) writes the in-memory run's checkpoint (tests/test_stream.py);
+2. reap plans and compresses it, and the compressed model reloads with the same logits;
+3. ream_official as a whole run, streamed (model.stream=true), writes the in-memory run's checkpoint
+   (tests/test_stream.py), which reloads with the same logits;
 4. the saved config.json holds the new count under every key that held the old one.
 
 The README's family table is generated from the same claims (python -m ream_exp.moe.family_table).
@@ -180,18 +181,17 @@ def test_removing_never_routed_experts_keeps_the_logits_through_a_reload(model_t
     _count_keys_agree(tmp_path, family, n, n_after)
 
 
-# ---- check 2: reap and ream_official compress it -------------------------------------------------------
+# ---- check 2: reap compresses it -------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", CLAIMED)
-@pytest.mark.parametrize("method", ["reap", "ream_official"])
-def test_reap_and_ream_official_compress_and_reload(model_type, method, tmp_path):
+def test_reap_compresses_and_reloads(model_type, tmp_path):
+    """reap's one-pass observation and pruning (ream_official, layer-wise: check 3 runs it twice)."""
     model = tiny_model_of(model_type, num_experts=8, top_k=2)
     family = family_for(model.config)
     ids, mask = tiny_batch(batch=4, seq=12)
-    settings = method_cfg(method, *(["method.group_size=4"] if method != "reap" else []))
-    plan = get_method(method).plan(Context(model, {"input_ids": ids, "attention_mask": mask}, 0.5, settings,
-                                           batch_size=2, progress=False))
+    batches = {"input_ids": ids, "attention_mask": mask}
+    plan = get_method("reap").plan(Context(model, batches, 0.5, method_cfg("reap"), batch_size=2, progress=False))
     apply_plan(model, plan)
     assert all(l.num_experts == 4 for l in moe_layers(model))
     expected = _logits(model, ids, mask)
@@ -202,19 +202,23 @@ def test_reap_and_ream_official_compress_and_reload(model_type, method, tmp_path
     _count_keys_agree(tmp_path, family, 8, 4)
 
 
-# ---- check 3: streamed equals in memory ----------------------------------------------------------------
+# ---- check 3: ream_official, streamed equals in memory -------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", CLAIMED)
-def test_streamed_checkpoint_equals_in_memory(model_type, calib_files, tmp_path):
+def test_ream_official_streamed_equals_in_memory(model_type, calib_files, tmp_path):
+    """ream_official (layer-wise merging) as a whole run, in memory and streamed from the shards (names on
+    disk converted as from_pretrained converts them): the same checkpoint, reloading with the same logits."""
     source = tmp_path / "source"
-    tiny_model_of(model_type, num_experts=8, top_k=2).save_pretrained(source)
+    model = tiny_model_of(model_type, num_experts=8, top_k=2)
+    model.save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     small = [o for o in _overrides(source, calib_files, tmp_path / "cache", "ream_official")
              if not o.startswith(("calib.n=", "calib.seq_len="))] + ["calib.n=8", "calib.seq_len=16"]
     for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
         run(make_cfg(*small, *more), tmp_path / name)
     assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
+    _count_keys_agree(tmp_path / "memory" / "checkpoint", family_for(model.config), 8, 4)
 
 
 # ---- special routing: what each family's own care keeps -------------------------------------------------
