@@ -18,6 +18,7 @@ differs between architectures from the model built on the meta device (moe/disco
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from .discover import TopKOutOfRange, Unsupported, read_architecture
@@ -71,11 +72,16 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def supported_model_types() -> list[str]:
-    """The MoE model types of the installed transformers (each is compressed or refused by its own check)."""
+@functools.lru_cache(maxsize=None)
+def _moe_model_types() -> tuple[str, ...]:
     from .registry import causal_lm_moe_types, vision_language_moe_types
 
-    return sorted(set(causal_lm_moe_types()) | set(vision_language_moe_types()))
+    return tuple(sorted(set(causal_lm_moe_types()) | set(vision_language_moe_types())))
+
+
+def supported_model_types() -> list[str]:
+    """The MoE model types of the installed transformers (each is compressed or refused by its own check)."""
+    return list(_moe_model_types())
 
 
 def _notes(arch: dict) -> tuple[str, ...]:
@@ -136,7 +142,7 @@ def family_for(model_type_or_config) -> Family:
         from .tiny_configs import tiny_config
 
         config = tiny_config(model_type)  # the architecture at tiny size (some defaults build no MoE)
-    if config.model_type not in supported_model_types():
+    if config.model_type not in _moe_model_types():
         raise Unsupported(f"model_type {config.model_type!r} is not a supported MoE architecture; "
                           f"supported: {', '.join(supported_model_types())}")
     key = (type(config), config.to_json_string(use_diff=False))
