@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from . import PACKAGE_DIR, __version__
 from .atomic import atomic_write
 from .moe import family_for
+from .moe.families import expert_count_of
 from .plan import Plan
 
 CARD = "README.md"
@@ -36,7 +37,7 @@ CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"  # ModelCard.from_temp
 def expert_count_names(config) -> set[str]:
     """Every config key under which this family's config (either transformers generation) holds the
     routed-expert count: the family's count_key plus its aliases in the config class's attribute_map."""
-    names = {family_for(config.model_type).count_key}
+    names = {k for k in family_for(config).count_keys if "." not in k}  # top-level keys (legacy readers)
     for alias, target in type(config).attribute_map.items():
         if alias in names or target in names:
             names |= {alias, target}
@@ -45,7 +46,7 @@ def expert_count_names(config) -> set[str]:
 
 def legacy_keys(config, saved: dict) -> dict:
     """Keys to add to config.json so transformers 4.x reads what transformers 5 wrote."""
-    count = int(getattr(config, family_for(config.model_type).count_key))
+    count = expert_count_of(config)
     keys = {name: count for name in expert_count_names(config)}
     rope = saved.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:  # one set for all layers (every supported family)
@@ -137,7 +138,7 @@ def write_provenance(model, tokenizer, directory: Path, cfg, plan: Plan, experts
     block, card."""
     tokenizer.save_pretrained(directory)
     plan.save(directory)
-    experts_after = int(getattr(model.config, family_for(model.config.model_type).count_key))
+    experts_after = expert_count_of(model.config)
     rewrite_config(directory, model.config, compression_block(cfg, plan, experts_before, experts_after, calibrated))
     write_model_card(directory)
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import PACKAGE_DIR
 from .moe import family_for
+from .moe.discover import TopKOutOfRange
 from .moe.groups import router_group_refusal
 from .plan import experts_to_keep
 
@@ -134,15 +135,12 @@ def check_expert_counts(model_config, ratio: float) -> tuple[int, int]:
     """N' = N - round(N * ratio) must keep at least top_k experts (docs/algorithms.md), and a group-limited router's
     groups (moe/groups.py)."""
     try:
-        family = family_for(model_config.model_type)
+        family = family_for(model_config)
+    except TopKOutOfRange as exc:
+        raise ConfigError(f"model config {getattr(model_config, '_name_or_path', '')!r}: {exc}") from None
     except ValueError as exc:  # an architecture this project cannot compress
         raise ConfigError(f"model.path: {exc}") from None
-    n = int(getattr(model_config, family.count_key))
-    k = int(model_config.num_experts_per_tok)
-    if not 1 <= k <= n:
-        raise ConfigError(f"model config {getattr(model_config, '_name_or_path', '')!r}: num_experts_per_tok "
-                          f"(top_k)={k} with {family.count_key}={n}; top_k must be between 1 and the number of "
-                          "experts")
+    n, k = family.num_experts, family.top_k
     n_keep = experts_to_keep(n, ratio)
     if n_keep < k:
         raise ConfigError(f"ratio={ratio} keeps {n_keep} of {n} experts, fewer than top_k={k}; "

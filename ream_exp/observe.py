@@ -139,7 +139,7 @@ class Routed:
         return torch.where(self.keep, values.double(), 0.0)
 
 
-def _observing_forward(inner, num_experts: int, sink, token_mask):
+def _observing_forward(inner, num_experts: int, sink, token_mask, zero_compute: bool = False):
     """An experts forward that runs `inner` (the module's forward as it was, hooks included) once per
     (token, top-k slot) with weight 1, hands the unweighted outputs to `sink` and returns the model's output.
 
@@ -147,7 +147,8 @@ def _observing_forward(inner, num_experts: int, sink, token_mask):
     model's expert compute. The output is the model's up to the order of float32 sums: the weighted
     outputs are added per token in slot order (eager kernels add them in expert order; the last bit may
     differ). Kernels mark a slot that routes nowhere with an index >= num_experts and give it output 0;
-    it is never counted.
+    it is never counted. With `zero_compute` (a block whose zero-compute experts, LongCat-Flash's, hand their
+    slots to real experts with weight 0) a slot of weight 0 routes nowhere either.
     """
     def forward(hidden_states, top_k_index, top_k_weights):
         t, k = top_k_index.shape
@@ -159,6 +160,8 @@ def _observing_forward(inner, num_experts: int, sink, token_mask):
         valid = token_mask()
         valid = torch.ones(t, dtype=torch.bool, device=y.device) if valid is None else valid.to(y.device)
         real = idx < num_experts
+        if zero_compute:
+            real = real & (w != 0)
         sink(Routed(hidden_states, valid, rows, torch.where(real, idx, 0), y, w, valid[rows] & real))
         return out
 
@@ -183,15 +186,22 @@ def replaced_forward(modules, make_forward):
                 m.forward = old
 
 
+def zero_compute(layer: MoELayer) -> bool:
+    """Whether the layer's router has rows past its routed experts whose slots reach the experts with weight 0."""
+    return layer.family.router_rows > layer.num_experts
+
+
 @contextlib.contextmanager
-def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask):
+def observing_experts(experts: nn.Module, num_experts: int, sink, token_mask, zero_compute: bool = False):
     """Within the block, every forward of `experts` also calls sink(Routed) for the batch in flight;
-    `token_mask()` gives that batch's flattened non-pad mask (None: every token counts).
+    `token_mask()` gives that batch's flattened non-pad mask (None: every token counts); `zero_compute`:
+    see `_observing_forward` (`zero_compute(layer)`).
 
     The observing forward wraps whatever forward the module has (an accelerate hook's instance wrapper,
     which loads offloaded weights, or the class's), and that very forward is restored on exit.
     """
-    with replaced_forward([experts], lambda _i, m: _observing_forward(m.forward, num_experts, sink, token_mask)):
+    with replaced_forward([experts], lambda _i, m: _observing_forward(m.forward, num_experts, sink, token_mask,
+                                                                      zero_compute)):
         yield
 
 
@@ -204,7 +214,7 @@ def observing(model: nn.Module, layers: list[MoELayer] | None = None):
     with contextlib.ExitStack() as stack:
         for layer in layers:
             stack.enter_context(observing_experts(layer.experts, layer.num_experts, stats[layer.index].add,
-                                                  lambda: mask.value))
+                                                  lambda: mask.value, zero_compute(layer)))
         yield stats, mask
     for s in stats.values():
         s.finish()

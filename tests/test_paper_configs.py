@@ -18,6 +18,7 @@ from ream_exp.calib import validate_calib
 from ream_exp.methods import Context, get_method
 from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layers
 from ream_exp.moe.families import family_for
+from ream_exp.moe.tiny_configs import tiny_config
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.run import validate
 from ream_exp.settings import check_group
@@ -90,9 +91,8 @@ def test_every_model_config_is_listed():
 
 def _config_json(tmp_path, model_type, n, k):
     """A local config.json of the architecture (tiny sizes, the real expert count and top-k)."""
-    family = family_for(model_type)
-    cfg = tf.AutoConfig.for_model(model_type, num_experts_per_tok=k, hidden_size=32, num_hidden_layers=2)
-    setattr(cfg, family.count_key, n)
+    cfg = tiny_config(model_type, num_experts=n, top_k=k, layers=2)
+    assert getattr(cfg, family_for(model_type).count_key) == n
     cfg.save_pretrained(tmp_path)
     return tmp_path
 
@@ -121,9 +121,9 @@ def test_group_size_falls_back_for_models_without_a_table(tmp_path):
 
 def test_unsupported_architecture_fails_from_config_json(tmp_path, monkeypatch):
     monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    tf.AutoConfig.for_model("granitemoe", num_local_experts=8, num_experts_per_tok=2).save_pretrained(tmp_path)
+    tf.AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2).save_pretrained(tmp_path)  # dense
     cfg = _cfg("model=qwen3_30b_a3b", "calib=paper", f"model.path={tmp_path}")
-    with pytest.raises(ValueError, match=r"model_type 'granitemoe' is not a supported MoE architecture; "
+    with pytest.raises(ValueError, match=r"model_type 'llama' is not a supported MoE architecture; "
                                          r"supported: .*glm4_moe.*qwen3_moe"):
         validate(cfg)
 

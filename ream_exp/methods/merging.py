@@ -174,11 +174,14 @@ def closest_to_mean(features: torch.Tensor, cluster: list[int]) -> int:
 # ---- neuron alignment (4.4) --------------------------------------------------------------------------
 
 def weight_features(layer: MoELayer, experts: list[int] | None = None) -> torch.Tensor:
-    """Per neuron p: [gate row p | up row p | down column p], [k, I, 3H] in float32 (all experts by default)."""
+    """Per neuron p: [gate row p | up row p | down column p], [k, I, 3H] in float32 (all experts by default);
+    [up row p | down column p], [k, I, 2H], for ungated experts."""
     # every expert: views of the parameters, so the float32 features are the stage's only copy of the layer
     w = canonical_weights(layer.experts, slice(None) if experts is None else experts)
-    feats = torch.empty(*w["gate"].shape[:2], 3 * w["gate"].shape[2], dtype=torch.float32, device=w["gate"].device)
-    for k, part in enumerate((w["gate"], w["up"], w["down"].transpose(1, 2))):
+    parts = [p for p in (w["gate"], w["up"], w["down"].transpose(1, 2)) if p is not None]  # no gate: ungated
+    up = w["up"]
+    feats = torch.empty(*up.shape[:2], len(parts) * up.shape[2], dtype=torch.float32, device=up.device)
+    for k, part in enumerate(parts):
         feats[..., k * part.shape[2]:(k + 1) * part.shape[2]] = part  # one float32 copy, no cat
     return feats
 

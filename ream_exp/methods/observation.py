@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..moe import MoELayer, canonical_weights, experts_hidden, router_probs
+from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
-from ..observe import LayerStats, Routed, observing_experts
+from ..observe import LayerStats, Routed, observing_experts, zero_compute
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
 DENSE_BLOCK = 1 << 26
@@ -83,7 +84,7 @@ class LayerObservation(LayerStats):
         n, t = self.num_experts, x.shape[0]
         if t == 0:
             return
-        width = experts.gate_up_proj[0].numel() // x.shape[1]  # 2I, whatever the layout
+        width = fused_up(experts)[0].numel() // x.shape[1]  # 2I (I ungated), whatever the layout
         step = max(1, DENSE_BLOCK // (n * width))
         for s in range(0, t, step):
             a = experts_hidden(experts, x[s:s + step]).float()  # [N, t', I]
@@ -146,7 +147,8 @@ def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, curr
         batch, logits = current["batch"], current["logits"]
         sigma = router_probs(layer, logits)
         obs.add_routed(routed, sigma[routed.row, routed.expert])
-        g = logits.index_select(0, batch.rows("valid")).double()  # rows by index: no host sync per batch
+        # rows by index: no host sync per batch; zero-compute rows after the experts are not ours
+        g = logits.index_select(0, batch.rows("valid"))[:, :layer.num_experts].double()
         obs.logit_gram += g.T @ g
         if needs.dense:
             sim = batch.rows("sim")
@@ -174,7 +176,7 @@ def observing_layer(layer: MoELayer, needs: Needs):
         hook = layer.router.register_forward_hook(grab_logits)
         try:
             with observing_experts(layer.experts, layer.num_experts, _observation_sink(layer, obs, needs, current),
-                                   lambda: current["batch"].valid):
+                                   lambda: current["batch"].valid, zero_compute(layer)):
                 yield obs, current
         finally:
             hook.remove()

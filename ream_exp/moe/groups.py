@@ -109,9 +109,9 @@ def _allowed_ratios(num_experts: int, n_groups: int, topk_group: int, top_k: int
 def router_group_refusal(model_config, ratio: float, num_experts: int, n_keep: int) -> str | None:
     """The one-line refusal (from config.json alone) when keeping n_keep experts would break the
     routing, or None; config.check_expert_counts raises it before any weights load."""
-    family = family_for(model_config.model_type)
-    n_groups = router_groups(model_config, family)
-    topk_group, top_k = int(getattr(model_config, "topk_group", 1) or 1), int(model_config.num_experts_per_tok)
+    family = family_for(model_config)
+    n_groups = family.n_group if family.group_score_experts else 1
+    topk_group, top_k = family.topk_group, family.top_k
     limits = (n_groups, topk_group, top_k, family.group_score_experts)
     problem = router_group_problem(num_experts, n_keep, *limits)
     if problem is None:

@@ -1,12 +1,13 @@
 """Find the routed-expert layers of a transformers MoE model and read/write single experts.
 
 Every supported family stores the experts of a layer as fused tensors; the experts module says how
-(`is_transposed`, `is_concatenated`, `has_bias`, set by transformers' `use_experts_implementation`).
-This file turns that into one canonical view per expert, whatever the family:
+(`is_transposed`, `is_concatenated`, `has_bias`, `has_gate`, set by transformers'
+`use_experts_implementation`). This file turns that into one canonical view per expert, whatever the family:
 
     gate [I, H], up [I, H], down [H, I]   (+ gate_bias [I], up_bias [I], down_bias [H] when present)
 
-and gives the expert's forward pass E_e(x) and its intermediate activation a_e(x) = act(gate x) * up x.
+(gate and gate_bias None for ungated experts, `up_proj` alone) and gives the expert's forward pass E_e(x)
+and its intermediate activation a_e(x) = act(gate x) * up x, or act(up x) when ungated.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .discover import expert_count
 from .families import Family, family_for
 from .groups import router_groups
 
@@ -34,7 +36,7 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.router.weight.shape[0]
+        return expert_count(self.experts)
 
     @property
     def router_groups(self) -> int:
@@ -43,50 +45,61 @@ class MoELayer:
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        return int(getattr(self.router, "top_k", None) or self.family.top_k)
 
     @property
     def intermediate_size(self) -> int:
-        return canonical_weights(self.experts, [0])["gate"].shape[1]
+        return canonical_weights(self.experts, [0])["up"].shape[1]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
+    """The decoder layer list of the model's text decoder (where its family says: model.layers, ...)."""
+    layers = getattr(model.get_submodule(family_for(model.config).decoder_path), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder layer list at model.model.layers")
+        raise ValueError(f"{type(model).__name__}: no decoder layer list")
     return layers
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """The layers with routed experts, in order; dense layers (mlp_only_layers, first_k_dense) are skipped."""
-    family = family_for(model.config.model_type)
+    family = family_for(model.config)
+    layers = decoder_layers(model)
+    prefix = f"{family.decoder_path}.layers" if family.decoder_path else "layers"
     found = []
-    for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
-        experts = getattr(block, "experts", None)
-        if experts is None or not hasattr(experts, "gate_up_proj"):
-            continue
-        router = getattr(block, family.router_attr)
-        found.append(MoELayer(i, f"model.layers.{i}.mlp", block, router, experts, family))
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no routed-expert layers")
+    for i in family.moe_layers:
+        block = layers[i].get_submodule(family.block_path) if family.block_path else layers[i]
+        name = f"{prefix}.{i}.{family.block_path}" if family.block_path else f"{prefix}.{i}"
+        found.append(MoELayer(i, name, block, getattr(block, family.router_attr),
+                              getattr(block, family.experts_attr), family))
     return found
+
+
+def fused_up(experts: nn.Module) -> torch.Tensor:
+    """The fused up projection [E, ...]: gate_up_proj, or up_proj for ungated experts."""
+    return experts.gate_up_proj if experts.has_gate else experts.up_proj
+
+
+def _fused_up_bias(experts: nn.Module) -> torch.Tensor:
+    return experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+
+
+def _activate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
 
 
 # ---- one expert's forward pass --------------------------------------------------------------
 
 def _up_projection(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    w = experts.gate_up_proj[e]
+    w = fused_up(experts)[e]
     h = x @ w if experts.is_transposed else F.linear(x, w)
     if experts.has_bias:
-        h = h + experts.gate_up_proj_bias[e]
+        h = h + _fused_up_bias(experts)[e]
     return h
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """a_e(x) = act(gate_e x) * up_e x, the expert's intermediate activation [T, I]."""
-    return experts._apply_gate(_up_projection(experts, e, x))
+    """a_e(x) = act(gate_e x) * up_e x (act(up_e x) ungated), the expert's intermediate activation [T, I]."""
+    return _activate(experts, _up_projection(experts, e, x))
 
 
 def expert_output(experts: nn.Module, e: int, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,23 +117,27 @@ def experts_hidden(experts: nn.Module, x: torch.Tensor, experts_slice: slice = s
 
     One batched matmul over experts instead of a python loop; `experts_slice` bounds the memory.
     """
-    w = experts.gate_up_proj[experts_slice]
+    w = fused_up(experts)[experts_slice]
     h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
     if experts.has_bias:
-        h = h + experts.gate_up_proj_bias[experts_slice][:, None, :]
-    return experts._apply_gate(h)
+        h = h + _fused_up_bias(experts)[experts_slice][:, None, :]
+    return _activate(experts, h)
 
 
 # ---- canonical weights -----------------------------------------------------------------------
 
-def _split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the fused [.., 2I, ..] axis (dim 1) into gate and up."""
+def _split_gate_up(t: torch.Tensor, concatenated: bool, gated: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Split the fused [.., 2I, ..] axis (dim 1) into gate and up (no gate: all of it is up)."""
+    if not gated:
+        return None, t
     if concatenated:
         return t.chunk(2, dim=1)
     return t[:, 0::2], t[:, 1::2]
 
 
-def _join_gate_up(gate: torch.Tensor, up: torch.Tensor, concatenated: bool) -> torch.Tensor:
+def _join_gate_up(gate: torch.Tensor | None, up: torch.Tensor, concatenated: bool) -> torch.Tensor:
+    if gate is None:
+        return up
     if concatenated:
         return torch.cat([gate, up], dim=1)
     return torch.stack([gate, up], dim=2).flatten(1, 2)  # g0 u0 g1 u1 ...
@@ -131,15 +148,16 @@ def canonical_weights(experts: nn.Module, idx) -> dict[str, torch.Tensor | None]
 
     A list of indices gives copies; a slice gives views of the parameters (no memory; not to be written)."""
     if not isinstance(idx, slice):
-        idx = torch.as_tensor(idx, dtype=torch.long, device=experts.gate_up_proj.device)
-    gate_up = experts.gate_up_proj[idx]
+        idx = torch.as_tensor(idx, dtype=torch.long, device=experts.down_proj.device)
+    gate_up = fused_up(experts)[idx]
     down = experts.down_proj[idx]
     if experts.is_transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    gate, up = _split_gate_up(gate_up, experts.is_concatenated)
+    gate, up = _split_gate_up(gate_up, experts.is_concatenated, experts.has_gate)
     out = {"gate": gate, "up": up, "down": down, "gate_bias": None, "up_bias": None, "down_bias": None}
     if experts.has_bias:
-        out["gate_bias"], out["up_bias"] = _split_gate_up(experts.gate_up_proj_bias[idx], experts.is_concatenated)
+        out["gate_bias"], out["up_bias"] = _split_gate_up(_fused_up_bias(experts)[idx], experts.is_concatenated,
+                                                          experts.has_gate)
         out["down_bias"] = experts.down_proj_bias[idx]
     return out
 
@@ -147,22 +165,24 @@ def canonical_weights(experts: nn.Module, idx) -> dict[str, torch.Tensor | None]
 @torch.no_grad()
 def write_canonical_weights(experts: nn.Module, idx, w: dict[str, torch.Tensor | None]) -> None:
     """Inverse of `canonical_weights`: write gate/up/down (+biases) of experts `idx` in place."""
-    idx = torch.as_tensor(idx, dtype=torch.long, device=experts.gate_up_proj.device)
+    idx = torch.as_tensor(idx, dtype=torch.long, device=experts.down_proj.device)
     gate_up = _join_gate_up(w["gate"], w["up"], experts.is_concatenated)
     down = w["down"]
     if experts.is_transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    experts.gate_up_proj.data[idx] = gate_up.to(experts.gate_up_proj.dtype)
+    up = fused_up(experts)
+    up.data[idx] = gate_up.to(up.dtype)
     experts.down_proj.data[idx] = down.to(experts.down_proj.dtype)
     if experts.has_bias:
         bias = _join_gate_up(w["gate_bias"], w["up_bias"], experts.is_concatenated)
-        experts.gate_up_proj_bias.data[idx] = bias.to(experts.gate_up_proj_bias.dtype)
+        up_bias = _fused_up_bias(experts)
+        up_bias.data[idx] = bias.to(up_bias.dtype)
         experts.down_proj_bias.data[idx] = w["down_bias"].to(experts.down_proj_bias.dtype)
 
 
 def router_probs(layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
-    """sigma(x) over all experts: softmax of the router logits, or the sigmoid scores of sigmoid routers."""
+    """sigma(x) over all routed experts: softmax of the router logits, or the sigmoid scores of sigmoid
+    routers (a softmax over every router row; rows past the routed experts, zero-compute ones, dropped)."""
     logits = logits.float()
-    if layer.family.scoring == "sigmoid":
-        return logits.sigmoid()
-    return logits.softmax(dim=-1)
+    sigma = logits.sigmoid() if layer.family.scoring == "sigmoid" else logits.softmax(dim=-1)
+    return sigma[..., :layer.num_experts] if sigma.shape[-1] > layer.num_experts else sigma

@@ -1,10 +1,13 @@
 """The one place that changes a model: apply a plan (merge, then slice) to the MoE layers.
 
 Removing experts slices every tensor indexed by expert (fused expert weights and biases, router rows,
-router bias, DeepSeek-V3's e_score_correction_bias) and updates every expert count (config, router,
-experts module, the causal-LM wrapper), so `save_pretrained` writes a checkpoint that stock
-transformers reloads with N' experts. Group-limited routers keep n_group and topk_group: plans keep
-N'/n_group experts of each router group, in group order (moe/groups.py), and surgery refuses any other.
+router bias, DeepSeek-V3's e_score_correction_bias, a correction bias kept on the block; the family lists
+them, moe/discover.py) and updates every expert count (every config key holding it, the attributes of
+block, router and experts module caching it, the causal-LM wrapper), so `save_pretrained` writes a
+checkpoint that stock transformers reloads with N' experts. Router rows past the routed experts (zero-
+compute or shared experts) are kept, after the kept experts. Group-limited routers keep n_group and
+topk_group: plans keep N'/n_group experts of each router group, in group order (moe/groups.py), and
+surgery refuses any other.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from ..plan import LayerPlan, Plan
+from .families import config_value, family_for, set_config_value
 from .groups import grouped_keep_problem, router_group_problem
 from .layers import MoELayer, canonical_weights, moe_layers, write_canonical_weights
 from .offload import materialised
@@ -32,18 +36,35 @@ def _slice_expert_dim(module: nn.Module, keep: torch.Tensor, n: int) -> None:
             module._buffers[name] = b[keep]
 
 
+def _slice_named(module: nn.Module, name: str, dim: int, keep: list[int]) -> None:
+    """Index `dim` of the (dotted) tensor `name` of `module` by `keep`."""
+    path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    t = getattr(owner, leaf)
+    idx = torch.as_tensor(keep, dtype=torch.long, device=t.device)
+    if isinstance(t, nn.Parameter):
+        setattr(owner, leaf, nn.Parameter(t.data.index_select(dim, idx).clone(), requires_grad=t.requires_grad))
+    else:
+        owner._buffers[leaf] = t.index_select(dim, idx).clone()
+
+
 def keep_experts(layer: MoELayer, keep: list[int]) -> None:
-    """Keep only experts `keep` (in that order) in this layer's experts module and router.
+    """Keep only experts `keep` (in that order) in this layer's experts module, router and block.
 
     A group-limited router keeps n_group and topk_group: `keep` must leave each router group N'/n_group
     of its own experts, in group order (see moe/groups.py), else this raises before changing anything."""
     n = layer.num_experts
     check_router_groups_kept(layer, keep)
-    idx = torch.as_tensor(keep, dtype=torch.long, device=layer.router.weight.device)
-    for module in (layer.experts, layer.router):
-        _slice_expert_dim(module, idx, n)
-        if hasattr(module, "num_experts"):
-            module.num_experts = len(keep)
+    family = layer.family
+    _slice_expert_dim(layer.experts, torch.as_tensor(keep, dtype=torch.long, device=layer.experts.down_proj.device), n)
+    tail = list(range(n, n + family.router_rows - family.num_experts))  # rows past the routed experts
+    for module, tensors in ((layer.router, family.router_tensors), (layer.block, family.block_tensors)):
+        for name, dim, size in tensors:
+            _slice_named(module, name, dim, list(keep) + (tail if size != family.num_experts else []))
+    for name in family.cached:  # counts the block, router and experts module cache: n -> N', n + Z -> N' + Z
+        path, _, leaf = name.rpartition(".")
+        owner = layer.block.get_submodule(path) if path else layer.block
+        setattr(owner, leaf, getattr(owner, leaf) - (n - len(keep)))
 
 
 def _router_group_problem(layer: MoELayer, keep: list[int], groups: list[list[int]]) -> str | None:
@@ -71,7 +92,7 @@ def check_router_groups_kept(layer: MoELayer, keep: list[int], groups: list[list
 def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: dict[int, list[int]] | None) -> None:
     """W_centroid <- sum_j w_j P_j(W_j) in float32 (docs/algorithms.md REAM 5); group[0] is the centroid."""
     w = canonical_weights(layer.experts, group)
-    coef = torch.tensor(weights, dtype=torch.float32, device=w["gate"].device)
+    coef = torch.tensor(weights, dtype=torch.float32, device=w["up"].device)
     merged = {}
     for name, t in w.items():
         if t is None:
@@ -108,10 +129,13 @@ def apply_layer_plan(layer: MoELayer, lp: LayerPlan) -> None:
 
 
 def update_expert_counts(model: nn.Module, n: int) -> None:
-    """Write the new expert count into the config and every module attribute that caches it."""
-    layers = moe_layers(model)
+    """Write the new expert count into every config key holding it and the causal-LM wrapper's cache."""
     cfg = model.config
-    setattr(cfg, layers[0].family.count_key, n)
+    keys = family_for(cfg).count_keys
+    old = config_value(cfg, keys[0])
+    old = max(old) if isinstance(old, (list, tuple)) else old
+    for key in keys:
+        set_config_value(cfg, key, old, n)
     if hasattr(model, "num_experts"):
         model.num_experts = n
 

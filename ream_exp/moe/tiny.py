@@ -1,7 +1,8 @@
-"""Tiny random models of every supported family, for tests and benchmarks (no downloads).
+"""Tiny random models for tests and benchmarks (no downloads).
 
-    from ream_exp.moe.tiny import tiny_model
-    model = tiny_model("deepseek_v3", num_experts=8, top_k=2)
+    from ream_exp.moe.tiny import tiny_model, tiny_model_of
+    model = tiny_model("deepseek_v3", num_experts=8, top_k=2)   # the nine first families, configs by hand
+    model = tiny_model_of("minimax_m2", num_experts=8)         # any MoE model type, from its config class
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-VOCAB = 112
+from .layers import moe_layers
+from .tiny_configs import VOCAB, tiny_config
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -118,3 +120,25 @@ def tiny_batch(batch: int = 4, seq: int = 16, seed: int = 0, pad_last: int = 3):
     mask[1::2, seq - pad_last:] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+@torch.no_grad()
+def tiny_model_of(model_type: str, num_experts: int = 8, top_k: int = 2, hidden: int = 32, layers: int = 3,
+                  width: int = 16, seed: int = 0, std: float = 0.2, **extra):
+    """A randomly initialised model of any MoE model type of the installed transformers, built from its
+    config class at tiny size (moe/tiny_configs.py) as AutoModelForCausalLM builds it; routers and experts
+    drawn with a visible spread so routing varies (the rest keeps the model's own init)."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, num_experts=num_experts, top_k=top_k, hidden=hidden, layers=layers,
+                         width=width, **extra)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for layer in moe_layers(model):
+        family = layer.family
+        for module, tensors in ((layer.router, family.router_tensors), (layer.block, family.block_tensors)):
+            state = dict(module.named_parameters()) | dict(module.named_buffers())
+            for name, _, _ in tensors:  # router rows and correction biases
+                state[name].copy_(torch.randn(state[name].shape, generator=gen) * (std if "weight" in name else 0.1))
+        for t in layer.experts.parameters():
+            t.copy_(torch.randn(t.shape, generator=gen) * std)
+    return model
