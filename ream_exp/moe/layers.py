@@ -6,7 +6,8 @@ This file turns that into one canonical view per expert, whatever the family:
 
     gate [I, H], up [I, H], down [H, I]   (+ gate_bias [I], up_bias [I], down_bias [H] when present)
 
-and gives the expert's forward pass E_e(x) and its intermediate activation a_e(x) = act(gate x) * up x.
+and gives the expert's forward pass E_e(x) and its intermediate activation a_e(x) = act(gate x) * up x
+(gate and up as separate contiguous products).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations import moe as _moe_integration
 
 from .families import Family, family_for
 from .groups import router_groups
@@ -76,17 +79,58 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 # ---- one expert's forward pass --------------------------------------------------------------
 
-def _up_projection(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    w = experts.gate_up_proj[e]
-    h = x @ w if experts.is_transposed else F.linear(x, w)
-    if experts.has_bias:
-        h = h + experts.gate_up_proj_bias[e]
-    return h
+def _plain_gate(experts: nn.Module) -> bool:
+    """Whether a_e = act(gate x) * up x on the concatenated halves of gate_up_proj (transformers' default
+    gate): true for every family but GPT-OSS, whose interleaved, clamped gate keeps its own `_apply_gate`."""
+    default = getattr(_moe_integration, "_default_apply_gate", None)
+    return bool(experts.is_concatenated) and default is not None and type(experts)._apply_gate is default
+
+
+def _activate_(experts: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    """act(gate), in place where the activation is SiLU."""
+    if isinstance(experts.act_fn, (SiLUActivation, nn.SiLU)):
+        return F.silu(gate, inplace=True)
+    return experts.act_fn(gate)
+
+
+def _gate_up_halves(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up weights of experts `which` as views of gate_up_proj, [k, H, I] each (h = x @ w)."""
+    w = experts.gate_up_proj[which]
+    if experts.is_transposed:
+        return w.chunk(2, dim=2)
+    gate, up = w.chunk(2, dim=1)
+    return gate.transpose(1, 2), up.transpose(1, 2)
+
+
+def _gate_up_bias(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    if not experts.has_bias:
+        return None, None
+    return experts.gate_up_proj_bias[which].chunk(2, dim=1)  # [k, I] each
+
+
+def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
+    """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
+    [k, T, I], one batched product for gate and one for up (contiguous, the activation applied in place).
+
+    A slice reads the weights as views; `which` bounds the memory."""
+    if not _plain_gate(experts):
+        w = experts.gate_up_proj[which]
+        h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
+        if experts.has_bias:
+            h = h + experts.gate_up_proj_bias[which][:, None, :]
+        return experts._apply_gate(h)
+    gate_w, up_w = _gate_up_halves(experts, which)
+    gate, up = torch.matmul(x, gate_w), torch.matmul(x, up_w)
+    gate_b, up_b = _gate_up_bias(experts, which)
+    if gate_b is not None:
+        gate += gate_b[:, None, :]
+        up += up_b[:, None, :]
+    return _activate_(experts, gate).mul_(up)
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """a_e(x) = act(gate_e x) * up_e x, the expert's intermediate activation [T, I]."""
-    return experts._apply_gate(_up_projection(experts, e, x))
+    return experts_hidden(experts, x, slice(e, e + 1))[0]
 
 
 def expert_output(experts: nn.Module, e: int, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,18 +141,6 @@ def expert_output(experts: nn.Module, e: int, x: torch.Tensor, hidden: torch.Ten
     if experts.has_bias:
         out = out + experts.down_proj_bias[e]
     return out
-
-
-def experts_hidden(experts: nn.Module, x: torch.Tensor, experts_slice: slice = slice(None)) -> torch.Tensor:
-    """a_e(x) for the experts in `experts_slice` (all by default) on the same tokens x [T, H]: [k, T, I].
-
-    One batched matmul over experts instead of a python loop; `experts_slice` bounds the memory.
-    """
-    w = experts.gate_up_proj[experts_slice]
-    h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
-    if experts.has_bias:
-        h = h + experts.gate_up_proj_bias[experts_slice][:, None, :]
-    return experts._apply_gate(h)
 
 
 # ---- canonical weights -----------------------------------------------------------------------
