@@ -219,11 +219,16 @@ def pca_seed(settings: dict, run_seed: int) -> int:
     return int(run_seed if seed is None else seed)
 
 
+def unit_neuron_rows(a: torch.Tensor) -> torch.Tensor:
+    """Each neuron's activations over the tokens (a [T, I] -> [I, T], a view of [T, I] memory), L2-normalised."""
+    return F.normalize(a.float().T, dim=1)
+
+
 def _cdist_side(a: torch.Tensor, centroid: bool) -> torch.Tensor:
-    """One expert's operand of torch.cdist's matrix-product form, built once per expert: its activations a [T, I]
-    normalised per neuron over the tokens (F.normalize), as [T+2, I] rows [-2 u; |u|^2; 1] (centroid) or
-    [u; 1; |u|^2] (member), so that side_c^T side_j = |u_c|^2 + |u_j|^2 - 2 u_c.u_j in cdist's own arithmetic."""
-    u = F.normalize(a.float().T, dim=1)  # [I, T], a view of [T, I] memory
+    """One expert's operand of torch.cdist's matrix-product form, built once per expert: its unit neuron rows u
+    as [T+2, I] rows [-2 u; |u|^2; 1] (centroid) or [u; 1; |u|^2] (member), so that side_c^T side_j =
+    |u_c|^2 + |u_j|^2 - 2 u_c.u_j in cdist's own arithmetic (its |u|^2, from the same rows, too)."""
+    u = unit_neuron_rows(a)
     sq = u.pow(2).sum(-1)
     one = torch.ones_like(sq)
     if centroid:
@@ -242,9 +247,9 @@ def activation_costs(experts, c: int, members: list[int], x: torch.Tensor):
     a_c = expert_hidden(experts, c, x)
     width = a_c.shape[1]
     if width <= CDIST_MM_ROWS:  # cdist's exact form, for a tiny width
-        u_c = F.normalize(a_c.float().T, dim=1)
+        u_c = unit_neuron_rows(a_c)
         for j in members:
-            yield j, torch.cdist(u_c, F.normalize(expert_hidden(experts, j, x).float().T, dim=1))
+            yield j, torch.cdist(u_c, unit_neuron_rows(expert_hidden(experts, j, x)))
         return
     side_c = _cdist_side(a_c, centroid=True).T
     per_block = max(1, ALIGN_BLOCK // (2 * a_c.numel()))  # gate and up of a block alive at once
