@@ -139,11 +139,10 @@ def stage_row(label: str, seconds: float, products: list[Product] | None, clock:
 def table(rows: list[dict]) -> list[str]:
     lines = [f"{'stage':<34} {'GFLOP':>9} {'seconds':>9} {'GFLOP/s':>9} {'peak s':>9} {'of peak':>8}"]
     for r in rows:
-        if r["gflop"] is None:
+        if r["gflop"] is None or r["seconds"] <= 0:  # no products, or not timed apart
             lines.append(f"{r['stage']:<34} {'-':>9} {r['seconds']:>9.3f} {'-':>9} {'-':>9} {'-':>8}")
             continue
-        rate = r["gflop"] / r["seconds"] if r["seconds"] > 0 else float("inf")
-        frac = r["peak_seconds"] / r["seconds"] if r["seconds"] > 0 else float("inf")
+        rate, frac = r["gflop"] / r["seconds"], r["peak_seconds"] / r["seconds"]
         lines.append(f"{r['stage']:<34} {r['gflop']:>9.2f} {r['seconds']:>9.3f} {rate:>9.1f} "
                      f"{r['peak_seconds']:>9.3f} {frac:>7.0%}")
     return lines

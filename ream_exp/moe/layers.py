@@ -110,7 +110,7 @@ def _gate_up_bias(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor
 
 def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
     """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
-    [k, T, I], one batched product for gate and one for up (contiguous, the activation applied in place).
+    [k, T, I], gate and up as separate contiguous products (the activation applied in place).
 
     A slice reads the weights as views; `which` bounds the memory."""
     if not _plain_gate(experts):
@@ -120,7 +120,11 @@ def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> to
             h = h + experts.gate_up_proj_bias[which][:, None, :]
         return experts._apply_gate(h)
     gate_w, up_w = _gate_up_halves(experts, which)
-    gate, up = torch.matmul(x, gate_w), torch.matmul(x, up_w)
+    gate = x.new_empty(gate_w.shape[0], x.shape[0], gate_w.shape[2])
+    up = torch.empty_like(gate)
+    for e in range(gate_w.shape[0]):  # one plain product per expert: no copy of x for each
+        torch.mm(x, gate_w[e], out=gate[e])
+        torch.mm(x, up_w[e], out=up[e])
     gate_b, up_b = _gate_up_bias(experts, which)
     if gate_b is not None:
         gate += gate_b[:, None, :]
