@@ -108,11 +108,12 @@ def _gate_up_bias(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor
     return experts.gate_up_proj_bias[which].chunk(2, dim=1)  # [k, I] each
 
 
+@torch.no_grad()
 def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
     """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
     [k, T, I], gate and up as separate contiguous products (the activation applied in place).
 
-    A slice reads the weights as views; `which` bounds the memory."""
+    A slice reads the weights as views; `which` bounds the memory. Statistics only: no autograd."""
     if not _plain_gate(experts):
         w = experts.gate_up_proj[which]
         h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
