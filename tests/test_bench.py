@@ -79,7 +79,7 @@ def test_the_roofline_counts_two_flops_per_multiply_add():
 
 
 TINY_PARITY = dict(layers=2, experts=8, top_k=2, hidden=32, width=16, seqs=8, seq_len=16, ratio=0.5, group_size=4,
-                   batch_size=4)
+                   batch_size=4, std=0.2)
 
 
 def test_the_parity_run_accounts_for_its_whole_time(tmp_path):
