@@ -26,8 +26,8 @@ from ..plan import LayerPlan
 from ..timing import Timings
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
-# Elements of the aligned members' activations computed at once, gate and up ([k, T, I] each; ~256 MB in
-# float32): a group's members are computed by one batched product when they fit, else one per block.
+# Elements of the aligned members' activations alive at once, gate and up ([k, T, I] each; ~256 MB in
+# float32): a group's members are computed in one call when they fit, else block by block.
 ALIGN_BLOCK = 1 << 26
 # torch.cdist computes |a|^2 + |b|^2 - 2 a.b by one matrix product when a side has more rows than this.
 CDIST_MM_ROWS = 25
@@ -240,9 +240,10 @@ def activation_costs(experts, c: int, members: list[int], x: torch.Tensor):
     """(member, cost [I, I]) for each member: cdist between the centroid's and the member's neuron activations
     on the tokens x, each neuron's row L2-normalised over the tokens (docs/algorithms.md, REAM 4).
 
-    Each expert's activations are computed, normalised and laid out once (the centroid's for all its members),
-    the members' in blocks of one batched product; each cost is one product of cdist's own shape, so the costs
-    are the bits torch.cdist gives (bit-equal costs keep near-tied assignments as they were).
+    Each expert's activations are computed, normalised and laid out once (the centroid's for all its members,
+    the members' in blocks of ALIGN_BLOCK elements); each cost is one product of cdist's own shape, so the costs
+    are the bits torch.cdist gives (bit-equal costs keep near-tied assignments as they were; one product for all
+    members can round otherwise under a multi-threaded BLAS).
     """
     a_c = expert_hidden(experts, c, x)
     width = a_c.shape[1]
