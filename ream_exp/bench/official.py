@@ -8,7 +8,9 @@ It is never vendored: install it next to the project and give its directory to t
 It pins transformers 4.57, so it runs in the transformers 4.57 environment of `bench legacy` (built once under
 $REAM_EXP_CACHE/tf457-venv, or --official-python), with the few packages its merge imports added there
 (OFFICIAL_PACKAGES). official_run.py runs its Merger on the benchmark's saved model in a fresh process; the
-merged experts come back in canonical form, to be compared with ream-exp's.
+merged experts come back in canonical form, to be compared with ream-exp's. The official code runs on CUDA
+when its environment's torch has it (that environment's is the CPU build: on a GPU, give --official-python
+an environment with a CUDA torch and transformers 4.57).
 """
 
 from __future__ import annotations
