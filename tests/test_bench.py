@@ -1,15 +1,17 @@
 """The benchmarks' one entry (python -m ream_exp.bench NAME) and what they share (ream_exp/bench/worker.py).
 Nothing here times anything: the benchmarks measure, the tests check their plumbing."""
 
+import argparse
 import importlib
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ream_exp import bench
-from ream_exp.bench import scale, search, stream, worker
+from ream_exp.bench import merge, official, parity, roofline, scale, search, stream, worker
 
 
 def test_every_benchmark_is_listed_and_has_a_main(capsys):
@@ -63,3 +65,46 @@ def test_the_search_benchmark_reads_runs_in_order(tmp_path):
 
     area = lambda pts, ref: sum(x - ref[0] for x, _ in pts)  # any area: only the order of calls matters
     assert search.hypervolumes([(2, 0), None, (3, 0)], (0, 0), area) == [2, 2, 5]
+
+
+# ---- the merge benchmark's roofline (ream_exp/bench/merge.py, parity.py, roofline.py) -------------------------------
+
+def test_the_roofline_counts_two_flops_per_multiply_add():
+    assert roofline.Product(3, 5, 7, count=2).flops == 2 * 3 * 5 * 7 * 2
+    n, t, h, i = 4, 10, 6, 3
+    assert roofline.flops(roofline.dense(t, n, h, i)) == 4 * t * n * h * i  # gate and up of every expert
+    assert roofline.aligned_counts([[0, 1, 2], [3], [4, 5]]) == (5, 3)  # experts computed, members aligned
+    clock = roofline.PeakClock("cpu", torch.float32, reps=1)
+    assert clock.seconds([roofline.Product(8, 8, 8, count=3)]) == pytest.approx(3 * clock.shape_seconds(8, 8, 8))
+
+
+TINY_PARITY = dict(layers=2, experts=8, top_k=2, hidden=32, width=16, seqs=8, seq_len=16, ratio=0.5, group_size=4,
+                   batch_size=4, std=0.2)
+
+
+def test_the_parity_run_accounts_for_its_whole_time(tmp_path):
+    """ream_official on a tiny stand-in of the parity model: every stage has a row, the rows add up to the run's
+    time, the stages that do products have their FLOPs, and the merged weights are written for the comparison."""
+    parity.prepare(tmp_path, TINY_PARITY)
+    args = argparse.Namespace(threads=1, device="cpu", official=None)
+    result = parity.ours(tmp_path, args)
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert list(rows)[:5] == ["observation", "propagation", "grouping", "PCA", "alignment"]
+    assert sum(r["seconds"] for r in result["rows"]) == pytest.approx(result["seconds"])
+    assert all(rows[s]["gflop"] > 0 for s in ("observation", "PCA", "alignment"))
+    assert rows["observation"]["gflop"] > result["floor_gflop"] > 0  # the dense pass is part of observation
+    merged = torch.load(tmp_path / "ours.pt")
+    assert sorted(merged) == [0, 1] and merged[0]["gate"].shape == (4, 16, 32)
+    lines = parity.report(TINY_PARITY, [result], [], tmp_path, args)
+    assert any(line.startswith("REAM as a whole") and "ratio" in line for line in lines)
+    assert official.max_difference(merged, merged) == 0.0
+
+
+def test_the_layer_benchmark_prints_each_stage(capsys):
+    merge.main(["--shape", "layer", "--device", "cpu", "--experts", "8", "--hidden", "32", "--width", "16",
+                "--top-k", "2", "--tokens", "64", "--sim-tokens", "16", "--chunk", "32", "--group-size", "4",
+                "--ratio", "0.5"])
+    out = capsys.readouterr().out
+    for stage in ("plain forward", "observe, dense exact", "group", "PCA", "align", "Hungarian", "merge"):
+        assert stage in out
+    assert "REAM as a whole" in out and "of peak" in out

@@ -19,8 +19,10 @@ from tests.test_ream import _permute_expert, reference_layer
 from tests.tolerances import assert_f32_close
 
 from ream_exp.methods.observation import LayerObservation
+from ream_exp.methods import merging
 from ream_exp.methods.merging import align_groups, floor_zero_saliency, pca_weight_features, weight_features
-from ream_exp.moe import apply_layer_plan, canonical_weights, expert_output, moe_layers, write_canonical_weights
+from ream_exp.moe import (apply_layer_plan, canonical_weights, expert_hidden, expert_output, moe_layers,
+                          write_canonical_weights)
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.observe import observe
 from ream_exp.plan import experts_to_keep
@@ -158,6 +160,23 @@ def test_activation_alignment_ignores_the_scale_of_each_neuron():
     # sanity: the same function (two matmuls over H, after rounding the weights once by the rescaling)
     assert_f32_close(expert_output(layer.experts, 6, x), expert_output(layer.experts, 3, x), 32, stages=3)
     assert align_groups(layer, [[3, 6]], x, "activations")[6] == torch.argsort(perm).tolist()
+
+
+@pytest.mark.parametrize("width", [16, 48])  # cdist's direct form (<= 25 rows) and its matrix-product form
+@pytest.mark.parametrize("block", [merging.ALIGN_BLOCK, 1])  # the members in one batched product, or one each
+def test_activation_costs_are_the_bits_of_cdist_on_the_normalised_rows(width, block, monkeypatch):
+    """Each expert's rows normalised and laid out once, one product per member: the cost of docs/algorithms.md
+    REAM 4 as torch.cdist gives it on the L2-normalised activation rows, to the bit (a cost rounded otherwise
+    could flip a near-tied assignment)."""
+    monkeypatch.setattr(merging, "ALIGN_BLOCK", block)
+    model = tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=1, width=width, seed=3)
+    layer = moe_layers(model)[0]
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(7))
+    costs = dict(merging.activation_costs(layer.experts, 1, [4, 6, 0], x))
+    rows = {e: F.normalize(expert_hidden(layer.experts, e, x).T, dim=1) for e in (1, 4, 6, 0)}
+    assert list(costs) == [4, 6, 0]
+    for j in (4, 6, 0):
+        assert torch.equal(costs[j], torch.cdist(rows[1], rows[j]))
 
 
 # ---- docs/algorithms.md REAM 2: mean expert outputs, biases included -----------------------------------------------

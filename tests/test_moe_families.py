@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layers, write_canonical_weights
+from ream_exp.moe import (apply_plan, canonical_weights, expert_output, experts_hidden, moe_layers,
+                          write_canonical_weights)
 from ream_exp.moe.families import family_for
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model
 from ream_exp.plan import LayerPlan, Plan
@@ -40,6 +41,20 @@ def test_expert_forward_matches_model_layout(family):
     x = torch.randn(5, model.config.hidden_size)
     for e in (0, layer.num_experts - 1):  # float32 kernel vs float64: two matmuls, the longer over H
         assert_f32_close(expert_output(layer.experts, e, x).double(), _reference_expert(layer, e, x),
+                         model.config.hidden_size, stages=2)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_batched_activations_are_each_experts_own(family):
+    """experts_hidden over a slice (weight views) and over a list (copies), gate and up as two products, give
+    each expert's a_e(x): its down projection is the float64 reference's E_e(x)."""
+    model = tiny_model(family)
+    layer = moe_layers(model)[0]
+    x = torch.randn(7, model.config.hidden_size)
+    every, some = experts_hidden(layer.experts, x), experts_hidden(layer.experts, x, [2, 0])
+    assert every.shape == (layer.num_experts, 7, layer.intermediate_size)
+    for e, hidden in ((2, some[0]), (0, some[1]), (0, every[0]), (layer.num_experts - 1, every[-1])):
+        assert_f32_close(expert_output(layer.experts, e, x, hidden).double(), _reference_expert(layer, e, x),
                          model.config.hidden_size, stages=2)
 
 

@@ -5,8 +5,9 @@
 
 Each benchmark is one module here with a `main(argv)`; worker.py holds what those that measure whole runs in
 fresh processes share (the worker protocol, the flags forwarded to it, the run's config and calibration
-files). legacy_check.py is not a benchmark: legacy.py runs it as a script in the transformers 4.57
-environment, so it imports only torch and transformers.
+files). merge.py's parts: roofline.py (FLOPs and matmul peak), parity.py (the whole-model runs), official.py
+(the official REAM code, installed apart). legacy_check.py and official_run.py are not benchmarks: they run as
+scripts in the transformers 4.57 environment, so they import only torch, transformers (and the official code).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ PROG = "python -m ream_exp.bench"
 # NAME -> (module in this package, what it measures); the modules are imported only when chosen.
 BENCHMARKS = {
     "observe": ("observe", "observation pass / plain forward, tiny Qwen3-MoE with 128 experts, top-8"),
-    "merge": ("merge", "one Qwen3-30B-A3B-shaped MoE layer: observe / group / align / merge vs its forward"),
+    "merge": ("merge", "REAM's roofline per stage, ours vs the official code; parity model, Qwen3-30B-A3B layer"),
     "stream": ("stream", "peak memory of a streamed and an in-memory run of the same compression"),
     "scale": ("scale", "streamed runs of a random model with Qwen3-30B-A3B's layers, extrapolated to 48"),
     "search": ("search", "the mix search against the 5-mix grid on the toy: hypervolume after each run"),

@@ -1,34 +1,51 @@
-"""Benchmark of REAM's per-layer stages on one MoE layer shaped like Qwen3-30B-A3B's.
+"""REAM's roofline: each stage's FLOPs, time and fraction of the machine's matmul peak, against the official code.
 
-    python -m ream_exp.bench merge                                   # 128 experts, H 2048, I 768, top-8
-    python -m ream_exp.bench merge --experts 32 --hidden 512 --width 192 --tokens 1024   # quick CPU run
+    python -m ream_exp.bench merge                                   # both shapes below
+    python -m ream_exp.bench merge --shape parity --pairs 5 --official /work/ream-official
+    python -m ream_exp.bench merge --shape layer --tokens 2048
     python -m ream_exp.bench merge --device cuda --dtype bfloat16 --tokens 16384
 
-Prints the time of observation, grouping, alignment and merging, each as a multiple of one plain forward
-of the layer over the same tokens, and the peak extra memory of each stage (CPU: resident set size
-sampled every 2 ms; GPU: torch.cuda.max_memory_allocated). Observation is timed with the dense
-similarity statistics (every expert on every token) exact, on a token sample (`--sim-tokens`), and off;
-`--naive` adds the plain per-expert loop that the batched dense pass replaces.
+Two shapes. `parity` (parity.py): ream_official's calibrate + compress of a whole random Qwen3-MoE (8 MoE layers,
+64 experts, top-8, hidden 256, width 128, 64 x 128 tokens, ratio 0.5, group size 4) in fresh processes, and, with
+--official DIR, the official REAM code's merge of the same model (official.py says how to install it; it is never
+vendored), interleaved in --pairs pairs on --threads threads (1 by default, for both), with the merged weights
+compared. `layer`: the stages on one MoE layer shaped like Qwen3-30B-A3B's (128 experts, hidden 2048, width
+768, top-8; ratio 0.25, group size 16), observation timed with the dense similarity statistics exact, on a token
+sample (`--sim-tokens`) and off, beside a plain forward of the layer, with each stage's peak extra memory (CPU:
+resident set sampled every 2 ms; GPU: torch.cuda.max_memory_allocated) and the Hungarian assignment's cost per
+solve, scaled to a whole Qwen3-30B-A3B run.
+
+Each stage prints the FLOPs it must do, its seconds, and the fraction of this machine's matmul peak (a plain
+matmul of the same shapes timed in the same process, roofline.py); REAM as a whole prints its ratio to its
+floor, the all-expert gate/up pass at that peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import torch
 
 from ..methods.capture import BatchState
 from ..methods.observation import Needs, observing_layer, token_sample
+from ..methods.merging import (align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan,
+                               ream_distance)
 from ..methods.states import StateStore
-from ..methods.merging import align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan, ream_distance
-from ..moe import apply_layer_plan, expert_output, moe_layers, router_probs
+from ..moe import apply_layer_plan, moe_layers
 from ..moe.tiny import tiny_model
 from ..plan import experts_to_keep
-from . import prog
+from ..timing import Timings
+from . import parity, prog, roofline
+from .worker import add_worker_arguments, forward, serve
+
+# A whole Qwen3-30B-A3B run (48 MoE layers, width 768) aligns 32 members per layer at ratio 0.25 (128 -> 96).
+QWEN3_30B_LAYERS, QWEN3_30B_MEMBERS, QWEN3_30B_WIDTH = 48, 32, 768
 
 
 class PeakMemory:
@@ -104,85 +121,122 @@ def observe(layer, x, needs: Needs, chunk: int):
     return obs
 
 
-@torch.no_grad()
-def naive_dense(layer, x, chunk: int):
-    """The plain way: every expert's full output on every token, weighted by sigma and summed."""
-    total = torch.zeros(layer.num_experts, x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], chunk):
-        xc = x[s:s + chunk]
-        sigma = router_probs(layer, layer.router(xc)[0])
-        for e in range(layer.num_experts):
-            total[e] += (expert_output(layer.experts, e, xc).double() * sigma[:, e, None].double()).sum(0)
-    return total / x.shape[0]
-
-
-def run(args) -> list[tuple[str, float, int]]:
-    device = torch.device(args.device)
+def layer_rows(args) -> tuple[list[dict], dict]:
+    """The stages on one layer: roofline rows (with peak MiB) and what the summary lines need."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    clock = roofline.PeakClock(device, dtype)
     layer, x = build_layer(args)
-    n_keep = experts_to_keep(args.experts, args.ratio)
-    fwd, fwd_mem, _ = timed(lambda: [layer.block(x[s:s + args.chunk][None]) for s in range(0, len(x), args.chunk)],
-                            device, reps=3)
-    rows = [("plain forward of the layer", fwd, fwd_mem)]
-    observed = {}
-    for label, needs in (
-        (f"observe, dense exact ({len(x)} tokens)", Needs(dense="gated", align=True, align_tokens=args.align_tokens)),
-        (f"observe, dense on {args.sim_tokens} sampled tokens",
-         Needs(dense="gated", align=True, sim_tokens=args.sim_tokens, align_tokens=args.align_tokens)),
-        ("observe, routing only (no dense)", Needs(align=True, align_tokens=args.align_tokens)),
-    ):
-        seconds, peak, observed[label] = timed(lambda: observe(layer, x, needs, args.chunk), device, reps=2)
-        rows.append((label, seconds, peak))
-    if args.naive:
-        seconds, peak, _ = timed(lambda: naive_dense(layer, x, args.chunk), device)
-        rows.append(("dense means, naive per-expert loop", seconds, peak))
-    obs = next(iter(observed.values()))
-    score = floor_zero_saliency(obs.reap_score)
+    t, n, k, h, i = args.tokens, args.experts, args.top_k, args.hidden, args.width
+    n_keep = experts_to_keep(n, args.ratio)
+    rows = []
+
+    def add(label, seconds, peak, products):
+        rows.append({**roofline.stage_row(label, seconds, products, clock), "mib": peak / 2**20})
+
+    fwd, peak, _ = timed(lambda: [layer.block(x[s:s + args.chunk][None]) for s in range(0, t, args.chunk)],
+                         device, reps=3)
+    add("plain forward of the layer", fwd, peak, roofline.routed(t, k, n, h, i))
+    variants = [("observe, dense exact", None, roofline.dense(t, n, h, i)),
+                (f"observe, dense on {args.sim_tokens} tokens", args.sim_tokens,
+                 roofline.dense(min(args.sim_tokens, t), n, h, i)),
+                ("observe, routing only", 0, [])]
+    observed = None
+    for label, sim_tokens, dense in variants:
+        needs = Needs(dense="gated" if sim_tokens != 0 else None, align=True, sim_tokens=sim_tokens or None,
+                      align_tokens=args.align_tokens)
+        seconds, peak, obs = timed(lambda: observe(layer, x, needs, args.chunk), device)
+        add(label, seconds, peak, roofline.routed(t, k, n, h, i) + dense)
+        observed = observed or obs
+    score = floor_zero_saliency(observed.reap_score)
 
     def group():
-        dist = ream_distance(obs.mean_outputs, obs.logit_gram)
-        return group_by_pseudo_pruning(score, dist, n_keep, args.group_size)
+        return group_by_pseudo_pruning(score, ream_distance(observed.mean_outputs, observed.logit_gram), n_keep,
+                                       args.group_size)
 
     seconds, peak, groups = timed(group, device)
-    rows.append((f"group (C={args.group_size}, N'={n_keep})", seconds, peak))
-    seconds, peak, perms = timed(lambda: align_groups(layer, groups, obs.align_x, "both", 64, 0), device)
-    rows.append((f"align (both, PCA 64, {obs.align_x.shape[0]} tokens)", seconds, peak))
+    add(f"group (C={args.group_size}, N'={n_keep})", seconds, peak, roofline.grouping(n, h))
+    timings = Timings()
+    seconds, peak, perms = timed(lambda: align_groups(layer, groups, observed.align_x, "both", 64, 0, timings), device)
+    aligned, members = roofline.aligned_counts(groups)
+    t_align = observed.align_x.shape[0]
+    add("PCA (q 64)", timings["pca"], peak, roofline.pca(n, i, h, 64))
+    add(f"align ({members} members, {t_align} tokens)", seconds - timings["pca"] - timings["hungarian"], peak,
+        roofline.alignment(t_align, h, i, 64, aligned, members))
+    add("Hungarian (scipy, CPU)", timings["hungarian"], 0, None)
     lp = merge_layer_plan(layer, groups, score, perms, score, {})
     seconds, peak, _ = timed(lambda: apply_layer_plan(layer, lp), device)
-    rows.append(("merge + slice", seconds, peak))
-    return rows
+    add("merge + slice", seconds, peak, None)
+    floor = roofline.dense(t, n, h, i)
+    summary = {"members": members, "hungarian": timings["hungarian"], "floor_seconds": clock.seconds(floor),
+               "floor_gflop": roofline.flops(floor) / 1e9,
+               "total": rows[1]["seconds"] + sum(r["seconds"] for r in rows[4:])}
+    return rows, summary
 
 
-def report(args, rows) -> str:
-    fwd = rows[0][1]
-    head = (f"MoE layer: {args.experts} experts, hidden {args.hidden}, width {args.width}, top-{args.top_k}, "
-            f"{args.tokens} tokens, {args.dtype} on {args.device} ({torch.get_num_threads()} threads)")
-    lines = [head, f"{'stage':<46} {'seconds':>9} {'x forward':>10} {'peak extra MiB':>15}"]
-    for label, seconds, peak in rows:
-        lines.append(f"{label:<46} {seconds:>9.3f} {seconds / fwd:>10.1f} {peak / 2**20:>15.1f}")
-    return "\n".join(lines)
+def layer_report(args, rows, summary) -> list[str]:
+    head = (f"one Qwen3-30B-A3B-shaped MoE layer: {args.experts} experts, hidden {args.hidden}, width {args.width}, "
+            f"top-{args.top_k}, {args.tokens} tokens, ratio {args.ratio}, {args.dtype} on {args.device} "
+            f"({torch.get_num_threads()} threads)")
+    lines = [head]
+    for line, row in zip(roofline.table(rows), [None, *rows]):
+        lines.append(f"{line} {'peak MiB':>9}" if row is None else f"{line} {row['mib']:>9.1f}")
+    lines.append(roofline.floor_line(summary["total"], summary["floor_seconds"], summary["floor_gflop"])
+                 + " (observe exact + group + PCA + align + Hungarian + merge)")
+    if summary["members"]:
+        per_solve = summary["hungarian"] / summary["members"]
+        line = f"Hungarian assignment: {per_solve * 1e3:.1f} ms per {args.width} x {args.width} solve"
+        if args.width == QWEN3_30B_WIDTH:
+            solves = QWEN3_30B_LAYERS * QWEN3_30B_MEMBERS
+            line += f"; a Qwen3-30B-A3B run at ratio 0.25 ({solves} solves) spends {per_solve * solves:.0f} s in it"
+        lines.append(line)
+    return lines
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog=prog("merge"), description=__doc__.splitlines()[0])
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--width", type=int, default=768)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--sim-tokens", type=int, default=512, help="similarity sample size for the 'after' row")
-    p.add_argument("--align-tokens", type=int, default=32768)
-    p.add_argument("--ratio", type=float, default=0.25)
-    p.add_argument("--group-size", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per forward (a calibration batch)")
+    p = argparse.ArgumentParser(prog=prog("merge"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("parity", "layer", "both"), default="both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--naive", action="store_true", help="also time the per-expert loop for the dense means")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the parity runs, ours and official")
+    p.add_argument("--pairs", type=int, default=3, help="parity: interleaved (ours, official) pairs")
+    p.add_argument("--official", default=None,
+                   help="parity: the official REAM code's directory (git clone https://github.com/"
+                        "SamsungSAILMontreal/ream DIR); it runs in bench legacy's transformers 4.57 environment")
+    p.add_argument("--official-python", default=None,
+                   help="parity: the python to run the official code with (default: that environment, built once)")
+    add_worker_arguments(p, ("ours",))
+    layer = p.add_argument_group("layer shape (Qwen3-30B-A3B's by default)")
+    layer.add_argument("--experts", type=int, default=128)
+    layer.add_argument("--hidden", type=int, default=2048)
+    layer.add_argument("--width", type=int, default=768)
+    layer.add_argument("--top-k", type=int, default=8)
+    layer.add_argument("--tokens", type=int, default=2048)
+    layer.add_argument("--sim-tokens", type=int, default=512, help="similarity sample of the sampled row")
+    layer.add_argument("--align-tokens", type=int, default=32768)
+    layer.add_argument("--ratio", type=float, default=0.25)
+    layer.add_argument("--group-size", type=int, default=16)
+    layer.add_argument("--chunk", type=int, default=1024, help="tokens per forward (a calibration batch)")
+    layer.add_argument("--dtype", default="float32")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
-    print(report(args, run(args)), flush=True)
+    if args.worker:
+        serve(lambda root, a, job: parity.ours(root, a), args)
+        return
+    if args.shape in ("parity", "both"):
+        with tempfile.TemporaryDirectory() if args.dir is None else _kept(args.dir) as root:
+            print("\n".join(parity.run(Path(root), args, forward(args, parity.FORWARDED))), flush=True)
+    if args.shape in ("layer", "both"):
+        rows, summary = layer_rows(args)
+        print("\n".join(layer_report(args, rows, summary)), flush=True)
+
+
+@contextmanager
+def _kept(path: str):
+    Path(path).mkdir(parents=True, exist_ok=True)
+    yield path
 
 
 if __name__ == "__main__":

@@ -20,11 +20,17 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from ..config import ConfigError
-from ..moe import MoELayer, canonical_weights, expert_hidden
+from ..moe import MoELayer, canonical_weights, expert_hidden, experts_hidden
 from ..moe.groups import group_members, per_group
 from ..plan import LayerPlan
+from ..timing import Timings
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
+# Elements of the aligned members' activations alive at once, gate and up ([k, T, I] each; ~256 MB in
+# float32): a group's members are computed in one call when they fit, else block by block.
+ALIGN_BLOCK = 1 << 26
+# torch.cdist computes |a|^2 + |b|^2 - 2 a.b by one matrix product when a side has more rows than this.
+CDIST_MM_ROWS = 25
 
 
 # ---- saliency (4.1) ------------------------------------------------------------------------------
@@ -216,9 +222,45 @@ def pca_seed(settings: dict, run_seed: int) -> int:
     return int(run_seed if seed is None else seed)
 
 
-def activation_cost(a_c: torch.Tensor, a_j: torch.Tensor) -> torch.Tensor:
-    """cdist between the neurons' activation rows (a^T [I, T]), each L2-normalised over tokens."""
-    return torch.cdist(F.normalize(a_c.float().T, dim=1), F.normalize(a_j.float().T, dim=1))
+def unit_neuron_rows(a: torch.Tensor) -> torch.Tensor:
+    """Each neuron's activations over the tokens (a [T, I] -> [I, T], a view of [T, I] memory), L2-normalised."""
+    return F.normalize(a.float().T, dim=1)
+
+
+def _cdist_side(a: torch.Tensor, centroid: bool) -> torch.Tensor:
+    """One expert's operand of torch.cdist's matrix-product form, built once per expert: its unit neuron rows u
+    as [T+2, I] rows [-2 u; |u|^2; 1] (centroid) or [u; 1; |u|^2] (member), so that side_c^T side_j =
+    |u_c|^2 + |u_j|^2 - 2 u_c.u_j in cdist's own arithmetic (its |u|^2, from the same rows, too)."""
+    u = unit_neuron_rows(a)
+    sq = u.pow(2).sum(-1)
+    one = torch.ones_like(sq)
+    if centroid:
+        return torch.cat([(u * -2).T, sq[None], one[None]])
+    return torch.cat([u.T, one[None], sq[None]])
+
+
+def activation_costs(experts, c: int, members: list[int], x: torch.Tensor):
+    """(member, cost [I, I]) for each member: cdist between the centroid's and the member's neuron activations
+    on the tokens x, each neuron's row L2-normalised over the tokens (docs/algorithms.md, REAM 4).
+
+    Each expert's activations are computed, normalised and laid out once (the centroid's for all its members,
+    the members' in blocks of ALIGN_BLOCK elements); each cost is one product of cdist's own shape, so the costs
+    are the bits torch.cdist gives (bit-equal costs keep near-tied assignments as they were; one product for all
+    members can round otherwise under a multi-threaded BLAS).
+    """
+    a_c = expert_hidden(experts, c, x)
+    width = a_c.shape[1]
+    if width <= CDIST_MM_ROWS:  # cdist's exact form, for a tiny width
+        u_c = unit_neuron_rows(a_c)
+        for j in members:
+            yield j, torch.cdist(u_c, unit_neuron_rows(expert_hidden(experts, j, x)))
+        return
+    side_c = _cdist_side(a_c, centroid=True).T
+    per_block = max(1, ALIGN_BLOCK // (2 * a_c.numel()))  # gate and up of a block alive at once
+    for s in range(0, len(members), per_block):
+        block = members[s:s + per_block]
+        for j, a_j in zip(block, experts_hidden(experts, x, block)):
+            yield j, (side_c @ _cdist_side(a_j, centroid=False)).clamp_min_(0).sqrt_()
 
 
 def match_neurons(cost: torch.Tensor) -> list[int]:
@@ -231,11 +273,12 @@ def match_neurons(cost: torch.Tensor) -> list[int]:
 
 @torch.no_grad()
 def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | None, mode: str,
-                 pca_dim: int = 64, seed: int = 0) -> dict[int, list[int]]:
+                 pca_dim: int = 64, seed: int = 0, timings: Timings | None = None) -> dict[int, list[int]]:
     """Permutation of every non-centroid member's neurons onto its centroid's (docs/algorithms.md REAM 4).
 
     cost = cdist(normalised activations on tokens x) ("activations") + cdist(PCA weight features)
-    ("weights"); "both" sums them, "none" aligns nothing.
+    ("weights"); "both" sums them, "none" aligns nothing. `timings` gets the PCA's time as "pca" and the
+    assignments' (scipy's linear_sum_assignment, on the CPU) as "hungarian".
     """
     if mode not in ALIGN_MODES:
         raise ConfigError(f"method.align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
@@ -244,20 +287,22 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
     use_act, use_w = mode in ("both", "activations"), mode in ("both", "weights")
     if use_act and (x is None or x.shape[0] == 0):
         raise ValueError("activation alignment needs the MoE inputs of the alignment tokens")
-    z = pca_weight_features(layer, pca_dim, seed) if use_w else None
+    timings = timings if timings is not None else Timings()
+    z = None
+    if use_w:
+        with timings("pca"):
+            z = pca_weight_features(layer, pca_dim, seed)
     perms = {}
     for group in groups:
         if len(group) == 1:
             continue
-        c = group[0]
-        a_c = expert_hidden(layer.experts, c, x) if use_act else None
-        for j in group[1:]:
-            cost = 0
-            if use_act:
-                cost = cost + activation_cost(a_c, expert_hidden(layer.experts, j, x))
+        c, members = group[0], group[1:]
+        costs = activation_costs(layer.experts, c, members, x) if use_act else ((j, 0) for j in members)
+        for j, cost in costs:
             if use_w:
                 cost = cost + torch.cdist(z[c], z[j])
-            perms[j] = match_neurons(cost)
+            with timings("hungarian"):
+                perms[j] = match_neurons(cost)
     return perms
 
 

@@ -7,7 +7,8 @@ Every supported family stores the experts of a layer as fused tensors; the exper
     gate [I, H], up [I, H], down [H, I]   (+ gate_bias [I], up_bias [I], down_bias [H] when present)
 
 (gate and gate_bias None for ungated experts, `up_proj` alone) and gives the expert's forward pass E_e(x)
-and its intermediate activation a_e(x) = act(gate x) * up x, or act(up x) when ungated.
+and its intermediate activation a_e(x) = act(gate x) * up x (gate and up as separate contiguous products),
+or act(up x) when ungated.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations import moe as _moe_integration
 
 from .discover import expert_count
 from .families import Family, family_for
@@ -89,17 +92,64 @@ def _activate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 # ---- one expert's forward pass --------------------------------------------------------------
 
-def _up_projection(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    w = fused_up(experts)[e]
-    h = x @ w if experts.is_transposed else F.linear(x, w)
-    if experts.has_bias:
-        h = h + _fused_up_bias(experts)[e]
-    return h
+def _plain_gate(experts: nn.Module) -> bool:
+    """Whether a_e = act(gate x) * up x on the concatenated halves of gate_up_proj (transformers' default
+    gate): true for every family but GPT-OSS, whose interleaved, clamped gate keeps its own `_apply_gate`."""
+    default = getattr(_moe_integration, "_default_apply_gate", None)
+    return (bool(getattr(experts, "has_gate", True)) and bool(experts.is_concatenated) and default is not None
+            and type(experts)._apply_gate is default)
+
+
+def _activate_(experts: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    """act(gate), in place where the activation is SiLU."""
+    if isinstance(experts.act_fn, (SiLUActivation, nn.SiLU)):
+        return F.silu(gate, inplace=True)
+    return experts.act_fn(gate)
+
+
+def _gate_up_halves(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up weights of experts `which` as views of gate_up_proj, [k, H, I] each (h = x @ w)."""
+    w = experts.gate_up_proj[which]
+    if experts.is_transposed:
+        return w.chunk(2, dim=2)
+    gate, up = w.chunk(2, dim=1)
+    return gate.transpose(1, 2), up.transpose(1, 2)
+
+
+def _gate_up_bias(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    if not experts.has_bias:
+        return None, None
+    return experts.gate_up_proj_bias[which].chunk(2, dim=1)  # [k, I] each
+
+
+@torch.no_grad()
+def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
+    """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
+    [k, T, I], gate and up as separate contiguous products (the activation applied in place).
+
+    A slice reads the weights as views; `which` bounds the memory. Statistics only: no autograd."""
+    if not _plain_gate(experts):  # GPT-OSS's own gate, or ungated experts (act(up x))
+        w = fused_up(experts)[which]
+        h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
+        if experts.has_bias:
+            h = h + _fused_up_bias(experts)[which][:, None, :]
+        return _activate(experts, h)
+    gate_w, up_w = _gate_up_halves(experts, which)
+    gate = x.new_empty(gate_w.shape[0], x.shape[0], gate_w.shape[2])
+    up = torch.empty_like(gate)
+    for e in range(gate_w.shape[0]):  # one plain product per expert: no copy of x for each
+        torch.mm(x, gate_w[e], out=gate[e])
+        torch.mm(x, up_w[e], out=up[e])
+    gate_b, up_b = _gate_up_bias(experts, which)
+    if gate_b is not None:
+        gate += gate_b[:, None, :]
+        up += up_b[:, None, :]
+    return _activate_(experts, gate).mul_(up)
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """a_e(x) = act(gate_e x) * up_e x (act(up_e x) ungated), the expert's intermediate activation [T, I]."""
-    return _activate(experts, _up_projection(experts, e, x))
+    return experts_hidden(experts, x, slice(e, e + 1))[0]
 
 
 def expert_output(experts: nn.Module, e: int, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,18 +160,6 @@ def expert_output(experts: nn.Module, e: int, x: torch.Tensor, hidden: torch.Ten
     if experts.has_bias:
         out = out + experts.down_proj_bias[e]
     return out
-
-
-def experts_hidden(experts: nn.Module, x: torch.Tensor, experts_slice: slice = slice(None)) -> torch.Tensor:
-    """a_e(x) for the experts in `experts_slice` (all by default) on the same tokens x [T, H]: [k, T, I].
-
-    One batched matmul over experts instead of a python loop; `experts_slice` bounds the memory.
-    """
-    w = fused_up(experts)[experts_slice]
-    h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
-    if experts.has_bias:
-        h = h + _fused_up_bias(experts)[experts_slice][:, None, :]
-    return _activate(experts, h)
 
 
 # ---- canonical weights -----------------------------------------------------------------------
