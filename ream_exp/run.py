@@ -255,3 +255,7 @@ def _record(cfg: DictConfig, run_dir: Path, metrics: dict, logger) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":  # the entry point moved to ream_exp.cli; say so rather than exit silently
+    raise SystemExit("ream_exp.run is not a command: run `ream-exp ...` or `python -m ream_exp.cli ...`")

@@ -151,10 +151,12 @@ class ShardReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.file = self.path.open("rb")
-        (header_len,) = struct.unpack("<Q", self.file.read(8))
-        self.header = json.loads(self.file.read(header_len))
+        read = _raw_header(self.path, self.path.stat().st_size)
+        if read is None:
+            raise ValueError(f"{self.path} is truncated or not a safetensors file")
+        header_len, self.header = read  # {name: (dtype, shape, (begin, end))}
         self.data_start = 8 + header_len
+        self.file = self.path.open("rb")
 
     def __enter__(self) -> "ShardReader":
         return self
@@ -163,19 +165,18 @@ class ShardReader:
         self.file.close()
 
     def shape(self, name: str) -> list[int]:
-        return list(self.header[name]["shape"])
+        return list(self.header[name][1])
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor `name` copied into `out` (same shape; any dtype and device: converted as `Tensor.copy_`
         converts). Read straight into `out` when it is a contiguous CPU tensor of the file's dtype, else
         through a buffer of one tensor's bytes."""
-        info = self.header[name]
-        dtype, shape = TORCH_DTYPES[info["dtype"]], tuple(info["shape"])
+        file_dtype, file_shape, (begin, end) = self.header[name]
+        dtype, shape = TORCH_DTYPES[file_dtype], tuple(file_shape)
         if tuple(out.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}, not {list(out.shape)}")
         direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
         target = out if direct else torch.empty(shape, dtype=dtype)
-        begin, end = info["data_offsets"]
         self.file.seek(self.data_start + begin)
         view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
         if self.file.readinto(view) != end - begin:

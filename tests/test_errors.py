@@ -443,3 +443,10 @@ def test_hub_model_weights_in_the_hub_cache_are_checked_too(tiny_checkpoint, cal
     validate(cfg)  # the hub id resolves from the cache, its weights intact
     _truncated(snapshot / "model.safetensors")
     _run_refused(cfg, tmp_path / "run", rf"^weight file {snapshot / 'model.safetensors'} is truncated")
+
+
+def test_old_entry_point_names_the_new_one():
+    """`python -m ream_exp.run` (the entry point before ream_exp.cli) says which command to run instead."""
+    done = subprocess.run([sys.executable, "-m", "ream_exp.run"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "python -m ream_exp.cli" in done.stderr
