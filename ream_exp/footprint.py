@@ -40,9 +40,18 @@ DISK, MEMORY = "disk", "memory"
 
 # ---- parameters -------------------------------------------------------------------------------------
 
+def without_tied_copies(model: nn.Module, tensors: dict) -> dict:
+    """`tensors` ({name: tensor}) without the weights the model declares tied to another one there
+    (lm_head.weight with tie_word_embeddings): stored and counted once, under the other's name, even where
+    they are two tensors (a streamed run's meta skeleton)."""
+    tied = getattr(model, "get_expanded_tied_weights_keys", None)
+    tied = tied(all_submodels=True) if tied is not None else {}
+    return {name: t for name, t in tensors.items() if tied.get(name) not in tensors}
+
+
 def parameter_counts(model: nn.Module) -> dict:
     """params, expert_params and active_params of the model (see the module doc)."""
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in without_tied_copies(model, dict(model.named_parameters())).values())
     expert, inactive = 0, 0
     for layer in moe_layers(model):
         n, k = layer.num_experts, min(layer.top_k, layer.num_experts)
@@ -135,7 +144,7 @@ def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     for ignored in getattr(model, "_keys_to_ignore_on_save", None) or ():
         state.pop(ignored, None)
-    return remove_tied_weights_from_state_dict(state, model)
+    return without_tied_copies(model, remove_tied_weights_from_state_dict(state, model))
 
 
 def model_footprint(model: nn.Module, dtype: torch.dtype | None = None) -> dict:

@@ -36,7 +36,8 @@ from .evaluation.checks import check_tasks
 from .evaluation.data_needs import check_runtime_data, task_datasets
 from .evaluation.harness import evaluate
 from .evaluation.scores import scores_made_by
-from .footprint import checkpoint_footprint, model_footprint, original_footprint, peak_memory, reset_peak_memory
+from .footprint import (checkpoint_footprint, model_footprint, original_footprint, peak_memory, reset_peak_memory,
+                        without_tied_copies)
 from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
 from .methods import Context, get_method
@@ -272,4 +273,5 @@ def evaluate_with_peak(model, tokenizer, cfg: DictConfig, run_dir: Path) -> tupl
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Every parameter once: tied weights once, even as two tensors of a streamed run's skeleton."""
+    return sum(p.numel() for p in without_tied_copies(model, dict(model.named_parameters())).values())

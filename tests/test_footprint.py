@@ -110,3 +110,17 @@ def test_active_params_are_what_one_token_reads(family):
     assert counts["active_params"] == read
     assert counts["params"] == sum(p.numel() for p in model.parameters())
     assert 0 < counts["active_params"] < counts["params"]
+
+
+@pytest.mark.parametrize("family, extra", [("qwen3_moe", {"tie_word_embeddings": True}), ("mixtral", {}),
+                                           ("deepseek_v3", {})])
+def test_memory_and_disk_agree(family, extra, tmp_path):
+    """Bytes computed from the model equal those measured on its saved files (tied weights once, Mixtral's
+    experts under their saved names); params count every parameter once."""
+    model = tiny_model(family, num_experts=8, top_k=2, **extra)
+    model.save_pretrained(tmp_path)
+    measured = checkpoint_footprint(tmp_path, model)
+    assert measured == {**model_footprint(model), "measured": "disk"}
+    assert measured["bytes"] == _tensor_bytes(tmp_path)
+    assert measured["params"] == sum(p.numel() for p in model.parameters())
+    assert 0 < measured["expert_bytes"] < measured["bytes"]
