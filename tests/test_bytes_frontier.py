@@ -160,3 +160,22 @@ def test_only_old_runs_never_crash(tmp_path):
     assert fronts["scores"]["avg"]["frontiers"]["all"] == {"hypervolume": 0.0, "n_points": 0, "frontier": []}
     assert (tmp_path / "report" / "bytes_frontiers.png").stat().st_size > 0
     assert math.isnan(collect_runs(root)["weight_bytes"].iloc[0])
+
+
+def test_quant_name_is_a_key_and_its_settings_are_compared_within_one_quant():
+    """quant.name separates points (never a mismatch); a quant's other settings must agree between its
+    runs; a run without quant settings counts as quant none."""
+    import pandas as pd
+
+    from analysis.settings import SettingsMismatch, check_settings
+
+    def rows(*quants):
+        return pd.DataFrame([{"method": "reap", "experts": 6, "quant": name, "run_dir": f"run{i}",
+                              "settings": json.dumps({"model.name": "toy", **settings})}
+                             for i, (name, settings) in enumerate(quants)])
+
+    w4 = lambda group: ("w4a16", {"quant.name": "w4a16", "quant.group_size": group})
+    assert check_settings(rows(("none", {}), ("fp8", {"quant.name": "fp8"}), w4(32)))[0] is False
+    assert check_settings(rows(w4(32), w4(32), ("none", {"quant.name": "none", "quant.group_size": 0})))[0] is False
+    with pytest.raises(SettingsMismatch, match=r"quant.group_size \[quant w4a16\]: 32 .* vs 128"):
+        check_settings(rows(w4(32), w4(32), w4(128)))

@@ -124,3 +124,20 @@ def test_memory_and_disk_agree(family, extra, tmp_path):
     assert measured["bytes"] == _tensor_bytes(tmp_path)
     assert measured["params"] == sum(p.numel() for p in model.parameters())
     assert 0 < measured["expert_bytes"] < measured["bytes"]
+
+
+def test_peak_memory_is_the_gpus_peak_since_the_reset(monkeypatch):
+    """reset_peak_memory resets every GPU's peak; peak_memory sums their max_memory_allocated; None without
+    CUDA."""
+    from ream_exp import footprint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    footprint.reset_peak_memory()
+    assert footprint.peak_memory() is None
+    reset, peaks = [], {0: 300, 1: 200}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", peaks.__getitem__)
+    footprint.reset_peak_memory()
+    assert reset == [0, 1] and footprint.peak_memory() == 500
