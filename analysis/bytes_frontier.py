@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from analysis.naming import NO_QUANT, method_label, with_quant
 from analysis.pareto import (BASELINE, check_evals, check_settings, eval_labels, hypervolume, is_uncompressed,
                              pareto_front, quants)
+from analysis.plots import _save
 
 SCORES = {"mc": "MC", "gen": "GEN", "avg": "AVG"}
 BUDGETS = (0.75, 0.5, 0.25)  # fractions of the uncompressed model's bytes (--budgets)
@@ -168,7 +169,9 @@ def _record(row, score: str) -> dict:
 
 def bytes_budget_table(points: pd.DataFrame, budgets=BUDGETS) -> pd.DataFrame:
     """Per budget (a fraction of the uncompressed model's bytes) and score: the point with the best score
-    within it (ties: fewer bytes), or '-' when none fits."""
+    within it (ties: fewer bytes), or '-' when none fits. experts and 'bytes %' (of the uncompressed model's)
+    as text, value and value_stderr as numbers (analysis.tables.to_markdown prints 'value ± se')."""
+    mixed = bool(points["mixed_settings"].any())
     rows = []
     for budget in budgets:
         fits = points[points["bytes_fraction"] <= budget + 1e-12]
@@ -176,17 +179,16 @@ def bytes_budget_table(points: pd.DataFrame, budgets=BUDGETS) -> pd.DataFrame:
             ranked = _scored(fits, score).sort_values([score, "bytes_fraction"], ascending=[False, True], kind="stable")
             row = {"budget": f"{100 * budget:g}%", "score": name}
             if ranked.empty:
-                rows.append({**row, "method": MISSING})
+                rows.append({**row, "method": MISSING, "experts": MISSING, "mix": MISSING, "bytes %": MISSING,
+                             **({"setting": MISSING} if mixed else {})})
                 continue
             best = ranked.iloc[0]
-            rows.append({**row, "method": best["label"], "experts": best["experts"], "mix": best["mix"],
-                         "bytes %": 100 * best["bytes_fraction"], "value": best[score],
-                         "value_stderr": best[f"{score}_stderr"],
-                         **({"setting": best["setting"]} if bool(points["mixed_settings"].any()) else {})})
+            experts = MISSING if pd.isna(best["experts"]) else str(int(best["experts"]))
+            rows.append({**row, "method": best["label"], "experts": experts, "mix": best["mix"],
+                         "bytes %": f"{100 * best['bytes_fraction']:.1f}", "value": best[score],
+                         "value_stderr": best[f"{score}_stderr"], **({"setting": best["setting"]} if mixed else {})})
     columns = ["budget", "score", "method", "experts", "mix", "bytes %", "value", "value_stderr"]
-    table = pd.DataFrame(rows, columns=columns + (["setting"] if bool(points["mixed_settings"].any()) else []))
-    table["experts"] = pd.to_numeric(table["experts"], errors="coerce").astype("Int64")
-    return table
+    return pd.DataFrame(rows, columns=columns + (["setting"] if mixed else []))
 
 
 def bytes_hypervolume_table(points: pd.DataFrame, offset: float = 1.0, ref=None) -> pd.DataFrame:
@@ -211,8 +213,6 @@ def bytes_hypervolume_table(points: pd.DataFrame, offset: float = 1.0, ref=None)
 
 def plot_bytes_frontiers(points: pd.DataFrame, out_stem, skipped: int = 0, budgets=BUDGETS) -> list[Path]:
     """MC, GEN and AVG against weight bytes (one panel each), saved as out_stem.png and .pdf."""
-    from analysis.plots import _save
-
     return _save(bytes_figure(points, skipped, budgets), Path(out_stem))
 
 
