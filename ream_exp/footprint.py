@@ -8,8 +8,10 @@
 Measured ("disk"): the sum of the tensor byte ranges every safetensors file of the checkpoint stores (the
 `data_offsets` of its header: what the file holds, whatever the dtype, packing or quantisation), the
 header and its metadata not counted. The experts' bytes are the stored tensors under a routed-experts
-module: its name in the model (`model.layers.3.mlp.experts.`) or in the checkpoint's own naming, which
-transformers' conversion mapping gives back on save (`model.layers.3.block_sparse_moe.experts.`).
+module: in the checkpoint's own naming, which transformers' conversion mapping gives back on save
+(`model.layers.3.block_sparse_moe.experts.0.w1.weight` for Mixtral), or, for a stored name the conversion
+does not give (a quantised checkpoint's scales), in a module holding expert tensors or under the experts
+module's name in the model (`model.layers.3.mlp.experts.`) (StoredExperts).
 
 Computed ("memory", a run with save=false, or an uncompressed model not on this machine): the tensors
 save_pretrained would write (the state dict without tied copies), numel x element size of their dtype, or
@@ -63,40 +65,52 @@ def parameter_counts(model: nn.Module) -> dict:
 
 # ---- which stored tensors are experts' --------------------------------------------------------------
 
-def expert_prefixes(model: nn.Module) -> list[tuple[str, ...]]:
-    """Per MoE layer, the name prefixes its routed experts' tensors have: in the model and as saved."""
+def expert_prefixes(model: nn.Module) -> list[str]:
+    """Per MoE layer, the name prefix of its routed experts' tensors in the model (model.layers.3.mlp.experts.)."""
     names = {id(m): name for name, m in model.named_modules()}
-    prefixes = []
-    for layer in moe_layers(model):
-        own = names[id(layer.experts)] + "."
-        prefixes.append(tuple(dict.fromkeys([own, *_saved_prefix(model, own, layer.experts)])))
-    return prefixes
+    return [names[id(layer.experts)] + "." for layer in moe_layers(model)]
 
 
-def _saved_prefix(model: nn.Module, own: str, experts: nn.Module) -> list[str]:
-    """The experts module's prefix in the checkpoint's naming (the common module path of the names
-    transformers' reverse conversion gives its tensors), computed on meta tensors (no memory)."""
+def _prefix_layer(name: str, prefixes: list[str]) -> int | None:
+    return next((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), None)
+
+
+class StoredExperts:
+    """Which stored tensor is which MoE layer's routed experts', in the checkpoint's naming: each tensor of
+    the model is renamed (and split) as transformers' reverse conversion writes it, on meta tensors (no
+    memory); a stored name it does not give (a quantised checkpoint's weight_packed, weight_scale, ...) is
+    an expert's when its module holds expert tensors, or when it lies under the experts module's name in
+    the model."""
+
+    def __init__(self, model: nn.Module):
+        self.prefixes = expert_prefixes(model)
+        self.exact: dict[str, int | None] = {}  # stored name -> MoE layer (position), None: not an expert's
+        self.modules: dict[str, int] = {}  # module path of a stored expert tensor -> MoE layer
+        for key, tensor in model.state_dict().items():
+            layer = _prefix_layer(key, self.prefixes)
+            for stored in _stored_names(model, key, tensor):
+                self.exact.setdefault(stored, layer)
+                if layer is not None:
+                    self.modules[stored.rpartition(".")[0]] = layer
+
+    def layer_of(self, name: str) -> int | None:
+        """The MoE layer (position in moe_layers) whose experts hold stored tensor `name`, else None."""
+        if name in self.exact:
+            return self.exact[name]
+        module = name.rpartition(".")[0]
+        return self.modules[module] if module in self.modules else _prefix_layer(name, self.prefixes)
+
+
+def _stored_names(model: nn.Module, key: str, tensor: torch.Tensor) -> list[str]:
+    """The names model tensor `key` is saved under (save_pretrained's reverse conversion); [key] where the
+    conversion cannot run on it alone."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    state = {own + name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in experts.named_parameters()}
     try:
-        saved = list(revert_weight_conversion(model, state))
-    except Exception as exc:  # a conversion that cannot run on meta tensors: the model's own names only
-        log.warning("the saved names of %s could not be derived (%s): matched by the model's names only", own, exc)
-        return []
-    common = saved[0] if saved else ""
-    for name in saved[1:]:
-        while not name.startswith(common):
-            common = common[:-1]
-    return [common[:common.rfind(".") + 1]] if "." in common else []
-
-
-def _is_expert(name: str, prefixes: list[tuple[str, ...]]) -> int | None:
-    """The MoE layer (position in moe_layers) whose experts hold tensor `name`, else None."""
-    for i, layer in enumerate(prefixes):
-        if name.startswith(layer):
-            return i
-    return None
+        return list(revert_weight_conversion(model, {key: torch.empty(tensor.shape, dtype=tensor.dtype,
+                                                                       device="meta")}))
+    except Exception:  # noqa: BLE001 - a conversion that needs other tensors with it, or real values
+        return [key]
 
 
 # ---- measured: the files -----------------------------------------------------------------------------
@@ -121,10 +135,10 @@ def checkpoint_footprint(directory: str | Path, model: nn.Module) -> dict:
     it holds, whose names say which tensors are experts'). expert_bytes is None (and a warning said) when
     some MoE layer has no expert tensor in the files."""
     sizes = stored_bytes(directory)
-    prefixes = expert_prefixes(model)
-    per_layer = [0] * len(prefixes)
+    experts = StoredExperts(model)
+    per_layer = [0] * len(experts.prefixes)
     for name, size in sizes.items():
-        layer = _is_expert(name, prefixes)
+        layer = experts.layer_of(name)
         if layer is not None:
             per_layer[layer] += size
     missing = [moe_layers(model)[i].index for i, b in enumerate(per_layer) if b == 0]
@@ -153,11 +167,11 @@ def model_footprint(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
         item = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
         return t.numel() * item
 
-    prefixes = [(layer[0],) for layer in expert_prefixes(model)]  # the model's own names
+    prefixes = expert_prefixes(model)  # the model's own names
     total, expert = 0, 0
     for name, tensor in saved_state(model).items():
         total += size(tensor)
-        if _is_expert(name, prefixes) is not None:
+        if _prefix_layer(name, prefixes) is not None:
             expert += size(tensor)
     return {"bytes": total, "expert_bytes": expert, **parameter_counts(model), "measured": MEMORY}
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ream_exp.footprint import checkpoint_footprint, model_footprint, parameter_counts
+from ream_exp.footprint import StoredExperts, checkpoint_footprint, model_footprint, parameter_counts
 from ream_exp.moe import canonical_weights, keep_experts, moe_layers
-from ream_exp.moe.tiny import tiny_model
+from ream_exp.moe.tiny import tiny_model, tiny_model_of
 from tests.test_config import make_cfg
 
 EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")  # a Qwen3-MoE checkpoint's per-expert tensor names
@@ -113,11 +113,12 @@ def test_active_params_are_what_one_token_reads(family):
 
 
 @pytest.mark.parametrize("family, extra", [("qwen3_moe", {"tie_word_embeddings": True}), ("mixtral", {}),
-                                           ("deepseek_v3", {})])
+                                           ("deepseek_v3", {}), ("granitemoe", {}), ("laguna", {})])
 def test_memory_and_disk_agree(family, extra, tmp_path):
-    """Bytes computed from the model equal those measured on its saved files (tied weights once, Mixtral's
-    experts under their saved names); params count every parameter once."""
-    model = tiny_model(family, num_experts=8, top_k=2, **extra)
+    """Bytes computed from the model equal those measured on its saved files (tied weights once; Mixtral's
+    experts under their saved names, Granite's as two block tensors beside the router, Laguna's router bias
+    saved under the experts' name); params count every parameter once."""
+    model = tiny_model_of(family, num_experts=8, top_k=2, **extra)
     model.save_pretrained(tmp_path)
     measured = checkpoint_footprint(tmp_path, model)
     assert measured == {**model_footprint(model), "measured": "disk"}
@@ -141,3 +142,14 @@ def test_peak_memory_is_the_gpus_peak_since_the_reset(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", peaks.__getitem__)
     footprint.reset_peak_memory()
     assert reset == [0, 1] and footprint.peak_memory() == 500
+
+
+def test_stored_names_a_conversion_does_not_give_are_classed_by_module():
+    """A quantised checkpoint's extra tensors (weight_packed, weight_scale of per-expert Linears) are the
+    experts' by their module, in the saved naming (Mixtral's w1) or the model's; the router's are not."""
+    experts = StoredExperts(tiny_model("mixtral", num_experts=8, top_k=2, layers=2))
+    assert experts.layer_of("model.layers.1.block_sparse_moe.experts.3.w1.weight_scale") == 1
+    assert experts.layer_of("model.layers.0.mlp.experts.3.gate_proj.weight_packed") == 0
+    assert experts.layer_of("model.layers.0.block_sparse_moe.gate.weight") is None
+    assert experts.layer_of("model.layers.0.block_sparse_moe.gate.weight_scale") is None
+    assert experts.layer_of("model.layers.0.self_attn.q_proj.weight_packed") is None
