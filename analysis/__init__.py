@@ -8,6 +8,7 @@ Modules (each runnable on its own):
   settings.py what a frontier's runs must share (run identity)  (library; used by rows.py and pareto.py)
   plots.py    MC-vs-GEN scatter with frontier steps             (library; used by report.py)
   tables.py   best-GEN-mix table and the per-mix MC/GEN table   (library; used by report.py)
+  bytes_frontier.py  scores against weight bytes: frontiers, budgets, hypervolume  (library; used by report.py)
   report.py   everything above into one folder                  python -m analysis.report --runs outputs/
 
 Scores are percentage points everywhere in this package (collect_runs multiplies the fractions in

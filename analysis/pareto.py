@@ -11,11 +11,14 @@ be compared. "1" is one unit of the scores as given: collect_runs reports percen
 paper's tables), so from run dirs it is one percentage point; a CSV is taken as is (use --offset if
 its units differ). Every frontier records its reference point and the rule that chose it.
 
-Rows with method 'none' (the uncompressed model) and rows without both scores (failed runs) are not
-compared. Runs of the same (method, experts, mix) with the same settings (analysis.settings: the model
-and its weights, every method, calibration and eval setting; the seed aside) are the seeds of one point
-and averaged into it; their standard errors (mc_stderr, gen_stderr) are averaged too: an upper bound on
-the stderr of the averaged score whatever the correlation between runs scored on the same items.
+Rows with method 'none' and no quantisation (the uncompressed model) and rows without both scores (failed
+runs) are not compared. A quantised run is compared as its method with the quantisation ('reap+w4a16',
+'none+fp8': quantisation alone; analysis.naming.with_quant), so runs of two quantisations are never averaged
+and each has its own frontier (docs/bytes.md; the frontiers in bytes are analysis.bytes_frontier's).
+Runs of the same (method, experts, mix) with the same settings (analysis.settings: the model and its weights,
+every method, calibration and eval setting; the seed aside) are the seeds of one point and averaged into it;
+their standard errors (mc_stderr, gen_stderr) are averaged too: an upper bound on the stderr of the averaged
+score whatever the correlation between runs scored on the same items.
 
 Settings: a table whose runs differ in any other setting where they share a comparison (two models, two
 settings of a method on one frontier, two calibration settings besides the mix) is refused with
@@ -44,6 +47,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from analysis.naming import NO_QUANT, quant_name, with_quant
 from analysis.settings import Mismatch, SettingsMismatch, check_settings, run_name  # noqa: F401 (re-exported)
 
 BASELINE = "none"  # method name of the uncompressed model's rows
@@ -117,14 +121,27 @@ def compared_points(df: pd.DataFrame, allow_mixed_evals: bool = False,
     scored = df[df["mc"].notna() & df["gen"].notna()]
     mixed = check_evals(scored, allow_mixed_evals)
     mixed_settings, settings = check_settings(scored, allow_mixed_settings)
-    keep = (scored["method"] != BASELINE) & scored["experts"].notna()
+    keep = ~is_uncompressed(scored) & scored["experts"].notna()
     data, settings = scored[keep], settings.to_numpy()[keep.to_numpy()]  # positions: the index may repeat
-    data = data.assign(experts=data["experts"].astype(int), mix=data["mix"].astype(str),
+    data = data.assign(method=[with_quant(m, q) for m, q in zip(data["method"], quants(data))],
+                       experts=data["experts"].astype(int), mix=data["mix"].astype(str),
                        eval_setting=eval_labels(data), setting=settings,
                        **{c: pd.to_numeric(data[c], errors="coerce") if c in data else np.nan for c in STDERRS})
     points = data.groupby(KEYS + ["mix", "eval_setting", "setting"], sort=False,
                           as_index=False)[["mc", "gen", *STDERRS]].mean()
     return points.assign(mixed_evals=mixed, mixed_settings=mixed_settings)
+
+
+def quants(df: pd.DataFrame) -> pd.Series:
+    """Each row's quant.name ('none' where the table has no quant column: runs from before it)."""
+    if "quant" not in df:
+        return pd.Series(NO_QUANT, index=df.index, dtype=object)
+    return df["quant"].map(quant_name)
+
+
+def is_uncompressed(df: pd.DataFrame) -> pd.Series:
+    """The rows of the uncompressed model: method 'none' and not quantised."""
+    return (df["method"] == BASELINE) & (quants(df) == NO_QUANT)
 
 
 def _setting(df: pd.DataFrame, column: str) -> pd.Series:

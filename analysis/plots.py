@@ -24,7 +24,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from analysis.naming import method_label
-from analysis.pareto import BASELINE, compared_points, pareto_front
+from analysis.pareto import BASELINE, compared_points, is_uncompressed, pareto_front
 
 PANEL_SIZE = (5.6, 4.6)  # inches per expert-count panel
 LABEL_SIZE = 6  # points
@@ -69,7 +69,7 @@ def frontier_figure(df: pd.DataFrame, allow_mixed_evals: bool = False, allow_mix
 def baseline_points(df: pd.DataFrame) -> pd.DataFrame:
     """The uncompressed model's (mc, gen, mc_stderr, gen_stderr): rows of method 'none' and the
     baselines the runs carry, duplicates dropped."""
-    rows = df[(df["method"] == BASELINE)]
+    rows = df[is_uncompressed(df)]
     own = pd.DataFrame({k: _column(rows, k) for k in ("mc", "gen", "mc_stderr", "gen_stderr")})
     carried = pd.DataFrame({k: _column(df, f"baseline_{k}") for k in ("mc", "gen", "mc_stderr", "gen_stderr")})
     both = pd.concat([own, carried], ignore_index=True)
@@ -79,7 +79,7 @@ def baseline_points(df: pd.DataFrame) -> pd.DataFrame:
 
 def panel_title(df: pd.DataFrame, experts, mixed: bool, mixed_settings: bool = False) -> str:
     """'toy-moe: 24 of 32 experts' and 'eval toy, limit 50' from the runs at that expert count."""
-    scored = df[df["mc"].notna() & df["gen"].notna() & (df["method"] != BASELINE)]
+    scored = df[df["mc"].notna() & df["gen"].notna() & ~is_uncompressed(df)]
     rows = scored[scored["experts"] == experts] if experts is not None and "experts" in scored else scored.iloc[:0]
     models = _values(rows, "model")
     before = _values(rows, "experts_before")

@@ -27,6 +27,12 @@ Each is left empty when the run does not record it (older runs: limit read from 
 The uncompressed model's scores that each run's metrics.json carries ("baseline") become baseline_mc,
 baseline_gen, baseline_mc_stderr, baseline_gen_stderr; experts_before is the model's expert count.
 
+Weights (docs/bytes.md): quant (quant.name of the run's config, 'none' where it has none), weight_bytes and
+expert_bytes (metrics.json's "weights": measured on the checkpoint's files, or computed from the model when
+bytes_measured is 'memory'), params, active_params, bytes_before (the uncompressed model's weight bytes:
+"weights_before", else the baseline's "weights") and peak_memory_bytes (the evaluation's peak GPU memory).
+NaN for runs from before they were recorded.
+
 settings: what the run's result depends on besides its seed and calibration mix, as JSON {dotted key:
 value} (analysis.settings): from the run's identity.json, else (run dirs from before it, W&B runs)
 ream_exp.identity.run_identity of its config. analysis.pareto refuses to compare or average runs whose
@@ -42,16 +48,18 @@ import math
 
 import pandas as pd
 
-from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix
+from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix, quant_name
 from analysis.settings import config_identity, settings_json
 
 SCALE = 100.0  # fraction -> percentage points
 EVAL_COLUMNS = ["eval", "eval_limit", "eval_fewshot", "eval_items", "gen_protocol"]
 BASELINE_COLUMNS = ["baseline_mc", "baseline_gen", "baseline_mc_stderr", "baseline_gen_stderr"]
 STDERR_COLUMNS = ["mc_stderr", "gen_stderr", "avg_stderr"]
-COLUMNS = ["run_dir", "model", "method", "experts", "experts_before", "ratio", "mix",
+WEIGHT_COLUMNS = ["weight_bytes", "expert_bytes", "params", "active_params", "bytes_before", "peak_memory_bytes"]
+COLUMNS = ["run_dir", "model", "method", "experts", "experts_before", "ratio", "quant", "mix",
            *(f"mix_{part}" for part in MIX_PARTS), "seed", "mc", "gen", "avg", *STDERR_COLUMNS,
-           "mc_tasks", "gen_tasks", *EVAL_COLUMNS, *BASELINE_COLUMNS, "settings", "status", "error"]
+           "mc_tasks", "gen_tasks", *EVAL_COLUMNS, *BASELINE_COLUMNS, *WEIGHT_COLUMNS, "bytes_measured",
+           "settings", "status", "error"]
 NO_LIMIT = "all"  # eval_limit of a run that scored every item
 SUITES = ("mc", "gen")
 NO_TASKS = "-"  # the task set of a suite that scored no task (a CSV would read "" back as missing)
@@ -69,6 +77,7 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None, i
         "experts": metrics.get("experts_after"),
         "experts_before": metrics.get("experts_before"),
         "ratio": _first(metrics.get("ratio"), dig(config, "ratio")),
+        "quant": quant_name(_first(dig(config, "quant.name"), dig(metrics, "quant.name"))),
         "mix": format_mix(recorded),
         "seed": dig(config, "seed"),
         "settings": settings_json(identity if identity is not None else config_identity(config)),
@@ -84,7 +93,19 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None, i
         row.update(task_set_columns(evaluation))
         row.update(eval_setting_columns(evaluation, config))
         row.update(baseline_columns(metrics.get("baseline")))
+        row.update(weight_columns(metrics))
     return row
+
+
+def weight_columns(metrics: dict) -> dict:
+    """weight_bytes, expert_bytes, params, active_params, bytes_measured, bytes_before, peak_memory_bytes
+    (see the module docstring); None where the run does not record them."""
+    weights = metrics.get("weights") if isinstance(metrics.get("weights"), dict) else {}
+    before = _first(dig(metrics, "weights_before.bytes"), dig(metrics, "baseline.weights.bytes"))
+    return {"weight_bytes": weights.get("bytes"), "expert_bytes": weights.get("expert_bytes"),
+            "params": weights.get("params"), "active_params": weights.get("active_params"),
+            "bytes_measured": weights.get("measured"), "bytes_before": before,
+            "peak_memory_bytes": metrics.get("peak_memory_bytes")}
 
 
 def eval_setting_columns(evaluation: dict, config: dict) -> dict:
@@ -208,7 +229,8 @@ def to_frame(rows) -> pd.DataFrame:
     frame = frame[COLUMNS + sources + tasks]
     for column in ("experts", "experts_before"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
-    numeric = ["ratio", "mc", "gen", "avg", *STDERR_COLUMNS, *BASELINE_COLUMNS, *(f"mix_{p}" for p in MIX_PARTS),
-               *sources, *tasks]
+    numeric = ["ratio", "mc", "gen", "avg", *STDERR_COLUMNS, *BASELINE_COLUMNS, *WEIGHT_COLUMNS,
+               *(f"mix_{p}" for p in MIX_PARTS), *sources, *tasks]
+    frame["quant"] = frame["quant"].map(quant_name)
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
     return frame

@@ -10,6 +10,8 @@ A run's *settings* (column `settings` of analysis.collect, JSON {dotted key: val
 without what a frontier point is allowed to vary over or average (docs/sweeps.md: Analysis):
   - `seed`: the run seed, the one thing averaged (two seeds of the same settings are one point);
   - `ratio`: the expert count is a frontier key already;
+  - `quant.name`: the quantisation is a key too (column `quant`): runs of two quantisations are two points,
+    never averaged (docs/bytes.md); the other `quant.*` settings are compared between the runs of one quant;
   - `calib.mix` and the calibration sources it reads: what a frontier varies over. A source's own settings
     (`calib.sources.<name>.*`) are still compared between the runs that read it;
   - `calib.name`, `eval.name`: config names (the paper grid's calib=mix_0_3_7 names its mix); their content is
@@ -23,8 +25,9 @@ draws are two calibration settings, not two seeds.
 check_settings refuses (SettingsMismatch, one line) a table whose runs differ in a setting where they share
 a comparison: the model (weights and settings), the eval settings left and every other top-level setting
 over all scored runs, the uncompressed model's included; the calibration settings over every compressed
-run (all methods at all expert counts share the panels, tables and reference points); a method's
-settings over the runs of one frontier (method, experts). The message names each setting that differs,
+run (all methods at all expert counts share the panels, tables and reference points); the quantisation's
+settings over the runs of one quant (quant.name); a method's settings over the runs of one frontier (method,
+experts). The message names each setting that differs,
 as `method.group_size: 16 (3 runs: ...) vs 32 (2 runs: ...)`. allow_mixed_settings=True
 (--allow-mixed-settings) compares them anyway: each run gets a label of its values of the differing
 settings, points with different labels are never averaged together, and the comparison is flagged.
@@ -41,11 +44,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.naming import NO_QUANT
+
 BASELINE = "none"  # method name of the uncompressed model's rows (as analysis.pareto)
 IDENTITY_FILE = "identity.json"  # what ream_exp.run_records writes in each run dir: {"digest", "identity"}
 # Dotted keys of the identity that are not compared (see the module docstring).
 NOT_COMPARED = frozenset({
-    "seed", "ratio", "save", "baseline",
+    "seed", "ratio", "save", "baseline", "quant.name",
     "calib.mix", "calib.name",
     "eval.name", "eval.tasks", "eval.limit", "eval.num_fewshot", "eval.log_samples",
 })
@@ -237,7 +242,13 @@ def _value(settings: dict | None, key: str) -> str | None:
 def _scopes(rows: pd.DataFrame):
     """(scope label, row positions, which keys) for each set of runs that must share settings (rows has a
     RangeIndex)."""
-    yield "", list(rows.index), lambda k: not (_under(k, "method") or _under(k, "calib"))
+    yield "", list(rows.index), lambda k: not (_under(k, "method") or _under(k, "calib") or _under(k, "quant"))
+    if "quant" in rows:
+        for quant, group in rows.groupby("quant", sort=False, dropna=False):
+            if quant != NO_QUANT:  # nothing quantised: its other quant settings say nothing
+                yield f"quant {quant}", list(group.index), lambda k: _under(k, "quant")
+    else:
+        yield "", list(rows.index), lambda k: _under(k, "quant")
     methods = rows["method"] if "method" in rows else pd.Series(None, index=rows.index, dtype=object)
     compressed = rows[methods != BASELINE]
     yield "", list(compressed.index), lambda k: _under(k, "calib")

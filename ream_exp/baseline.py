@@ -1,5 +1,6 @@
 """The uncompressed model's scores beside each run's (baseline=true): evaluated once per (model, eval config)
-and cached in <cache_dir>/baseline/<key>.json with the record of what made them (docs/caches.md).
+and cached in <cache_dir>/baseline/<key>.json with the record of what made them (docs/caches.md), and the
+evaluation's peak GPU memory ("peak_memory_bytes", None on CPU; absent from older entries: docs/bytes.md).
 
 A streamed run never holds the whole uncompressed model, so its baseline must be in the cache already
 (check_streamed_baseline, before any load), with the command that fills it (baseline_command).
@@ -18,11 +19,13 @@ from .cache_meta import still_valid
 from .config import ConfigError
 from .evaluation.harness import evaluate
 from .evaluation.scores import scores_made_by
+from .footprint import peak_memory, reset_peak_memory
 from .identity import baseline_key
 from .timing import Timings
 
 log = logging.getLogger("ream_exp")
 
+PEAK = "peak_memory_bytes"  # the baseline evaluation's peak GPU memory, beside the scores in the cache entry
 # Overrides a baseline command drops: what it compresses, and how the compressed run places its model.
 _NOT_BASELINE = ("method", "ratio", "model.stream", "model.device_map", "hydra.", "logger", "save")
 
@@ -51,16 +54,26 @@ def cached_baseline(model, tokenizer, cfg: DictConfig, timer: Timings) -> dict |
     if cached is not None:
         return cached
     with timer("baseline_eval"):  # eval.backend=vllm loads the uncompressed model from model.path itself
+        reset_peak_memory()
         scores = evaluate(model, tokenizer, cfg.eval, checkpoint_dir=Path(str(cfg.model.path)).expanduser(),
                           output_dir=path.with_name(path.stem + "_lm_eval"))
-    store_baseline(cfg, scores, made_by)
+    # vLLM allocates in its own process: no peak of this one's to report (docs/bytes.md)
+    store_baseline(cfg, scores, made_by, peak_memory() if cfg.eval.get("backend") != "vllm" else None)
     return scores
 
 
-def store_baseline(cfg: DictConfig, scores: dict, made_by: dict) -> None:
+def store_baseline(cfg: DictConfig, scores: dict, made_by: dict, peak: int | None = None) -> None:
     path = baseline_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {**scores, "made_by": made_by})
+    write_json(path, {**scores, "made_by": made_by, PEAK: peak})
+
+
+def baseline_peak_memory(cfg: DictConfig) -> int | None:
+    """The peak GPU memory the cached baseline's evaluation took; None when unknown (CPU, vLLM, older entry)."""
+    try:
+        return json.loads(baseline_path(cfg).read_text()).get(PEAK)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _usable_baseline(path: Path, current: dict) -> dict | None:
@@ -75,6 +88,7 @@ def _usable_baseline(path: Path, current: dict) -> dict | None:
     if not isinstance(scores, dict):
         log.warning("baseline cache %s holds no scores: evaluating the uncompressed model again", path)
         return None
+    scores.pop(PEAK, None)  # a measurement beside the scores (baseline_peak_memory)
     if not still_valid("baseline cache", path, scores.pop("made_by", None), current):
         return None
     tasks = scores.get("tasks")

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_json
-from .baseline import cached_baseline, check_streamed_baseline, scores_wanted, store_baseline
+from .baseline import baseline_peak_memory, cached_baseline, check_streamed_baseline, scores_wanted, store_baseline
 from .calib import calibration_datasets, recorded_mix, validate_calib
 from .calib.cache import cached_calibration, is_cached
 from .checkpoint import save_checkpoint, write_model_card
@@ -36,6 +36,8 @@ from .evaluation.checks import check_tasks
 from .evaluation.data_needs import check_runtime_data, task_datasets
 from .evaluation.harness import evaluate
 from .evaluation.scores import scores_made_by
+from .footprint import (checkpoint_footprint, model_footprint, original_footprint, peak_memory, reset_peak_memory,
+                        without_tied_copies)
 from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
 from .methods import Context, get_method
@@ -178,8 +180,11 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         else:
             model = load_model(cfg.model, device, offload_folder)
     experts_before, params_before = moe_layers(model)[0].num_experts, count_parameters(model)
+    weights_before = original_footprint(model, cfg.model)  # docs/bytes.md
     # a streamed run's baseline is cached (check_streamed_baseline) or evaluated by vLLM from model.path
     baseline = cached_baseline(model if stream is None else None, tokenizer, cfg, timer)
+    if baseline is not None:
+        baseline = {**baseline, "weights": weights_before, "peak_memory_bytes": baseline_peak_memory(cfg)}
     plan = _compress(cfg, method, model, calib, stream, timer)
     plan.save(run_dir)
     logger.log_plan(run_dir / "plan.json")
@@ -191,12 +196,13 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
                 save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before,
                                 calib is not None)
     params_after = count_parameters(model)
+    # the checkpoint as written (measured on its files), else the model as it would be written
+    weights = checkpoint_footprint(run_dir / "checkpoint", model) if cfg.save else model_footprint(model)
     if stream is not None and scores_wanted(cfg):  # the compressed model is on disk only
         model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),
                            device)
     with timer("evaluate"):
-        scores = evaluate(model, tokenizer, cfg.eval, checkpoint_dir=run_dir / "checkpoint" if cfg.save else None,
-                          output_dir=run_dir / "lm_eval" if scores_wanted(cfg) else None)
+        scores, peak = evaluate_with_peak(model, tokenizer, cfg, run_dir)
     metrics = {
         "status": "done",
         "method": cfg.method.name,
@@ -207,6 +213,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "experts_after": moe_layers(model)[0].num_experts,
         "params_before": params_before,
         "params_after": params_after,
+        "weights_before": weights_before,
+        "weights": weights,
+        "peak_memory_bytes": peak,
         "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
         "eval": scores,
         "baseline": baseline,
@@ -245,7 +254,7 @@ def _record(cfg: DictConfig, run_dir: Path, metrics: dict, logger) -> None:
     as every later run's baseline when this run is that model (method=none)."""
     scores, baseline = metrics["eval"], metrics["baseline"]
     if cfg.method.name == "none" and scores_wanted(cfg):  # the uncompressed model's: every later baseline
-        store_baseline(cfg, scores, scores_made_by(cfg.eval))
+        store_baseline(cfg, scores, scores_made_by(cfg.eval), metrics["peak_memory_bytes"])
     if cfg.save:
         write_model_card(run_dir / "checkpoint", scores, baseline)  # now with the scores
     write_json(run_dir / "metrics.json", metrics)
@@ -253,8 +262,19 @@ def _record(cfg: DictConfig, run_dir: Path, metrics: dict, logger) -> None:
     logger.log_results(run_dir / "metrics.json")
 
 
+def evaluate_with_peak(model, tokenizer, cfg: DictConfig, run_dir: Path) -> tuple[dict, int | None]:
+    """The scores, and the evaluation's peak GPU memory (torch.cuda.max_memory_allocated; None on CPU, with
+    no task, and with eval.backend=vllm, whose engine allocates in its own process: docs/bytes.md)."""
+    reset_peak_memory()
+    scores = evaluate(model, tokenizer, cfg.eval, checkpoint_dir=run_dir / "checkpoint" if cfg.save else None,
+                      output_dir=run_dir / "lm_eval" if scores_wanted(cfg) else None)
+    measured = scores_wanted(cfg) and cfg.eval.get("backend") != "vllm"
+    return scores, peak_memory() if measured else None
+
+
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Every parameter once: tied weights once, even as two tensors of a streamed run's skeleton."""
+    return sum(p.numel() for p in without_tied_copies(model, dict(model.named_parameters())).values())
 
 
 if __name__ == "__main__":  # the entry point moved to ream_exp.cli; say so rather than exit silently

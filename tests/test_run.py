@@ -39,6 +39,8 @@ def test_run_end_to_end(tiny_checkpoint, calib_files, tmp_path):
     assert {"load", "calibrate", "compress", "save", "evaluate", "baseline_eval"} <= set(saved["timings"])
     assert set(saved["eval"]["tasks"]) == {"tiny_mc", "tiny_gen"} and saved["eval"]["mc"] is not None
     assert saved["baseline"]["tasks"].keys() == saved["eval"]["tasks"].keys()
+    assert saved["baseline"]["weights"] == saved["weights_before"] and saved["baseline"]["peak_memory_bytes"] is None
+    assert saved["weights"]["bytes"] < saved["weights_before"]["bytes"]  # measured: docs/bytes.md
     assert saved["calib_tokens"] == int(16 * 32 * 0.9) or saved["calib_tokens"] > 0
 
     # the checkpoint is the original model with plan.json applied, bit for bit

@@ -91,7 +91,7 @@ def test_streamed_checkpoint_equals_in_memory(method, calib_files, tmp_path):
     assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
     _streamed_index_is_complete(tmp_path / "streamed" / "checkpoint")
     assert not (tmp_path / "streamed" / PARTIAL).exists()
-    for key in ("experts_before", "experts_after", "params_before", "params_after"):
+    for key in ("experts_before", "experts_after", "params_before", "params_after", "weights", "weights_before"):
         assert memory[key] == streamed[key], key
 
 
@@ -105,9 +105,16 @@ OTHER_FAMILIES = [(f, torch.float32, {}) for f in TINY_FAMILIES if f != "qwen3_m
 ])
 def test_every_family_streams(family, dtype, extra, calib_files, tmp_path):
     source = _source(tmp_path, family, dtype, **extra)
+    metrics = {}
     for name, more in (("memory", ()), ("streamed", ("model.stream=true",))):
-        run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.dtype=auto", *more), tmp_path / name)
+        metrics[name] = run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.dtype=auto", *more),
+                            tmp_path / name)
     assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")
+    assert metrics["memory"]["weights"] == metrics["streamed"]["weights"]  # measured on the files (docs/bytes.md)
+    assert metrics["memory"]["weights"]["expert_bytes"] is not None
+    memory, streamed = metrics["memory"], metrics["streamed"]  # tied weights once in the streamed skeleton too
+    assert memory["params_before"] == streamed["params_before"] == memory["weights_before"]["params"]
+    assert memory["params_after"] == streamed["params_after"] == memory["weights"]["params"]
 
 
 def _materialised_layers(model) -> list[int]:
