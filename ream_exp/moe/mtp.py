@@ -79,15 +79,18 @@ class FoundMTP:
 
 def _decoder_prefix(keys: list[str], num_layers: int) -> str | None:
     """The key prefix of the main decoder layers on disk ("model.layers.", "model.language_model.layers.", ...):
-    of the prefixes that number a layer num_layers - 1, the one with the most tensors (not a vision tower's)."""
-    counts: dict[str, int] = {}
+    of the prefixes that number a layer num_layers - 1, the one with the most expert tensors, then the most
+    tensors (a vision tower's layers have no experts)."""
+    counts: dict[str, list[int]] = {}
     last = set()
     for k in keys:
         m = _LAYER_KEY.search(k)
         if m is None or k.startswith("mtp."):
             continue
         prefix = k[:m.start(1)]
-        counts[prefix] = counts.get(prefix, 0) + 1
+        count = counts.setdefault(prefix, [0, 0])
+        count[0] += ".experts." in k
+        count[1] += 1
         if int(m.group(1)) == num_layers - 1:
             last.add(prefix)
     return max(last, key=lambda p: counts[p]) if last else None
