@@ -156,7 +156,8 @@ class MTPLayers:
 
         for role, module in (("embed_norm", self.head.embed_norm), ("hidden_norm", self.head.hidden_norm),
                              ("proj", self.head.proj)):
-            module.weight = nn.Parameter(self._read(self.found.head[role], self.device, self.dtype), requires_grad=False)
+            weight = self._read(self.found.head[role], self.device, self.dtype)
+            module.weight = nn.Parameter(weight, requires_grad=False)
         self.mapping = get_model_conversion_mapping(model)
         rel = len(self.found.layer_prefix)
         disk = f"{self.found.decoder_prefix}{self.index}."  # where the main layers' conversion expects it
@@ -227,7 +228,7 @@ class MTPLayers:
         """Every MTP tensor to write: as read (a layout kept as is: in its own dtype), the decoder layer
         as compressed."""
         if self.head is None:
-            return {k: self._read(k, "cpu", _file_dtype(self.files[k], k)) for k in self.found.keys}
+            return _as_stored(self.found.keys, self.files)
         self.load(model)
         layer_keys = set(self.found.layer_keys)
         out = {k: self._read(k, "cpu", self.dtype) for k in self.found.keys if k not in layer_keys}
@@ -239,11 +240,15 @@ class MTPLayers:
         append_shard(Path(directory), self.tensors(model))
 
 
-def _file_dtype(path: Path, key: str) -> torch.dtype:
-    from .weight_files import TORCH_DTYPES
+def _as_stored(keys: list[str], files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """Tensors `keys` as the shards store them (any dtype, FP8 and scales included)."""
+    from safetensors import safe_open
 
-    with ShardReader(path) as shard:
-        return TORCH_DTYPES[shard.header[key]["dtype"]]
+    out = {}
+    for path in sorted({files[k] for k in keys}):
+        with safe_open(path, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in keys if files[k] == path})
+    return out
 
 
 # ---- one more shard in a saved checkpoint -------------------------------------------------------------

@@ -20,9 +20,9 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
 def mtp_source(root: Path, family: str = "deepseek_v3", layers: int = 3, with_mtp: bool = True) -> Path:
     """A saved tiny model of `family` whose model.safetensors also holds an MTP layer in the family's layout:
     nextn (`model.layers.{layers}.`: enorm, hnorm, eh_proj, shared_head, embed_tokens and a decoder layer)
-    or, for qwen3_next, mtp (`mtp.`: pre_fc norms, fc, norm and `mtp.layers.0.`). The MTP decoder layer is the last decoder
-    layer of a model of the same family one layer deeper (other random weights), so its tensors lie on
-    disk as the family saves a decoder layer. with_mtp=False: the same model without them."""
+    or, for qwen3_next, mtp (`mtp.`: pre_fc norms, fc, norm and `mtp.layers.0.`). The MTP decoder layer is
+    the last decoder layer of a model of the same family one layer deeper (other random weights), so its
+    tensors lie on disk as the family saves a decoder layer. with_mtp=False: the same model without them."""
     path = root / f"src-{family}-{'mtp' if with_mtp else 'plain'}"
     if path.exists():
         return path
@@ -34,7 +34,8 @@ def mtp_source(root: Path, family: str = "deepseek_v3", layers: int = 3, with_mt
         extra, main_extra = (dict(layer_types=t, mlp_only_layers=[]) for t in (types[:layers + 1], types[:layers]))
     main = tiny_model(family, num_experts=8, top_k=2, layers=layers, **main_extra)
     with torch.no_grad():  # a final norm that is not all ones: normalising twice is not normalising once
-        main.model.norm.weight.add_(torch.randn(main.model.norm.weight.shape, generator=torch.Generator().manual_seed(3)))
+        norm = main.model.norm.weight
+        norm.add_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(3)))
     main.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     if not with_mtp:

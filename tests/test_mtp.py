@@ -210,7 +210,8 @@ def test_unknown_mtp_layout_kept_or_refused(sources, tmp_path):
     """MTP tensors of a family whose layout ream-exp does not know are refused before any load when the
     expert count would change, and copied unchanged when it does not."""
     source = mtp_source(sources["root"], "qwen3_moe")  # nextn-style tensors; no MTP layout is known for qwen3_moe
-    with pytest.raises(ConfigError, match=r"multi-token-prediction tensors .*'qwen3_moe' has no known MTP layout.* use ratio=0"):
+    refused = r"multi-token-prediction tensors .*'qwen3_moe' has no known MTP layout.* use ratio=0"
+    with pytest.raises(ConfigError, match=refused):
         validate(_cfg(source, sources, tmp_path / "cache", "reap"))
     run(_cfg(source, sources, tmp_path / "cache", "none", "ratio=0"), tmp_path / "kept")
     before, after = read_all(source), read_all(tmp_path / "kept" / "checkpoint")
