@@ -190,20 +190,27 @@ def test_main_model_unchanged_by_the_mtp_layer_and_streamed_equal(sources, tmp_p
     assert set(index["weight_map"]) == set(memory)
 
 
-def test_qwen3_next_mtp_layout(sources, tmp_path):
-    """Qwen3-Next's `mtp.` layout: the MTP layer is pruned to N' experts and written back under `mtp.`."""
-    source = mtp_source(sources["root"], "qwen3_next")
-    run(_cfg(source, sources, tmp_path / "cache", "reap"), tmp_path / "run")
+@pytest.mark.parametrize("family, extra", [("qwen3_next", ()), ("qwen3_next", ("model.stream=true",)),
+                                           ("glm4_moe", ())])
+def test_every_mtp_layout(family, extra, sources, tmp_path):
+    """Qwen3-Next's `mtp.` layout (in memory and streamed) and GLM-4.5's nextn one: the MTP layer is pruned
+    to N' experts and written back where the source keeps it, everything else of it as it was."""
+    source = mtp_source(sources["root"], family)
+    run(_cfg(source, sources, tmp_path / "cache", "reap", *extra), tmp_path / "run")
     out = tmp_path / "run" / "checkpoint"
-    keep = json.loads((out / "plan.json").read_text())["layers"][-1]["keep"]
-    w, written = read_all(source), read_all(out)
-    assert torch.equal(written["mtp.layers.0.mlp.gate.weight"], w["mtp.layers.0.mlp.gate.weight"][keep])
+    plan = json.loads((out / "plan.json").read_text())["layers"][-1]
+    keep, w, written = plan["keep"], read_all(source), read_all(out)
+    p = "mtp.layers.0." if family == "qwen3_next" else f"model.layers.{N}."
+    assert plan["layer"] == N and len(keep) == 4
+    assert torch.equal(written[p + "mlp.gate.weight"], w[p + "mlp.gate.weight"][keep])
     for i, e in enumerate(keep):
         for part in PARTS:
-            assert torch.equal(written[f"mtp.layers.0.mlp.experts.{i}.{part}.weight"],
-                               w[f"mtp.layers.0.mlp.experts.{e}.{part}.weight"])
-    assert {k for k in written if k.startswith("mtp.") and ".experts." not in k} == {
-        k for k in w if k.startswith("mtp.") and ".experts." not in k}
+            assert torch.equal(written[f"{p}mlp.experts.{i}.{part}.weight"], w[f"{p}mlp.experts.{e}.{part}.weight"])
+    mtp = "mtp." if family == "qwen3_next" else f"model.layers.{N}."
+    rest = {k for k in w if k.startswith(mtp) and ".experts." not in k and ".mlp.gate." not in k}
+    assert rest and {k for k in written if k.startswith(mtp) and ".experts." not in k and ".mlp.gate." not in k} == rest
+    for k in rest:
+        assert torch.equal(written[k], w[k]), k
 
 
 def test_unknown_mtp_layout_kept_or_refused(sources, tmp_path):
