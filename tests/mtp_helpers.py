@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ream_exp.moe.tiny import tiny_model, tiny_tokenizer
+from ream_exp.moe.tiny import TINY_FAMILIES, tiny_model, tiny_model_of, tiny_tokenizer
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -17,22 +17,32 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+QWEN_MTP = ("qwen3_next", "qwen3_5_moe_text")  # the families whose MTP layer lies under `mtp.`
+
+
+def _tiny(family: str, layers: int, seed: int, **extra):
+    if family in TINY_FAMILIES:
+        return tiny_model(family, num_experts=8, top_k=2, layers=layers, seed=seed, **extra)
+    return tiny_model_of(family, num_experts=8, top_k=2, layers=layers, seed=seed, **extra)
+
+
 def mtp_source(root: Path, family: str = "deepseek_v3", layers: int = 3, with_mtp: bool = True) -> Path:
     """A saved tiny model of `family` whose model.safetensors also holds an MTP layer in the family's layout:
     nextn (`model.layers.{layers}.`: enorm, hnorm, eh_proj, shared_head, embed_tokens and a decoder layer)
-    or, for qwen3_next, mtp (`mtp.`: pre_fc norms, fc, norm and `mtp.layers.0.`). The MTP decoder layer is
+    or, for Qwen3-Next and Qwen3.5, mtp (`mtp.`: pre_fc norms, fc, norm and `mtp.layers.0.`). The MTP decoder layer is
     the last decoder layer of a model of the same family one layer deeper (other random weights), so its
     tensors lie on disk as the family saves a decoder layer. with_mtp=False: the same model without them."""
     path = root / f"src-{family}-{'mtp' if with_mtp else 'plain'}"
     if path.exists():
         return path
     main_extra = extra = {}
-    if family == "qwen3_next":  # every layer MoE; the MTP layer (the donor's last) has full attention
+    if family in QWEN_MTP:  # every layer MoE; the MTP layer (the donor's last) has full attention
         types = ["linear_attention", "full_attention"] * (layers // 2 + 1)
         if types[layers] != "full_attention":
             types = types[1:]
-        extra, main_extra = (dict(layer_types=t, mlp_only_layers=[]) for t in (types[:layers + 1], types[:layers]))
-    main = tiny_model(family, num_experts=8, top_k=2, layers=layers, **main_extra)
+        dense = dict(mlp_only_layers=[]) if family == "qwen3_next" else {}
+        extra, main_extra = (dict(layer_types=t, **dense) for t in (types[:layers + 1], types[:layers]))
+    main = _tiny(family, layers, 0, **main_extra)
     with torch.no_grad():  # a final norm that is not all ones: normalising twice is not normalising once
         norm = main.model.norm.weight
         norm.add_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(3)))
@@ -41,13 +51,13 @@ def mtp_source(root: Path, family: str = "deepseek_v3", layers: int = 3, with_mt
     if not with_mtp:
         return path
     donor_dir = root / f"donor-{family}"
-    tiny_model(family, num_experts=8, top_k=2, layers=layers + 1, seed=1, **extra).save_pretrained(donor_dir)
+    _tiny(family, layers + 1, 1, **extra).save_pretrained(donor_dir)
     donor = read_all(donor_dir)
     hidden = main.config.hidden_size
     gen = torch.Generator().manual_seed(7)
     rand = lambda *shape, s=0.2: torch.randn(*shape, generator=gen) * s  # noqa: E731
     layer = f"model.layers.{layers}."
-    if family != "qwen3_next":
+    if family not in QWEN_MTP:
         mtp = {k: v for k, v in donor.items() if k.startswith(layer)}
         mtp |= {layer + "enorm.weight": 1 + rand(hidden), layer + "hnorm.weight": 1 + rand(hidden),
                 layer + "eh_proj.weight": rand(hidden, 2 * hidden), layer + "shared_head.norm.weight": 1 + rand(hidden),

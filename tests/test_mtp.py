@@ -20,7 +20,7 @@ from ream_exp.moe.tiny import tiny_batch
 from ream_exp.plan import LayerPlan
 from ream_exp.run import run, validate
 from ream_exp.timing import Timings
-from tests.mtp_helpers import mtp_source, read_all
+from tests.mtp_helpers import QWEN_MTP, mtp_source, read_all
 from tests.test_config import make_cfg
 from tests.test_stream import assert_same_checkpoint
 from tests.tolerances import assert_f32_close
@@ -191,22 +191,23 @@ def test_main_model_unchanged_by_the_mtp_layer_and_streamed_equal(sources, tmp_p
 
 
 @pytest.mark.parametrize("family, extra", [("qwen3_next", ()), ("qwen3_next", ("model.stream=true",)),
-                                           ("glm4_moe", ())])
+                                           ("qwen3_5_moe_text", ()), ("glm4_moe", ()), ("glm4_moe_lite", ())])
 def test_every_mtp_layout(family, extra, sources, tmp_path):
-    """Qwen3-Next's `mtp.` layout (in memory and streamed) and GLM-4.5's nextn one: the MTP layer is pruned
-    to N' experts and written back where the source keeps it, everything else of it as it was."""
+    """Qwen3-Next's and Qwen3.5's `mtp.` layout (in memory and streamed) and GLM-4.5's and GLM-4.7-Flash's
+    nextn one: the MTP layer is pruned to N' experts and written back where the source keeps it, everything
+    else of it as it was."""
     source = mtp_source(sources["root"], family)
     run(_cfg(source, sources, tmp_path / "cache", "reap", *extra), tmp_path / "run")
     out = tmp_path / "run" / "checkpoint"
     plan = json.loads((out / "plan.json").read_text())["layers"][-1]
     keep, w, written = plan["keep"], read_all(source), read_all(out)
-    p = "mtp.layers.0." if family == "qwen3_next" else f"model.layers.{N}."
+    p = "mtp.layers.0." if family in QWEN_MTP else f"model.layers.{N}."
     assert plan["layer"] == N and len(keep) == 4
     assert torch.equal(written[p + "mlp.gate.weight"], w[p + "mlp.gate.weight"][keep])
     for i, e in enumerate(keep):
         for part in PARTS:
             assert torch.equal(written[f"{p}mlp.experts.{i}.{part}.weight"], w[f"{p}mlp.experts.{e}.{part}.weight"])
-    mtp = "mtp." if family == "qwen3_next" else f"model.layers.{N}."
+    mtp = "mtp." if family in QWEN_MTP else f"model.layers.{N}."
     rest = {k for k in w if k.startswith(mtp) and ".experts." not in k and ".mlp.gate." not in k}
     assert rest and {k for k in written if k.startswith(mtp) and ".experts." not in k and ".mlp.gate." not in k} == rest
     for k in rest:
