@@ -167,6 +167,7 @@ def test_ream_merges_the_mtp_layer_on_the_compressed_models_states(sources, tmp_
     assert not any(f"mlp.experts.{i}." in k for k in written for i in range(4, 8))
 
 
+@pytest.mark.slow
 def test_main_model_unchanged_by_the_mtp_layer_and_streamed_equal(sources, tmp_path):
     """The main model of a checkpoint with an MTP layer is the one the same run without it writes (same
     tensors, same logits in stock transformers); a streamed run writes the same checkpoint, MTP included."""
