@@ -22,6 +22,7 @@ from ream_exp.run import run, validate
 from ream_exp.timing import Timings
 from tests.mtp_helpers import QWEN_MTP, mtp_source, read_all
 from tests.test_config import make_cfg
+from tests.test_offload import CLOSE
 from tests.test_stream import assert_same_checkpoint
 from tests.tolerances import assert_f32_close
 
@@ -249,3 +250,23 @@ def test_find_mtp_layouts():
     found = find_mtp([k.replace("layers.1.", f"layers.{i}.") for k in main[2:4] for i in range(4)] + mtp
                      + ["mtp.layers.0.mlp.gate.weight"], qwen)
     assert found.layout.name == "mtp" and found.layer_keys == ["mtp.layers.0.mlp.gate.weight"]
+
+
+@pytest.mark.parametrize("method", ["reap", "ream_official"])
+def test_offloaded_run_writes_the_same_mtp_layer(method, sources, tmp_path):
+    """With decoder layers offloaded to disk (accelerate), the MTP layer is compressed and written as in memory."""
+    from omegaconf import OmegaConf
+
+    run(_cfg(sources["mtp"], sources, tmp_path / "a", method), tmp_path / "plain")
+    cfg = _cfg(sources["mtp"], sources, tmp_path / "b", method, f"model.offload_folder={tmp_path / 'offload'}")
+    cfg.model.device_map = OmegaConf.create({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu",
+                                             "model.layers.0": "cpu", "model.layers.1": "disk",
+                                             "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"})
+    run(cfg, tmp_path / "offloaded")
+    plans = [json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("plain", "offloaded")]
+    assert [(lp["layer"], lp["keep"], lp["groups"]) for lp in plans[0]] == [
+        (lp["layer"], lp["keep"], lp["groups"]) for lp in plans[1]]
+    a, b = (read_all(tmp_path / d / "checkpoint") for d in ("plain", "offloaded"))
+    assert a.keys() == b.keys() and any(k.startswith(f"model.layers.{N}.") for k in a)
+    for k in a:  # the same float32 operations on the same values; offloaded tensors may be laid out otherwise
+        torch.testing.assert_close(b[k], a[k], **CLOSE, msg=k)
