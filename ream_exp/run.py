@@ -123,7 +123,6 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     check_placement(cfg.model)
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
-    check_mtp(cfg.model, model_config, num_experts, n_keep)  # multi-token-prediction tensors it cannot compress
     check_stream(cfg, model_config)
     check_streamed_baseline(cfg)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
@@ -131,6 +130,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     if needs_calibration:
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
+    check_mtp(cfg.model, model_config, num_experts, n_keep)  # multi-token-prediction tensors it cannot compress
     check_datasets(_datasets_needed(cfg, needs_calibration, tokenizer))
     check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (docs/evaluation.md)
     return model_config
