@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_torch_save
 from .cache_meta import StaleEntry, made_by, report_stale, require_current
 from .moe import MoELayer, moe_layers
+from .moe.mtp import mtp_token_mask
 from .moe.offload import execution_device
 
 # The version of the code that computes the routing statistics (the observing forward, LayerStats' sums),
@@ -282,13 +283,22 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 @torch.no_grad()
-def observe(model: nn.Module, batches, progress: bool = True) -> dict[int, LayerStats]:
-    """Stream calibration `batches` (dicts with input_ids, attention_mask) through the model once."""
+def observe(model: nn.Module, batches, progress: bool = True, mtp=None) -> dict[int, LayerStats]:
+    """Stream calibration `batches` (dicts with input_ids, attention_mask) through the model once.
+
+    With `mtp` (mtp_layers.MTPLayers) its MTP layer is observed too, after each forward, on the decoder's
+    output (the last hidden states after the final norm) and the next tokens' embeddings; its positions
+    count where a token and the next one are both real (moe.mtp.mtp_token_mask)."""
     device = execution_device(model.get_input_embeddings())  # not meta when offloaded
-    with observing(model) as (stats, mask):
+    extra = mtp.layers if mtp is not None else []
+    with observing(model, moe_layers(model) + extra) as (stats, mask), \
+            (mtp.template_args(model) if extra else contextlib.nullcontext()) as template:
         for batch in tqdm(batches, desc="observe", disable=not progress, leave=False):
             ids = batch["input_ids"].to(device)
             attn = batch["attention_mask"].to(device)
             mask.value = attn.reshape(-1).bool()
-            decoder_forward(model, ids, attn)
+            out = decoder_forward(model, ids, attn)
+            if extra:
+                mask.value = mtp_token_mask(attn).reshape(-1)
+                mtp.forward(model, out.last_hidden_state, ids, template["args"])
     return stats

@@ -44,6 +44,8 @@ from .methods import Context, get_method
 from .methods.layer_stream import LayerStream
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
+from .moe.offload import execution_device
+from .mtp_layers import MTPLayers, check_mtp
 from .placement import offload_scratch, resolve_device
 from .report import report
 from .run_records import IDENTITY_KEY, finished_run, record_failure, write_identity
@@ -130,6 +132,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     if needs_calibration:
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
+    check_mtp(cfg.model, model_config, num_experts, n_keep)  # multi-token-prediction tensors it cannot compress
     check_datasets(_datasets_needed(cfg, needs_calibration, tokenizer))
     check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (docs/evaluation.md)
     return model_config
@@ -179,13 +182,14 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
             model = stream.model
         else:
             model = load_model(cfg.model, device, offload_folder)
+        mtp = _open_mtp(cfg, model, stream)
     experts_before, params_before = moe_layers(model)[0].num_experts, count_parameters(model)
     weights_before = original_footprint(model, cfg.model)  # docs/bytes.md
     # a streamed run's baseline is cached (check_streamed_baseline) or evaluated by vLLM from model.path
     baseline = cached_baseline(model if stream is None else None, tokenizer, cfg, timer)
     if baseline is not None:
         baseline = {**baseline, "weights": weights_before, "peak_memory_bytes": baseline_peak_memory(cfg)}
-    plan = _compress(cfg, method, model, calib, stream, timer)
+    plan = _compress(cfg, method, model, calib, stream, mtp, timer)
     plan.save(run_dir)
     logger.log_plan(run_dir / "plan.json")
     if cfg.save:  # weights, tokenizer, plan, provenance and legacy keys in config.json, model card
@@ -195,6 +199,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
             else:
                 save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before,
                                 calib is not None)
+            if mtp is not None:  # the MTP layer, compressed as planned, as one more shard
+                mtp.write(model, run_dir / "checkpoint")
     params_after = count_parameters(model)
     # the checkpoint as written (measured on its files), else the model as it would be written
     weights = checkpoint_footprint(run_dir / "checkpoint", model) if cfg.save else model_footprint(model)
@@ -234,18 +240,33 @@ def _calibrate(cfg: DictConfig, method, tokenizer, timer: Timings) -> dict | Non
         return cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))
 
 
-def _compress(cfg: DictConfig, method, model, calib: dict | None, stream: LayerStream | None, timer: Timings):
-    """The method's plan, applied to the model; returns the plan."""
+def _open_mtp(cfg: DictConfig, model, stream: LayerStream | None) -> MTPLayers | None:
+    """The checkpoint's multi-token-prediction layer (None without one), built beside the model
+    (mtp_layers.py); its weights are read when first needed."""
+    if stream is not None:
+        mtp = MTPLayers.open(cfg.model, model, stream.device, stream.dtype)
+    else:
+        mtp = MTPLayers.open(cfg.model, model, execution_device(model.get_input_embeddings()), model.dtype)
+    if mtp is not None:  # a hub checkpoint's tensors are read only now: the check of validate, again
+        check_mtp(cfg.model, model.config, *check_expert_counts(model.config, float(cfg.ratio)), found=mtp.found)
+    return mtp
+
+
+def _compress(cfg: DictConfig, method, model, calib: dict | None, stream: LayerStream | None,
+              mtp: MTPLayers | None, timer: Timings):
+    """The method's plan, applied to the model (and its MTP layer, the plan's last MoE layer); returns the plan."""
     stats_path = Path(cfg.cache_dir) / "stats" / f"{stats_key(cfg.model, calib)}.pt" if calib is not None else None
     ctx = Context(model, calib, float(cfg.ratio), OmegaConf.to_container(cfg.method, resolve=True),
                   seed=int(cfg.seed), batch_size=int(cfg.calib.get("batch_size", 8)), progress=bool(cfg.progress),
                   stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")),
-                  stream=stream)
+                  stream=stream, mtp=mtp)
     with timer("compress"):
         plan = method.plan(ctx)
         if stream is not None:  # layers a method did not go through are written now, as planned
             stream.complete(plan.layers)
-        apply_plan(model, plan)
+        if mtp is not None:
+            mtp.load(model)
+        apply_plan(model, plan, mtp.layers if mtp is not None else [])
     return plan
 
 

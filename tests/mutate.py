@@ -86,6 +86,16 @@ MUTANTS = [
     Mutant("router-buffers-sliced-from-the-front", "ream_exp/moe/surgery.py",
            "b[keep].clone()", "b[: len(keep)].clone()",
            ("tests/test_prune_every_family.py",)),
+    Mutant("mtp-hidden-state-before-embedding", "ream_exp/moe/mtp.py",
+           "torch.cat([self.embed_norm(next_embeds), self.hidden_norm(hidden)], dim=-1)",
+           "torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embeds)], dim=-1)",
+           ("tests/test_mtp.py::test_reap_prunes_the_mtp_layer_by_its_own_saliency",)),
+    Mutant("mtp-counts-the-last-real-token", "ream_exp/moe/mtp.py",
+           "pair = valid[:, :-1] & valid[:, 1:]", "pair = valid[:, :-1]",
+           ("tests/test_mtp.py::test_reap_prunes_the_mtp_layer_by_its_own_saliency",)),
+    Mutant("mtp-fed-before-the-final-norm", "ream_exp/methods/capture.py",
+           "layer_args[mtp.template], normed=False)", "layer_args[mtp.template], normed=True)",
+           ("tests/test_mtp.py::test_ream_merges_the_mtp_layer_on_the_compressed_models_states",)),
 ]
 
 

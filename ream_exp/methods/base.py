@@ -53,11 +53,15 @@ class Context:
     # model.stream=true: the methods.layer_stream.LayerStream that loads, writes and frees decoder layers
     # (the model is a meta skeleton); None: the model is in memory whole.
     stream: object | None = None
+    # The checkpoint's multi-token-prediction layer (mtp_layers.MTPLayers), compressed as the last MoE layer;
+    # None: it has none.
+    mtp: object | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property
     def layers(self) -> list[MoELayer]:
-        return moe_layers(self.model)
+        """The MoE layers to compress: the decoder's, then the MTP layer's (`mtp`)."""
+        return moe_layers(self.model) + (self.mtp.layers if self.mtp is not None else [])
 
     def n_keep(self, layer: MoELayer) -> int:
         return experts_to_keep(layer.num_experts, self.ratio)
@@ -77,8 +81,12 @@ class Context:
         if self._stats is None and self.stats_path is not None:  # a damaged or stale entry is rebuilt
             device = execution_device(self.model.get_input_embeddings())  # not meta when offloaded
             self._stats = load_cache_entry(self.stats_path, lambda p: load_stats(p, device), "stats cache")
+        if self._stats is not None and not {layer.index for layer in self.layers} <= set(self._stats):
+            self._stats = None  # made without the MTP layer: observed again, with it
         if self._stats is None:
-            self._stats = observe(self.model, self.batches(), progress=self.progress)
+            if self.mtp is not None:
+                self.mtp.load(self.model)
+            self._stats = observe(self.model, self.batches(), progress=self.progress, mtp=self.mtp)
             if self.stats_path is not None:
                 save_stats(self._stats, self.stats_path)
         return self._stats

@@ -13,6 +13,7 @@ states (and the layer arguments that are its own) wait in a StateStore (states.p
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..moe import MoELayer, decoder_layers
+from ..moe.mtp import mtp_token_mask
 from ..moe.offload import execution_device
 from ..observe import decoder_forward, replaced_forward
 from .observation import LayerObservation, Needs, observing_layer
@@ -206,4 +208,24 @@ def observe_layer(model: nn.Module, layer: MoELayer, states: list[BatchState], n
             out = run_decoder_layer(dec, hidden, layer_args[layer.index])
             if keep_outputs:
                 s.keep(out)
+    return obs
+
+
+def _mtp_positions(s: BatchState, shape) -> BatchState:
+    """The batch with its token masks at the MTP positions: t and t+1 both real tokens (moe/mtp.py)."""
+    valid = mtp_token_mask(s.valid.reshape(shape)).reshape(-1)
+    return dataclasses.replace(s, valid=valid, sim=s.sim & valid, align=s.align & valid, row_index={})
+
+
+@torch.no_grad()
+def observe_mtp_layer(model: nn.Module, mtp, layer: MoELayer, states: list[BatchState], input_ids: list[torch.Tensor],
+                      needs: Needs) -> LayerObservation:
+    """Run the MTP layer (mtp_layers.MTPLayers) on every batch, observing its experts: its input is the
+    hidden states after the last decoder layer (final norm applied here) and the batch's next tokens
+    (`input_ids`, one tensor per batch); the masks the model passes its template decoder layer serve it."""
+    with observing_layer(layer, needs) as (obs, current):
+        for s, ids in zip(states, input_ids, strict=True):
+            hidden, layer_args = s.load()
+            current["batch"] = _mtp_positions(s, hidden.shape[:2])
+            mtp.forward(model, hidden, ids, layer_args[mtp.template], normed=False)
     return obs

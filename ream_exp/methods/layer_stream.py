@@ -48,7 +48,8 @@ class LayerStream:
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         self.model, self.dtype, self.source, self.device = model, dtype, source, device
-        self.keys = key_files(source)
+        # an `mtp.` layer (Qwen3-Next, Qwen3.5) is no decoder layer's, nor the rest's: mtp_layers.py reads it
+        self.keys = {k: f for k, f in key_files(source).items() if not k.startswith("mtp.")}
         self.mapping = get_model_conversion_mapping(model)  # the same list from_pretrained would use
         self.layers = decoder_layers(model)
         self.moe = {l.index: l for l in moe_layers(model)}

@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calib import calibration_batches
-from ..moe import apply_layer_plan
+from ..moe import apply_layer_plan, decoder_layers
 from ..moe.offload import execution_device, materialised
 from ..plan import LayerPlan
 from ..timing import Timings
-from .capture import BatchState, advance, capture_inputs, observe_layer, state_keys
+from .capture import BatchState, advance, capture_inputs, observe_layer, observe_mtp_layer, state_keys
 from .observation import Needs, token_sample
 from .observation_cache import cached_observations, load_observation, observation_cache, save_observation
 from .states import StateStore, state_store
@@ -126,6 +126,29 @@ def _boundary_states(ctx, stream, needs: Needs, store: StateStore) -> tuple[list
     return calibration_states(ctx, needs, store), 0
 
 
+def _mtp_layer_plan(ctx, stream, layer, plan_layer, needs: Needs, states: list[BatchState] | None, cache,
+                    timings: Timings) -> LayerPlan:
+    """The MTP layer (ctx.mtp) observed on the hidden states at the decoder's end (the compressed layers'
+    outputs when sequential, the original's otherwise; `states` None: from the observation cache), planned
+    and applied."""
+    ctx.mtp.load(ctx.model)
+    with timings("observe"):
+        if states is None:
+            obs = load_observation(cache[layer.index], execution_device(layer.router), layer.num_experts)
+        else:
+            ids = [b["input_ids"] for b in calibration_batches(ctx.calib, ctx.batch_size)]
+            with stream.capturing():  # embeddings and final norm in memory while the MTP layer runs
+                obs = observe_mtp_layer(ctx.model, ctx.mtp, layer, states, ids, needs)
+            if cache is not None:
+                save_observation(obs, cache[layer.index])
+    with materialised([layer.experts, layer.router]):
+        lp = plan_layer(layer, obs, ctx.n_keep(layer), timings)
+    del obs
+    with timings("merge"):
+        apply_layer_plan(layer, lp)
+    return lp
+
+
 @torch.no_grad()
 def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timings | None = None
                   ) -> list[LayerPlan]:
@@ -159,10 +182,19 @@ def _run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Tim
         if states:
             store.seal(stream.states_owner(boundary), state_keys(states))
 
+    mtp = getattr(ctx, "mtp", None)
+    mtp_layers = {layer.index for layer in mtp.layers} if mtp is not None else set()
     plans = []
     for layer in tqdm(layers, desc=f"{ctx.cfg.get('name', 'merge')} layers", disable=not ctx.progress, leave=False):
         if stream.done(layer.index):  # written by an earlier attempt of this run (model.stream resume)
             plans.append(stream.plan_of(layer.index))
+            continue
+        if layer.index in mtp_layers:  # the MTP layer: after every decoder layer
+            with timings("propagate"):
+                _advance_to(ctx, stream, None if cached else states, position, len(decoder_layers(ctx.model)),
+                            sequential, seal)
+            plans.append(_mtp_layer_plan(ctx, stream, layer, plan_layer, needs, None if cached else states,
+                                         cache, timings))
             continue
         with timings("propagate"):
             _advance_to(ctx, stream, None if cached else states, position, layer.index, sequential, seal)

@@ -140,12 +140,13 @@ def update_expert_counts(model: nn.Module, n: int) -> None:
         model.num_experts = n
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> None:
-    """Apply every layer of `plan`; all MoE layers end with the same expert count."""
-    by_index = {layer.index: layer for layer in moe_layers(model)}
+def apply_plan(model: nn.Module, plan: Plan, extra: list[MoELayer] = ()) -> None:
+    """Apply every layer of `plan`; all MoE layers (the model's and `extra`, a multi-token-prediction
+    layer's held beside it) end with the same expert count."""
+    by_index = {layer.index: layer for layer in moe_layers(model) + list(extra)}
     for lp in plan.layers:
         apply_layer_plan(by_index[lp.layer], lp)
-    counts = {layer.num_experts for layer in moe_layers(model)}
+    counts = {layer.num_experts for layer in moe_layers(model) + list(extra)}
     if len(counts) != 1:
         raise ValueError(f"MoE layers ended with different expert counts {sorted(counts)}; plans must be uniform")
     update_expert_counts(model, counts.pop())
