@@ -38,8 +38,9 @@ from .evaluation.harness import evaluate
 from .evaluation.scores import scores_made_by
 from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
-from .methods import Context, get_method
+from .methods import Context, get_method, reads_calibration
 from .methods.layer_stream import LayerStream
+from .methods.protect import check_protect
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .placement import offload_scratch, resolve_device
@@ -114,7 +115,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     tokenizer = tokenizer or functools.partial(load_tokenizer, cfg.model)
     ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
-    needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
+    needs_calibration = reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True))
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
@@ -122,6 +123,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     check_stream(cfg, model_config)
+    check_protect(cfg)  # method.protect=super reads every layer's statistics at once: not streamed
     check_streamed_baseline(cfg)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
@@ -219,7 +221,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
 def _calibrate(cfg: DictConfig, method, tokenizer, timer: Timings) -> dict | None:
     """The calibration tokens, with the tokenizer alone (a bad source fails before the load); None for a
     method that reads none."""
-    if not getattr(method, "NEEDS_CALIBRATION", True):
+    if not reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True)):
         return None
     with timer("calibrate"):
         return cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))

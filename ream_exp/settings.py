@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .calib import check_mix, check_mix_reads, check_states_dir
 from .config import ConfigError, check_placement_keys
-from .methods import METHODS
+from .methods import METHODS, reads_calibration
 from .setting_schema import CALIB, EVAL, LOGGER, MODEL, SCHEMA, SOURCE, method_group
 from .setting_types import MISSING, Group, _join, _one_line
 
@@ -98,9 +98,9 @@ def check_group(group: str, node) -> None:
 
 
 def _reads_calibration(method) -> bool:
-    """Whether the method builds a calibration set (its module's NEEDS_CALIBRATION; an unknown one does)."""
+    """Whether the method builds a calibration set (methods.reads_calibration; an unknown one does)."""
     name = method.get("name") if isinstance(method, dict) else None
-    return getattr(METHODS.get(name), "NEEDS_CALIBRATION", True)
+    return reads_calibration(METHODS[name], method) if name in METHODS else True
 
 
 def _plain_or_none(cfg: DictConfig, key: str):
