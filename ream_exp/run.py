@@ -40,7 +40,6 @@ from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
 from .methods import Context, get_method, reads_calibration
 from .methods.layer_stream import LayerStream
-from .methods.protect import check_protect
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .placement import offload_scratch, resolve_device
@@ -123,7 +122,6 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     check_stream(cfg, model_config)
-    check_protect(cfg)  # method.protect=super reads every layer's statistics at once: not streamed
     check_streamed_baseline(cfg)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)

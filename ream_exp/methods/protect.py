@@ -44,10 +44,12 @@ def protected_experts(ctx, mode: str) -> dict[int, set[int]]:
     return {i: set(e) for i, e in super_experts({i: s.peak for i, s in ctx.stats().items()}).items()}
 
 
-def check_protect(cfg) -> None:
-    """Before any load: method.protect=super with model.stream=true is refused (see protected_experts)."""
-    method = cfg.get("method") or {}
-    if method.get("protect", "none") != "none" and cfg.get("model", {}).get("stream"):
+def check_protect(values: dict) -> None:
+    """Before any load (ream_exp.settings, with every group's values): method.protect=super with
+    model.stream=true is refused (see protected_experts)."""
+    method, model = values.get("method"), values.get("model")
+    if isinstance(method, dict) and isinstance(model, dict) and method.get("protect", "none") != "none" \
+            and model.get("stream") is True:
         raise ConfigError(STREAMED)
 
 
