@@ -4,7 +4,7 @@ write them too) and method display labels. Library module; no command.
 
 from ream_exp.mix_labels import MIX_PARTS, format_mix, format_ratio, mix_weights, other_sources, parse_mix
 
-__all__ = ["MIX_PARTS", "METHOD_LABELS", "format_mix", "format_ratio", "method_label", "mix_weights",
+__all__ = ["MIX_PARTS", "METHOD_LABELS", "format_mix", "format_ratio", "method_label", "method_name", "mix_weights",
            "other_sources", "parse_mix"]
 
 # Registry names -> the labels the paper prints. Unknown names are shown as they are.
@@ -19,8 +19,37 @@ METHOD_LABELS = {
     "m_smoe": "M-SMoE",
     "ream": "REAM",
     "ream_official": "REAM (official)",
+    "aimer": "AIMER",
+    "router_norm": "Router norm",
+    "man": "MAN",
+    "msan": "MSAN",
 }
+# What a `+setting` part of a method name (method_name) shows in a label.
+SETTING_LABELS = {**METHOD_LABELS, "super": "super experts kept"}
+# method.saliency of a method when the config does not change it (ream_exp.methods: REAM's reap, M-SMoE's freq).
+DEFAULT_SALIENCY = {"m_smoe": "freq"}
+
+
+def method_name(name, settings=None) -> str:
+    """The method a run stands for, from its settings, so that frontiers keep variants apart: the preset's name,
+    then `+<score>` when method.saliency is not the preset's default (and the name does not already say it),
+    then `+super` with method.protect=super. `ream` with saliency=aimer is `ream+aimer`, `reap` with
+    protect=super `reap+super`; runs without these settings keep their name."""
+    name = str(name)
+    if not isinstance(settings, dict):
+        return name
+    parts = [name]
+    base = str(settings.get("name", name))
+    saliency = settings.get("saliency")
+    if saliency is not None and saliency != DEFAULT_SALIENCY.get(base, "reap") and saliency not in name:
+        parts.append(str(saliency))
+    if settings.get("protect") not in (None, "none"):
+        parts.append(str(settings["protect"]))
+    return "+".join(parts)
 
 
 def method_label(name) -> str:
-    return METHOD_LABELS.get(str(name), str(name))
+    """The display label of a method name; `+` parts of method_name in parentheses: `REAM (AIMER)`."""
+    base, *parts = str(name).split("+")
+    label = METHOD_LABELS.get(base, base)
+    return f"{label} ({', '.join(SETTING_LABELS.get(p, p) for p in parts)})" if parts else label

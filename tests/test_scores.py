@@ -294,13 +294,31 @@ def test_too_many_protected_experts_are_refused(monkeypatch):
         run_method(tiny_model("qwen3_moe"), {**method_cfg("m_smoe"), "protect": "super"}, ids, mask, ratio=0.75)
 
 
+# ---- analysis: variants are methods of their own ---------------------------------------------------------
+
+def test_analysis_names_score_variants_from_their_settings():
+    from analysis.naming import method_label, method_name
+
+    assert method_name("ream", method_cfg("ream")) == "ream"  # the preset as it is
+    assert method_name("ream_freq_saliency", method_cfg("ream_freq_saliency")) == "ream_freq_saliency"
+    assert method_name("ream", method_cfg("ream", "method.saliency=aimer")) == "ream+aimer"
+    assert method_name("m_smoe", method_cfg("m_smoe")) == "m_smoe"
+    assert method_name("m_smoe", method_cfg("m_smoe", "+method.saliency=man")) == "m_smoe+man"
+    assert method_name("reap", method_cfg("reap", "+method.protect=super")) == "reap+super"
+    assert method_name("aimer", method_cfg("aimer", "method.protect=super")) == "aimer+super"
+    assert method_name("aimer", method_cfg("aimer")) == "aimer" and method_name("none", None) == "none"
+    assert method_label("ream+aimer+super") == "REAM (AIMER, super experts kept)"
+    assert method_label("router_norm") == "Router norm"
+
+
 # ---- settings: checked before any load; what a run reads -----------------------------------------------
 
 BAD = [
     (["method=ream", "method.saliency=aimr"], r"^method.saliency='aimr'; valid: reap, freq, man, msan, aimer, "
                                               r"router_norm \(did you mean aimer\?\)$"),
     (["method=aimer", "method.protect=all"], r"^method.protect='all'; valid: none, super"),
-    (["method=man", "+method.saliency=reap"], r"^unknown setting method.saliency \(method=man\); allowed: name, protect$"),
+    (["method=man", "+method.saliency=reap"],
+     r"^unknown setting method.saliency \(method=man\); allowed: name, protect$"),
     (["method=m_smoe", "+method.saliency=ean"], r"^method.saliency='ean'; valid: reap, freq"),
     (["method=msan", "method.protect=super", "model.stream=true", "save=true"],
      r"^method.protect=super needs every MoE layer's statistics at once"),
