@@ -349,3 +349,18 @@ def test_only_methods_that_observe_read_calibration_sources(name, protection, re
     else:
         run_module.validate(cfg)
         assert run_module._calibrate(cfg, get_method(name), lambda: pytest.fail("tokenizer used"), None) is None
+
+
+@pytest.mark.parametrize("name", ["aimer", "router_norm", "man"])
+def test_group_limited_routers_keep_their_groups_with_protected_experts(name, monkeypatch):
+    from tests.test_router_groups import _balanced, _calib as _grouped_calib, _ctx as _grouped_ctx, _grouped_model
+
+    model = _grouped_model(topk_group=1)
+    _, _, calib = _grouped_calib()
+    free = get_method(name).plan(_grouped_ctx(model, calib, 0.5, name, protect="none"))
+    dropped = {lp.layer: lp.removed[0] for lp in free.layers}
+    _weakest_protected(monkeypatch, dropped.get)
+    plan = get_method(name).plan(_grouped_ctx(model, calib, 0.5, name, protect="super"))
+    for lp in plan.layers:
+        assert dropped[lp.layer] in lp.keep and _balanced(lp.keep) and len(lp.keep) == 8
+    apply_plan(model, plan)
