@@ -31,7 +31,7 @@ from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import floor_zero_saliency
 from .protect import PROTECT, protected_experts
-from .scores import recorded_scores, weight_score
+from .scores import ranked_and_recorded
 from .states import StatesConfig
 
 # The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form, and
@@ -199,7 +199,7 @@ def weights_prune_plan(ctx: Context, score_name: str, protect: str = "none") -> 
         if stream is not None:
             stream.load(layer.index)
         with materialised([layer.experts, layer.router]):
-            score, recorded = weight_score(score_name, layer), recorded_scores(score_name, layer)
+            score, recorded = ranked_and_recorded(score_name, layer)
         if stream is not None:
             stream.release(layer.index)
         keep = top_experts(score, ctx.n_keep(layer), layer.router_groups, protected=protected.get(layer.index, set()))

@@ -45,10 +45,10 @@ def aimer_ratio(layer: MoELayer) -> torch.Tensor:
     return torch.cat(ratios).cpu()
 
 
-def aimer_importance(layer: MoELayer) -> torch.Tensor:
-    """1 / A_i: ranks as AIMER's ascending A_i (the experts AIMER keeps score highest); an all-zero expert
-    (A_i = 0) ranks last."""
-    a = aimer_ratio(layer)
+def aimer_importance(layer: MoELayer, ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / A_i (from `ratio`, A_i, when given): ranks as AIMER's ascending A_i (the experts AIMER keeps score
+    highest); an all-zero expert (A_i = 0) ranks last."""
+    a = aimer_ratio(layer) if ratio is None else ratio
     return torch.where(a > 0, 1 / a.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
 
 
@@ -80,6 +80,10 @@ def saliency(name: str, layer: MoELayer, stats) -> torch.Tensor:
     return stats.score(name)
 
 
-def recorded_scores(name: str, layer: MoELayer) -> dict[str, list[float]]:
-    """What plan.json records of a weights-only score: AIMER's own A_i beside the ranked 1 / A_i."""
-    return {"aimer": aimer_ratio(layer).tolist()} if name == "aimer" else {name: router_norm(layer).tolist()}
+def ranked_and_recorded(name: str, layer: MoELayer) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """A weights-only score as ranked, and what plan.json records of it (AIMER: its own A_i, not 1 / A_i)."""
+    if name == "aimer":
+        ratio = aimer_ratio(layer)
+        return aimer_importance(layer, ratio), {"aimer": ratio.tolist()}
+    score = weight_score(name, layer)
+    return score, {name: score.tolist()}
