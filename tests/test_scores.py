@@ -269,6 +269,8 @@ def test_protected_experts_are_never_removed(name, monkeypatch):
     plan = run_method(tiny_model("qwen3_moe"), {**cfg, "protect": "super"}, ids, mask, ratio=0.75)
     for lp in plan.layers:
         assert dropped[lp.layer] in lp.keep and len(lp.keep) == 2
+    assert plan.info["protected"] == {str(i): [e] for i, e in sorted(dropped.items())}  # recorded in plan.json
+    assert "protected" not in unprotected.info
 
 
 @pytest.mark.parametrize("name,overrides", [("ream", ["method.align=none"]), ("m_smoe", []),
@@ -283,6 +285,7 @@ def test_protected_experts_are_never_merged(name, overrides, monkeypatch):
     for lp in plan.layers:
         assert [merged[lp.layer]] in lp.groups and len(lp.groups) == 4
         assert sorted(e for g in lp.groups for e in g) == list(range(8))
+    assert plan.info["protected"] == {str(i): [e] for i, e in sorted(merged.items())}
 
 
 def test_too_many_protected_experts_are_refused(monkeypatch):

@@ -30,7 +30,7 @@ from ..setting_types import settings_group
 from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import floor_zero_saliency
-from .protect import PROTECT, protected_experts
+from .protect import PROTECT, protected_experts, protected_info
 from .scores import ranked_and_recorded
 from .states import StatesConfig
 
@@ -140,11 +140,12 @@ def prune_plan(ctx: Context, score_name: str, protect: str = "none") -> Plan:
         def plan_layer(layer, obs, n_keep, _timings):  # a LayerObservation is a LayerStats
             return _prune_layer(layer, obs, n_keep, score_name, protected.get(layer.index, set()))
 
-        return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False))
+        return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False),
+                    info=protected_info(protected))
     stats = ctx.stats()
     layers = [_prune_layer(layer, stats[layer.index], ctx.n_keep(layer), score_name, protected.get(layer.index, set()))
               for layer in ctx.layers]
-    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)
+    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers, info=protected_info(protected))
 
 
 def prune_settings(cfg: dict) -> dict:
@@ -183,7 +184,7 @@ def layerwise_prune_plan(ctx: Context, s: dict, layer_score) -> Plan:
         return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=scores)
 
     layers = run_layerwise(ctx, plan_layer, Needs(), s["sequential"])
-    return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s})
+    return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s, **protected_info(protected)})
 
 
 def weights_prune_plan(ctx: Context, score_name: str, protect: str = "none") -> Plan:
@@ -204,7 +205,7 @@ def weights_prune_plan(ctx: Context, score_name: str, protect: str = "none") -> 
             stream.release(layer.index)
         keep = top_experts(score, ctx.n_keep(layer), layer.router_groups, protected=protected.get(layer.index, set()))
         layers.append(LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=recorded))
-    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)
+    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers, info=protected_info(protected))
 
 
 def _prune_layer(layer: MoELayer, s: LayerStats, n_keep: int, score_name: str, protected=frozenset()) -> LayerPlan:

@@ -19,7 +19,7 @@ from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
                       merge_layer_plan, pca_seed)
-from .protect import PROTECT, keep_apart, protected_experts
+from .protect import PROTECT, keep_apart, protected_experts, protected_info
 
 NEEDS_CALIBRATION = True
 
@@ -66,4 +66,5 @@ def plan(ctx: Context) -> Plan:
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
                            needs, bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})
+    return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers,
+                info={"settings": s, "timings": dict(timings), **protected_info(protected)})

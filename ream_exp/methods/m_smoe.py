@@ -25,7 +25,7 @@ from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import (floor_zero_saliency, group_by_pseudo_pruning, groups_per_router_group, logit_cosine,
                       merge_layer_plan, weight_matching)
-from .protect import PROTECT, keep_apart, protected_experts
+from .protect import PROTECT, keep_apart, protected_experts, protected_info
 from .scores import SALIENCIES
 from . import scores as expert_scores
 
@@ -68,4 +68,5 @@ def plan(ctx: Context) -> Plan:
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s["saliency"], protected.get(l.index, set())),
                            Needs(), bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})
+    return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers,
+                info={"settings": s, "timings": dict(timings), **protected_info(protected)})

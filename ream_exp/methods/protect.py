@@ -44,6 +44,12 @@ def protected_experts(ctx, mode: str) -> dict[int, set[int]]:
     return {i: set(e) for i, e in super_experts({i: s.peak for i, s in ctx.stats().items()}).items()}
 
 
+def protected_info(protected: dict[int, set[int]]) -> dict:
+    """What plan.json's info records of the protected experts: {"protected": {layer: experts}}, nothing when
+    method.protect is none (plans without it stay as they were)."""
+    return {"protected": {str(i): sorted(e) for i, e in sorted(protected.items())}} if protected else {}
+
+
 def check_protect(values: dict) -> None:
     """Before any load (ream_exp.settings, with every group's values): method.protect=super with
     model.stream=true is refused (see protected_experts)."""

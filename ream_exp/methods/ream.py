@@ -32,7 +32,7 @@ from .base import Context, method_settings
 from ..timing import Timings
 from .layerwise import run_layerwise
 from .observation import Needs
-from .protect import PROTECT, keep_apart, protected_experts
+from .protect import PROTECT, keep_apart, protected_experts, protected_info
 from .scores import SALIENCIES
 from . import scores as expert_scores
 from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
@@ -100,4 +100,5 @@ def plan(ctx: Context) -> Plan:
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
                            needs, bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})
+    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers,
+                info={"settings": s, "timings": dict(timings), **protected_info(protected)})
