@@ -12,8 +12,8 @@ paper's tables), so from run dirs it is one percentage point; a CSV is taken as 
 its units differ). Every frontier records its reference point and the rule that chose it.
 
 Rows with method 'none' and no quantisation (the uncompressed model) and rows without both scores (failed
-runs) are not compared. A quantised run is compared as its method with the quantisation ('reap+w4a16',
-'none+fp8': quantisation alone; analysis.naming.with_quant), so runs of two quantisations are never averaged
+runs) are not compared. A quantised run is compared as its method with the quantisation ('reap@w4a16',
+'none@fp8': quantisation alone; analysis.naming.with_quant), so runs of two quantisations are never averaged
 and each has its own frontier (docs/bytes.md; the frontiers in bytes are analysis.bytes_frontier's).
 Runs of the same (method, experts, mix) with the same settings (analysis.settings: the model and its weights,
 every method, calibration and eval setting; the seed aside) are the seeds of one point and averaged into it;

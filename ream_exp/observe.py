@@ -6,6 +6,7 @@ applies) and accumulates, for the non-pad tokens X_i routed to expert i:
 
     count_i = |X_i|                   soft_i = sum_{X_i} g_i(x)
     ean_i   = sum_{X_i} ||E_i(x)||    reap_i = sum_{X_i} g_i(x) ||E_i(x)||
+    sq_i    = sum_{X_i} ||E_i(x)||^2  peak_i = max(0, max_{X_i} max_h E_i(x)_h)   (MSAN; super experts)
 
 No expert runs on a token that was not routed to it, so observing costs about one forward pass.
 Memory is one float64 vector per statistic and layer, whatever the number of tokens.
@@ -39,7 +40,10 @@ from .moe.offload import execution_device
 
 # The version of the code that computes the routing statistics (the observing forward, LayerStats' sums),
 # recorded in every stats cache entry: bump it when a change here changes the numbers (docs/caches.md).
-STATS_VERSION = 1
+# 2: sq and peak (MSAN, super experts) join the sums.
+STATS_VERSION = 2
+# The sums of LayerStats, one float64 vector [N] each (a state entry holds them and `tokens`).
+SUMS = ("count", "soft", "ean", "reap", "sq", "peak")
 
 
 @dataclass
@@ -53,9 +57,11 @@ class LayerStats:
     soft: torch.Tensor = field(init=False)  # sum_{X_i} g_i          (g = routing weight applied)
     ean: torch.Tensor = field(init=False)  # sum_{X_i} ||E_i||
     reap: torch.Tensor = field(init=False)  # sum_{X_i} g_i ||E_i||
+    sq: torch.Tensor = field(init=False)  # sum_{X_i} ||E_i||^2
+    peak: torch.Tensor = field(init=False)  # max(0, largest entry of E_i(x) over X_i): REAP's max activation
 
     def __post_init__(self):
-        for name in ("count", "soft", "ean", "reap"):
+        for name in SUMS:
             setattr(self, name, torch.zeros(self.num_experts, dtype=torch.float64, device=self.device))
 
     # docs/algorithms.md, one property per score
@@ -80,16 +86,28 @@ class LayerStats:
         """Paper/REAP form: mean over X_i of g_i(x) ||E_i(x)||, g the weight the model applies."""
         return self._mean_routed(self.reap)
 
+    @property
+    def man_score(self) -> torch.Tensor:
+        """MAN: mean over X_i of ||E_i(x)|| (no routing weight); experts never routed get 0."""
+        return self._mean_routed(self.ean)
+
+    @property
+    def msan_score(self) -> torch.Tensor:
+        """MSAN: mean over X_i of ||E_i(x)||^2 (no routing weight); experts never routed get 0."""
+        return self._mean_routed(self.sq)
+
     def score(self, name: str) -> torch.Tensor:
-        return {"freq": self.freq, "soft_freq": self.soft_freq, "ean": self.ean_score, "reap": self.reap_score}[name]
+        scores = {"freq": lambda: self.freq, "soft_freq": lambda: self.soft_freq, "ean": lambda: self.ean_score,
+                  "reap": lambda: self.reap_score, "man": lambda: self.man_score, "msan": lambda: self.msan_score}
+        return scores[name]()
 
     def state(self) -> dict:
-        return {"tokens": self.tokens, **{k: getattr(self, k).cpu() for k in ("count", "soft", "ean", "reap")}}
+        return {"tokens": self.tokens, **{k: getattr(self, k).cpu() for k in SUMS}}
 
     @classmethod
     def from_state(cls, state: dict, device="cpu") -> "LayerStats":
         stats = cls(len(state["count"]), device, int(state["tokens"]))
-        for k in ("count", "soft", "ean", "reap"):
+        for k in SUMS:
             setattr(stats, k, state[k].to(device=device, dtype=torch.float64))
         return stats
 
@@ -103,6 +121,8 @@ class LayerStats:
         self.soft.index_add_(0, e, w)
         self.ean.index_add_(0, e, norms)
         self.reap.index_add_(0, e, w * norms)
+        self.sq.index_add_(0, e, norms * norms)
+        self.peak.scatter_reduce_(0, e, routed.kept(routed.y.max(dim=-1).values), "amax")  # 0 where not kept
         self.tokens = self.tokens + routed.valid.sum()
 
     def finish(self) -> None:
@@ -232,7 +252,7 @@ def save_stats(stats: dict[int, LayerStats], path) -> None:
     atomic_torch_save({"made_by": stats_made_by(), "layers": {i: s.state() for i, s in stats.items()}}, path)
 
 
-STATE_KEYS = ("tokens", "count", "soft", "ean", "reap")
+STATE_KEYS = ("tokens", *SUMS)
 
 
 def load_stats(path, device="cpu") -> dict[int, LayerStats]:

@@ -40,7 +40,7 @@ from .footprint import (checkpoint_footprint, model_footprint, original_footprin
                         without_tied_copies)
 from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
-from .methods import Context, get_method
+from .methods import Context, get_method, reads_calibration
 from .methods.layer_stream import LayerStream
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
@@ -118,7 +118,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     tokenizer = tokenizer or functools.partial(load_tokenizer, cfg.model)
     ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
-    needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
+    needs_calibration = reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True))
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
@@ -234,7 +234,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
 def _calibrate(cfg: DictConfig, method, tokenizer, timer: Timings) -> dict | None:
     """The calibration tokens, with the tokenizer alone (a bad source fails before the load); None for a
     method that reads none."""
-    if not getattr(method, "NEEDS_CALIBRATION", True):
+    if not reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True)):
         return None
     with timer("calibrate"):
         return cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))

@@ -9,7 +9,8 @@ level); allowed: ...`), also where Hydra's `+key=value` added it past struct mod
 its type, range and choices; `???` (not set yet) passes here and is reported by the check that needs it
 (e.g. model.path). Then `GROUP_CHECKS`, the named checks of one group's settings together (they live in
 the module that owns the settings: model.max_memory needs model.device_map, calib.mix names declared
-sources), and, for a method that reads calibration, `CALIBRATION_CHECKS` (the mix against calib.n).
+sources), for a method that reads calibration, `CALIBRATION_CHECKS` (the mix against calib.n), and
+`CROSS_CHECKS`, of settings of several groups (method.protect against model.stream).
 
 What needs more than the settings (the model's expert counts, group sizes, files, datasets) is checked
 by ream_exp.run.validate and the functions it calls, after this. It reads the config and never changes
@@ -25,7 +26,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .calib import check_mix, check_mix_reads, check_states_dir
 from .config import ConfigError, check_placement_keys
-from .methods import METHODS
+from .methods import METHODS, reads_calibration
+from .methods.protect import check_protect
 from .setting_schema import CALIB, EVAL, LOGGER, MODEL, SCHEMA, SOURCE, method_group
 from .setting_types import MISSING, Group, _join, _one_line
 
@@ -33,6 +35,8 @@ from .setting_types import MISSING, Group, _join, _one_line
 GROUP_CHECKS = {"model": (check_placement_keys,), "calib": (check_mix,)}
 # calib's checks that matter only where a calibration is built: for a method that reads one
 CALIBRATION_CHECKS = (check_states_dir, check_mix_reads)
+# checks of settings of several groups together (each takes every group's values)
+CROSS_CHECKS = (check_protect,)  # method.protect=super with model.stream=true
 
 
 # ---------------------------------------------------------------- walking a composed config
@@ -86,6 +90,8 @@ def check_settings(cfg: DictConfig) -> None:
     if isinstance(values.get("calib"), dict) and _reads_calibration(values.get("method")):
         for check in CALIBRATION_CHECKS:
             check(values["calib"])
+    for check in CROSS_CHECKS:
+        check(values)
 
 
 def check_group(group: str, node) -> None:
@@ -98,9 +104,9 @@ def check_group(group: str, node) -> None:
 
 
 def _reads_calibration(method) -> bool:
-    """Whether the method builds a calibration set (its module's NEEDS_CALIBRATION; an unknown one does)."""
+    """Whether the method builds a calibration set (methods.reads_calibration; an unknown one does)."""
     name = method.get("name") if isinstance(method, dict) else None
-    return getattr(METHODS.get(name), "NEEDS_CALIBRATION", True)
+    return reads_calibration(METHODS[name], method) if name in METHODS else True
 
 
 def _plain_or_none(cfg: DictConfig, key: str):
@@ -142,4 +148,4 @@ def _group_at(path: str, node: DictConfig) -> Group | None:
     return groups.get(path)
 
 
-__all__ = ["CALIBRATION_CHECKS", "GROUP_CHECKS", "check_group", "check_settings", "composition_refusal"]
+__all__ = ["CALIBRATION_CHECKS", "CROSS_CHECKS", "GROUP_CHECKS", "check_group", "check_settings", "composition_refusal"]

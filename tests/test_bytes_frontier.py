@@ -135,7 +135,7 @@ def test_quantisations_are_never_averaged(tmp_path):
     assert len(reap) == 2 and reap.loc["none", "mc"] == pytest.approx(61)
     assert reap.loc["w4a16", "mc"] == pytest.approx(50)
     mc_gen = compared_points(runs).set_index("method")
-    assert set(mc_gen.index) == {"reap", "reap+w4a16"} and mc_gen.loc["reap+w4a16", "mc"] == pytest.approx(50)
+    assert set(mc_gen.index) == {"reap", "reap@w4a16"} and mc_gen.loc["reap@w4a16", "mc"] == pytest.approx(50)
 
 
 def test_runs_without_bytes_are_left_out_and_counted(bytes_root, tmp_path, capsys):

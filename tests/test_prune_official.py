@@ -164,7 +164,7 @@ def test_paper_form_layer_by_layer_scores_the_first_layer_as_one_pass(dense):
     a, b = (torch.tensor(p.layers[0].saliency, dtype=torch.float64) for p in (one_pass, layerwise))
     torch.testing.assert_close(b, a, rtol=0, atol=_tolerance(model, a))
     assert one_pass.layers[0].keep == layerwise.layers[0].keep
-    assert layerwise.info["settings"] == {"saliency_form": "paper", "sequential": True}
+    assert layerwise.info["settings"] == {"saliency_form": "paper", "sequential": True, "protect": "none"}
 
 
 def test_tie_rules():
@@ -190,7 +190,7 @@ def test_unknown_or_invalid_settings_are_refused(name):
     method = get_method(name)
     method.check(method_cfg(name), 8, 6)
     with pytest.raises(ConfigError, match=rf"unknown setting method.group_size \(method={name}\); "
-                                          r"allowed: name, saliency_form, sequential"):
+                                          r"allowed: name, protect, saliency_form, sequential"):
         method.check(method_cfg(name, "+method.group_size=4"), 8, 6)
     with pytest.raises(ValueError, match="method.saliency_form='renormalised'; valid: paper, official"):
         method.check(method_cfg(name, "method.saliency_form=renormalised"), 8, 6)

@@ -114,12 +114,13 @@ def test_pruning_stats_from_another_observe_version_are_recomputed(model, tmp_pa
     _ctx(model, "reap", path).stats()
     assert calls == [] and _stale_lines(caplog, "stats cache") == [], "an unchanged version is reused"
 
-    monkeypatch.setattr(observe, "STATS_VERSION", observe.STATS_VERSION + 1)
+    old = observe.STATS_VERSION
+    monkeypatch.setattr(observe, "STATS_VERSION", old + 1)
     _ctx(model, "reap", path).stats()
     assert calls == [1], "the entry of the old version was used"
     assert _stale_lines(caplog, "stats cache") == [
-        f"stats cache {path} was made by observe code v1, this is v2: recomputing"]
-    assert torch.load(path, weights_only=True)["made_by"]["observe code"] == 2  # rewritten with the new record
+        f"stats cache {path} was made by observe code v{old}, this is v{old + 1}: recomputing"]
+    assert torch.load(path, weights_only=True)["made_by"]["observe code"] == old + 1  # rewritten with the new record
     _ctx(model, "reap", path).stats()
     assert calls == [1] and len(_stale_lines(caplog, "stats cache")) == 1
 
@@ -127,6 +128,7 @@ def test_pruning_stats_from_another_observe_version_are_recomputed(model, tmp_pa
 def test_pruning_stats_without_a_record_are_recomputed(model, tmp_path, monkeypatch, caplog):
     """An entry from before entries recorded what made them ({layer: state}) is of an unknown version."""
     import ream_exp.methods.base as base
+    import ream_exp.observe as observe
 
     path = tmp_path / "key.pt"
     stats = _ctx(model, "reap", None).stats()
@@ -136,7 +138,7 @@ def test_pruning_stats_without_a_record_are_recomputed(model, tmp_path, monkeypa
         _ctx(model, "reap", path).stats()
     assert calls == [1] and _stale_lines(caplog, "stats cache") == [
         f"stats cache {path} was made by an unknown version (no record of what made it), "
-        "this is observe code v1: recomputing"]
+        f"this is observe code v{observe.STATS_VERSION}: recomputing"]
     assert "made_by" in torch.load(path, weights_only=True)
 
 
@@ -156,13 +158,14 @@ def test_layer_observations_from_another_version_are_recomputed(constant, model,
     assert observed == [] and _stale_lines(caplog, "observation cache") == [], "an unchanged version is reused"
 
     module, label = (observation, "observation") if constant == "OBSERVATION_VERSION" else (observe, "observe")
-    monkeypatch.setattr(module, constant, getattr(module, constant) + 1)
+    old = getattr(module, constant)
+    monkeypatch.setattr(module, constant, old + 1)
     plan()
     assert len(observed) == 2, "every MoE layer is observed again"
     first = sorted(path.parent.glob("key-layers-*.pt"))[0]
     assert _stale_lines(caplog, "observation cache") == [
-        f"observation cache {first} was made by {label} code v1, this is v2: recomputing"]
+        f"observation cache {first} was made by {label} code v{old}, this is v{old + 1}: recomputing"]
     for entry in path.parent.glob("key-layers-*.pt"):
-        assert torch.load(entry, weights_only=True)["made_by"][f"{label} code"] == 2
+        assert torch.load(entry, weights_only=True)["made_by"][f"{label} code"] == old + 1
     plan()
     assert len(observed) == 2 and len(_stale_lines(caplog, "observation cache")) == 1

@@ -83,7 +83,7 @@ def _streamed_index_is_complete(checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["ream_official", "ream_nonseq", "hc_smoe", "m_smoe", "freq", "ean", "reap",
-                                    "random", "none"])
+                                    "random", "none", "aimer", "router_norm", "man"])
 def test_streamed_checkpoint_equals_in_memory(method, calib_files, tmp_path):
     source = _source(tmp_path, "qwen3_moe")
     memory = run(_cfg(source, calib_files, tmp_path / "cache", method), tmp_path / "memory")

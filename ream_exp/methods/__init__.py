@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..config import ConfigError
-from . import ean, freq, hc_smoe, m_smoe, none, random_prune, reap, ream
+from . import aimer, ean, freq, hc_smoe, m_smoe, man, msan, none, random_prune, reap, ream, router_norm
 from .base import Context, prune_plan, top_experts
 
 METHODS: dict[str, ModuleType] = {
@@ -26,6 +26,18 @@ METHODS: dict[str, ModuleType] = {
 REAM_VARIANTS = ("ream", "ream_official", "ream_act_only_align", "ream_nonseq", "ream_no_gate_sim",
                  "ream_no_pseudo_prune", "ream_no_sigma", "ream_freq_saliency")
 METHODS.update({name: ream for name in REAM_VARIANTS})
+# Scores without calibration data (aimer, router_norm) and gate-free activation norms (man, msan): pruning presets.
+METHODS.update({"aimer": aimer, "router_norm": router_norm, "man": man, "msan": msan})
+
+
+def reads_calibration(module: ModuleType, cfg: dict | None) -> bool:
+    """Whether a run of this method (with its config group `cfg`) builds calibration tokens: its module's
+    `needs_calibration(cfg)` where it depends on the settings (aimer with method.protect), else its
+    NEEDS_CALIBRATION (an unknown method does)."""
+    decide = getattr(module, "needs_calibration", None)
+    if decide is not None and isinstance(cfg, dict):
+        return bool(decide(cfg))
+    return getattr(module, "NEEDS_CALIBRATION", True)
 
 
 def get_method(name: str) -> ModuleType:
@@ -35,4 +47,4 @@ def get_method(name: str) -> ModuleType:
         raise ConfigError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "top_experts"]
+__all__ = ["METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "reads_calibration", "top_experts"]

@@ -7,6 +7,10 @@ Pruning by a saliency (reap, freq) has two switches, `method.saliency_form` and 
                                        min(0.5, smallest non-zero S)), ties: higher index first
     sequential=true                    each layer scored on the model whose earlier layers are already
                                        pruned, through the layer-wise driver (`layerwise_prune_plan`)
+
+and every pruning method has `method.protect` (methods/protect.py): none, or super (REAP's super experts are
+never removed). Scores from the weights alone (aimer, router_norm) prune through `weights_prune_plan`,
+which reads no calibration token unless method.protect needs the observation.
 """
 
 from __future__ import annotations
@@ -19,19 +23,22 @@ from torch import nn
 
 from ..calib import calibration_batches
 from ..moe import MoELayer, moe_layers, within_router_groups
-from ..moe.offload import execution_device
+from ..moe.offload import execution_device, materialised
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 from ..setting_types import settings_group
 from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import floor_zero_saliency
+from .protect import PROTECT, protected_experts, protected_info
+from .scores import ranked_and_recorded
 from .states import StatesConfig
 
-# The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form.
-PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False)
+# The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form, and
+# method.protect (methods/protect.py): experts never removed.
+PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False, protect="none")
 SALIENCY_FORMS = ("paper", "official")
-PRUNE_CHOICES = dict(saliency_form=SALIENCY_FORMS)
+PRUNE_CHOICES = dict(saliency_form=SALIENCY_FORMS, protect=PROTECT)
 TIE_RULES = ("lower", "higher")
 
 
@@ -105,8 +112,10 @@ def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, labe
     return {**defaults, **{k: v for k, v in cfg.items() if k != "name"}}
 
 
-def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: str = "lower") -> list[int]:
-    """Indices of the n_keep highest scores, returned in ascending order.
+def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: str = "lower",
+                protected=frozenset()) -> list[int]:
+    """Indices of the n_keep highest scores, returned in ascending order; `protected` experts (method.protect,
+    methods/protect.py) are kept first, whatever their scores.
 
     Among equal scores the lower index ranks first (ties="lower"), or the higher one (ties="higher"): the
     official REAM code ranks by np.argsort(S)[::-1], an ascending sort reversed, which puts the higher of
@@ -120,25 +129,31 @@ def top_experts(score: torch.Tensor, n_keep: int, router_groups: int = 1, ties: 
     sign = 1 if ties == "lower" else -1
 
     def best(members: list[int], k: int) -> list[int]:
-        return sorted(members, key=lambda i: (-float(score[i]), sign * i))[:k]
+        if sum(i in protected for i in members) > k:
+            raise ValueError(f"method.protect keeps {sum(i in protected for i in members)} of experts {members}, "
+                             f"more than the {k} kept there; lower the ratio or set method.protect=none")
+        return sorted(members, key=lambda i: (i not in protected, -float(score[i]), sign * i))[:k]
 
     return within_router_groups(len(score), n_keep, router_groups, best)
 
 
-def prune_plan(ctx: Context, score_name: str) -> Plan:
+def prune_plan(ctx: Context, score_name: str, protect: str = "none") -> Plan:
     """Per layer, drop the N - N' experts with the lowest `score_name` saliency (docs/algorithms.md), the same number
-    from each router group of a group-limited router.
+    from each router group of a group-limited router, never one `protect` protects (methods/protect.py).
 
     A streamed model (ctx.stream) is observed layer by layer on the original layers' outputs, which sums
     exactly what the one-pass observation of the whole model sums."""
+    protected = protected_experts(ctx, protect)
     if ctx.stream is not None:
-        def plan_layer(layer, obs, n_keep, _timings):
-            return _prune_layer(layer, obs, n_keep, score_name)  # a LayerObservation is a LayerStats
+        def plan_layer(layer, obs, n_keep, _timings):  # a LayerObservation is a LayerStats
+            return _prune_layer(layer, obs, n_keep, score_name, protected.get(layer.index, set()))
 
-        return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False))
+        return Plan(ctx.cfg.get("name", score_name), ctx.ratio, run_layerwise(ctx, plan_layer, Needs(), False),
+                    info=protected_info(protected))
     stats = ctx.stats()
-    layers = [_prune_layer(layer, stats[layer.index], ctx.n_keep(layer), score_name) for layer in ctx.layers]
-    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers)
+    layers = [_prune_layer(layer, stats[layer.index], ctx.n_keep(layer), score_name, protected.get(layer.index, set()))
+              for layer in ctx.layers]
+    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers, info=protected_info(protected))
 
 
 def prune_settings(cfg: dict) -> dict:
@@ -156,29 +171,53 @@ def saliency_prune_plan(ctx: Context, score_name: str, layer_score) -> Plan:
     """reap / freq with their two switches: the one-pass `prune_plan` unless a switch is changed, else
     layer by layer with `layer_score(obs, saliency_form, ctx)` on each observed layer."""
     s = prune_settings(ctx.cfg)
-    if s == PRUNE_DEFAULTS:
-        return prune_plan(ctx, score_name)
+    if s["saliency_form"] == "paper" and not s["sequential"]:
+        return prune_plan(ctx, score_name, s["protect"])
     return layerwise_prune_plan(ctx, s, layer_score)
 
 
 def layerwise_prune_plan(ctx: Context, s: dict, layer_score) -> Plan:
     """Per MoE layer, in order: observe it (on the pruned earlier layers when sequential), keep the top N'."""
     official = s["saliency_form"] == "official"
+    protected = protected_experts(ctx, s.get("protect", "none"))
 
     def plan_layer(layer, obs, n_keep, _timings):
         score = layer_score(obs, s["saliency_form"], ctx)
         if official:  # the official code floors the saliency before it ranks, pruning or merging
             score = floor_zero_saliency(score)
-        keep = top_experts(score, n_keep, layer.router_groups, ties="higher" if official else "lower")
+        keep = top_experts(score, n_keep, layer.router_groups, ties="higher" if official else "lower",
+                           protected=protected.get(layer.index, set()))
         scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
                   "reap_official": obs.sigma_score(2).tolist()}
         return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=scores)
 
     layers = run_layerwise(ctx, plan_layer, Needs(), s["sequential"])
-    return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s})
+    return Plan(ctx.cfg.get("name", "prune"), ctx.ratio, layers, info={"settings": s, **protected_info(protected)})
 
 
-def _prune_layer(layer: MoELayer, s: LayerStats, n_keep: int, score_name: str) -> LayerPlan:
+def weights_prune_plan(ctx: Context, score_name: str, protect: str = "none") -> Plan:
+    """Per layer, keep the N' experts with the highest weights-only score (methods/scores.py), never removing
+    one `protect` protects. A streamed model's decoder layers are loaded one at a time to be scored."""
+    protected = protected_experts(ctx, protect)
+    stream = ctx.stream
+    layers = []
+    for layer in ctx.layers:
+        if stream is not None and stream.done(layer.index):  # written by an earlier attempt of this run
+            layers.append(stream.plan_of(layer.index))
+            continue
+        if stream is not None:
+            stream.load(layer.index)
+        with materialised([layer.experts, layer.router]):
+            score, recorded = ranked_and_recorded(score_name, layer)
+        if stream is not None:
+            stream.release(layer.index)
+        keep = top_experts(score, ctx.n_keep(layer), layer.router_groups, protected=protected.get(layer.index, set()))
+        layers.append(LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=recorded))
+    return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers, info=protected_info(protected))
+
+
+def _prune_layer(layer: MoELayer, s: LayerStats, n_keep: int, score_name: str, protected=frozenset()) -> LayerPlan:
     score = s.score(score_name)
-    keep = top_experts(score, n_keep, layer.router_groups)
-    return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=s.to_dict())
+    keep = top_experts(score, n_keep, layer.router_groups, protected=protected)
+    scores = {**s.to_dict(), score_name: score.tolist()}  # man, msan beside the routing scores
+    return LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=scores)

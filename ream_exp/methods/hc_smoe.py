@@ -7,6 +7,7 @@ Per MoE layer:
     W_c       = sum_j freq_j / sum(freq) P_j(W_j), P_j aligning neurons on activations (docs/algorithms.md REAM 4)
 A group-limited router's groups are clustered one at a time (N'/n_group clusters each).
 Non-sequential by default, as HC-SMoE observes the original model (`method.sequential` switches it).
+`method.protect=super` keeps REAP's super experts out of the clustering, as clusters of one (methods/protect.py).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
                       merge_layer_plan, pca_seed)
+from .protect import PROTECT, keep_apart, protected_experts, protected_info
 
 NEEDS_CALIBRATION = True
 
 # pca_seed: seed of the PCA used when align is both | weights (null: the run seed), as in REAM.
-DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None)
-CHOICES = dict(align=ALIGN_MODES)
+DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None,
+                protect="none")
+CHOICES = dict(align=ALIGN_MODES, protect=PROTECT)
 
 
 def settings(cfg: dict) -> dict:
@@ -45,10 +48,11 @@ def centred_clusters(features, n_clusters: int) -> list[list[int]]:
     return groups
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
     features = obs.mean_outputs
     with timings("group"):
-        groups = groups_per_router_group(layer, n_keep, lambda m, k: centred_clusters(features[m], k))
+        groups = groups_per_router_group(layer, n_keep, keep_apart(lambda m, k: centred_clusters(features[m], k),
+                                                                   protected, layer.index))
     with timings("align"):
         perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
@@ -59,6 +63,8 @@ def plan(ctx: Context) -> Plan:
     needs = Needs(dense="plain", align=s["align"] in ("both", "activations"), sim_tokens=s["sim_tokens"],
                   align_tokens=int(s["align_tokens"]))
     timings = Timings()
-    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
-                           bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})
+    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
+                           needs, bool(s["sequential"]), timings)
+    return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers,
+                info={"settings": s, "timings": dict(timings), **protected_info(protected)})

@@ -7,6 +7,7 @@ and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE
                      mean_{X_i} sigma_i(x)^p ||E_i(x)||  (saliency_form=official: un-renormalised sigma,
                                                           p = 2 with gated_sim, else 1)
                freq  |X_i| / |X|
+               man, msan, aimer, router_norm             (methods/scores.py: gate-free norms, weights only)
     S_i = 0 -> min(0.5, smallest non-zero S)
     delta_E  = (cos(mean_x o_i, mean_x o_j) + 1) / 2,  o_i = sigma_i E_i (gated_sim) or E_i
     delta_g  = 1 - d / max d,  d = distance of the L2-normalised router-logit columns (gate_output)
@@ -17,6 +18,7 @@ and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE
     P_j      = linear_sum_assignment(cdist(activations) + cdist(PCA weight features))   (align)
                the randomised PCA is seeded with pca_seed (null: the run seed); token samples use the run seed
     W_c      = sum_j S_j / sum(S) P_j(W_j) in float32; the centroid's router row is kept.
+    protect  = super: REAP's super experts are centroids of groups of one (methods/protect.py)
 
 sequential=true (default) observes each layer on the outputs of the already-compressed layers.
 Similarity statistics can be estimated on `sim_tokens` sampled tokens; saliency is always exact.
@@ -30,6 +32,9 @@ from .base import Context, method_settings
 from ..timing import Timings
 from .layerwise import run_layerwise
 from .observation import Needs
+from .protect import PROTECT, keep_apart, protected_experts, protected_info
+from .scores import SALIENCIES
+from . import scores as expert_scores
 from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
                       groups_per_router_group, merge_layer_plan, pca_seed, ream_distance)
 
@@ -37,9 +42,9 @@ NEEDS_CALIBRATION = True
 
 DEFAULTS = dict(
     saliency="reap", saliency_form="paper", gated_sim=True, gate_output=True, group_size=16,
-    align="both", pca_dim=64, pca_seed=None, align_tokens=32768, sim_tokens=None, sequential=True,
+    align="both", pca_dim=64, pca_seed=None, align_tokens=32768, sim_tokens=None, sequential=True, protect="none",
 )
-CHOICES = dict(saliency=("reap", "freq"), saliency_form=("paper", "official"), align=ALIGN_MODES)
+CHOICES = dict(saliency=SALIENCIES, saliency_form=("paper", "official"), align=ALIGN_MODES, protect=PROTECT)
 
 
 def settings(cfg: dict) -> dict:
@@ -57,7 +62,9 @@ def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     check_group_size(num_experts, n_keep, group_size(settings(cfg), num_experts, n_keep))
 
 
-def saliency(obs, s: dict):
+def saliency(obs, s: dict, layer=None):
+    if s["saliency"] not in ("reap", "freq"):  # man, msan, aimer, router_norm (the weights ones read `layer`)
+        return expert_scores.saliency(s["saliency"], layer, obs)
     if s["saliency"] == "freq":
         return obs.freq
     if s["saliency_form"] == "official":
@@ -65,16 +72,19 @@ def saliency(obs, s: dict):
     return obs.reap_score
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
-    score = floor_zero_saliency(saliency(obs, s))
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
+    raw = saliency(obs, s, layer)
+    score = floor_zero_saliency(raw)
     with timings("group"):
         distance = ream_distance(obs.mean_outputs, obs.logit_gram, bool(s["gate_output"]))
-        groups = groups_per_router_group(layer, n_keep, lambda m, k: group_by_pseudo_pruning(
-            score[m], distance[m][:, m], k, s["group_size"]))
+        groups = groups_per_router_group(layer, n_keep, keep_apart(lambda m, k: group_by_pseudo_pruning(
+            score[m], distance[m][:, m], k, s["group_size"]), protected, layer.index))
     with timings("align"):
         perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
               "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
+    if s["saliency"] not in scores:
+        scores[s["saliency"]] = raw.tolist()
     return merge_layer_plan(layer, groups, score, perms, score, scores)
 
 
@@ -87,6 +97,8 @@ def plan(ctx: Context) -> Plan:
     needs = Needs(dense="gated" if s["gated_sim"] else "plain", align=s["align"] in ("both", "activations"),
                   sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]))
     timings = Timings()
-    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
-                           bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})
+    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
+                           needs, bool(s["sequential"]), timings)
+    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers,
+                info={"settings": s, "timings": dict(timings), **protected_info(protected)})

@@ -1,0 +1,31 @@
+"""`method=router_norm`: pruning by the magnitude of each expert's router row, from the weights alone.
+
+S_i = ||W_router[i, :]||_2, the L2 norm of expert i's row of the router weight; per layer the N - N' experts
+with the lowest S_i are removed (docs/algorithms.md, "Scores without calibration data").
+No calibration token is read, unless method.protect=super asks for the observation (methods/protect.py).
+"""
+
+from .base import Context, method_settings, weights_prune_plan
+from .protect import PROTECT
+
+NEEDS_CALIBRATION = False  # by default; `needs_calibration` says for a given config
+DEFAULTS = dict(protect="none")
+CHOICES = dict(protect=PROTECT)
+
+
+def settings(cfg: dict) -> dict:
+    return method_settings(cfg, DEFAULTS, CHOICES, "router_norm")
+
+
+def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+    """The settings, checked before any weights are loaded."""
+    settings(cfg)
+
+
+def needs_calibration(cfg: dict) -> bool:
+    """Calibration tokens only to find the experts method.protect protects."""
+    return settings(cfg)["protect"] != "none"
+
+
+def plan(ctx: Context):
+    return weights_prune_plan(ctx, "router_norm", settings(ctx.cfg)["protect"])
