@@ -1,7 +1,8 @@
 """One run's resolved config and metrics (the same schema in a run directory and on W&B) -> one table row;
 rows -> the DataFrame analysis.collect returns.
 
-Columns: run_dir, model, method, experts (= experts_after), experts_before, ratio, mix ('0:.3:.7';
+Columns: run_dir, model, method (its preset, plus `+switch=value` for each composition switch the run changes:
+analysis.naming.method_name), experts (= experts_after), experts_before, ratio, mix ('0:.3:.7';
 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code (0 for a source the mix
 does not read), seed, mc, gen, avg, mc_stderr, gen_stderr, avg_stderr, mc_tasks, gen_tasks, eval,
 eval_limit, eval_fewshot, eval_items, gen_protocol, baseline_mc, baseline_gen, baseline_mc_stderr,
@@ -42,7 +43,7 @@ import math
 
 import pandas as pd
 
-from analysis.naming import MIX_PARTS, format_mix, other_sources, parse_mix
+from analysis.naming import MIX_PARTS, format_mix, method_name, other_sources, parse_mix
 from analysis.settings import config_identity, settings_json
 
 SCALE = 100.0  # fraction -> percentage points
@@ -65,7 +66,7 @@ def make_row(config: dict, metrics: dict, *, run_dir, status: str, error=None, i
     row = {
         "run_dir": str(run_dir),
         "model": dig(config, "model.name"),
-        "method": _first(metrics.get("method"), dig(config, "method.name")),
+        "method": method_name(_first(metrics.get("method"), dig(config, "method.name")), dig(config, "method")),
         "experts": metrics.get("experts_after"),
         "experts_before": metrics.get("experts_before"),
         "ratio": _first(metrics.get("ratio"), dig(config, "ratio")),

@@ -26,6 +26,12 @@ METHODS: dict[str, ModuleType] = {
 REAM_VARIANTS = ("ream", "ream_official", "ream_act_only_align", "ream_nonseq", "ream_no_gate_sim",
                  "ream_no_pseudo_prune", "ream_no_sigma", "ream_freq_saliency")
 METHODS.update({name: ream for name in REAM_VARIANTS})
+# Merging as a composition (methods/compose.py): presets of grouping x alignment x merge operator, each one of the
+# merging modules with the switches its conf/method/<name>.yaml sets (same `name`).
+COMPOSED = {"ream_ties": ream, "ream_multislerp": ream, "ream_karcher": ream, "ream_sub_moe": ream,
+            "hc_smoe_ties": hc_smoe, "hc_smoe_karcher": hc_smoe, "hc_smoe_sub_moe": hc_smoe, "m_smoe_ties": m_smoe,
+            "m_smoe_multislerp": m_smoe}
+METHODS.update(COMPOSED)
 
 
 def get_method(name: str) -> ModuleType:
@@ -35,4 +41,4 @@ def get_method(name: str) -> ModuleType:
         raise ConfigError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "top_experts"]
+__all__ = ["COMPOSED", "METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "top_experts"]

@@ -10,6 +10,11 @@ Per MoE layer:
 MC-SMoE allots dominant experts non-uniformly across layers; here every layer keeps N' (as in REAM's
 comparison). A group-limited router's groups each get N'/n_group dominant experts and merge only their
 own experts. Non-sequential by default (`method.sequential` switches it).
+
+The grouping, the alignment and the merge are switches (methods/compose.py): method.grouping=ream|hc_smoe,
+method.align=both|activations|weights|none (REAM 4's costs, with align_tokens, pca_dim, pca_seed; default
+matching, the weight matching above), method.merge=ties|multislerp|karcher|sub_moe (m_smoe_ties.yaml, ...);
+the merge weights stay the frequencies. method.group_size is REAM's C with method.grouping=ream.
 """
 
 from __future__ import annotations
@@ -19,36 +24,46 @@ from .base import Context, method_settings
 from ..timing import Timings
 from .layerwise import run_layerwise
 from .observation import Needs
-from .merging import group_by_pseudo_pruning, groups_per_router_group, logit_cosine, merge_layer_plan, weight_matching
+from .compose import (ALIGN_CHOICES, ALIGN_DEFAULTS, COMPOSITION_CHOICES, MERGE_SPECS, align_layer,
+                      check_composition, check_grouping, composition_defaults, dense_need, group_layer, merge_op,
+                      needs_alignment_tokens)
+from .merging import merge_layer_plan
 
 NEEDS_CALIBRATION = True
 
-DEFAULTS = dict(sequential=False)
+DEFAULTS = dict(sequential=False, align="matching", **ALIGN_DEFAULTS, group_size=None,
+                **composition_defaults("m_smoe"))
+CHOICES = dict(align=ALIGN_CHOICES, **COMPOSITION_CHOICES)
+SPECS = MERGE_SPECS
 
 
 def settings(cfg: dict) -> dict:
     """The method config with defaults filled in; unknown keys are refused."""
-    return method_settings(cfg, DEFAULTS, label="M-SMoE")
+    return method_settings(cfg, DEFAULTS, CHOICES, "M-SMoE", SPECS)
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     """The settings, checked before any weights are loaded."""
-    settings(cfg)
+    s = settings(cfg)
+    check_composition(cfg, "m_smoe")
+    check_grouping(s, num_experts, n_keep)
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings):
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
     freq = obs.freq
     with timings("group"):
-        distance = 1 - logit_cosine(obs.logit_gram)
-        groups = groups_per_router_group(layer, n_keep, lambda m, k: group_by_pseudo_pruning(
-            freq[m], distance[m][:, m], k, 0))
+        groups = group_layer(layer, obs, n_keep, freq, s)
     with timings("align"):
-        perms = weight_matching(layer, groups)
-    return merge_layer_plan(layer, groups, freq, perms, freq, {"freq": freq.tolist()})
+        perms = align_layer(layer, groups, obs, s, seed, timings)
+    return merge_layer_plan(layer, groups, freq, perms, freq, {"freq": freq.tolist()}, merge_op(s))
 
 
 def plan(ctx: Context) -> Plan:
     s = settings(ctx.cfg)
+    for layer in ctx.layers:  # reject an impossible C before any calibration runs
+        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
+    needs = Needs(dense=dense_need(s, "plain"), align=needs_alignment_tokens(s), align_tokens=int(s["align_tokens"]))
     timings = Timings()
-    layers = run_layerwise(ctx, plan_layer, Needs(), bool(s["sequential"]), timings)
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
+                           bool(s["sequential"]), timings)
     return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})

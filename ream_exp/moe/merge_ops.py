@@ -9,7 +9,8 @@ permuted onto it), and their merge weights w [k] (normalised here to sum to 1), 
     multislerp   |W| * exp_m(sum_i w_i log_m(u_i)),  m = sum_i w_i u_i / |.|,  u_i = W_i / |W_i|
     karcher      |W| * argmin_u sum_i w_i d(u, u_i)^2 on the sphere (fixed point iteration to tol)
     sub_moe      U_r diag(S_r) sum_i w_i V_i^T,  [W_1 | ... | W_k] = U S [V_1^T | ... | V_k^T]  (Sub-MoE)
-                 with |W| = sum_i w_i |W_i| (Frobenius norms), r = merge rank (null: full)
+                 r = merge rank: null full, an integer, or a fraction of the joint matrix's full rank
+                 with |W| = sum_i w_i |W_i| (Frobenius norms)
 
 Each works on one tensor (a matrix or a bias) in float64; sub_moe factorises matrices only and averages biases.
 """
@@ -137,16 +138,26 @@ def karcher(t: torch.Tensor, w: torch.Tensor, merge_tol: float = 1e-10, merge_ma
 
 # ---- Sub-MoE (Li et al., arXiv 2506.23266) -------------------------------------------------------------
 
-def sub_moe(t: torch.Tensor, w: torch.Tensor, merge_rank: int | None = None) -> torch.Tensor:
+def joint_rank(merge_rank, full: int) -> int:
+    """The rank kept of a joint SVD of full rank `full`: merge_rank null -> full; an integer -> that many (at most
+    full); a fraction in (0, 1] -> ceil(fraction * full)."""
+    if merge_rank is None:
+        return full
+    if isinstance(merge_rank, float):
+        return max(1, min(full, math.ceil(merge_rank * full)))
+    return min(int(merge_rank), full)
+
+
+def sub_moe(t: torch.Tensor, w: torch.Tensor, merge_rank: int | float | None = None) -> torch.Tensor:
     """Joint SVD of the members' matrices side by side, [W_1 | ... | W_k] = U S [V_1^T | ... | V_k^T] (each W_i
     [out, in], so U [out, out'] is the group's shared left basis and V_i^T [r, in] member i's own columns);
-    truncated to rank r, merged as U_r diag(S_r) sum_i w_i V_i^T. A bias (1-D) is averaged."""
+    truncated to rank r (`joint_rank`), merged as U_r diag(S_r) sum_i w_i V_i^T. A bias (1-D) is averaged."""
     if t.dim() != 3:
         return weighted_average(t, w)
     k, rows, cols = t.shape
     joint = t.permute(1, 0, 2).reshape(rows, k * cols)  # member i's columns at [i * cols, (i + 1) * cols)
     u, s, vh = torch.linalg.svd(joint, full_matrices=False)
-    r = len(s) if merge_rank is None else min(int(merge_rank), len(s))
+    r = joint_rank(merge_rank, len(s))
     right = vh[:r].reshape(r, k, cols)  # V_i^T = right[:, i]
     return (u[:, :r] * s[:r]) @ torch.einsum("k,rkc->rc", w.to(t), right)
 
