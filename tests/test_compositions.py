@@ -15,6 +15,7 @@ from ream_exp.methods import COMPOSED, get_method
 from ream_exp.moe import canonical_weights, moe_layers
 from ream_exp.moe.merge_ops import merge_tensor
 from ream_exp.moe.tiny import tiny_batch, tiny_model
+from ream_exp.plan import Plan
 from ream_exp.settings import check_settings
 from tests.merging_helpers import method_cfg, planned_copy
 from tests.test_config import make_cfg
@@ -53,7 +54,9 @@ def test_every_composition_preset_runs_and_merges_by_its_operator(name, tiny, ba
     twin, plan = planned_copy(tiny, cfg, ids, mask, ratio=0.25)
     assert all(layer.num_experts == 6 for layer in moe_layers(twin))
     lp = plan.layers[0]  # the first MoE layer is observed on the original model, sequential or not
-    assert lp.merge["op"] == cfg["merge"] and plan.to_dict()["layers"][0]["merge"] == lp.merge
+    assert lp.merge["op"] == cfg["merge"]
+    plan.save(tmp_path)
+    assert [x.merge for x in Plan.load(tmp_path / "plan.json").layers] == [x.merge for x in plan.layers]
     layer, merged = moe_layers(tiny)[0], moe_layers(twin)[0]
     for i, (group, weights) in enumerate(zip(lp.groups, lp.merge_weights)):
         if len(group) == 1:
@@ -64,8 +67,8 @@ def test_every_composition_preset_runs_and_merges_by_its_operator(name, tiny, ba
     with torch.no_grad():
         logits = twin(input_ids=ids, attention_mask=mask).logits
     assert torch.isfinite(logits).all()
-    twin.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    twin.save_pretrained(tmp_path / "checkpoint")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, logits)
 
