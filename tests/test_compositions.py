@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from analysis.naming import method_label, method_name
+from analysis.rows import make_row
 from ream_exp.config import ConfigError
 from ream_exp.methods import COMPOSED, get_method
 from ream_exp.moe import canonical_weights, moe_layers
 from ream_exp.moe.merge_ops import merge_tensor
-from ream_exp.moe.tiny import tiny_batch, tiny_model
+from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model
 from ream_exp.plan import Plan
 from ream_exp.settings import check_settings
 from tests.merging_helpers import method_cfg, planned_copy
@@ -157,3 +158,26 @@ def test_runs_are_named_by_their_preset_and_the_switches_they_change():
     assert method_name("reap", method_cfg("reap")) == "reap"
     assert method_name("ream", {"name": "ream", "align": "both"}) == "ream"  # runs from before the switches
     assert method_label("ream_ties") == "REAM + TIES" and method_label("ream+merge=karcher") == "REAM [merge=karcher]"
+    config = {"method": method_cfg("ream", "+method.merge=ties"), "ratio": 0.25}
+    assert make_row(config, {"method": "ream"}, run_dir="r", status="failed")["method"] == "ream+merge=ties"
+
+
+# ---- every tiny family, one operator each ----------------------------------------------------------------
+
+FAMILY_PRESETS = ("m_smoe_ties", "hc_smoe_sub_moe", "m_smoe_multislerp", "hc_smoe_karcher")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_operators_on_every_family_reload_in_stock_transformers(family, tmp_path):
+    """Biases (gpt_oss), shared experts, group-limited routers: the operators leave a plain MoE of N' experts."""
+    name = FAMILY_PRESETS[TINY_FAMILIES.index(family) % len(FAMILY_PRESETS)]
+    model = tiny_model(family, num_experts=8, top_k=2, layers=2)
+    ids, mask = tiny_batch(batch=2, seq=10, seed=2)
+    twin, plan = planned_copy(model, method_cfg(name), ids, mask, ratio=0.25)
+    assert all(layer.num_experts == 6 for layer in moe_layers(twin)) and plan.layers[0].merge["op"]
+    with torch.no_grad():
+        logits = twin(input_ids=ids, attention_mask=mask).logits
+    twin.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.isfinite(logits).all() and torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, logits)
