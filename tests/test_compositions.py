@@ -181,3 +181,23 @@ def test_operators_on_every_family_reload_in_stock_transformers(family, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.isfinite(logits).all() and torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+@pytest.mark.parametrize("grouping", ["hc_smoe", "m_smoe"])
+def test_ream_with_another_grouping_keeps_its_saliency_weights(grouping, tiny, batch):
+    ids, mask = batch
+    cfg = method_cfg("ream", f"+method.grouping={grouping}", "method.align=none")
+    plan = planned_copy(tiny, cfg, ids, mask, ratio=0.5)[1]
+    for lp in plan.layers:
+        assert sorted(e for g in lp.groups for e in g) == list(range(8)) and len(lp.groups) == 4
+        for group, weights in zip(lp.groups, lp.merge_weights):
+            s = torch.tensor(lp.saliency, dtype=torch.float64)[group]
+            torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), s / s.sum())
+
+
+def test_ream_grouped_as_m_smoe_has_m_smoes_groups(tiny, batch):
+    ids, mask = batch
+    ream = planned_copy(tiny, method_cfg("ream_nonseq", "+method.grouping=m_smoe", "method.align=none"), ids, mask,
+                        ratio=0.5)[1]
+    m_smoe = planned_copy(tiny, method_cfg("m_smoe"), ids, mask, ratio=0.5)[1]
+    assert [lp.groups for lp in ream.layers] == [lp.groups for lp in m_smoe.layers]
