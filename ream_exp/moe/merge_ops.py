@@ -136,7 +136,7 @@ def karcher(t: torch.Tensor, w: torch.Tensor, merge_tol: float = 1e-10, merge_ma
                        f"method.merge_max_iter={merge_max_iter} iterations")
 
 
-# ---- Sub-MoE (Li et al., arXiv 2506.23266) -------------------------------------------------------------
+# ---- Sub-MoE (arXiv 2506.23266) ------------------------------------------------------------------------
 
 def joint_rank(merge_rank, full: int) -> int:
     """The rank kept of a joint SVD of full rank `full`: merge_rank null -> full; an integer -> that many (at most
