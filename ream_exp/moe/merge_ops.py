@@ -8,9 +8,9 @@ permuted onto it), and their merge weights w [k] (normalised here to sum to 1), 
     ties         W_c + disjoint_mean_i(trim_d(W_i - W_c))  sign elected by sum_i w_i tau_i   (TIES)
     multislerp   |W| * exp_m(sum_i w_i log_m(u_i)),  m = sum_i w_i u_i / |.|,  u_i = W_i / |W_i|
     karcher      |W| * argmin_u sum_i w_i d(u, u_i)^2 on the sphere (fixed point iteration to tol)
+                 with |W| = sum_i w_i |W_i| (Frobenius norms) in both
     sub_moe      U_r diag(S_r) sum_i w_i V_i^T,  [W_1 | ... | W_k] = U S [V_1^T | ... | V_k^T]  (Sub-MoE)
                  r = merge rank: null full, an integer, or a fraction of the joint matrix's full rank
-                 with |W| = sum_i w_i |W_i| (Frobenius norms)
 
 Each works on one tensor (a matrix or a bias) in float64; sub_moe factorises matrices only and averages biases.
 """
@@ -32,6 +32,7 @@ ANTIPODAL = 1e-12
 
 
 def normalised(w) -> torch.Tensor:
+    """w / sum(w) in float64; weights must be >= 0 with a positive sum."""
     w = torch.as_tensor(w, dtype=torch.float64)
     total = float(w.sum())
     if not (total > 0 and bool((w >= 0).all())):
