@@ -50,7 +50,7 @@ def frontier_figure(df: pd.DataFrame, allow_mixed_evals: bool = False, allow_mix
     fig = Figure(figsize=(PANEL_SIZE[0] * len(experts), PANEL_SIZE[1]), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(experts), squeeze=False)[0]
-    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(points["method"]))}
+    colours = method_colours(list(dict.fromkeys(points["method"])))
     labels = {}
     for ax, count in zip(axes, experts):
         labels[ax] = _draw_panel(ax, points[points["experts"] == count], colours, baseline, count)
@@ -108,6 +108,17 @@ def _values(rows: pd.DataFrame, column: str) -> list:
 
 def _column(df: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(df[column], errors="coerce") if column in df else pd.Series(np.nan, index=df.index)
+
+
+def method_colours(methods: list) -> dict:
+    """One colour per method: matplotlib's ten default colours, or tab20's twenty when more methods are compared
+    (the toy sweep's merge operators and scores), so that no two frontiers share one up to 20."""
+    if len(methods) <= 10:
+        return {m: f"C{i}" for i, m in enumerate(methods)}
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    return {m: tab20(i % 20) for i, m in enumerate(methods)}
 
 
 def _draw_panel(ax, points: pd.DataFrame, colours: dict, baseline: pd.DataFrame, experts) -> list:

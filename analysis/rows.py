@@ -1,8 +1,9 @@
 """One run's resolved config and metrics (the same schema in a run directory and on W&B) -> one table row;
 rows -> the DataFrame analysis.collect returns.
 
-Columns: run_dir, model, method (analysis.naming.method_name: the preset, `+<score>` and `+super` for
-method.saliency and method.protect), experts (= experts_after), experts_before, ratio, mix ('0:.3:.7';
+Columns: run_dir, model, method (analysis.naming.method_name: the preset, `+switch=value` for each composition
+switch the run changes, `+<score>` and `+super` for method.saliency and method.protect), experts
+(= experts_after), experts_before, ratio, mix ('0:.3:.7';
 'general .2, code .3, tool .5' with other sources), mix_general/mix_math/mix_code (0 for a source the mix
 does not read), seed, mc, gen, avg, mc_stderr, gen_stderr, avg_stderr, mc_tasks, gen_tasks, eval,
 eval_limit, eval_fewshot, eval_items, gen_protocol, baseline_mc, baseline_gen, baseline_mc_stderr,

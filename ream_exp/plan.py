@@ -34,6 +34,9 @@ class LayerPlan:
     # Neuron permutations for merging: perms[member] = order of member's neurons matched to its centroid.
     # Large, so kept out of plan.json (saved next to it as plan_perms.pt).
     perms: dict[int, list[int]] | None = field(default=None, repr=False)
+    # The merge operator and its settings, {"op": "ties", "merge_density": 0.2} (docs/algorithms.md, "Merge
+    # operators"); None: the weighted average of merge_weights (and no key in plan.json).
+    merge: dict | None = None
     applied: bool = False  # set by surgery; sequential methods apply layers as they go
 
     @property
@@ -54,6 +57,8 @@ class Plan:
         for layer in d["layers"]:
             layer.pop("perms")
             layer.pop("applied")
+            if layer["merge"] is None:  # plans that average read as before
+                layer.pop("merge")
         if self._perms():
             d["perms_file"] = PERMS_FILE  # so a plan.json whose permutations went missing is refused
         return d

@@ -150,8 +150,10 @@ def check_method(value, setting: str, parent) -> None:
 
 def method_group(module, name: str) -> Group:
     """Method `name`'s settings as a Group: `name` plus its module's DEFAULTS, typed by their defaults (a
-    bool is true or false, an int an integer, None null or an integer) and CHOICES (one of them)."""
-    return settings_group(getattr(module, "DEFAULTS", {}), getattr(module, "CHOICES", {}), name)
+    bool is true or false, an int an integer, None null or an integer), CHOICES (one of them) and SPECS
+    (a setting's own Spec, e.g. a range)."""
+    return settings_group(getattr(module, "DEFAULTS", {}), getattr(module, "CHOICES", {}), name,
+                          getattr(module, "SPECS", None))
 
 
 # ---------------------------------------------------------------- the schema

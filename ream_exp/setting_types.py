@@ -229,11 +229,14 @@ def _join(setting: str, key) -> str:
     return f"{setting}.{key}" if setting else str(key)
 
 
-def settings_group(defaults: dict, choices: dict | None = None, method: str = "method") -> Group:
+def settings_group(defaults: dict, choices: dict | None = None, method: str = "method",
+                   specs: dict | None = None) -> Group:
     fields: dict[str, Spec] = {"name": Str("the method's name")}
     for key, default in defaults.items():
         meaning = f"an integer setting of method={method}"
-        if key in (choices or {}):
+        if key in (specs or {}):  # a setting with a range or rule of its own
+            fields[key] = specs[key]
+        elif key in (choices or {}):
             fields[key] = Choice(*choices[key])
         elif isinstance(default, bool):
             fields[key] = Bool()

@@ -197,7 +197,7 @@ def method_presets(presets: list[str]) -> list[str]:
     defaults = getattr(module, "DEFAULTS", {})
     values = {p: composed([f"method={p}"])["method"] for p in presets}
     group = method_group(module, base)
-    rows = [[f"`method.{key}`", accepts(spec),  # a method setting's meaning: docs/algorithms.md, Presets
+    rows = [[f"`method.{key}`", accepts(spec) or _escaped(spec.meaning),  # meaning: docs/algorithms.md, Presets
              shown(defaults[key]) if key in defaults else NOT_SET,
              shown(values[base][key]) if key in values[base] else NOT_SET]
             for key, spec in group.fields.items() if key != "name"]

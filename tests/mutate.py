@@ -82,6 +82,22 @@ MUTANTS = [
     Mutant("surgery-skips-the-router-group-check", "ream_exp/moe/surgery.py",
            "if layer.router_groups == 1:", "if True:",
            ("tests/test_router_groups.py::test_surgery_refuses_plans_that_ignore_the_router_groups",)),
+    # The merge operators, each planted with the departure REAP's merge code makes (docs/algorithms.md).
+    Mutant("ties-task-vector-sign-flipped", "ream_exp/moe/merge_ops.py",
+           "tau = trim(t - base, merge_density)", "tau = trim(base - t, merge_density)",
+           ("tests/test_merge_ops.py::test_ties_moves_towards_the_members_not_away",)),
+    Mutant("operators-take-unnormalised-weights", "ream_exp/moe/merge_ops.py",
+           "out = OPERATORS[name](t.double(), normalised(weights).to(t.device), **params)",
+           "out = OPERATORS[name](t.double(), torch.as_tensor(weights, dtype=torch.float64, device=t.device), "
+           "**params)",
+           ("tests/test_merge_ops.py::test_only_the_ratios_of_the_weights_matter",)),
+    Mutant("sub-moe-split-by-reshape", "ream_exp/moe/merge_ops.py",
+           "right = vh[:r].reshape(r, k, cols)", "right = vh[:r].reshape(k, r, cols).transpose(0, 1)",
+           ("tests/test_merge_ops.py::test_sub_moe_at_full_rank_is_the_weighted_average",)),
+    Mutant("multislerp-without-the-tangent-step", "ream_exp/moe/merge_ops.py",
+           "return (scale * exp_map(m, wl @ log_map(m, units))).reshape(t.shape[1:])",
+           "return (scale * m).reshape(t.shape[1:])",
+           ("tests/test_merge_ops.py::test_two_members_give_slerp",)),
     # Qwen3-MoE routers have no per-expert buffers: only the every-family test sees this one.
     Mutant("router-buffers-sliced-from-the-front", "ream_exp/moe/surgery.py",
            "b[keep].clone()", "b[: len(keep)].clone()",

@@ -227,8 +227,9 @@ def _cli(tmp_path, *overrides):
     ("metod=reap", "error: unknown setting metod (top level); allowed: baseline, cache_dir, calib, device, eval, "
                    "logger, method, model, progress, ratio, run_dir, save, seed (did you mean method?)"),
     ("method.group_sise=4", "error: unknown setting method.group_sise (method=ream_official); allowed: align, "
-                            "align_tokens, gate_output, gated_sim, group_size, name, pca_dim, pca_seed, protect, "
-                            "saliency, saliency_form, sequential, sim_tokens (did you mean group_size?)"),
+                            "align_tokens, gate_output, gated_sim, group_size, grouping, merge, merge_density, "
+                            "merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, saliency, "
+                            "saliency_form, sequential, sim_tokens (did you mean group_size?)"),
     ("eval.limit=abc", "error: eval.limit='abc' is not a number: eval.limit is null (every example), a positive "
                        "integer (examples per task) or a fraction in (0, 1) of each task's examples"),
     ("model.dtype=bf16", "error: model.dtype='bf16'; valid: auto, float32, bfloat16, float16 (did you mean bfloat16?)"),

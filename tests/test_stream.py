@@ -82,8 +82,8 @@ def _streamed_index_is_complete(checkpoint: Path) -> None:
     assert not (checkpoint / PROGRESS).exists() and not (checkpoint / PLANS).exists()
 
 
-@pytest.mark.parametrize("method", ["ream_official", "ream_nonseq", "hc_smoe", "m_smoe", "freq", "ean", "reap",
-                                    "random", "none", "aimer", "router_norm", "man"])
+@pytest.mark.parametrize("method", ["ream_official", "ream_nonseq", "hc_smoe", "m_smoe", "hc_smoe_karcher", "freq",
+                                    "ean", "reap", "random", "none", "aimer", "router_norm", "man"])
 def test_streamed_checkpoint_equals_in_memory(method, calib_files, tmp_path):
     source = _source(tmp_path, "qwen3_moe")
     memory = run(_cfg(source, calib_files, tmp_path / "cache", method), tmp_path / "memory")

@@ -30,6 +30,14 @@ METHODS.update({name: ream for name in REAM_VARIANTS})
 METHODS.update({"aimer": aimer, "router_norm": router_norm, "man": man, "msan": msan})
 
 
+# Merging as a composition (methods/compose.py): presets of grouping x alignment x merge operator, each one of the
+# merging modules with the switches its conf/method/<name>.yaml sets (same `name`).
+COMPOSED = {"ream_ties": ream, "ream_multislerp": ream, "ream_karcher": ream, "ream_sub_moe": ream,
+            "hc_smoe_ties": hc_smoe, "hc_smoe_karcher": hc_smoe, "hc_smoe_sub_moe": hc_smoe, "m_smoe_ties": m_smoe,
+            "m_smoe_multislerp": m_smoe}
+METHODS.update(COMPOSED)
+
+
 def reads_calibration(module: ModuleType, cfg: dict | None) -> bool:
     """Whether a run of this method (with its config group `cfg`) builds calibration tokens: its module's
     `needs_calibration(cfg)` where it depends on the settings (aimer with method.protect), else its
@@ -47,4 +55,5 @@ def get_method(name: str) -> ModuleType:
         raise ConfigError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "reads_calibration", "top_experts"]
+__all__ = ["COMPOSED", "METHODS", "REAM_VARIANTS", "Context", "get_method", "prune_plan", "reads_calibration",
+           "top_experts"]

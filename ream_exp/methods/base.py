@@ -99,16 +99,18 @@ class Context:
         return self._stats
 
 
-def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, label: str = "method") -> dict:
+def method_settings(cfg: dict, defaults: dict, choices: dict | None = None, label: str = "method",
+                    specs: dict | None = None) -> dict:
     """A method's config with `defaults` filled in; unknown keys, choices and types are checked.
 
     Every key must be one of `defaults`; a key with `choices` must take one of them; a key whose default
-    is a bool must be true or false, an int an integer (a None default allows null or an integer). The
-    rules are ream_exp.setting_types' (`settings_group`), which ream_exp.settings checks before anything
-    is loaded.
+    is a bool must be true or false, an int an integer (a None default allows null or an integer), a key in
+    `specs` that Spec (a range, say). The rules are ream_exp.setting_types' (`settings_group`), which
+    ream_exp.settings checks before anything is loaded.
     """
     method = cfg.get("name", label)
-    settings_group(defaults, choices, method).check_value(dict(cfg), "method", None, where=f"method={method}")
+    settings_group(defaults, choices, method, specs).check_value(dict(cfg), "method", None,
+                                                                 where=f"method={method}")
     return {**defaults, **{k: v for k, v in cfg.items() if k != "name"}}
 
 

@@ -7,6 +7,10 @@ Per MoE layer:
     W_c       = sum_j freq_j / sum(freq) P_j(W_j), P_j aligning neurons on activations (docs/algorithms.md REAM 4)
 A group-limited router's groups are clustered one at a time (N'/n_group clusters each).
 Non-sequential by default, as HC-SMoE observes the original model (`method.sequential` switches it).
+
+The grouping, the alignment and the merge are switches (methods/compose.py): method.grouping=ream|m_smoe,
+method.align=matching, method.merge=ties|multislerp|karcher|sub_moe (hc_smoe_karcher.yaml, ...); the merge
+weights stay the frequencies. method.group_size is REAM's C with method.grouping=ream (null: the paper's rule).
 `method.protect=super` keeps REAP's super experts out of the clustering, as clusters of one (methods/protect.py).
 """
 
@@ -17,53 +21,50 @@ from .base import Context, method_settings
 from ..timing import Timings
 from .layerwise import run_layerwise
 from .observation import Needs
-from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mean, groups_per_router_group,
-                      merge_layer_plan, pca_seed)
-from .protect import PROTECT, keep_apart, protected_experts, protected_info
+from .compose import (ALIGN_CHOICES, COMPOSITION_CHOICES, MERGE_SPECS, align_layer, check_composition,
+                      check_grouping, composition_defaults, dense_need, group_layer, merge_op, needs_alignment_tokens)
+from .merging import centred_clusters, merge_layer_plan
+from .protect import PROTECT, protected_experts, protected_info
 
 NEEDS_CALIBRATION = True
 
 # pca_seed: seed of the PCA used when align is both | weights (null: the run seed), as in REAM.
 DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None,
-                protect="none")
-CHOICES = dict(align=ALIGN_MODES, protect=PROTECT)
+                group_size=None, protect="none", **composition_defaults("hc_smoe"))
+CHOICES = dict(align=ALIGN_CHOICES, protect=PROTECT, **COMPOSITION_CHOICES)
+SPECS = MERGE_SPECS
+
+__all__ = ["centred_clusters", "check", "plan", "settings"]
 
 
 def settings(cfg: dict) -> dict:
     """The method config with defaults filled in; unknown keys and bad choices are refused."""
-    return method_settings(cfg, DEFAULTS, CHOICES, "HC-SMoE")
+    return method_settings(cfg, DEFAULTS, CHOICES, "HC-SMoE", SPECS)
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     """The settings, checked before any weights are loaded."""
-    settings(cfg)
-
-
-def centred_clusters(features, n_clusters: int) -> list[list[int]]:
-    """Average-linkage clusters of the experts' features, each led by its member closest to the mean."""
-    groups = []
-    for cluster in average_linkage(features, n_clusters):
-        rep = closest_to_mean(features, cluster)
-        groups.append([rep] + [j for j in cluster if j != rep])
-    return groups
+    s = settings(cfg)
+    check_composition(cfg, "hc_smoe")
+    check_grouping(s, num_experts, n_keep)
 
 
 def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
-    features = obs.mean_outputs
     with timings("group"):
-        groups = groups_per_router_group(layer, n_keep, keep_apart(lambda m, k: centred_clusters(features[m], k),
-                                                                   protected, layer.index))
+        groups = group_layer(layer, obs, n_keep, obs.freq, s, protected)
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
-    return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
+        perms = align_layer(layer, groups, obs, s, seed, timings)
+    return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()}, merge_op(s))
 
 
 def plan(ctx: Context) -> Plan:
     s = settings(ctx.cfg)
-    needs = Needs(dense="plain", align=s["align"] in ("both", "activations"), sim_tokens=s["sim_tokens"],
+    for layer in ctx.layers:  # reject an impossible C before any calibration runs
+        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
+    needs = Needs(dense=dense_need(s, "plain"), align=needs_alignment_tokens(s), sim_tokens=s["sim_tokens"],
                   align_tokens=int(s["align_tokens"]))
     timings = Timings()
-    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model
+    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
                            needs, bool(s["sequential"]), timings)
     return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers,

@@ -11,6 +11,11 @@ MC-SMoE allots dominant experts non-uniformly across layers; here every layer ke
 comparison). A group-limited router's groups each get N'/n_group dominant experts and merge only their
 own experts. Non-sequential by default (`method.sequential` switches it).
 
+The grouping, the alignment and the merge are switches (methods/compose.py): method.grouping=ream|hc_smoe,
+method.align=both|activations|weights|none (REAM 4's costs, with align_tokens, pca_dim, pca_seed; default
+matching, the weight matching above), method.merge=ties|multislerp|karcher|sub_moe (m_smoe_ties.yaml, ...);
+the merge weights stay the frequencies. method.group_size is REAM's C with method.grouping=ream.
+
 `method.saliency` (default freq, M-SMoE's) picks the score of the dominant experts and merge weights among
 methods/scores.py's (reap, man, msan, aimer, router_norm; zero scores floored as REAM's); `method.protect=super`
 keeps REAP's super experts as groups of one (methods/protect.py).
@@ -23,26 +28,32 @@ from .base import Context, method_settings
 from ..timing import Timings
 from .layerwise import run_layerwise
 from .observation import Needs
-from .merging import (floor_zero_saliency, group_by_pseudo_pruning, groups_per_router_group, logit_cosine,
-                      merge_layer_plan, weight_matching)
-from .protect import PROTECT, keep_apart, protected_experts, protected_info
+from .compose import (ALIGN_CHOICES, ALIGN_DEFAULTS, COMPOSITION_CHOICES, MERGE_SPECS, align_layer,
+                      check_composition, check_grouping, composition_defaults, dense_need, group_layer, merge_op,
+                      needs_alignment_tokens)
+from .merging import floor_zero_saliency, merge_layer_plan
+from .protect import PROTECT, protected_experts, protected_info
 from .scores import SALIENCIES
 from . import scores as expert_scores
 
 NEEDS_CALIBRATION = True
 
-DEFAULTS = dict(sequential=False, saliency="freq", protect="none")
-CHOICES = dict(saliency=SALIENCIES, protect=PROTECT)
+DEFAULTS = dict(sequential=False, align="matching", **ALIGN_DEFAULTS, group_size=None, saliency="freq",
+                protect="none", **composition_defaults("m_smoe"))
+CHOICES = dict(align=ALIGN_CHOICES, saliency=SALIENCIES, protect=PROTECT, **COMPOSITION_CHOICES)
+SPECS = MERGE_SPECS
 
 
 def settings(cfg: dict) -> dict:
     """The method config with defaults filled in; unknown keys and bad choices are refused."""
-    return method_settings(cfg, DEFAULTS, CHOICES, label="M-SMoE")
+    return method_settings(cfg, DEFAULTS, CHOICES, "M-SMoE", SPECS)
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     """The settings, checked before any weights are loaded."""
-    settings(cfg)
+    s = settings(cfg)
+    check_composition(cfg, "m_smoe")
+    check_grouping(s, num_experts, n_keep)
 
 
 def dominance(layer, obs, name: str):
@@ -51,22 +62,23 @@ def dominance(layer, obs, name: str):
     return obs.freq if name == "freq" else floor_zero_saliency(expert_scores.saliency(name, layer, obs))
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings, saliency: str = "freq", protected=frozenset()):
-    freq = dominance(layer, obs, saliency)
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
+    freq = dominance(layer, obs, s["saliency"])
     with timings("group"):
-        distance = 1 - logit_cosine(obs.logit_gram)
-        groups = groups_per_router_group(layer, n_keep, keep_apart(lambda m, k: group_by_pseudo_pruning(
-            freq[m], distance[m][:, m], k, 0), protected, layer.index))
+        groups = group_layer(layer, obs, n_keep, freq, s, protected, dominant=freq)
     with timings("align"):
-        perms = weight_matching(layer, groups)
-    return merge_layer_plan(layer, groups, freq, perms, freq, {saliency: freq.tolist()})
+        perms = align_layer(layer, groups, obs, s, seed, timings)
+    return merge_layer_plan(layer, groups, freq, perms, freq, {s["saliency"]: freq.tolist()}, merge_op(s))
 
 
 def plan(ctx: Context) -> Plan:
     s = settings(ctx.cfg)
+    for layer in ctx.layers:  # reject an impossible C before any calibration runs
+        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
+    needs = Needs(dense=dense_need(s, "plain"), align=needs_alignment_tokens(s), align_tokens=int(s["align_tokens"]))
     timings = Timings()
-    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model
-    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s["saliency"], protected.get(l.index, set())),
-                           Needs(), bool(s["sequential"]), timings)
+    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
+                           needs, bool(s["sequential"]), timings)
     return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers,
                 info={"settings": s, "timings": dict(timings), **protected_info(protected)})

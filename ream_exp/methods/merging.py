@@ -7,6 +7,7 @@ Each function is one formula of docs/algorithms.md (REAM, HC-SMoE, M-SMoE) and w
     ream_distance(means, gram, gate_output)         1 - (delta_E + delta_g) / 2                    (4.2)
     group_by_pseudo_pruning(S, dist, N', C)         centroids = top-N', greedy groups of size C    (4.3)
     average_linkage(features, N')                   HC-SMoE's clustering                           (5)
+    centred_clusters(features, N')                  its clusters, each led by the member nearest the mean
     groups_per_router_group(layer, N', form)        any grouping above, within each router group
     align_groups(layer, groups, x, mode)            neuron permutations by linear_sum_assignment   (4.4)
     merge_layer_plan(...)                           the LayerPlan: groups, weights, perms          (4.5)
@@ -177,6 +178,15 @@ def closest_to_mean(features: torch.Tensor, cluster: list[int]) -> int:
     return cluster[int(torch.argmin(dist))]
 
 
+def centred_clusters(features, n_clusters: int) -> list[list[int]]:
+    """Average-linkage clusters of the experts' features, each led by its member closest to the mean."""
+    groups = []
+    for cluster in average_linkage(features, n_clusters):
+        rep = closest_to_mean(features, cluster)
+        groups.append([rep] + [j for j in cluster if j != rep])
+    return groups
+
+
 # ---- neuron alignment (4.4) --------------------------------------------------------------------------
 
 def weight_features(layer: MoELayer, experts: list[int] | None = None) -> torch.Tensor:
@@ -323,12 +333,14 @@ def weight_matching(layer: MoELayer, groups: list[list[int]]) -> dict[int, list[
 # ---- the plan (4.5) --------------------------------------------------------------------------------
 
 def merge_layer_plan(layer: MoELayer, groups: list[list[int]], weight_score: torch.Tensor,
-                     perms: dict[int, list[int]], saliency: torch.Tensor, scores: dict) -> LayerPlan:
-    """Groups ordered by centroid index; keep[i] = centroid of groups[i]; w = score / group sum."""
+                     perms: dict[int, list[int]], saliency: torch.Tensor, scores: dict,
+                     merge: dict | None = None) -> LayerPlan:
+    """Groups ordered by centroid index; keep[i] = centroid of groups[i]; w = score / group sum; `merge`: the
+    operator that merges them (None: the weighted average; methods/compose.py)."""
     groups = sorted(groups, key=lambda g: g[0])
     keep = [g[0] for g in groups]
     return LayerPlan(
         layer.index, layer.num_experts, keep, groups=[list(map(int, g)) for g in groups],
         merge_weights=[normalized_weights(weight_score, g) for g in groups], centroids=list(keep),
-        saliency=saliency.double().tolist(), scores=scores, perms=perms or None,
+        saliency=saliency.double().tolist(), scores=scores, perms=perms or None, merge=merge,
     )

@@ -20,6 +20,10 @@ and every ablation of the paper: they differ only in conf/method/*.yaml. Per MoE
     W_c      = sum_j S_j / sum(S) P_j(W_j) in float32; the centroid's router row is kept.
     protect  = super: REAP's super experts are centroids of groups of one (methods/protect.py)
 
+The grouping, the alignment and the merge are switches (methods/compose.py): method.grouping=hc_smoe|m_smoe groups
+as those methods do, method.align=matching aligns by weight matching, method.merge=ties|multislerp|karcher|sub_moe
+merges by another operator (ream_ties.yaml, ream_karcher.yaml, ...); the merge weights stay S_j / sum(S).
+
 sequential=true (default) observes each layer on the outputs of the already-compressed layers.
 Similarity statistics can be estimated on `sim_tokens` sampled tokens; saliency is always exact.
 """
@@ -32,24 +36,28 @@ from .base import Context, method_settings
 from ..timing import Timings
 from .layerwise import run_layerwise
 from .observation import Needs
-from .protect import PROTECT, keep_apart, protected_experts, protected_info
+from .compose import (ALIGN_CHOICES, COMPOSITION_CHOICES, MERGE_SPECS, align_layer, check_composition,
+                      check_grouping, composition_defaults, dense_need, group_layer, merge_op, needs_alignment_tokens)
+from .merging import floor_zero_saliency, merge_layer_plan
+from .protect import PROTECT, protected_experts, protected_info
 from .scores import SALIENCIES
 from . import scores as expert_scores
-from .merging import (ALIGN_MODES, align_groups, check_group_size, floor_zero_saliency, group_by_pseudo_pruning,
-                      groups_per_router_group, merge_layer_plan, pca_seed, ream_distance)
 
 NEEDS_CALIBRATION = True
 
 DEFAULTS = dict(
     saliency="reap", saliency_form="paper", gated_sim=True, gate_output=True, group_size=16,
     align="both", pca_dim=64, pca_seed=None, align_tokens=32768, sim_tokens=None, sequential=True, protect="none",
+    **composition_defaults("ream"),
 )
-CHOICES = dict(saliency=SALIENCIES, saliency_form=("paper", "official"), align=ALIGN_MODES, protect=PROTECT)
+CHOICES = dict(saliency=SALIENCIES, saliency_form=("paper", "official"), align=ALIGN_CHOICES, protect=PROTECT,
+               **COMPOSITION_CHOICES)
+SPECS = MERGE_SPECS
 
 
 def settings(cfg: dict) -> dict:
     """The method config with defaults filled in and every choice checked."""
-    return method_settings(cfg, DEFAULTS, CHOICES, "REAM")
+    return method_settings(cfg, DEFAULTS, CHOICES, "REAM", SPECS)
 
 
 def group_size(s: dict, num_experts: int, n_keep: int) -> int:
@@ -58,8 +66,11 @@ def group_size(s: dict, num_experts: int, n_keep: int) -> int:
 
 
 def check(cfg: dict, num_experts: int, n_keep: int) -> None:
-    """Settings and group size, checked from the model's config before any weights are loaded."""
-    check_group_size(num_experts, n_keep, group_size(settings(cfg), num_experts, n_keep))
+    """Settings, the switches together and the group size, checked from the model's config before any
+    weights are loaded."""
+    s = settings(cfg)
+    check_composition(cfg, "ream")
+    check_grouping({**s, "group_size": group_size(s, num_experts, n_keep)}, num_experts, n_keep)
 
 
 def saliency(obs, s: dict, layer=None):
@@ -76,16 +87,14 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, pr
     raw = saliency(obs, s, layer)
     score = floor_zero_saliency(raw)
     with timings("group"):
-        distance = ream_distance(obs.mean_outputs, obs.logit_gram, bool(s["gate_output"]))
-        groups = groups_per_router_group(layer, n_keep, keep_apart(lambda m, k: group_by_pseudo_pruning(
-            score[m], distance[m][:, m], k, s["group_size"]), protected, layer.index))
+        groups = group_layer(layer, obs, n_keep, score, s, protected)
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
+        perms = align_layer(layer, groups, obs, s, seed, timings)
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
               "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
     if s["saliency"] not in scores:
         scores[s["saliency"]] = raw.tolist()
-    return merge_layer_plan(layer, groups, score, perms, score, scores)
+    return merge_layer_plan(layer, groups, score, perms, score, scores, merge_op(s))
 
 
 def plan(ctx: Context) -> Plan:
@@ -93,8 +102,8 @@ def plan(ctx: Context) -> Plan:
     first = ctx.layers[0]  # every MoE layer has the same N, so one C serves all (recorded in plan.info)
     s["group_size"] = group_size(s, first.num_experts, ctx.n_keep(first))
     for layer in ctx.layers:  # reject an impossible C before any calibration runs
-        check_group_size(layer.num_experts, ctx.n_keep(layer), s["group_size"])
-    needs = Needs(dense="gated" if s["gated_sim"] else "plain", align=s["align"] in ("both", "activations"),
+        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
+    needs = Needs(dense=dense_need(s, "gated" if s["gated_sim"] else "plain"), align=needs_alignment_tokens(s),
                   sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]))
     timings = Timings()
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes

@@ -19,6 +19,7 @@ from ..plan import LayerPlan, Plan
 from .families import config_value, family_for, set_config_value
 from .groups import grouped_keep_problem, router_group_problem
 from .layers import MoELayer, canonical_weights, moe_layers, write_canonical_weights
+from .merge_ops import merge_tensor
 from .offload import materialised
 
 
@@ -89,8 +90,12 @@ def check_router_groups_kept(layer: MoELayer, keep: list[int], groups: list[list
 
 
 @torch.no_grad()
-def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: dict[int, list[int]] | None) -> None:
-    """W_centroid <- sum_j w_j P_j(W_j) in float32 (docs/algorithms.md REAM 5); group[0] is the centroid."""
+def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: dict[int, list[int]] | None,
+                merge: dict | None = None) -> None:
+    """W_centroid <- sum_j w_j P_j(W_j) in float32 (docs/algorithms.md REAM 5); group[0] is the centroid.
+
+    `merge` (a plan's {"op": name, **settings}; None: the weighted average above) merges the aligned members
+    by another operator of docs/algorithms.md, "Merge operators" (moe/merge_ops.py)."""
     w = canonical_weights(layer.experts, group)
     coef = torch.tensor(weights, dtype=torch.float32, device=w["up"].device)
     merged = {}
@@ -104,6 +109,9 @@ def merge_group(layer: MoELayer, group: list[int], weights: list[float], perms: 
                 p = torch.as_tensor(perms[member], device=t.device)
                 # neurons are rows of gate/up, columns of down, entries of gate/up biases
                 t[j] = t[j][:, p] if name == "down" else t[j][p]
+        if merge is not None:
+            merged[name] = merge_tensor(t, weights, merge)
+            continue
         shape = (-1,) + (1,) * (t.dim() - 1)
         merged[name] = (coef.view(shape) * t).sum(0, keepdim=True)
     write_canonical_weights(layer.experts, [group[0]], merged)
@@ -122,7 +130,7 @@ def apply_layer_plan(layer: MoELayer, lp: LayerPlan) -> None:
         check_router_groups_kept(layer, lp.keep, [g for g, _ in merges])  # before any weight changes
         with materialised([layer.experts, layer.router], write_back=True):
             for group, weights in merges:
-                merge_group(layer, group, weights, lp.perms)
+                merge_group(layer, group, weights, lp.perms, lp.merge)
             if slices:
                 keep_experts(layer, lp.keep)
     lp.applied = True
