@@ -39,6 +39,7 @@ from .evaluation.scores import scores_made_by
 from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
 from .methods import Context, get_method
+from .methods.budget import allot, budget_info, check_budget
 from .methods.layer_stream import LayerStream
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
@@ -115,6 +116,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
     needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
+    check_budget(cfg)  # budget=global: the method and settings it needs (the router's groups once config.json is read)
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
@@ -122,6 +124,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     check_stream(cfg, model_config)
+    check_budget(cfg, model_config)
     check_streamed_baseline(cfg)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
@@ -204,7 +207,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "model": cfg.model.name,
         "mix": recorded_mix(cfg.calib) if calib is not None else None,  # {source: weight}
         "experts_before": experts_before,
-        "experts_after": moe_layers(model)[0].num_experts,
+        "experts_after": experts_after(model),
         "params_before": params_before,
         "params_after": params_after,
         "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
@@ -212,6 +215,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "baseline": baseline,
         "timings": dict(timer),
     }
+    if cfg.get("budget", "uniform") != "uniform":  # N'_l per MoE layer (their mean is experts_after)
+        metrics["budget"] = cfg.budget
+        metrics["layer_experts"] = {str(layer.index): layer.num_experts for layer in moe_layers(model)}
     _record(cfg, run_dir, metrics, logger)
     return metrics
 
@@ -233,7 +239,11 @@ def _compress(cfg: DictConfig, method, model, calib: dict | None, stream: LayerS
                   stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")),
                   stream=stream)
     with timer("compress"):
+        if cfg.get("budget", "uniform") == "global":  # N'_l per layer, from the uncompressed model's scores
+            ctx.keep_counts = allot(ctx)
         plan = method.plan(ctx)
+        if ctx.keep_counts is not None:
+            plan.info.update(budget_info(ctx, ctx.keep_counts))
         if stream is not None:  # layers a method did not go through are written now, as planned
             stream.complete(plan.layers)
         apply_plan(model, plan)
@@ -251,6 +261,14 @@ def _record(cfg: DictConfig, run_dir: Path, metrics: dict, logger) -> None:
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics(metrics)
     logger.log_results(run_dir / "metrics.json")
+
+
+def experts_after(model) -> int | float:
+    """Routed experts per MoE layer: the one count, or (per-layer budgets) the mean count, an integer when
+    the layers started alike, since budget=global removes as many experts in all as the ratio does."""
+    counts = [layer.num_experts for layer in moe_layers(model)]
+    mean = sum(counts) / len(counts)
+    return int(mean) if mean == int(mean) else mean
 
 
 def count_parameters(model) -> int:

@@ -53,6 +53,9 @@ class Context:
     # model.stream=true: the methods.layer_stream.LayerStream that loads, writes and frees decoder layers
     # (the model is a meta skeleton); None: the model is in memory whole.
     stream: object | None = None
+    # budget=global: N'_l per MoE layer index, fixed before the method plans (methods/budget.py); None: every
+    # layer keeps N - round(N * ratio) (budget=uniform)
+    keep_counts: dict[int, int] | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property
@@ -60,6 +63,8 @@ class Context:
         return moe_layers(self.model)
 
     def n_keep(self, layer: MoELayer) -> int:
+        if self.keep_counts is not None:
+            return self.keep_counts[layer.index]
         return experts_to_keep(layer.num_experts, self.ratio)
 
     @property
