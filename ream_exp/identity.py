@@ -16,7 +16,8 @@ device map, memory limits, offload, streaming, where hidden states wait), where 
 the logger and the run directory. Each of those is in the list only because tests/test_identity.py shows
 that changing it leaves the plan, the weights and the scores unchanged. A sweep's run directories are named
 without them (`override_dirname_excluded`, read by conf/config.yaml), so a relaunch with another placement
-finds the finished runs.
+finds the finished runs. A setting added later is left out at the value every earlier run had
+(EARLIER_DEFAULTS: budget=uniform), so those runs keep their identity.
 
 Weights: a local model directory is fingerprinted by its files' names, sizes and contents (whole files up
 to FULL_DIGEST_BYTES, else the first MiB and SAMPLES evenly spaced MiB-blocks): a retrained or replaced
