@@ -19,3 +19,11 @@ __version__ = "0.1.0"
 
 from . import config as _config  # noqa: E402,F401  (registers the ${pkg:...} and ${group_size:...} resolvers)
 from . import identity as _identity  # noqa: E402,F401  (registers ${identity_free_overrides:})
+
+
+def load_compressed(path, device="cpu", dtype=None):
+    """A ream-exp checkpoint as a CausalLM, also one whose MoE layers keep different numbers of experts
+    (budget=global), which stock transformers and vLLM do not load (ream_exp/compressed.py)."""
+    from .compressed import load_compressed as load
+
+    return load(path, device, dtype)

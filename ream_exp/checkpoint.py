@@ -108,6 +108,9 @@ def compression_block(cfg, plan: Plan, experts_before: int, experts_after: int, 
         "layers": {str(lp.layer): {"keep": lp.keep, **({"groups": lp.groups} if lp.groups else {})}
                    for lp in plan.layers},
         "plan": "plan.json",
+        # budget=global (docs/budgets.md): N'_l per MoE layer; config.json's ream_exp_layer_experts says the same
+        **({"budget": plan.info["budget"], "layer_experts": plan.info["layer_experts"]}
+           if "layer_experts" in plan.info else {}),
     }
 
 
@@ -181,8 +184,10 @@ def _body(block: dict, config: dict, scores: dict | None, baseline: dict | None)
     n = block["experts_per_layer"]
     base = block["base_model"]["path"]
     calib = block["calibration"]
-    made = [f"- method: `{block['method']}` ({block['kind']}), ratio {block['ratio']}: "
-            f"{n['before']} -> {n['after']} routed experts in every MoE layer",
+    after = (f"{n['before']} -> {n['after']} routed experts in every MoE layer" if "layer_experts" not in block else
+             f"{n['before']} routed experts per MoE layer -> {block['layer_experts']} (budget={block['budget']}; "
+             "load it with ream_exp.load_compressed: stock transformers and vLLM do not load per-layer expert counts)")
+    made = [f"- method: `{block['method']}` ({block['kind']}), ratio {block['ratio']}: {after}",
             f"- base model: `{base}`, dtype {config.get('dtype') or config.get('torch_dtype')}",
             f"- run seed {block['seed']}"]
     if calib:

@@ -16,7 +16,8 @@ device map, memory limits, offload, streaming, where hidden states wait), where 
 the logger and the run directory. Each of those is in the list only because tests/test_identity.py shows
 that changing it leaves the plan, the weights and the scores unchanged. A sweep's run directories are named
 without them (`override_dirname_excluded`, read by conf/config.yaml), so a relaunch with another placement
-finds the finished runs.
+finds the finished runs. A setting added later is left out at the value every earlier run had
+(EARLIER_DEFAULTS: budget=uniform), so those runs keep their identity.
 
 Weights: a local model directory is fingerprinted by its files' names, sizes and contents (whole files up
 to FULL_DIGEST_BYTES, else the first MiB and SAMPLES evenly spaced MiB-blocks): a retrained or replaced
@@ -42,6 +43,9 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
     "model": ("device_map", "max_memory", "offload_folder", "stream"),
     "calib": ("states_device", "states_dir"),
 }
+# Settings added after runs were made, left out of the identity at the value those runs had (what the code did
+# before the setting existed), so finished runs stay finished.
+EARLIER_DEFAULTS: dict[str, object] = {"budget": "uniform"}
 # Eval settings that change what is written beside the scores, not the scores: out of the baseline's key
 # (a run's own identity keeps them, since its directory holds what they write).
 EVAL_OUTPUT_KEYS = ("log_samples",)
@@ -146,7 +150,8 @@ def run_identity(cfg) -> dict:
     the calibration sources the mix gives no weight, package paths portable, the model by its weights."""
     plain = _plain(cfg)
     plain.pop("hydra", None)
-    kept = {k: v for k, v in plain.items() if k not in NOT_IDENTITY[""]}
+    kept = {k: v for k, v in plain.items() if k not in NOT_IDENTITY[""]
+            and not (k in EARLIER_DEFAULTS and v == EARLIER_DEFAULTS[k])}
     for group, keys in NOT_IDENTITY.items():
         if group and isinstance(kept.get(group), dict):
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}

@@ -58,15 +58,21 @@ def _refusal(model_cfg, found: FoundMTP, num_experts: int, n_keep: int) -> str:
             f"use ratio=0 or a checkpoint without them")
 
 
-def check_mtp(model_cfg, config, num_experts: int, n_keep: int, found: FoundMTP | None = None) -> None:
+def check_mtp(model_cfg, config, num_experts: int, n_keep: int, found: FoundMTP | None = None,
+              budget: str = "uniform") -> None:
     """Refuse, before any weights load, a run that changes the expert count of a checkpoint whose MTP
-    tensors ream-exp cannot compress (they would no longer fit the written config). `found`: what
+    tensors ream-exp cannot compress (they would no longer fit the written config), and a per-layer budget
+    beside MTP tensors (the MTP layer's keys share the config's one expert count). `found`: what
     MTPLayers.open found (a hub checkpoint is read only once loaded), else read from model.path."""
     if found is None:
         keys = _checkpoint_keys(model_cfg)
         found = find_mtp(keys, config) if keys else None
     if found is not None and found.layout is None and n_keep != num_experts:
         raise ConfigError(_refusal(model_cfg, found, num_experts, n_keep))
+    if found is not None and budget == "global":
+        raise ConfigError(f"budget=global: {model_cfg.get('path') or model_cfg.get('name')} has "
+                          "multi-token-prediction layers, whose experts share the config's one count; use "
+                          "budget=uniform")
 
 
 # ---- the MTP layer beside the model -----------------------------------------------------------------
@@ -255,8 +261,7 @@ def _as_stored(keys: list[str], files: dict[str, Path]) -> dict[str, torch.Tenso
 
 def _shard_bytes(path: Path) -> int:
     with ShardReader(path) as shard:
-        return sum(_numel(info["shape"]) * BITS[info["dtype"]] // 8
-                   for name, info in shard.header.items() if name != "__metadata__")
+        return sum(_numel(shape) * BITS[dtype] // 8 for dtype, shape, _ in shard.header.values())
 
 
 def _numel(shape) -> int:

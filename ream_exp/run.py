@@ -41,6 +41,7 @@ from .footprint import (checkpoint_footprint, model_footprint, original_footprin
 from .identity import config_digest, stats_key
 from .loading import load_model, load_model_config, load_tokenizer
 from .methods import Context, get_method, reads_calibration
+from .methods.budget import allot, budget_info, check_budget
 from .methods.layer_stream import LayerStream
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
@@ -119,6 +120,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
     needs_calibration = reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True))
+    check_budget(cfg)  # budget=global: the method and settings it needs (the router's groups once config.json is read)
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
@@ -126,13 +128,15 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     model_config = _model_config(cfg.model)
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     check_stream(cfg, model_config)
+    check_budget(cfg, model_config)
     check_streamed_baseline(cfg)
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
     if needs_calibration:
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
-    check_mtp(cfg.model, model_config, num_experts, n_keep)  # multi-token-prediction tensors it cannot compress
+    # multi-token-prediction tensors it cannot compress, or beside a per-layer budget
+    check_mtp(cfg.model, model_config, num_experts, n_keep, budget=cfg.get("budget", "uniform"))
     check_datasets(_datasets_needed(cfg, needs_calibration, tokenizer))
     check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (docs/evaluation.md)
     return model_config
@@ -216,7 +220,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "model": cfg.model.name,
         "mix": recorded_mix(cfg.calib) if calib is not None else None,  # {source: weight}
         "experts_before": experts_before,
-        "experts_after": moe_layers(model)[0].num_experts,
+        "experts_after": experts_after(model),
         "params_before": params_before,
         "params_after": params_after,
         "weights_before": weights_before,
@@ -227,6 +231,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "baseline": baseline,
         "timings": dict(timer),
     }
+    if cfg.get("budget", "uniform") != "uniform":  # N'_l per MoE layer (their mean is experts_after)
+        metrics["budget"] = cfg.budget
+        metrics["layer_experts"] = {str(layer.index): layer.num_experts for layer in moe_layers(model)}
     _record(cfg, run_dir, metrics, logger)
     return metrics
 
@@ -248,7 +255,8 @@ def _open_mtp(cfg: DictConfig, model, stream: LayerStream | None) -> MTPLayers |
     else:
         mtp = MTPLayers.open(cfg.model, model, execution_device(model.get_input_embeddings()), model.dtype)
     if mtp is not None:  # a hub checkpoint's tensors are read only now: the check of validate, again
-        check_mtp(cfg.model, model.config, *check_expert_counts(model.config, float(cfg.ratio)), found=mtp.found)
+        check_mtp(cfg.model, model.config, *check_expert_counts(model.config, float(cfg.ratio)), found=mtp.found,
+                  budget=cfg.get("budget", "uniform"))
     return mtp
 
 
@@ -261,7 +269,11 @@ def _compress(cfg: DictConfig, method, model, calib: dict | None, stream: LayerS
                   stats_path=stats_path, states=StatesConfig.from_calib(cfg.calib, cfg.get("cache_dir")),
                   stream=stream, mtp=mtp)
     with timer("compress"):
+        if cfg.get("budget", "uniform") == "global":  # N'_l per layer, from the uncompressed model's scores
+            ctx.keep_counts = allot(ctx)
         plan = method.plan(ctx)
+        if ctx.keep_counts is not None:
+            plan.info.update(budget_info(ctx, ctx.keep_counts))
         if stream is not None:  # layers a method did not go through are written now, as planned
             stream.complete(plan.layers)
         if mtp is not None:
@@ -291,6 +303,14 @@ def evaluate_with_peak(model, tokenizer, cfg: DictConfig, run_dir: Path) -> tupl
                       output_dir=run_dir / "lm_eval" if scores_wanted(cfg) else None)
     measured = scores_wanted(cfg) and cfg.eval.get("backend") != "vllm"
     return scores, peak_memory() if measured else None
+
+
+def experts_after(model) -> int | float:
+    """Routed experts per MoE layer: the one count, or (per-layer budgets) the mean count, an integer when
+    the layers started alike, since budget=global removes as many experts in all as the ratio does."""
+    counts = [layer.num_experts for layer in moe_layers(model)]
+    mean = sum(counts) / len(counts)
+    return int(mean) if mean == int(mean) else mean
 
 
 def count_parameters(model) -> int:

@@ -261,6 +261,9 @@ for _group in (MODEL, CALIB, EVAL, LOGGER):  # conf/<group>/*.yaml: messages nam
 SCHEMA = Group({
     "ratio": Number("the fraction of experts removed per MoE layer, in [0, 1)", lo=0, hi=1, hi_open=True),
     "seed": Int("the integer seed of every random choice of the run"),
+    "budget": Choice("uniform", "global", meaning="how many experts each MoE layer keeps: the same ratio in every "
+                                                  "layer, or one ranking of all experts by their normalised score "
+                                                  "(as many removed in all, none below top_k; docs/budgets.md)"),
     "save": Bool("whether the compressed checkpoint is written to <run dir>/checkpoint/"),
     "device": Custom(check_device, meaning=f"{DEVICE_FORMS}; unused when model.device_map is set"),
     "progress": Bool("whether long steps show progress bars"),

@@ -270,3 +270,10 @@ def test_offloaded_run_writes_the_same_mtp_layer(method, sources, tmp_path):
     assert a.keys() == b.keys() and any(k.startswith(f"model.layers.{N}.") for k in a)
     for k in a:  # the same float32 operations on the same values; offloaded tensors may be laid out otherwise
         torch.testing.assert_close(b[k], a[k], **CLOSE, msg=k)
+
+
+def test_global_budget_refused_beside_mtp_layers(sources, tmp_path):
+    """A per-layer budget beside MTP tensors is refused before any load: the MTP layer's experts share the
+    config's one expert count."""
+    with pytest.raises(ConfigError, match=r"^budget=global: .* has multi-token-prediction layers.*use budget=uniform$"):
+        validate(_cfg(sources["mtp"], sources, tmp_path / "cache", "reap", "budget=global"))

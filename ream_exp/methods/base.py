@@ -63,6 +63,9 @@ class Context:
     # The checkpoint's multi-token-prediction layer (mtp_layers.MTPLayers), compressed as the last MoE layer;
     # None: it has none.
     mtp: object | None = None
+    # budget=global: N'_l per MoE layer index, fixed before the method plans (methods/budget.py); None: every
+    # layer keeps N - round(N * ratio) (budget=uniform)
+    keep_counts: dict[int, int] | None = None
     _stats: dict[int, LayerStats] | None = field(default=None, repr=False)
 
     @property
@@ -71,6 +74,8 @@ class Context:
         return moe_layers(self.model) + (self.mtp.layers if self.mtp is not None else [])
 
     def n_keep(self, layer: MoELayer) -> int:
+        if self.keep_counts is not None:
+            return self.keep_counts[layer.index]
         return experts_to_keep(layer.num_experts, self.ratio)
 
     @property

@@ -82,28 +82,8 @@ class LayerStream:
 
     # ---- reading ----------------------------------------------------------------------------------------
     def _load(self, keys: list[str], files: dict[str, Path]) -> None:
-        """Read `keys` from their shards into the model (converted as from_pretrained converts them): the
-        fused expert tensors expert by expert (stream_source.read_stacked), the rest by transformers."""
-        from safetensors import safe_open
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
-        from transformers.utils import logging as hf_logging
-
-        stacked, keys = stacked_experts(self.model, self.mapping, keys)
-        for target in stacked:
-            _set_parameter(self.model, target.name, read_stacked(target, files, self.model.get_parameter(
-                target.name), self.device))
-        if not keys:
-            return
-        with contextlib.ExitStack() as stack:
-            if hf_logging.is_progress_bar_enabled():  # one "Loading weights" bar per layer says nothing
-                hf_logging.disable_progress_bar()
-                stack.callback(hf_logging.enable_progress_bar)
-            handles = {f: stack.enter_context(safe_open(f, "pt")) for f in sorted({files[k] for k in keys})}
-            tensors = {k: handles[files[k]].get_slice(k) for k in keys}
-            config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
-            convert_and_load_state_dict_in_model(self.model, tensors, config)
+        """Read `keys` from their shards into the model (converted as from_pretrained converts them)."""
+        read_into(self.model, self.mapping, keys, files, self.device, self.dtype)
         self._own_storage()
 
     def _own_storage(self) -> None:
@@ -254,6 +234,30 @@ class LayerStream:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
+def read_into(model: nn.Module, mapping: list, keys: list[str], files: dict[str, Path], device, dtype) -> None:
+    """Read checkpoint tensors `keys` (in `files`) into `model`, converted as from_pretrained converts them: the
+    fused expert tensors expert by expert (stream_source.read_stacked), the rest by transformers (also used
+    by ream_exp.compressed.load_compressed)."""
+    from safetensors import safe_open
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    stacked, keys = stacked_experts(model, mapping, keys)
+    for target in stacked:
+        _set_parameter(model, target.name, read_stacked(target, files, model.get_parameter(target.name), device))
+    if not keys:
+        return
+    with contextlib.ExitStack() as stack:
+        if hf_logging.is_progress_bar_enabled():  # one "Loading weights" bar per layer says nothing
+            hf_logging.disable_progress_bar()
+            stack.callback(hf_logging.enable_progress_bar)
+        handles = {f: stack.enter_context(safe_open(f, "pt")) for f in sorted({files[k] for k in keys})}
+        tensors = {k: handles[files[k]].get_slice(k) for k in keys}
+        config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)
+        convert_and_load_state_dict_in_model(model, tensors, config)
+
 
 def _rest_parameters(model: nn.Module, layers: nn.ModuleList):
     inside = {id(p) for p in layers.parameters()}

@@ -148,13 +148,37 @@ def update_expert_counts(model: nn.Module, n: int) -> None:
         model.num_experts = n
 
 
+# config.json key of per-layer expert counts (budget=global, docs/budgets.md): one entry per decoder layer, null
+# for a layer without routed experts. The family's count keys hold the largest count.
+LAYER_EXPERTS_KEY = "ream_exp_layer_experts"
+
+
+def layer_expert_counts(config) -> list[int | None] | None:
+    """The per-layer routed-expert counts a per-layer-budget checkpoint's config records, else None."""
+    return getattr(config.get_text_config(), LAYER_EXPERTS_KEY, None)
+
+
+def record_layer_experts(model: nn.Module) -> None:
+    """Where the MoE layers keep different numbers of experts: the largest count in the family's count keys
+    and every layer's in LAYER_EXPERTS_KEY (stock transformers builds every layer with the config's one count,
+    so it cannot load such a checkpoint; ream_exp.load_compressed can)."""
+    layers = moe_layers(model)
+    counts = {layer.index: layer.num_experts for layer in layers}
+    update_expert_counts(model, max(counts.values()))
+    if len(set(counts.values())) > 1:
+        n_layers = layers[0].family.num_layers or max(counts) + 1
+        setattr(model.config.get_text_config(), LAYER_EXPERTS_KEY, [counts.get(i) for i in range(n_layers)])
+
+
 def apply_plan(model: nn.Module, plan: Plan, extra: list[MoELayer] = ()) -> None:
-    """Apply every layer of `plan`; all MoE layers (the model's and `extra`, a multi-token-prediction
-    layer's held beside it) end with the same expert count."""
+    """Apply every layer of `plan`. The model's MoE layers may end with different expert counts (a per-layer
+    budget), which the config records (`record_layer_experts`); `extra` (a multi-token-prediction layer's, held
+    beside the model) must end with the count of every other layer, as its checkpoint keys share the config's."""
     by_index = {layer.index: layer for layer in moe_layers(model) + list(extra)}
     for lp in plan.layers:
         apply_layer_plan(by_index[lp.layer], lp)
     counts = {layer.num_experts for layer in moe_layers(model) + list(extra)}
-    if len(counts) != 1:
-        raise ValueError(f"MoE layers ended with different expert counts {sorted(counts)}; plans must be uniform")
-    update_expert_counts(model, counts.pop())
+    if extra and len(counts) != 1:
+        raise ValueError(f"MoE layers ended with different expert counts {sorted(counts)} beside a "
+                         "multi-token-prediction layer; its plans must be uniform")
+    record_layer_experts(model)
