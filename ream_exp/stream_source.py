@@ -96,14 +96,17 @@ def _model_dtype(model_cfg, config) -> torch.dtype:
 
 
 def meta_model(model_cfg, source: Path):
-    """The CausalLM of `source` on the meta device, in the run's dtype, with its generation config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """The model of `source` on the meta device (built by the Auto class that loads it, towers kept:
+    moe.registry.auto_model_class), in the run's dtype, with its generation config."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .moe.registry import auto_model_class
 
     trust = bool(model_cfg.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     dtype = _model_dtype(model_cfg, config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust).eval()
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust).eval()
     if (source / "generation_config.json").is_file():  # as from_pretrained reads it
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model, dtype

@@ -72,18 +72,19 @@ def expert_count(experts: nn.Module) -> int:
 # ---- the meta model -------------------------------------------------------------------------------
 
 def meta_model(config) -> nn.Module:
-    """The model of `config` on the meta device, built as AutoModelForCausalLM builds it."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """The model of `config` on the meta device, built by the Auto class that loads it (registry.py)."""
+    from .registry import auto_model_class
 
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
-            try:
-                with torch.device("meta"):
-                    return auto.from_config(config)
-            except Exception as exc:  # noqa: BLE001 - a config its own model class cannot build
-                raise Unsupported(f"{auto.__name__} cannot build the model from this config "
-                                  f"({type(exc).__name__}: {exc})") from None
-    raise Unsupported(f"neither AutoModelForCausalLM nor AutoModelForImageTextToText builds {type(config).__name__}")
+    auto = auto_model_class(config)
+    if type(config) not in auto._model_mapping:
+        raise Unsupported(f"neither AutoModelForCausalLM nor AutoModelForImageTextToText builds "
+                          f"{type(config).__name__}")
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - a config its own model class cannot build
+        raise Unsupported(f"{auto.__name__} cannot build the model from this config "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def decoder_of(model: nn.Module) -> tuple[str, nn.Module]:

@@ -117,8 +117,9 @@ _CACHE: dict[tuple, Family | Unsupported] = {}
 
 def _read_family(config) -> Family:
     model_type = config.model_type
-    if "refused" in FAMILIES.get(model_type, {}):
-        raise Unsupported(FAMILIES[model_type]["refused"])
+    for own in (model_type, config.get_text_config().model_type):  # a tower's model refused as its text model
+        if "refused" in FAMILIES.get(own, {}):
+            raise Unsupported(FAMILIES[own]["refused"])
     arch = read_architecture(config, FAMILIES.get(model_type))
     family = Family(name=model_type, model_types=(model_type,), count_key=arch["count_keys"][0],
                     notes=_notes(arch), **arch)
