@@ -5,7 +5,7 @@
     key_files(source)                       # checkpoint tensor name -> the shard that holds it
     stacked, rest = stacked_experts(model, mapping, keys)   # fused expert tensors read expert by expert
 
-methods/layer_stream.py reads each decoder layer's tensors (`layer_of` says whose a tensor is) from the
+methods/layer_stream.py reads each decoder layer's tensors (`checkpoint_layers` says whose a tensor is) from the
 shards into the meta skeleton, as `from_pretrained` would convert them. The fused expert tensors that
 transformers builds by stacking per-expert checkpoint tensors (and concatenating gate and up) are built
 here instead, one expert at a time into the preallocated fused tensor in the run's dtype (`read_stacked`):
@@ -15,6 +15,7 @@ every expert's converted tensor alive at once.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from contextlib import ExitStack
@@ -85,6 +86,36 @@ def layer_of(key: str) -> int | None:
     """The decoder layer a tensor or parameter name belongs to (None: embeddings, final norm, head, ...)."""
     m = _LAYER_KEY.search(key)
     return int(m.group(1)) if m else None
+
+
+def decoder_layer_of(model: nn.Module):
+    """name -> the text decoder layer a model entry belongs to (None: embeddings, final norm, head, and a
+    vision or audio tower, whose own `layers.N` are not decoder layers)."""
+    from .moe.families import family_for
+
+    path = family_for(model.config).decoder_path
+    prefix = f"{path}.layers." if path else "layers."
+
+    def of(name: str) -> int | None:
+        return int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else None
+    return of
+
+
+def checkpoint_layers(model: nn.Module, mapping: list, keys) -> dict[str, int | None]:
+    """Checkpoint tensor name -> the text decoder layer of the model entry it loads into (renamed as
+    `convert_and_load_state_dict_in_model` renames it, on a copy of the mapping: the renaming marks
+    conversions used); a name that is no model entry: by its own `layers.N`."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = copy.deepcopy(mapping)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta, of = model.state_dict(), decoder_layer_of(model)
+    out = {}
+    for key in sorted(keys, key=dot_natural_key):  # transformers' order (guarded renamings need it)
+        name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        out[key] = of(name) if name in meta else layer_of(key)
+    return out
 
 
 def _model_dtype(model_cfg, config) -> torch.dtype:
