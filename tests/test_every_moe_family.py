@@ -74,7 +74,7 @@ def test_at_least_45_causal_lm_families_are_claimed():
 def test_the_registry_lists_the_vision_language_moe_families():
     """Image-text-to-text model types with a MoE text model, not in the causal-LM list; most are claimed."""
     assert {"qwen3_vl_moe", "glm4v_moe", "aria"} <= set(VISION_LANGUAGE) and not set(VISION_LANGUAGE) & set(CAUSAL)
-    assert sum(mt in CLAIMED for mt in VISION_LANGUAGE) >= 12, sorted(set(VISION_LANGUAGE) - set(CLAIMED))
+    assert sum(mt in CLAIMED for mt in VISION_LANGUAGE) >= 11, sorted(set(VISION_LANGUAGE) - set(CLAIMED))
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_vl_moe", "qwen3_5_moe_text", "qwen3_moe"])
