@@ -76,6 +76,11 @@ TINY_EXTRA: dict[str, dict] = {
     "step3p5": {"sliding_window": 16},  # its sliding-attention layers have no default window
     # the thinker's multimodal rotary index reads it; its config class has no such field (the talker's has)
     "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    # Qwen3-Omni's towers: 32 audio layers of width 1280 (235M parameters at tiny text size) down to one of 32
+    "qwen3_omni_moe_audio_encoder": {"encoder_layers": 1, "d_model": 32, "encoder_attention_heads": 4,
+                                     "downsample_hidden_size": 8, "output_dim": 32},
+    "qwen3_omni_moe_vision_encoder": {"depth": 1, "deepstack_visual_indexes": [0], "out_hidden_size": 32,
+                                      "num_heads": 4},
     "glm5_next_text": {"index_kpool": 4, "qk_rope_head_dim": 0},  # index_topk a multiple of it; NoPE attention
     # the modeling code's default sections (22, 22, 20) and (8, 12, 12) at the tiny rotary half-width 4 (GLM-4V:
     # half of a head rotates, so 2 heads of 16)
@@ -258,10 +263,11 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, hidden: i
     cls = CONFIG_MAPPING[model_type]
     d = shrink(cls().to_dict(), hidden=hidden, width=width, num_experts=num_experts, top_k=top_k, layers=layers)
     d.pop("model_type", None)
-    text = d.get("text_config")
     own = {**TINY_EXTRA.get(model_type, {}), **extra}
-    if isinstance(text, dict):  # the text model's extras go to its own config
-        text.update(TINY_EXTRA.get(text.get("model_type"), {}))
-        text.pop("model_type", None)
+    for key, sub in d.items():  # a nested config's extras (text model, towers) go to its own config
+        if isinstance(sub, dict) and key.endswith("_config"):
+            sub.update(TINY_EXTRA.get(sub.get("model_type"), {}))
+    if isinstance(d.get("text_config"), dict):
+        d["text_config"].pop("model_type", None)
     d.update(own)
     return cls(**d)
