@@ -372,3 +372,22 @@ def test_the_first_families_read_as_their_table_said(model_type):
     config = tiny_model(model_type).config
     assert count_key in expert_count_names(config)
     assert getattr(config, family_for(config).count_key) == getattr(config, count_key)
+
+
+def test_streaming_tells_a_towers_layers_from_the_decoder_layers(tmp_path):
+    """Aria's vision tower has its own `layers.N`: the streamed path reads and writes them with the embeddings,
+    never with a decoder layer (each checkpoint key by the model entry it loads into)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from ream_exp.stream_source import checkpoint_layers, decoder_layer_of, key_files
+
+    model = tiny_model_of("aria")
+    model.save_pretrained(tmp_path)
+    keys = key_files(tmp_path)
+    of = checkpoint_layers(model, get_model_conversion_mapping(model), keys)
+    tower = [k for k in keys if "vision_tower" in k and ".layers." in k]
+    decoder = [k for k in keys if "language_model" in k and ".layers." in k]
+    assert tower and decoder
+    assert all(of[k] is None for k in tower) and {of[k] for k in decoder} == set(range(3))
+    names = decoder_layer_of(model)
+    assert {names(n) for n in model.state_dict() if "vision_tower" in n} == {None}
