@@ -13,23 +13,26 @@ from .placement import placement_kwargs
 
 
 def load_model(model_cfg: DictConfig, device: str, offload_folder: str | Path | None = None):
-    """AutoModelForCausalLM from a directory or hub id (after the config was checked); no tokenizer.
+    """The model from a directory or hub id (after the config was checked); no tokenizer. The Auto class
+    comes from config.json's model type (moe.registry.auto_model_class): AutoModelForImageTextToText for
+    a model with a vision or audio tower, which is kept and saved untouched, else AutoModelForCausalLM.
 
     With model.device_map, accelerate places the weights (model.max_memory per device; weights sent to
     "disk" go to model.offload_folder, else to `offload_folder`)."""
-    from transformers import AutoModelForCausalLM
+    from .moe.registry import auto_model_class
 
+    config = load_model_config(model_cfg)
     dtype = model_cfg.get("dtype", "float32")
     kwargs = dict(dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                   trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
                   **placement_kwargs(model_cfg, offload_folder))
-    quant = getattr(load_model_config(model_cfg), "quantization_config", None) or {}
+    quant = getattr(config, "quantization_config", None) or {}
     if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
         # gpt-oss ships MXFP4 experts; surgery needs the plain fused tensors, so dequantise on load.
         from transformers import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(model_cfg.path), **kwargs).eval()
+    model = auto_model_class(config).from_pretrained(str(model_cfg.path), **kwargs).eval()
     if not model_cfg.get("device_map"):
         model.to(device)
     return model

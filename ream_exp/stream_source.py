@@ -5,7 +5,7 @@
     key_files(source)                       # checkpoint tensor name -> the shard that holds it
     stacked, rest = stacked_experts(model, mapping, keys)   # fused expert tensors read expert by expert
 
-methods/layer_stream.py reads each decoder layer's tensors (`layer_of` says whose a tensor is) from the
+methods/layer_stream.py reads each decoder layer's tensors (`checkpoint_layers` says whose a tensor is) from the
 shards into the meta skeleton, as `from_pretrained` would convert them. The fused expert tensors that
 transformers builds by stacking per-expert checkpoint tensors (and concatenating gate and up) are built
 here instead, one expert at a time into the preallocated fused tensor in the run's dtype (`read_stacked`):
@@ -15,6 +15,7 @@ every expert's converted tensor alive at once.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from contextlib import ExitStack
@@ -87,6 +88,36 @@ def layer_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def decoder_layer_of(model: nn.Module):
+    """name -> the text decoder layer a model entry belongs to (None: embeddings, final norm, head, and a
+    vision or audio tower, whose own `layers.N` are not decoder layers)."""
+    from .moe.families import family_for
+
+    path = family_for(model.config).decoder_path
+    prefix = f"{path}.layers." if path else "layers."
+
+    def of(name: str) -> int | None:
+        return int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else None
+    return of
+
+
+def checkpoint_layers(model: nn.Module, mapping: list, keys) -> dict[str, int | None]:
+    """Checkpoint tensor name -> the text decoder layer of the model entry it loads into (renamed as
+    `convert_and_load_state_dict_in_model` renames it, on a copy of the mapping: the renaming marks
+    conversions used); a name that is no model entry: by its own `layers.N`."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = copy.deepcopy(mapping)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta, of = model.state_dict(), decoder_layer_of(model)
+    out = {}
+    for key in sorted(keys, key=dot_natural_key):  # transformers' order (guarded renamings need it)
+        name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        out[key] = of(name) if name in meta else layer_of(key)
+    return out
+
+
 def _model_dtype(model_cfg, config) -> torch.dtype:
     name = model_cfg.get("dtype", "float32")
     if name == "auto":
@@ -96,14 +127,17 @@ def _model_dtype(model_cfg, config) -> torch.dtype:
 
 
 def meta_model(model_cfg, source: Path):
-    """The CausalLM of `source` on the meta device, in the run's dtype, with its generation config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """The model of `source` on the meta device (built by the Auto class that loads it, towers kept:
+    moe.registry.auto_model_class), in the run's dtype, with its generation config."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .moe.registry import auto_model_class
 
     trust = bool(model_cfg.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     dtype = _model_dtype(model_cfg, config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust).eval()
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust).eval()
     if (source / "generation_config.json").is_file():  # as from_pretrained reads it
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model, dtype

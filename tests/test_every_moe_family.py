@@ -11,6 +11,10 @@ refuses is refused from its config alone, with a reason.
    (tests/test_stream.py), which reloads with the same logits;
 4. the saved config.json holds the new count under every key that held the old one.
 
+The vision-language model types whose text model is MoE (AutoModelForImageTextToText) get the same checks,
+built and reloaded as that class builds them, towers kept: every tensor the plan does not touch (vision and
+audio towers, projectors, embeddings, dense layers) reloads bit for bit. Calibration is text only.
+
 The family table of docs/models.md is generated from the same claims (python -m ream_exp.moe.family_table).
 """
 
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from ream_exp.config import ConfigError, check_expert_counts
 from ream_exp.methods import Context, get_method
@@ -29,7 +33,7 @@ from ream_exp.moe import apply_plan, moe_layers
 from ream_exp.moe.discover import Unsupported
 from ream_exp.moe.families import config_value, family_for
 from ream_exp.moe.family_table import committed_table, markdown
-from ream_exp.moe.registry import causal_lm_moe_types
+from ream_exp.moe.registry import auto_model_class, causal_lm_moe_types, vision_language_moe_types
 from ream_exp.moe.tiny import tiny_batch, tiny_model_of, tiny_tokenizer
 from ream_exp.moe.tiny_configs import tiny_config
 from ream_exp.plan import LayerPlan, Plan
@@ -41,6 +45,7 @@ from tests.test_stream import _overrides, assert_same_checkpoint
 from tests.tolerances import assert_f32_close
 
 CAUSAL = causal_lm_moe_types()
+VISION_LANGUAGE = vision_language_moe_types()
 MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
 
@@ -52,7 +57,7 @@ def _claim(model_type: str, **sizes):
         return str(exc)
 
 
-CLAIMED = [mt for mt in CAUSAL if not isinstance(_claim(mt), str)]
+CLAIMED = [mt for mt in CAUSAL + VISION_LANGUAGE if not isinstance(_claim(mt), str)]
 
 
 def test_the_registry_lists_the_moe_families():
@@ -62,16 +67,32 @@ def test_the_registry_lists_the_moe_families():
 
 
 def test_at_least_45_causal_lm_families_are_claimed():
-    assert len(CLAIMED) >= 45, sorted(set(CAUSAL) - set(CLAIMED))
+    claimed = [mt for mt in CLAIMED if mt in CAUSAL]
+    assert len(claimed) >= 45, sorted(set(CAUSAL) - set(claimed))
+
+
+def test_the_registry_lists_the_vision_language_moe_families():
+    """Image-text-to-text model types with a MoE text model, not in the causal-LM list; most are claimed."""
+    assert {"qwen3_vl_moe", "glm4v_moe", "aria"} <= set(VISION_LANGUAGE) and not set(VISION_LANGUAGE) & set(CAUSAL)
+    assert sum(mt in CLAIMED for mt in VISION_LANGUAGE) >= 11, sorted(set(VISION_LANGUAGE) - set(CLAIMED))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_vl_moe", "qwen3_5_moe_text", "qwen3_moe"])
+def test_a_model_with_a_tower_loads_through_image_text_to_text(model_type):
+    """A config with a vision tower is built (and loaded) with it; a text-only config as a causal LM."""
+    config = tiny_config(model_type)
+    tower = config.get_text_config() is not config
+    assert auto_model_class(config) is (AutoModelForImageTextToText if tower else AutoModelForCausalLM)
 
 
 def test_the_readme_family_table_is_the_generated_one():
     assert committed_table(MODELS_PAGE) == markdown(), "run: python -m ream_exp.moe.family_table --write docs/models.md"
 
 
-@pytest.mark.parametrize("model_type", sorted(set(CAUSAL) - set(CLAIMED)))
+@pytest.mark.parametrize("model_type", sorted(set(CAUSAL + VISION_LANGUAGE) - set(CLAIMED)))
 def test_refused_families_are_refused_from_the_config_with_a_reason(model_type, monkeypatch):
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     config = tiny_config(model_type)
     with pytest.raises(ConfigError, match=rf"model.path: model_type {model_type!r}: \w+"):
         check_expert_counts(config, 0.5)
@@ -110,21 +131,29 @@ def _routers_without(model, removed: dict[int, list[int]]):
 _OTHER_NUMBER = re.compile(r"size|dim|per_tok|top|shared")  # widths and top-k, not expert counts
 
 
-def _count_keys_agree(directory, family, before: int, after: int) -> None:
-    """Every key of config.json (nested configs too) that held the expert count holds the new one."""
+def _towers(config: dict) -> dict:
+    """The nested configs of a saved config.json that are not the text model's (vision, audio, ...)."""
+    return {k: v for k, v in config.items() if isinstance(v, dict) and k.endswith("_config") and k != "text_config"}
+
+
+def _count_keys_agree(directory, family, before: int, after: int, original: dict | None = None) -> None:
+    """Every key of config.json (the text model's nested configs too) that held the expert count holds the
+    new one; a tower's config (its own experts are not the text model's) is the `original` one, unchanged."""
     saved = json.loads((directory / "config.json").read_text())
+    reloaded = AutoConfig.from_pretrained(directory)  # the keys as the config class reads them (aliases too)
+    if original is not None:
+        assert _towers(reloaded.to_dict()) == _towers(original)
 
     def walk(d, prefix=""):
         for k, v in d.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and k not in _towers(d):
                 yield from walk(v, f"{prefix}{k}.")
-            else:
+            elif not isinstance(v, dict):
                 yield f"{prefix}{k}", k, v
 
     stale = [key for key, name, v in walk(saved) if "expert" in name and not _OTHER_NUMBER.search(name) and (
         v == before or (isinstance(v, list) and before in v))]
     assert not stale, f"config.json keys still saying {before} experts: {stale}"
-    reloaded = AutoConfig.from_pretrained(directory)  # the keys as the config class reads them (aliases too)
     for key in family.count_keys:
         value = config_value(reloaded, key)
         assert value == after or (isinstance(value, list) and after in value), (key, value)
@@ -159,12 +188,38 @@ def _never(stats, index: int) -> set[int]:
     return set(torch.nonzero(stats[index].count == 0).flatten().tolist())
 
 
+def _touched(model) -> set[str]:
+    """State-dict names a plan may change: the routed experts and the expert-indexed router / block tensors."""
+    family = family_for(model.config)
+    touched = set()
+    for layer in moe_layers(model):
+        touched |= {f"{layer.name}.{family.experts_attr}.{n}" for n, _ in layer.experts.named_parameters()}
+        touched |= {f"{layer.name}.{family.router_attr}.{n}" for n, _, _ in family.router_tensors}
+        touched |= {f"{layer.name}.{n}" for n, _, _ in family.block_tensors}
+    return touched
+
+
+def _reload(directory):
+    """The saved model as stock transformers loads it, by the Auto class its config.json names (towers too).
+
+    Tensors that loading does not convert stay views of the memory-mapped file, 8 bytes past a 64-byte
+    boundary, and CPU matrix products there round differently (Qwen3-VL-MoE's fused experts: 1.6e-7 in the
+    logits); copied to fresh memory, as they are here, they compute the in-memory model's logits bit for bit."""
+    model = auto_model_class(AutoConfig.from_pretrained(directory)).from_pretrained(directory).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", CLAIMED)
 def test_removing_never_routed_experts_keeps_the_logits_through_a_reload(model_type, tmp_path):
     n = 16
     model = tiny_model_of(model_type, num_experts=n, top_k=2, seed=3)
     family = family_for(model.config)
+    untouched = {k: t.clone() for k, t in model.state_dict().items() if k not in _touched(model)}
+    original = model.config.to_dict()
     ids, mask = tiny_batch(batch=2, seq=5, pad_last=0)  # 10 tokens x top-2 over 16 experts: gaps everywhere
     plan = _never_routed_plan(model, {"input_ids": ids, "attention_mask": mask}, n)
     with _routers_without(model, {lp.layer: lp.removed for lp in plan.layers}):
@@ -174,11 +229,14 @@ def test_removing_never_routed_experts_keeps_the_logits_through_a_reload(model_t
     text = model.config.get_text_config()
     assert_f32_close(pruned, before, text.hidden_size, text.num_hidden_layers + 1, msg=model_type)
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = _reload(tmp_path)
+    assert type(reloaded) is type(model)
+    state = reloaded.state_dict()  # towers, projectors, embeddings, dense layers: bit for bit
+    assert all(torch.equal(state[k], t) for k, t in untouched.items()), model_type
     n_after = n - len(plan.layers[0].removed)
     assert all(l.num_experts == n_after for l in moe_layers(reloaded))
     torch.testing.assert_close(_logits(reloaded, ids, mask), pruned, rtol=0, atol=0)
-    _count_keys_agree(tmp_path, family, n, n_after)
+    _count_keys_agree(tmp_path, family, n, n_after, original)
 
 
 # ---- check 2: reap compresses it -------------------------------------------------------
@@ -197,7 +255,7 @@ def test_reap_compresses_and_reloads(model_type, tmp_path):
     expected = _logits(model, ids, mask)
     assert torch.isfinite(expected).all()
     model.save_pretrained(tmp_path)
-    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ids, mask), expected,
+    torch.testing.assert_close(_logits(_reload(tmp_path), ids, mask), expected,
                                rtol=0, atol=0)
     _count_keys_agree(tmp_path, family, 8, 4)
 
@@ -253,14 +311,10 @@ def t_idx(t, dim, index):
 @pytest.mark.parametrize("model_type", CLAIMED)
 def test_shared_experts_dense_and_hybrid_layers_are_untouched(model_type):
     """Everything but the routed experts and the expert-indexed router / block tensors stays bit for bit:
-    shared experts and their gates, dense MLP layers, mamba / linear-attention layers of hybrid stacks."""
+    shared experts and their gates, dense MLP layers, mamba / linear-attention layers of hybrid stacks, vision
+    and audio towers."""
     model = tiny_model_of(model_type, num_experts=8, top_k=2)
-    family = family_for(model.config)
-    touched = set()
-    for layer in moe_layers(model):
-        touched |= {f"{layer.name}.{family.experts_attr}.{n}" for n, _ in layer.experts.named_parameters()}
-        touched |= {f"{layer.name}.{family.router_attr}.{n}" for n, _, _ in family.router_tensors}
-        touched |= {f"{layer.name}.{n}" for n, _, _ in family.block_tensors}
+    touched = _touched(model)
     before = {n: t.clone() for n, t in model.state_dict().items() if n not in touched}
     assert before
     apply_plan(model, Plan("test", 0.5, [LayerPlan(l.index, 8, [1, 2, 4, 7]) for l in moe_layers(model)]))
@@ -318,3 +372,22 @@ def test_the_first_families_read_as_their_table_said(model_type):
     config = tiny_model(model_type).config
     assert count_key in expert_count_names(config)
     assert getattr(config, family_for(config).count_key) == getattr(config, count_key)
+
+
+def test_streaming_tells_a_towers_layers_from_the_decoder_layers(tmp_path):
+    """Aria's vision tower has its own `layers.N`: the streamed path reads and writes them with the embeddings,
+    never with a decoder layer (each checkpoint key by the model entry it loads into)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from ream_exp.stream_source import checkpoint_layers, decoder_layer_of, key_files
+
+    model = tiny_model_of("aria")
+    model.save_pretrained(tmp_path)
+    keys = key_files(tmp_path)
+    of = checkpoint_layers(model, get_model_conversion_mapping(model), keys)
+    tower = [k for k in keys if "vision_tower" in k and ".layers." in k]
+    decoder = [k for k in keys if "language_model" in k and ".layers." in k]
+    assert tower and decoder
+    assert all(of[k] is None for k in tower) and {of[k] for k in decoder} == set(range(3))
+    names = decoder_layer_of(model)
+    assert {names(n) for n in model.state_dict() if "vision_tower" in n} == {None}

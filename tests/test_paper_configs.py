@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from ream_exp.calib import validate_calib
 from ream_exp.methods import Context, get_method
 from ream_exp.moe import apply_plan, canonical_weights, expert_output, moe_layers
-from ream_exp.moe.families import family_for
+from ream_exp.moe.families import config_value, family_for
 from ream_exp.moe.tiny_configs import tiny_config
 from ream_exp.moe.tiny import tiny_batch, tiny_model
 from ream_exp.run import validate
@@ -42,6 +42,10 @@ MODELS = {  # conf/model/<name>.yaml -> (model_type, routed experts, top_k, REAM
     "qwen1_5_moe_a2_7b": ("qwen2_moe", 60, 4, 8, 15),
     "deepseek_v2_lite": ("deepseek_v2", 64, 6, 8, 16),
     "gpt_oss_20b": ("gpt_oss", 32, 4, 4, 8),
+    # the newest models, each validated against a tiny stand-in of its architecture
+    "qwen3_5_122b_a10b": ("qwen3_5_moe", 256, 8, 32, 64),  # a vision tower beside the MoE text model
+    "qwen3_coder_next": ("qwen3_next", 512, 10, 32, 64),
+    "glm_4_7_flash": ("glm4_moe_lite", 64, 4, 8, 16),
 }
 GROUP_SIZE = "${oc.select:'model.group_size[${ratio}]',16}"  # what method.group_size reads (see the yamls)
 
@@ -92,7 +96,7 @@ def test_every_model_config_is_listed():
 def _config_json(tmp_path, model_type, n, k):
     """A local config.json of the architecture (tiny sizes, the real expert count and top-k)."""
     cfg = tiny_config(model_type, num_experts=n, top_k=k, layers=2)
-    assert getattr(cfg, family_for(model_type).count_key) == n
+    assert config_value(cfg, family_for(model_type).count_key) == n
     cfg.save_pretrained(tmp_path)
     return tmp_path
 
@@ -100,8 +104,8 @@ def _config_json(tmp_path, model_type, n, k):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_config_validates_before_loading(name, tmp_path, monkeypatch):
     model_type, n, k, c25, c50 = MODELS[name]
-    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: pytest.fail("weights loaded during validate"))
+    for auto in (tf.AutoModelForCausalLM, tf.AutoModelForImageTextToText):
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded during validate"))
     cfg = _cfg(f"model={name}", "calib=toy", method="ream")
     assert cfg.model.name == name and "/" in cfg.model.path and not cfg.model.path.startswith(("/", "."))
     assert (cfg.model.dtype, cfg.model.device_map, cfg.model.trust_remote_code) == ("bfloat16", "auto", False)
@@ -111,6 +115,19 @@ def test_model_config_validates_before_loading(name, tmp_path, monkeypatch):
         assert validate(cfg).model_type == model_type
         cfg.method.group_size = GROUP_SIZE
         assert OmegaConf.to_container(cfg.method, resolve=True)["group_size"] == c
+
+
+def test_qwen3_5_loads_with_its_vision_tower(tmp_path, monkeypatch):
+    """Qwen3.5-MoE's config names a vision tower: it loads through AutoModelForImageTextToText (the tower
+    kept and saved untouched), its text model's experts at model.language_model, the count in text_config."""
+    from ream_exp.moe.registry import auto_model_class
+
+    cfg = _cfg("model=qwen3_5_122b_a10b", "calib=toy", "ratio=0.25", method="ream")
+    cfg.model.path = str(_config_json(tmp_path, "qwen3_5_moe", 256, 8))
+    model_config = validate(cfg)
+    family = family_for(model_config)
+    assert auto_model_class(model_config) is tf.AutoModelForImageTextToText
+    assert (family.decoder_path, family.count_keys) == ("model.language_model", ("text_config.num_experts",))
 
 
 def test_group_size_falls_back_for_models_without_a_table(tmp_path):

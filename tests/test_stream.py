@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ream_exp.config import ConfigError
 from ream_exp.methods.layer_stream import LayerStream
 from ream_exp.moe import decoder_layers
+from ream_exp.moe.registry import auto_model_class
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_tokenizer
 from ream_exp.partial_checkpoint import PARTIAL, PLANS, PROGRESS
 from ream_exp.run import run, validate
@@ -64,7 +65,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     ids, mask = tiny_batch()
     logits = []
     for d in (a, b):
-        model = AutoModelForCausalLM.from_pretrained(d).eval()
+        model = auto_model_class(AutoConfig.from_pretrained(d)).from_pretrained(d).eval()  # towers too
         with torch.no_grad():
             logits.append(model(input_ids=ids, attention_mask=mask).logits)
     assert torch.equal(*logits)

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_provenance
-from ..moe import apply_layer_plan, decoder_layers, keep_experts, moe_layers
+from ..moe import apply_layer_plan, decoder_layers, family_for, keep_experts, moe_layers
 from ..partial_checkpoint import PARTIAL, PartialCheckpoint
 from ..plan import LayerPlan
-from ..stream_source import key_files, layer_of, meta_model, read_stacked, source_dir, stacked_experts
+from ..stream_source import (checkpoint_layers, decoder_layer_of, key_files, meta_model, read_stacked, source_dir,
+                             stacked_experts)
 
 
 def _is_meta(t: torch.Tensor | None) -> bool:
@@ -51,6 +52,9 @@ class LayerStream:
         # an `mtp.` layer (Qwen3-Next, Qwen3.5) is no decoder layer's, nor the rest's: mtp_layers.py reads it
         self.keys = {k: f for k, f in key_files(source).items() if not k.startswith("mtp.")}
         self.mapping = get_model_conversion_mapping(model)  # the same list from_pretrained would use
+        self.layer_of = decoder_layer_of(model)  # model entry -> its decoder layer (a tower's layers: None)
+        self.towers = family_for(model.config).towers  # vision / audio towers: copied, never run
+        self.key_layer = checkpoint_layers(model, self.mapping, self.keys)  # the same for checkpoint keys
         self.layers = decoder_layers(model)
         self.moe = {l.index: l for l in moe_layers(model)}
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -98,16 +102,16 @@ class LayerStream:
 
     def _check_loaded(self, selected) -> None:
         """Every tensor of the model entries `selected(name)` is real after loading: non-persistent buffers
-        (rotary tables) are computed as from_pretrained computes them; a tensor missing from the checkpoint
-        is an error."""
+        (rotary tables) are computed as from_pretrained computes them (a tower's are left unset: never run);
+        a tensor missing from the checkpoint is an error."""
         for name, t in self.model.state_dict(keep_vars=True).items():
             if selected(name) and _is_meta(t):
                 raise ValueError(f"model.stream=true: {self.source} has no tensor for {name}; streaming needs "
                                  "every weight in the checkpoint (from_pretrained would initialise it)")
         for path, owner in self.model.named_modules():
             meta = [n for n, b in owner._buffers.items() if _is_meta(b) and selected(f"{path}.{n}")]
-            if not meta:
-                continue
+            if not meta or any(path.startswith(f"{t}.") for t in self.towers):
+                continue  # a tower's non-persistent buffers: neither saved nor used by text-only calibration
             if "RotaryEmbedding" not in type(owner).__name__:
                 raise ValueError(f"model.stream=true cannot compute buffer(s) {meta} of {type(owner).__name__}")
             for n in meta:
@@ -116,10 +120,10 @@ class LayerStream:
 
     def load_rest(self) -> None:
         """Embeddings, final norm, head and rotary tables: everything outside the decoder layers."""
-        rest = [k for k in self.keys if layer_of(k) is None]
+        rest = [k for k in self.keys if self.key_layer[k] is None]
         self._load(rest, self.keys)
         self.model.tie_weights()
-        self._check_loaded(lambda name: layer_of(name) is None)
+        self._check_loaded(lambda name: self.layer_of(name) is None)
 
     def free_rest(self) -> None:
         """Back to meta: what only capturing layer 0's inputs needed (buffers stay: they are tiny)."""
@@ -131,9 +135,9 @@ class LayerStream:
         layer = self.layers[index]
         if not any(_is_meta(p) for p in layer.parameters()):
             return
-        keys = [k for k in self.keys if layer_of(k) == index]
+        keys = [k for k in self.keys if self.key_layer[k] == index]
         self._load(keys, self.keys)
-        self._check_loaded(lambda name: layer_of(name) == index)
+        self._check_loaded(lambda name: self.layer_of(name) == index)
 
     def load_written(self, index: int) -> None:
         """Decoder layer `index` as written (compressed) by an earlier attempt, read back from its shard."""
@@ -144,7 +148,7 @@ class LayerStream:
         with safe_open(shard, "pt") as f:
             keys = list(f.keys())
         self._load(keys, {k: shard for k in keys})
-        self._check_loaded(lambda name: layer_of(name) == index)
+        self._check_loaded(lambda name: self.layer_of(name) == index)
 
     def _compressed_skeleton(self, index: int) -> None:
         """Give a finished MoE layer's meta skeleton its compressed shape (slicing meta tensors: the shape
@@ -219,7 +223,7 @@ class LayerStream:
             raise FileExistsError(f"{directory} exists; the streamed checkpoint is not written over it")
         self.load_rest()
         rest = self.shard_name(len(self.layers))
-        self.partial.write_shard(rest, self._state_dict(lambda k: layer_of(k) is None))
+        self.partial.write_shard(rest, self._state_dict(lambda k: self.layer_of(k) is None))
         self.free_rest()
         shards = [*(self.partial.written[i] for i in range(len(self.layers))), rest]
         self.partial.write_index(shards, self.model.num_parameters())

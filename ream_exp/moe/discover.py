@@ -72,18 +72,19 @@ def expert_count(experts: nn.Module) -> int:
 # ---- the meta model -------------------------------------------------------------------------------
 
 def meta_model(config) -> nn.Module:
-    """The model of `config` on the meta device, built as AutoModelForCausalLM builds it."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """The model of `config` on the meta device, built by the Auto class that loads it (registry.py)."""
+    from .registry import auto_model_class
 
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
-            try:
-                with torch.device("meta"):
-                    return auto.from_config(config)
-            except Exception as exc:  # noqa: BLE001 - a config its own model class cannot build
-                raise Unsupported(f"{auto.__name__} cannot build the model from this config "
-                                  f"({type(exc).__name__}: {exc})") from None
-    raise Unsupported(f"neither AutoModelForCausalLM nor AutoModelForImageTextToText builds {type(config).__name__}")
+    auto = auto_model_class(config)
+    if type(config) not in auto._model_mapping:
+        raise Unsupported(f"neither AutoModelForCausalLM nor AutoModelForImageTextToText builds "
+                          f"{type(config).__name__}")
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - a config its own model class cannot build
+        raise Unsupported(f"{auto.__name__} cannot build the model from this config "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def decoder_of(model: nn.Module) -> tuple[str, nn.Module]:
@@ -97,6 +98,16 @@ def decoder_of(model: nn.Module) -> tuple[str, nn.Module]:
     raise Unsupported(f"{type(model).__name__}: its decoder is not one of its modules")
 
 
+def towers_beside(model: nn.Module, decoder_path: str) -> tuple[str, ...]:
+    """The modules with weights beside a nested text decoder (vision and audio towers, projectors): the
+    siblings of `model.language_model`; none for a causal LM, whose decoder is `model`."""
+    parent, _, name = decoder_path.rpartition(".")
+    if not parent:
+        return ()
+    return tuple(f"{parent}.{n}" for n, child in model.get_submodule(parent).named_children()
+                 if n != name and any(True for _ in child.parameters()))
+
+
 # ---- where the sparse blocks are ------------------------------------------------------------------
 
 def sparse_blocks(layers: nn.ModuleList) -> tuple[str, list[int]]:
@@ -106,7 +117,8 @@ def sparse_blocks(layers: nn.ModuleList) -> tuple[str, list[int]]:
     for i, layer in enumerate(layers):
         found = [n for n, m in layer.named_modules() if is_experts_module(m)]
         if len(found) > 1:
-            raise Unsupported(f"decoder layer {i} has {len(found)} fused experts modules ({', '.join(found)})")
+            raise Unsupported(f"decoder layer {i} has {len(found)} fused experts modules ({', '.join(found)}); "
+                              "one per decoder layer is compressed")
         if found:
             paths.add(found[0].rpartition(".")[0])
             indices.append(i)
@@ -450,6 +462,6 @@ def read_architecture(config, known: dict | None = None) -> dict:
         cached=tuple(cached_count_attributes(block, counts, recurse=False)
                      + [f"{router_attr}.{a}" for a in cached_count_attributes(router, counts, recurse=True)]
                      + [f"{experts_attr}.{a}" for a in cached_count_attributes(experts, counts, recurse=False)]),
-        has_gate=bool(experts.has_gate), num_layers=len(decoder.layers),
+        has_gate=bool(experts.has_gate), num_layers=len(decoder.layers), towers=towers_beside(model, decoder_path),
         shared=tuple(name for name, child in block.named_children()
                      if "shared" in name and any(True for _ in child.parameters())), **scoring)

@@ -52,6 +52,7 @@ class Family:
     moe_layers: tuple[int, ...] = ()
     num_layers: int = 0             # decoder layers, MoE or not
     shared: tuple[str, ...] = ()    # the block's shared (always-on) experts and their gates: never touched
+    towers: tuple[str, ...] = ()    # vision / audio towers and projectors beside the text decoder: never touched
     notes: tuple[str, ...] = ()     # what is special, in words (README's family table)
 
 
@@ -62,6 +63,9 @@ _LAYER_STATE = ("its decoder layers hand {} to the next layer besides the hidden
 FAMILIES: dict[str, dict] = {
     "glm_moe_dsa": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (prev_topk_indices)")},
     "hy_v4": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (prev_topk_indices)")},
+    "hy_v4_vl_text": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (topk_indices)")},
+    "glm5_next_text": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (topk_indices)")},
+    "mistral_large4_text": {"refused": _LAYER_STATE.format("the sparse-attention indexer's top-k (topk_indices)")},
     "kolibri1_1": {"refused": _LAYER_STATE.format("shared key/value states and an index pool")},
     "inkling2_loop_text": {"refused": "its middle decoder layers run several times per forward (loop passes): "
                                       "the layer-wise driver observes each decoder layer once"},
@@ -107,6 +111,8 @@ def _notes(arch: dict) -> tuple[str, ...]:
         notes.append("expert-indexed " + ", ".join(sorted(biases)))
     if not arch["has_gate"]:
         notes.append("ungated experts (up_proj only)")
+    if arch["towers"]:
+        notes.append("towers " + ", ".join(f"`{n}`" for n in arch["towers"]) + " kept as they are")
     if any("." in k for k in arch["count_keys"]):
         notes.append("count in " + ", ".join(arch["count_keys"]))
     return tuple(notes)
@@ -117,8 +123,9 @@ _CACHE: dict[tuple, Family | Unsupported] = {}
 
 def _read_family(config) -> Family:
     model_type = config.model_type
-    if "refused" in FAMILIES.get(model_type, {}):
-        raise Unsupported(FAMILIES[model_type]["refused"])
+    for own in (model_type, config.get_text_config().model_type):  # a tower's model refused as its text model
+        if "refused" in FAMILIES.get(own, {}):
+            raise Unsupported(FAMILIES[own]["refused"])
     arch = read_architecture(config, FAMILIES.get(model_type))
     family = Family(name=model_type, model_types=(model_type,), count_key=arch["count_keys"][0],
                     notes=_notes(arch), **arch)

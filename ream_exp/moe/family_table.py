@@ -3,11 +3,11 @@
     python -m ream_exp.moe.family_table                 # print the markdown table
     python -m ream_exp.moe.family_table --write docs/models.md   # replace the table between the markers
 
-Each causal-LM model type (moe/registry.py) is built at tiny size from its config class (moe/tiny_configs.py)
-and read by `family_for` (moe/discover.py): a family it reads is compressed, with what is special about it;
-one it refuses says why. tests/test_every_moe_family.py proves every compressed one (never-routed experts
-removed and reloaded, reap and ream_official, streamed = in memory, every count key) and checks that the
-docs/models.md holds this very table. Vision-language model types are listed apart: not checked yet.
+Each causal-LM model type and each vision-language one whose text model is MoE (moe/registry.py) is built at
+tiny size from its config class (moe/tiny_configs.py) and read by `family_for` (moe/discover.py): a family it
+reads is compressed, with what is special about it; one it refuses says why. tests/test_every_moe_family.py
+proves every compressed one (never-routed experts removed and reloaded, towers bit for bit, reap and
+ream_official, streamed = in memory, every count key) and checks that docs/models.md holds this very table.
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ def claim(model_type: str):
         return str(exc).removeprefix(f"model_type {model_type!r}: ")
 
 
-def rows() -> list[tuple[str, str, str]]:
-    """(model type, status, what is special or why refused) for every causal-LM MoE model type."""
-    from .registry import causal_lm_moe_types
-
+def rows(model_types: list[str]) -> list[tuple[str, str, str]]:
+    """(model type, status, what is special or why refused) for each of `model_types`."""
     out = []
-    for model_type in causal_lm_moe_types():
+    for model_type in model_types:
         family = claim(model_type)
         if isinstance(family, str):
             out.append((model_type, "refused", family))
@@ -46,20 +44,25 @@ def rows() -> list[tuple[str, str, str]]:
     return out
 
 
+def _table(table: list[tuple[str, str, str]]) -> list[str]:
+    return ["| model type | status | what is special / why refused |", "|---|---|---|"] + [
+        f"| `{mt}` | {status} | {text.replace('|', '/')} |" for mt, status, text in table]
+
+
 def markdown() -> str:
     import transformers
 
-    from .registry import vision_language_moe_types
+    from .registry import causal_lm_moe_types, vision_language_moe_types
 
-    table = rows()
-    done = sum(status == "compressed" for _, status, _ in table)
-    lines = [f"{done} of the {len(table)} causal-LM MoE model types of transformers {transformers.__version__} "
-             "are compressed; the others are refused before any weights load, with the reason below.", "",
-             "| model type | status | what is special / why refused |", "|---|---|---|"]
-    lines += [f"| `{mt}` | {status} | {text.replace('|', '/')} |" for mt, status, text in table]
-    vl = vision_language_moe_types()
-    lines += ["", f"Not checked yet: the {len(vl)} vision-language model types whose text model is MoE ("
-              + ", ".join(f"`{mt}`" for mt in vl) + ")."]
+    causal, vl = rows(causal_lm_moe_types()), rows(vision_language_moe_types())
+    done, vl_done = (sum(status == "compressed" for _, status, _ in t) for t in (causal, vl))
+    lines = [f"{done} of the {len(causal)} causal-LM MoE model types of transformers {transformers.__version__} "
+             "are compressed; the others are refused before any weights load, with the reason below.", ""]
+    lines += _table(causal)
+    lines += ["", f"{vl_done} of the {len(vl)} vision-language model types whose text model is MoE (loaded through "
+              "AutoModelForImageTextToText, not listed above) are compressed: the text model's experts, with "
+              "the vision and audio towers kept and saved untouched.", ""]
+    lines += _table(vl)
     return "\n".join(lines)
 
 

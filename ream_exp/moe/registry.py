@@ -46,3 +46,15 @@ def vision_language_moe_types() -> list[str]:
 
     return [mt for mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
             if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and _module_of(mt) in _moe_modules()]
+
+
+def auto_model_class(config):
+    """The Auto class that builds and loads `config`'s model with everything its checkpoint holds: a model
+    type that AutoModelForImageTextToText knows (its config has a vision or audio tower) loads through it,
+    towers kept; any other through AutoModelForCausalLM. (AutoModelForCausalLM would build some of them,
+    Qwen3.5-MoE for one, as the text model alone, dropping the tower from the checkpoint.)"""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM

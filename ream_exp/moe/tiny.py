@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 from .layers import moe_layers
+from .registry import auto_model_class
 from .tiny_configs import VOCAB, tiny_config
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -126,12 +127,12 @@ def tiny_batch(batch: int = 4, seq: int = 16, seed: int = 0, pad_last: int = 3):
 def tiny_model_of(model_type: str, num_experts: int = 8, top_k: int = 2, hidden: int = 32, layers: int = 3,
                   width: int = 16, seed: int = 0, std: float = 0.2, **extra):
     """A randomly initialised model of any MoE model type of the installed transformers, built from its
-    config class at tiny size (moe/tiny_configs.py) as AutoModelForCausalLM builds it; routers and experts
-    drawn with a visible spread so routing varies (the rest keeps the model's own init)."""
+    config class at tiny size (moe/tiny_configs.py) by the Auto class that loads it (towers kept, registry.py);
+    routers and experts drawn with a visible spread so routing varies (the rest keeps the model's own init)."""
     torch.manual_seed(seed)
     config = tiny_config(model_type, num_experts=num_experts, top_k=top_k, hidden=hidden, layers=layers,
                          width=width, **extra)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model = auto_model_class(config).from_config(config).eval()
     gen = torch.Generator().manual_seed(seed)
     for layer in moe_layers(model):
         family = layer.family

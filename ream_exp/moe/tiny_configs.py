@@ -69,6 +69,26 @@ TINY_EXTRA: dict[str, dict] = {
                        "indexer_compress_ratio": 4},
     "inkling2_loop_text": {"n_layers_per_attn_res_block": 1},
     "dots3_note_text": {"head_dim": 16},  # sliding layers: qk_nope_head_dim + qk_rope_head_dim
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse"]},  # the default builds no MoE
+    "diffusion_gemma_text": {"moe_intermediate_size": 16},
+    "mistral4": {"head_dim": 16},  # qk_nope_head_dim + qk_rope_head_dim: the rotary part is half of it
+    "mistral_large4_text": {"head_dim": 16},
+    "step3p5": {"sliding_window": 16},  # its sliding-attention layers have no default window
+    # the thinker's multimodal rotary index reads it; its config class has no such field (the talker's has)
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    # Qwen3-Omni's towers: 32 audio layers of width 1280 (235M parameters at tiny text size) down to one of 32
+    "qwen3_omni_moe_audio_encoder": {"encoder_layers": 1, "d_model": 32, "encoder_attention_heads": 4,
+                                     "downsample_hidden_size": 8, "output_dim": 32},
+    "qwen3_omni_moe_vision_encoder": {"depth": 1, "deepstack_visual_indexes": [0], "out_hidden_size": 32,
+                                      "num_heads": 4},
+    "glm5_next_text": {"index_kpool": 4, "qk_rope_head_dim": 0},  # index_topk a multiple of it; NoPE attention
+    # the modeling code's default sections (22, 22, 20) and (8, 12, 12) at the tiny rotary half-width 4 (GLM-4V:
+    # half of a head rotates, so 2 heads of 16)
+    "ernie4_5_vl_moe_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                 "mrope_section": [2, 1, 1]}},
+    "glm4v_moe_text": {"num_attention_heads": 2, "num_key_value_heads": 1,
+                       "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                           "mrope_section": [1, 2, 1]}},
 }
 
 
@@ -112,6 +132,22 @@ def _size(key: str, value, hidden: int, width: int, num_experts: int, top_k: int
     if value in old_hidden:  # a tower's projection into the text model's width (adapter_out_dim, ...)
         return hidden
     return value
+
+
+def _shrink_mrope(rope: dict, d: dict) -> dict:
+    """A multimodal rotary embedding's sections (time, height, width) summing to the tiny rotary half-width,
+    in the defaults' proportions (largest remainders first)."""
+    if not isinstance(rope.get("mrope_section"), list):
+        return {k: _shrink_mrope(v, d) if isinstance(v, dict) else v for k, v in rope.items()}  # per layer type
+    width = d["qk_rope_head_dim"] if _is_int(d.get("qk_rope_head_dim")) else d.get("head_dim")
+    width = width if _is_int(width) else d["hidden_size"] // d["num_attention_heads"]
+    factor = rope.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
+    half, old = int(width * factor) // 2, rope["mrope_section"]
+    exact = [s * half / sum(old) for s in old]
+    new = [int(x) for x in exact]
+    for i in sorted(range(len(old)), key=lambda i: int(exact[i]) - exact[i])[:half - sum(new)]:
+        new[i] += 1
+    return {**rope, "mrope_section": new}
 
 
 def _layer_count_key(d: dict) -> str | None:
@@ -213,6 +249,9 @@ def shrink(d: dict, hidden: int = 32, width: int = 16, num_experts: int = 8, top
             d[k] = shrink(v, layers=layers if k == "text_config" else 1, **sub)
         elif not isinstance(v, (list, dict)):
             d[k] = _size(k, v, hidden, width, num_experts, top_k, heads, full_heads, old_hidden)
+    for k in ("rope_parameters", "rope_scaling"):
+        if isinstance(d.get(k), dict) and _is_int(d.get("hidden_size")):
+            d[k] = _shrink_mrope(d[k], d)
     return d
 
 
@@ -224,10 +263,11 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, hidden: i
     cls = CONFIG_MAPPING[model_type]
     d = shrink(cls().to_dict(), hidden=hidden, width=width, num_experts=num_experts, top_k=top_k, layers=layers)
     d.pop("model_type", None)
-    text = d.get("text_config")
     own = {**TINY_EXTRA.get(model_type, {}), **extra}
-    if isinstance(text, dict):  # the text model's extras go to its own config
-        text.update(TINY_EXTRA.get(text.get("model_type"), {}))
-        text.pop("model_type", None)
+    for key, sub in d.items():  # a nested config's extras (text model, towers) go to its own config
+        if isinstance(sub, dict) and key.endswith("_config"):
+            sub.update(TINY_EXTRA.get(sub.get("model_type"), {}))
+    if isinstance(d.get("text_config"), dict):
+        d["text_config"].pop("model_type", None)
     d.update(own)
     return cls(**d)
