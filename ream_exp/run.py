@@ -43,6 +43,8 @@ from .methods.layer_stream import LayerStream
 from .methods.states import StatesConfig
 from .moe import apply_plan, moe_layers
 from .placement import offload_scratch, resolve_device
+from .quant import check_quant, needs_calibration as quant_needs_calibration
+from .quant.stage import quantize_checkpoint
 from .report import report
 from .run_records import IDENTITY_KEY, finished_run, record_failure, write_identity
 from .rundir import hold_run_dir, hydra_job_files
@@ -114,7 +116,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     tokenizer = tokenizer or functools.partial(load_tokenizer, cfg.model)
     ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
-    needs_calibration = getattr(method, "NEEDS_CALIBRATION", True)
+    needs_calibration = getattr(method, "NEEDS_CALIBRATION", True) or quant_needs_calibration(cfg)
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
     check_model_path(cfg.model)
@@ -123,6 +125,7 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     num_experts, n_keep = check_expert_counts(model_config, ratio)
     check_stream(cfg, model_config)
     check_streamed_baseline(cfg)
+    check_quant(cfg, model_config)  # save=true, the quantization environment, the group size
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
     if needs_calibration:
@@ -191,9 +194,19 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
                 save_checkpoint(model, tokenizer, run_dir / "checkpoint", cfg, plan, experts_before,
                                 calib is not None)
     params_after = count_parameters(model)
-    if stream is not None and scores_wanted(cfg):  # the compressed model is on disk only
+    quant = {"name": "none"}
+    settings = check_quant(cfg, model.config)
+    if settings:  # the saved checkpoint is quantized in another process, then evaluated as saved
+        model = stream = None
+        _release_memory()
+        with timer("quantize"):
+            quant = quantize_checkpoint(run_dir, settings, OmegaConf.to_container(cfg.quant, resolve=True), calib,
+                                        _vocab_size(cfg.model))
+    if settings or (stream is not None and scores_wanted(cfg)):  # the model to evaluate is on disk only
         model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),
                            device)
+    if settings:
+        quant = reload_check(model, quant)
     with timer("evaluate"):
         scores = evaluate(model, tokenizer, cfg.eval, checkpoint_dir=run_dir / "checkpoint" if cfg.save else None,
                           output_dir=run_dir / "lm_eval" if scores_wanted(cfg) else None)
@@ -208,6 +221,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "params_before": params_before,
         "params_after": params_after,
         "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
+        "quant": quant,
         "eval": scores,
         "baseline": baseline,
         "timings": dict(timer),
@@ -218,8 +232,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
 
 def _calibrate(cfg: DictConfig, method, tokenizer, timer: Timings) -> dict | None:
     """The calibration tokens, with the tokenizer alone (a bad source fails before the load); None for a
-    method that reads none."""
-    if not getattr(method, "NEEDS_CALIBRATION", True):
+    method and a quant stage that read none."""
+    if not getattr(method, "NEEDS_CALIBRATION", True) and not quant_needs_calibration(cfg):
         return None
     with timer("calibrate"):
         return cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))
@@ -251,6 +265,31 @@ def _record(cfg: DictConfig, run_dir: Path, metrics: dict, logger) -> None:
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics(metrics)
     logger.log_results(run_dir / "metrics.json")
+
+
+def _release_memory() -> None:
+    """Frees what the dropped model held, before the quantization process loads the checkpoint."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _vocab_size(model_cfg: DictConfig) -> int:
+    return int(getattr(load_model_config(model_cfg).get_text_config(), "vocab_size", 2) or 2)
+
+
+def reload_check(model, quant: dict) -> dict:
+    """The quantization entry for metrics.json: the probe's logits of the checkpoint as transformers loaded
+    it here against those of the model llm-compressor quantized (equal to float32 rounding for weight-only
+    schemes; FP8 and INT8 activations are not quantized by a transformers reload of fused experts)."""
+    batch, reference = quant.pop("probe"), quant.pop("probe_logits")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+    return {**quant, "reload_max_abs_diff": float((logits - reference).abs().max()),
+            "probe_logits_max_abs": float(reference.abs().max())}
 
 
 def count_parameters(model) -> int:
