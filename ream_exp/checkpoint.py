@@ -210,7 +210,8 @@ def _body(block: dict, config: dict, scores: dict | None, baseline: dict | None)
     text = [title + (f", {quant['name']}" if quant else ""), "",
             "Compressed with ream-exp by "
             + ("merging" if block["kind"] == "merging" else "removing") + " routed experts; the router and every "
-            "other weight are the base model's" + (", then quantized as below" if quant else "") + ". Every setting is in config.json's `compression` block and "
+            "other weight are the base model's" + (", then quantized as below" if quant else "") + ". Every setting "
+            "is in config.json's `compression` block and "
             "the per-layer plan in plan.json (plan_perms.pt: neuron permutations of merged experts).", "",
             "## How it was made", "", *made, "", "## Scores", ""]
     if scores and scores.get("tasks"):

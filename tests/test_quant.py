@@ -28,6 +28,10 @@ QUANT_PYTHON = os.environ.get("REAM_EXP_QUANT_PYTHON")
 IN_CI = os.environ.get("CI") == "true"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quant"
 
+needs_env = pytest.mark.skipif(not QUANT_PYTHON and not IN_CI,
+                               reason="set REAM_EXP_QUANT_PYTHON to the quantization environment's python "
+                                      "(`make quant-env` builds it; `make test` with CI=true builds and sets it)")
+
 
 # ---- settings, before any load -----------------------------------------------------------------------
 
@@ -116,6 +120,26 @@ def test_quant_without_its_environment_says_how_to_build_it(tmp_path, monkeypatc
         quant_python(tmp_path, "w8a8")
 
 
+def test_w8a8_is_refused_before_anything_runs_as_transformers_cannot_load_it(tiny_checkpoint):
+    from ream_exp.loading import load_model_config
+
+    cfg = make_cfg("model=local", f"model.path={tiny_checkpoint}", "quant=w8a8")
+    with pytest.raises(ConfigError, match=r"quant=w8a8: transformers 5\.\S+ cannot load the INT8 .*use quant=fp8"):
+        check_quant(cfg, load_model_config(cfg.model))
+
+
+@needs_env
+def test_awq_needs_a_cuda_device_in_the_quantization_environment(tiny_checkpoint):
+    from ream_exp.loading import load_model_config
+    from ream_exp.quant.env import probe
+
+    if probe(Path(QUANT_PYTHON))[2]:
+        pytest.skip("the quantization environment sees a CUDA device")
+    cfg = make_cfg("model=local", f"model.path={tiny_checkpoint}", "quant=w4a16_awq", "quant.group_size=16")
+    with pytest.raises(ConfigError, match=r"quant=w4a16_awq runs llm-compressor's AWQ, which needs a CUDA device"):
+        check_quant(cfg, load_model_config(cfg.model))
+
+
 def test_quant_needs_the_checkpoint_saved(tiny_checkpoint):
     from ream_exp.loading import load_model_config
 
@@ -126,10 +150,6 @@ def test_quant_needs_the_checkpoint_saved(tiny_checkpoint):
 
 
 # ---- with the quantization environment -----------------------------------------------------------------
-
-needs_env = pytest.mark.skipif(not QUANT_PYTHON and not IN_CI,
-                               reason="set REAM_EXP_QUANT_PYTHON to the quantization environment's python "
-                                      "(`make quant-env` builds it; `make test` with CI=true builds and sets it)")
 
 
 def _quantized_run(tmp_path, overrides):
@@ -168,7 +188,7 @@ def test_w4a16_on_the_toy_reloads_as_quantized_and_reads_as_vllm_expects(tmp_pat
     layers = saved["num_hidden_layers"]
     assert {f"model.layers.{i}.mlp.gate" for i in range(layers)} | {"lm_head"} == set(read["ignore"])
     block = saved["compression"]["quantization"]
-    assert block["name"] == "w4a16_gptq" and block["calibration_sequences"] == 8
+    assert block["name"] == "w4a16_gptq" and 0 < block["calibration_sequences"] <= 8
     assert metrics["quant"]["name"] == "w4a16_gptq"
     # weight-only: the checkpoint transformers loads is the model llm-compressor quantized, up to float32
     # rounding of per-expert products against fused ones (hidden-size sums, two per layer)

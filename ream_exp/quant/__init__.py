@@ -39,8 +39,13 @@ SCHEMES: dict[str, Scheme] = {
 }
 NAMES = ("none", *SCHEMES)
 GROUP_SIZES = (128, 64, 32)  # tried in this order when quant.group_size is null
-# Schemes whose compressed-tensors checkpoint stock transformers cannot load (docs/quantization.md)
-NOT_RELOADABLE: dict[str, str] = {}
+# Schemes whose compressed-tensors checkpoint of a MoE the transformers ream-exp installs cannot load, so
+# the run could not evaluate it; refused before anything runs (docs/quantization.md, measured with 5.25)
+NOT_RELOADABLE: dict[str, str] = {
+    "w8a8": "transformers {transformers} cannot load the INT8 (int-quantized) experts of a compressed-tensors "
+            'MoE checkpoint ("torch.cat(): expected a non-empty list of Tensors"), so the run could not evaluate '
+            "it; use quant=fp8 for 8-bit weights",
+}
 
 
 def quant_name(cfg) -> str:
@@ -124,7 +129,9 @@ def check_quant(cfg, model_config) -> dict:
     if scheme is None:
         return {}
     if name in NOT_RELOADABLE:
-        raise ConfigError(f"quant={name}: {NOT_RELOADABLE[name]}")
+        import transformers
+
+        raise ConfigError(f"quant={name}: " + NOT_RELOADABLE[name].format(transformers=transformers.__version__))
     if not cfg.get("save", True):
         raise ConfigError(f"quant={name} quantizes the saved checkpoint: set save=true (or quant=none)")
     import importlib.util
@@ -137,7 +144,7 @@ def check_quant(cfg, model_config) -> dict:
 
     family = family_for(model_config)
     group_size = resolve_group_size(cfg.quant, model_config, family)
-    python = quant_python(cfg.get("cache_dir"), name)
+    python = quant_python(cfg.get("cache_dir"), name, needs_cuda=scheme.algorithm == "awq")
     return {"name": name, "scheme": scheme.preset, "algorithm": scheme.algorithm, "group_size": group_size,
             "ignore": ignored_modules(family), "python": str(python)}
 

@@ -25,29 +25,36 @@ PACKAGES = ("llmcompressor==0.14.0.1",)  # brings transformers 5.15-5.17 and com
 TORCH = os.environ.get("REAM_EXP_QUANT_TORCH") or "torch==2.13.0"  # make quant-env passes the Makefile's TORCH
 TORCH_INDEX = os.environ.get("REAM_EXP_QUANT_TORCH_INDEX") or ""    # and TORCH_INDEX (e.g. the CPU wheel index)
 ENV_VAR = "REAM_EXP_QUANT_PYTHON"
-PROBE = "import importlib.metadata as m; print(m.version('llmcompressor'), m.version('transformers'))"
+PROBE = ("import importlib.metadata as m, torch; "
+         "print(m.version('llmcompressor'), m.version('transformers'), torch.cuda.is_available())")
 
 
 def default_venv(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("REAM_EXP_CACHE", "outputs/.cache")) / "quant-venv"
 
 
-def probe(python: Path) -> tuple[str, str] | None:
-    """(llm-compressor version, transformers version) of `python`'s environment; None where it has none."""
+def probe(python: Path) -> tuple[str, str, bool] | None:
+    """(llm-compressor version, transformers version, whether its torch sees a CUDA device) of `python`'s
+    environment; None where it has no llm-compressor."""
     try:
         out = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PYTHONPATH": ""})
     except (OSError, subprocess.SubprocessError):
         return None
     parts = out.stdout.split()
-    return (parts[0], parts[1]) if out.returncode == 0 and len(parts) == 2 else None
+    return (parts[0], parts[1], parts[2] == "True") if out.returncode == 0 and len(parts) == 3 else None
 
 
-def quant_python(cache_dir: str | os.PathLike | None, name: str) -> Path:
-    """The python of the quantization environment, or a ConfigError saying how to build one."""
+def quant_python(cache_dir: str | os.PathLike | None, name: str, needs_cuda: bool = False) -> Path:
+    """The python of the quantization environment, or a ConfigError saying how to build one (or, with
+    `needs_cuda`, that its torch sees no CUDA device)."""
     given = os.environ.get(ENV_VAR)
     python = Path(given) if given else default_venv(cache_dir) / "bin" / "python"
-    if probe(python) is None:
+    found = probe(python)
+    if found is not None and needs_cuda and not found[2]:
+        raise ConfigError(f"quant={name} runs llm-compressor's AWQ, which needs a CUDA device (0.14 pins "
+                          f"memory), and the torch of {python} sees none: use quant=w4a16_gptq on a CPU")
+    if found is None:
         where = f"{ENV_VAR}={given}" if given else f"{python.parent.parent}"
         raise ConfigError(f"quant={name} needs the quantization environment (llm-compressor), not found at "
                           f"{where}: build it with `make quant-env` or `python -m ream_exp.quant.env`, "
@@ -62,7 +69,8 @@ def build_venv(venv: Path) -> Path:
         return python
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, *TORCH_INDEX.split(), TORCH], check=True)  # first: llm-compressor's own requirement is then met
+    # torch first: llm-compressor's own torch requirement is then met, and pip fetches no other build
+    subprocess.run([*pip, *TORCH_INDEX.split(), TORCH], check=True)
     subprocess.run([*pip, *PACKAGES], check=True)
     if probe(python) is None:
         raise SystemExit(f"{venv}: llm-compressor does not import after the build")

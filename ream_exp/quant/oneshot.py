@@ -6,8 +6,8 @@ SPEC.json (written by ream_exp.quant.stage) names the checkpoint to read, the ca
 input_ids and attention_mask; null for round to nearest), the scheme, the algorithm, the group size, the
 ignored modules and the directory to write. The model is quantized by llm-compressor's oneshot on those
 tokens and saved in the compressed-tensors format; the quantized model's logits on the probe batch (`probe`,
-a .pt of input_ids and attention_mask) are saved to `probe_out`, so the caller can check what a reload gives. It runs in a process of its own: oneshot
-leaves state behind in the process (docs/quantization.md).
+a .pt of input_ids and attention_mask) are saved to `probe_out`, so the caller can check what a reload gives.
+It runs in a process of its own: oneshot leaves state behind in the process (docs/quantization.md).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def quantize_checkpoint(run_dir: Path, settings: dict, quant_cfg: dict, calib: d
     finally:
         for name in ("quant_calib.pt", "quant_probe.pt", "quant_probe_logits.pt"):
             (run_dir / name).unlink(missing_ok=True)
-    llmc, transformers = probe(Path(settings["python"])) or (None, None)
+    llmc, transformers, _ = probe(Path(settings["python"])) or (None, None, None)
     rows = _rows(calib, quant_cfg.get("n")) if calib_path else 0
     block = quantization_block(settings, quant_cfg, rows, {"llmcompressor": llmc, "transformers": transformers})
     for name in ("plan.json", "plan_perms.pt"):  # provenance beside the weights, as in the unquantized one
