@@ -120,23 +120,47 @@ def test_quant_without_its_environment_says_how_to_build_it(tmp_path, monkeypatc
         quant_python(tmp_path, "w8a8")
 
 
+def _fake_env(tmp_path, cuda: bool) -> Path:
+    """A stand-in for the quantization environment's python that answers the probe as llm-compressor's would."""
+    python = tmp_path / "fake-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\necho 0.14.0.1 5.17.0 {cuda}\n")
+    python.chmod(0o755)
+    return python
+
+
+def test_the_environment_is_found_and_awq_needs_cuda_there(tmp_path, monkeypatch, tiny_checkpoint):
+    from ream_exp.loading import load_model_config
+
+    monkeypatch.setenv("REAM_EXP_QUANT_PYTHON", str(_fake_env(tmp_path, cuda=False)))
+    assert quant_python(None, "fp8") == tmp_path / "fake-venv" / "bin" / "python"
+    cfg = make_cfg("model=local", f"model.path={tiny_checkpoint}", "quant=w4a16_awq", "quant.group_size=16")
+    with pytest.raises(ConfigError, match=r"quant=w4a16_awq runs llm-compressor's AWQ, which needs a CUDA device"):
+        check_quant(cfg, load_model_config(cfg.model))
+    monkeypatch.setenv("REAM_EXP_QUANT_PYTHON", str(_fake_env(tmp_path / "gpu", cuda=True)))
+    settings = check_quant(cfg, load_model_config(cfg.model))
+    assert (settings["scheme"], settings["algorithm"], settings["group_size"]) == ("W4A16", "awq", 16)
+
+
+def test_the_quantized_config_is_the_unquantized_one_plus_its_quantization(tmp_path):
+    from ream_exp.quant.stage import merged_config
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir(), after.mkdir()
+    unquantized = {"num_experts": 6, "num_local_experts": 6, "rope_theta": 5.0, "compression": {"method": "reap"}}
+    (before / "config.json").write_text(json.dumps(unquantized))
+    written = {"num_local_experts": 6, "quantization_config": {"quant_method": "compressed-tensors", "ignore": []}}
+    (after / "config.json").write_text(json.dumps(written))
+    merged = json.loads(merged_config(before, after, {"name": "fp8"}))
+    assert merged == {**unquantized, "quantization_config": written["quantization_config"],
+                      "compression": {"method": "reap", "quantization": {"name": "fp8"}}}
+
+
 def test_w8a8_is_refused_before_anything_runs_as_transformers_cannot_load_it(tiny_checkpoint):
     from ream_exp.loading import load_model_config
 
     cfg = make_cfg("model=local", f"model.path={tiny_checkpoint}", "quant=w8a8")
     with pytest.raises(ConfigError, match=r"quant=w8a8: transformers 5\.\S+ cannot load the INT8 .*use quant=fp8"):
-        check_quant(cfg, load_model_config(cfg.model))
-
-
-@needs_env
-def test_awq_needs_a_cuda_device_in_the_quantization_environment(tiny_checkpoint):
-    from ream_exp.loading import load_model_config
-    from ream_exp.quant.env import probe
-
-    if probe(Path(QUANT_PYTHON))[2]:
-        pytest.skip("the quantization environment sees a CUDA device")
-    cfg = make_cfg("model=local", f"model.path={tiny_checkpoint}", "quant=w4a16_awq", "quant.group_size=16")
-    with pytest.raises(ConfigError, match=r"quant=w4a16_awq runs llm-compressor's AWQ, which needs a CUDA device"):
         check_quant(cfg, load_model_config(cfg.model))
 
 

@@ -67,11 +67,12 @@ def build_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if python.exists() and probe(python) is not None:
         return python
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    clean = {**os.environ, "PYTHONPATH": ""}  # pip sees this environment alone, not a checkout on the path
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean)
     pip = [str(python), "-m", "pip", "install", "-q"]
     # torch first: llm-compressor's own torch requirement is then met, and pip fetches no other build
-    subprocess.run([*pip, *TORCH_INDEX.split(), TORCH], check=True)
-    subprocess.run([*pip, *PACKAGES], check=True)
+    subprocess.run([*pip, *TORCH_INDEX.split(), TORCH], check=True, env=clean)
+    subprocess.run([*pip, *PACKAGES], check=True, env=clean)
     if probe(python) is None:
         raise SystemExit(f"{venv}: llm-compressor does not import after the build")
     return python
