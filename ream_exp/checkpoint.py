@@ -216,7 +216,8 @@ def _body(block: dict, config: dict, scores: dict | None, baseline: dict | None)
             "## How it was made", "", *made, "", "## Scores", ""]
     if scores and scores.get("tasks"):
         rows = {"uncompressed": baseline} if baseline else {}
-        rows[f"{block['method']} ({n['after']}/{n['before']} experts" + (f", {quant['name']})" if quant else ")")] = scores
+        label = f"{block['method']} ({n['after']}/{n['before']} experts"
+        rows[label + (f", {quant['name']})" if quant else ")")] = scores
         text += [score_rows(rows), "", "Scores in % (lm-evaluation-harness, as configured by the run)."]
     else:
         text.append("Not evaluated by ream-exp.")
