@@ -4,6 +4,8 @@
 #                with CI=true (as .ci/run has it) or LEGACY_CHECK=true it also builds the transformers 4.57
 #                environment (once) and runs the checkpoint load check in it (tests/test_checkpoint.py), which
 #                is skipped otherwise
+#   make quant-env  build the quantization environment (llm-compressor, outputs/.cache/quant-venv) that quant=...
+#                runs need (docs/quantization.md); make test with CI=true builds it too and runs its tests
 #   make mutate  plant each deliberate bug of tests/mutate.py and check its tests catch it (a few minutes)
 #   make bench   run one benchmark (ream_exp/bench/): BENCH=observe by default, BENCH_ARGS="..." for its flags;
 #                `python -m ream_exp.bench --help` lists them
@@ -23,13 +25,20 @@ ifeq ($(LEGACY_CHECK),true)
 TEST_NEEDS := tf457
 TEST_ENV := REAM_EXP_TF457_PYTHON=$(abspath $(TF457_VENV))/bin/python
 endif
+# The quantization environment (llm-compressor and its own transformers; ream_exp/quant/env.py), built once
+QUANT_VENV ?= $(or $(REAM_EXP_CACHE),outputs/.cache)/quant-venv
+QUANT_CHECK ?= $(CI)
+ifeq ($(QUANT_CHECK),true)
+TEST_NEEDS += quant-env
+TEST_ENV += REAM_EXP_QUANT_PYTHON=$(abspath $(QUANT_VENV))/bin/python
+endif
 BENCH ?= observe
 BENCH_ARGS ?=
 SITE_DIR ?= outputs/site
 # mkdocs-material 9.7+ prints a banner about MkDocs 2.0 on every build
 DOCS_ENV := NO_MKDOCS_2_WARNING=1
 
-.PHONY: setup demo test tf457 mutate bench bench-legacy docs docs-serve clean-venv
+.PHONY: setup demo test tf457 quant-env mutate bench bench-legacy docs docs-serve clean-venv
 
 setup: $(VENV)/.installed
 
@@ -49,6 +58,12 @@ test: setup $(TEST_NEEDS)
 # builds $(TF457_VENV) unless it already holds transformers 4.57 (pip: torch==2.13.0, transformers==4.57.*)
 tf457: setup
 	$(BIN)/python -m ream_exp.bench legacy --build-only --venv $(TF457_VENV)
+
+# builds $(QUANT_VENV) unless it already holds llm-compressor: torch first ($(TORCH), from $(TORCH_INDEX)), then
+# llmcompressor==0.14.0.1 with the transformers it accepts
+quant-env: setup
+	REAM_EXP_QUANT_TORCH="$(TORCH)" REAM_EXP_QUANT_TORCH_INDEX="$(TORCH_INDEX)" \
+		$(BIN)/python -m ream_exp.quant.env --venv $(QUANT_VENV)
 
 # MUTANTS="name ..." runs only those mutants
 mutate: setup

@@ -10,6 +10,9 @@
   for the rest (128 experts for Qwen3-MoE, rope_theta 10000);
 - README.md, a model card (huggingface_hub's ModelCard: base_model, tags, library and pipeline in its
   YAML header), rewritten with the scores by `write_model_card` once the checkpoint is evaluated.
+
+A quant stage (ream_exp/quant/stage.py) adds a `quantization` entry to the compression block, which the
+card reports.
 """
 
 from __future__ import annotations
@@ -164,6 +167,8 @@ def card_data(block: dict) -> ModelCardData:
     if block["kind"] != "none":
         tags.append(f"expert-{block['kind']}")
     tags.append(block["method"])
+    if block.get("quantization"):
+        tags += ["compressed-tensors", block["quantization"]["name"]]
     return ModelCardData(base_model=hub_id(block["base_model"]["path"]), tags=tags, library_name="transformers",
                          pipeline_tag="text-generation")
 
@@ -193,19 +198,31 @@ def _body(block: dict, config: dict, scores: dict | None, baseline: dict | None)
     if calib:
         made.append(f"- calibration: `{calib.get('name')}`, mix {calib.get('mix')}, n {calib.get('n')}, "
                     f"seq_len {calib.get('seq_len')}, seed {calib.get('seed')}")
+    quant = block.get("quantization")
+    if quant:
+        group = f", groups of {quant['group_size']}" if quant.get("group_size") else ""
+        made.append(f"- quantized after compression: `{quant['name']}` ({quant['scheme']} by {quant['algorithm']}"
+                    f"{group}, {quant['calibration_sequences']} calibration sequences), llm-compressor "
+                    f"{quant['tools'].get('llmcompressor')}, compressed-tensors format; kept unquantized: "
+                    + ", ".join(f"`{p}`" for p in quant["ignore"])
+                    + (f"; the model before quantization: {quant['unquantized']}/ beside this checkpoint"
+                       if quant.get("unquantized") else ""))
     code = block["ream_exp"]
     made.append(f"- ream-exp {code['version']}, commit {code['commit']}"
                 + (" (with uncommitted changes)" if code.get("dirty") else ""))
     name = hub_id(base) or (block["base_model"]["name"] if block["base_model"]["name"] != "local" else None)
-    text = [f"# {Path(name or str(base)).name} with {block['method']} at ratio {block['ratio']}", "",
+    title = f"# {Path(name or str(base)).name} with {block['method']} at ratio {block['ratio']}"
+    text = [title + (f", {quant['name']}" if quant else ""), "",
             "Compressed with ream-exp by "
             + ("merging" if block["kind"] == "merging" else "removing") + " routed experts; the router and every "
-            "other weight are the base model's. Every setting is in config.json's `compression` block and "
+            "other weight are the base model's" + (", then quantized as below" if quant else "") + ". Every setting "
+            "is in config.json's `compression` block and "
             "the per-layer plan in plan.json (plan_perms.pt: neuron permutations of merged experts).", "",
             "## How it was made", "", *made, "", "## Scores", ""]
     if scores and scores.get("tasks"):
         rows = {"uncompressed": baseline} if baseline else {}
-        rows[f"{block['method']} ({n['after']}/{n['before']} experts)"] = scores
+        label = f"{block['method']} ({n['after']}/{n['before']} experts"
+        rows[label + (f", {quant['name']})" if quant else ")")] = scores
         text += [score_rows(rows), "", "Scores in % (lm-evaluation-harness, as configured by the run)."]
     else:
         text.append("Not evaluated by ream-exp.")

@@ -13,7 +13,8 @@ settings, the seed, the eval settings and the package files a config names (the 
 tasks, by path relative to the package and content digest: a second clone at another path is the same run).
 It does not depend on the settings in NOT_IDENTITY: where weights and intermediate data are placed (device,
 device map, memory limits, offload, streaming, where hidden states wait), where caches live, progress bars,
-the logger and the run directory. Each of those is in the list only because tests/test_identity.py shows
+the logger and the run directory. quant=none is no quant stage at all, so it leaves the identity as
+it was before the quant group existed. Each of those is in the list only because tests/test_identity.py shows
 that changing it leaves the plan, the weights and the scores unchanged. A sweep's run directories are named
 without them (`override_dirname_excluded`, read by conf/config.yaml), so a relaunch with another placement
 finds the finished runs. A setting added later is left out at the value every earlier run had
@@ -157,6 +158,8 @@ def run_identity(cfg) -> dict:
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
     if isinstance(kept.get("calib"), dict):
         kept["calib"] = without_unread_sources(kept["calib"])
+    if (kept.get("quant") or {}).get("name", "none") == "none":  # no quant stage: the runs made before it
+        kept.pop("quant", None)
     if isinstance(plain.get("model"), dict):
         kept["model"] = _model_part(plain["model"])
     return _portable(kept)

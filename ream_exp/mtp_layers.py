@@ -59,10 +59,11 @@ def _refusal(model_cfg, found: FoundMTP, num_experts: int, n_keep: int) -> str:
 
 
 def check_mtp(model_cfg, config, num_experts: int, n_keep: int, found: FoundMTP | None = None,
-              budget: str = "uniform") -> None:
+              budget: str = "uniform", quant: str = "none") -> None:
     """Refuse, before any weights load, a run that changes the expert count of a checkpoint whose MTP
-    tensors ream-exp cannot compress (they would no longer fit the written config), and a per-layer budget
-    beside MTP tensors (the MTP layer's keys share the config's one expert count). `found`: what
+    tensors ream-exp cannot compress (they would no longer fit the written config), and a per-layer budget or a
+    quant stage beside MTP tensors (the MTP layer's keys share the config's one expert count; llm-compressor
+    reloads the model without them). `found`: what
     MTPLayers.open found (a hub checkpoint is read only once loaded), else read from model.path."""
     if found is None:
         keys = _checkpoint_keys(model_cfg)
@@ -73,6 +74,10 @@ def check_mtp(model_cfg, config, num_experts: int, n_keep: int, found: FoundMTP 
         raise ConfigError(f"budget=global: {model_cfg.get('path') or model_cfg.get('name')} has "
                           "multi-token-prediction layers, whose experts share the config's one count; use "
                           "budget=uniform")
+    if found is not None and quant != "none":
+        raise ConfigError(f"quant={quant}: {model_cfg.get('path') or model_cfg.get('name')} has "
+                          "multi-token-prediction layers, which the quantization stage would not carry over; use "
+                          "quant=none")
 
 
 # ---- the MTP layer beside the model -----------------------------------------------------------------

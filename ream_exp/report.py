@@ -13,12 +13,15 @@ def report(metrics: dict, run_dir: Path) -> None:
     """The end of a run's output: its scores beside the uncompressed model's, what they mean, its files."""
     scores, baseline = metrics["eval"], metrics.get("baseline")
     rows = {"uncompressed": baseline} if baseline else {}
-    rows[f"{metrics['method']} ({metrics['experts_after']}/{metrics['experts_before']} experts)"] = scores
+    quant = (metrics.get("quant") or {}).get("name", "none")
+    label = f"{metrics['method']} ({metrics['experts_after']}/{metrics['experts_before']} experts"
+    rows[label + (f", {quant})" if quant != "none" else ")")] = scores
     if scores.get("tasks"):
         print(score_table(rows))
         print("MC: mean accuracy of the multiple-choice tasks; GEN: mean score of the generation tasks; "
               "AVG: their mean (in %, ± standard error)")
-    files = [name for name in ("metrics.json", "plan.json", "checkpoint/") if (run_dir / name).exists()]
+    files = [name for name in ("metrics.json", "plan.json", "checkpoint/", "checkpoint_unquantized/")
+             if (run_dir / name).exists()]
     log.info("run finished: %s (%s)", run_dir, ", ".join(files))
 
 

@@ -48,6 +48,8 @@ from .moe import apply_plan, moe_layers
 from .moe.offload import execution_device
 from .mtp_layers import MTPLayers, check_mtp
 from .placement import offload_scratch, resolve_device
+from .quant import check_quant, needs_calibration as quant_needs_calibration, quant_name
+from .quant.stage import quantize_checkpoint
 from .report import report
 from .run_records import IDENTITY_KEY, finished_run, record_failure, write_identity
 from .rundir import hold_run_dir, hydra_job_files
@@ -119,7 +121,8 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     tokenizer = tokenizer or functools.partial(load_tokenizer, cfg.model)
     ratio = float(cfg.ratio)
     method = get_method(cfg.method.name)
-    needs_calibration = reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True))
+    needs_calibration = reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True)) \
+        or quant_needs_calibration(cfg)
     check_budget(cfg)  # budget=global: the method and settings it needs (the router's groups once config.json is read)
     check_tasks(cfg.eval)
     check_cache_dir(cfg.get("cache_dir"))
@@ -130,13 +133,14 @@ def validate(cfg: DictConfig, tokenizer: Callable[[], Any] | None = None):
     check_stream(cfg, model_config)
     check_budget(cfg, model_config)
     check_streamed_baseline(cfg)
+    check_quant(cfg, model_config)  # save=true, the quantization environment, the group size
     if hasattr(method, "check"):  # method-specific settings, e.g. REAM's group size against N and N'
         method.check(OmegaConf.to_container(cfg.method, resolve=True), num_experts, n_keep)
     if needs_calibration:
         validate_calib(cfg.calib, getattr(model_config.get_text_config(), "vocab_size", None))
     check_weight_files(cfg.model)
     # multi-token-prediction tensors it cannot compress, or beside a per-layer budget
-    check_mtp(cfg.model, model_config, num_experts, n_keep, budget=cfg.get("budget", "uniform"))
+    check_mtp(cfg.model, model_config, num_experts, n_keep, budget=cfg.get("budget", "uniform"), quant=quant_name(cfg))
     check_datasets(_datasets_needed(cfg, needs_calibration, tokenizer))
     check_runtime_data(cfg.eval)  # nltk data ifeval would download mid-run (docs/evaluation.md)
     return model_config
@@ -208,9 +212,22 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
     params_after = count_parameters(model)
     # the checkpoint as written (measured on its files), else the model as it would be written
     weights = checkpoint_footprint(run_dir / "checkpoint", model) if cfg.save else model_footprint(model)
-    if stream is not None and scores_wanted(cfg):  # the compressed model is on disk only
+    quant = {"name": "none"}
+    settings = check_quant(cfg, model.config)
+    if settings:  # the saved checkpoint is quantized in another process, then evaluated as saved
+        model = stream = None
+        _release_memory()
+        with timer("quantize"):
+            quant = quantize_checkpoint(run_dir, settings, OmegaConf.to_container(cfg.quant, resolve=True), calib,
+                                        _vocab_size(cfg.model))
+    if settings or (stream is not None and scores_wanted(cfg)):  # the model to evaluate is on disk only
         model = load_model(OmegaConf.merge(cfg.model, {"path": str(run_dir / "checkpoint"), "dtype": "auto"}),
                            device)
+    if settings:
+        quant = reload_check(model, quant)
+        # bytes measured on the quantized files; parameters as counted before (the files pack them)
+        measured = checkpoint_footprint(run_dir / "checkpoint", model)
+        weights = {**weights, **{key: measured[key] for key in ("bytes", "expert_bytes", "measured")}}
     with timer("evaluate"):
         scores, peak = evaluate_with_peak(model, tokenizer, cfg, run_dir)
     metrics = {
@@ -227,6 +244,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
         "weights": weights,
         "peak_memory_bytes": peak,
         "calib_tokens": int(calib["attention_mask"].sum()) if calib is not None else 0,
+        "quant": quant,
         "eval": scores,
         "baseline": baseline,
         "timings": dict(timer),
@@ -240,8 +258,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, timer: Timings, logger, tokenize
 
 def _calibrate(cfg: DictConfig, method, tokenizer, timer: Timings) -> dict | None:
     """The calibration tokens, with the tokenizer alone (a bad source fails before the load); None for a
-    method that reads none."""
-    if not reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True)):
+    method and a quant stage that read none."""
+    if not reads_calibration(method, OmegaConf.to_container(cfg.method, resolve=True)) \
+            and not quant_needs_calibration(cfg):
         return None
     with timer("calibrate"):
         return cached_calibration(cfg.calib, tokenizer, cfg.get("cache_dir"))
@@ -256,7 +275,7 @@ def _open_mtp(cfg: DictConfig, model, stream: LayerStream | None) -> MTPLayers |
         mtp = MTPLayers.open(cfg.model, model, execution_device(model.get_input_embeddings()), model.dtype)
     if mtp is not None:  # a hub checkpoint's tensors are read only now: the check of validate, again
         check_mtp(cfg.model, model.config, *check_expert_counts(model.config, float(cfg.ratio)), found=mtp.found,
-                  budget=cfg.get("budget", "uniform"))
+                  budget=cfg.get("budget", "uniform"), quant=quant_name(cfg))
     return mtp
 
 
@@ -311,6 +330,31 @@ def experts_after(model) -> int | float:
     counts = [layer.num_experts for layer in moe_layers(model)]
     mean = sum(counts) / len(counts)
     return int(mean) if mean == int(mean) else mean
+
+
+def _release_memory() -> None:
+    """Frees what the dropped model held, before the quantization process loads the checkpoint."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _vocab_size(model_cfg: DictConfig) -> int:
+    return int(getattr(load_model_config(model_cfg).get_text_config(), "vocab_size", 2) or 2)
+
+
+def reload_check(model, quant: dict) -> dict:
+    """The quantization entry for metrics.json: the probe's logits of the checkpoint as transformers loaded
+    it here against those of the model llm-compressor quantized (equal to float32 rounding for weight-only
+    schemes; FP8 and INT8 activations are not quantized by a transformers reload of fused experts)."""
+    batch, reference = quant.pop("probe"), quant.pop("probe_logits")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+    return {**quant, "reload_max_abs_diff": float((logits - reference).abs().max()),
+            "probe_logits_max_abs": float(reference.abs().max())}
 
 
 def count_parameters(model) -> int:

@@ -28,7 +28,8 @@ from .partial_checkpoint import PARTIAL, resumable
 log = logging.getLogger("ream_exp")
 
 # What an attempt writes into its run directory (wandb/: the W&B run's own files, logger=wandb)
-RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt", "wandb")
+RESULT_FILES = ("metrics.json", "plan.json", "plan_perms.pt", "checkpoint", "lm_eval", "error.txt", "wandb",
+                "checkpoint_unquantized", "checkpoint.quantizing", "quant.log")
 IDENTITY_FILE = "identity.json"  # run_identity at the run's start: what a relaunch must match to skip it
 IDENTITY_KEY = "identity"  # the same in the logger's run config, as JSON text (analysis.settings reads it)
 

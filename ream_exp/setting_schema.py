@@ -2,7 +2,7 @@
 walks (`SCHEMA`, one `Group` per config group), and the checks of settings with rules of their own.
 
 `SCHEMA` describes the composed config: the top level of conf/config.yaml and one `Group` per config
-group (conf/model, conf/calib, conf/eval, conf/logger; a method's settings come from its own module's
+group (conf/model, conf/calib, conf/eval, conf/quant, conf/logger; a method's settings come from its own module's
 DEFAULTS and CHOICES, see `method_group`). A group lists every key any of its options may hold. Declared
 keys may be absent: the code reading them has a default.
 """
@@ -15,6 +15,7 @@ from .calib import DOMAINS, MIX_FORMS
 from .calib.sources import CHAT_ROLES, FORMATS
 from .config import ConfigError, shown
 from .methods import get_method
+from .quant import NAMES as QUANT_NAMES
 from .setting_types import Bool, Choice, Custom, Group, Int, ListOf, Mapping, Number, OneOf, Spec, Str, _did_you_mean, \
     settings_group
 
@@ -254,7 +255,15 @@ LOGGER = Group({
     "init_timeout": Number("the seconds an online start may wait for the server", nullable=True, lo=0),
 })
 
-for _group in (MODEL, CALIB, EVAL, LOGGER):  # conf/<group>/*.yaml: messages name the option, e.g. (model=toy)
+QUANT = Group({
+    "name": Choice(*QUANT_NAMES, meaning="how the compressed model is quantized before evaluation (none: not)"),
+    "group_size": Int("the input channels sharing one scale in W4A16 (null: the largest of 128, 64, 32 dividing "
+                      "every quantized layer's input width)", nullable=True, lo=1),
+    "n": Int("the calibration sequences GPTQ or AWQ reads, the run's first n (null: all)", nullable=True, lo=1),
+    "keep_unquantized": Bool("whether checkpoint_unquantized/ is kept beside the quantized checkpoint/"),
+})
+
+for _group in (MODEL, CALIB, EVAL, LOGGER, QUANT):  # conf/<group>/*.yaml: messages name the option, e.g. (model=toy)
     _group.named = True
 
 # conf/config.yaml, in the order checked: ratio and seed first, as the groups' interpolations use them.
@@ -274,6 +283,7 @@ SCHEMA = Group({
     "calib": CALIB,
     "method": Custom(check_method, meaning="the method chosen with method=NAME and its own settings"),
     "eval": EVAL,
+    "quant": QUANT,
     "logger": LOGGER,
 }, tolerated=("hydra",))  # only in a config composed with return_hydra_config
 

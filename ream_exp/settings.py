@@ -28,7 +28,8 @@ from .calib import check_mix, check_mix_reads, check_states_dir
 from .config import ConfigError, check_placement_keys
 from .methods import METHODS, reads_calibration
 from .methods.protect import check_protect
-from .setting_schema import CALIB, EVAL, LOGGER, MODEL, SCHEMA, SOURCE, method_group
+from .quant import needs_calibration as quant_needs_calibration
+from .setting_schema import CALIB, EVAL, LOGGER, MODEL, QUANT, SCHEMA, SOURCE, method_group
 from .setting_types import MISSING, Group, _join, _one_line
 
 # checks of several settings of one group, run once every value has its type (each takes the group's values)
@@ -87,7 +88,8 @@ def check_settings(cfg: DictConfig) -> None:
         if isinstance(values.get(group), dict):
             for check in checks:
                 check(values[group])
-    if isinstance(values.get("calib"), dict) and _reads_calibration(values.get("method")):
+    if isinstance(values.get("calib"), dict) and (_reads_calibration(values.get("method"))
+                                                  or quant_needs_calibration(values)):
         for check in CALIBRATION_CHECKS:
             check(values["calib"])
     for check in CROSS_CHECKS:
@@ -141,7 +143,7 @@ def _group_at(path: str, node: DictConfig) -> Group | None:
     if path == "method":
         name = node.get("name")
         return method_group(METHODS[name], name) if name in METHODS else None
-    groups = {"": SCHEMA, "model": MODEL, "calib": CALIB, "eval": EVAL, "logger": LOGGER,
+    groups = {"": SCHEMA, "model": MODEL, "calib": CALIB, "eval": EVAL, "logger": LOGGER, "quant": QUANT,
               "eval.apply_chat_template": EVAL.fields["apply_chat_template"].specs[1]}
     if path.startswith("calib.sources.") and path.count(".") == 2:
         return SOURCE

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from . import CONF_DIR
 from .methods import METHODS
 from .setting_types import Bool, Choice, Custom, Group, ListOf, Mapping, Number, OneOf, Spec, Str
-from .setting_schema import CALIB, EVAL, LOGGER, MODEL, SCHEMA, SOURCE, method_group
+from .setting_schema import CALIB, EVAL, LOGGER, MODEL, QUANT, SCHEMA, SOURCE, method_group
 
-GROUPS = {"model": MODEL, "calib": CALIB, "eval": EVAL, "logger": LOGGER}
+GROUPS = {"model": MODEL, "calib": CALIB, "eval": EVAL, "quant": QUANT, "logger": LOGGER}
 NOT_SET = "-"
 
 HEADER = """\

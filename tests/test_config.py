@@ -25,7 +25,7 @@ def make_cfg(*overrides):
 
 
 def test_groups_exist():
-    for group in ("model", "calib", "method", "eval", "logger"):
+    for group in ("model", "calib", "method", "eval", "quant", "logger"):
         assert options(group), group
 
 

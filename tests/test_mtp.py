@@ -277,3 +277,13 @@ def test_global_budget_refused_beside_mtp_layers(sources, tmp_path):
     config's one expert count."""
     with pytest.raises(ConfigError, match=r"^budget=global: .* has multi-token-prediction layers.*use budget=uniform$"):
         validate(_cfg(sources["mtp"], sources, tmp_path / "cache", "reap", "budget=global"))
+
+
+def test_quant_refused_beside_mtp_layers(sources, tmp_path, monkeypatch):
+    """A quant stage beside MTP tensors is refused before any load: llm-compressor reloads the checkpoint
+    without them (the quantization environment's own checks passed over, as it may not be built here)."""
+    import ream_exp.run as run_module
+
+    monkeypatch.setattr(run_module, "check_quant", lambda cfg, config: {})
+    with pytest.raises(ConfigError, match=r"^quant=w4a16_gptq: .* has multi-token-prediction layers.*use quant=none$"):
+        validate(_cfg(sources["mtp"], sources, tmp_path / "cache", "reap", "quant=w4a16"))

@@ -67,7 +67,8 @@ BAD = [
     (["device=cuda:x"], r"^device='cuda:x'; valid: auto, cpu, cuda, cuda:N"),
     (["save=maybe"], r"^save='maybe' must be true or false"),
     (["+metod=reap"], r"^unknown setting metod \(top level\); allowed: baseline, budget, cache_dir, calib, device, "
-                      r"eval, logger, method, model, progress, ratio, run_dir, save, seed \(did you mean method\?\)$"),
+                      r"eval, logger, method, model, progress, quant, ratio, run_dir, save, seed "
+                      r"\(did you mean method\?\)$"),
     (["+method.group_sise=4"], r"^unknown setting method.group_sise \(method=ream_official\); allowed: align, "
                                r"align_tokens, .*group_size.* \(did you mean group_size\?\)$"),
     (["+model.dtpye=bfloat16"], r"^unknown setting model.dtpye \(model=local\); allowed: device_map, dtype, .*"
@@ -223,9 +224,9 @@ def _cli(tmp_path, *overrides):
 
 @pytest.mark.parametrize("override,line", [
     ("+metod=reap", "error: unknown setting metod (top level); allowed: baseline, budget, cache_dir, calib, device, "
-                    "eval, logger, method, model, progress, ratio, run_dir, save, seed (did you mean method?)"),
+                    "eval, logger, method, model, progress, quant, ratio, run_dir, save, seed (did you mean method?)"),
     ("metod=reap", "error: unknown setting metod (top level); allowed: baseline, budget, cache_dir, calib, device, "
-                   "eval, logger, method, model, progress, ratio, run_dir, save, seed (did you mean method?)"),
+                   "eval, logger, method, model, progress, quant, ratio, run_dir, save, seed (did you mean method?)"),
     ("method.group_sise=4", "error: unknown setting method.group_sise (method=ream_official); allowed: align, "
                             "align_tokens, gate_output, gated_sim, group_size, grouping, merge, merge_density, "
                             "merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, saliency, "
