@@ -67,21 +67,23 @@ BAD_SETTINGS = [
     (["calib.min_fill=2"], r"^calib.min_fill=2.0 is outside \[0, 1\]"),
     (["calib.n=2", "calib.mix=[0.3,0.3,0.3]"], r"^calib.n=2 with calib.mix=.* takes int\(n \* ratio\) = 0 sequences"),
     (["method=hc_smoe", "+method.sequental=true"],
-     r"^unknown setting method.sequental \(method=hc_smoe\); allowed: align, align_tokens, name, "
-     r"pca_dim, pca_seed, sequential, sim_tokens \(did you mean sequential\?\)$"),
+     r"^unknown setting method.sequental \(method=hc_smoe\); allowed: align, align_tokens, group_size, grouping, "
+     r"merge, merge_density, merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, sequential, "
+     r"sim_tokens \(did you mean sequential\?\)$"),
     (["method=m_smoe", "+method.sequental=true"],
-     r"^unknown setting method.sequental \(method=m_smoe\); allowed: name, sequential "
-     r"\(did you mean sequential\?\)$"),
+     r"^unknown setting method.sequental \(method=m_smoe\); allowed: align, align_tokens, group_size, grouping, "
+     r"merge, merge_density, merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, saliency, "
+     r"sequential \(did you mean sequential\?\)$"),
     (["method=hc_smoe", "method.align=sideways"], r"^method.align='sideways'; valid: both, activations"),
     (["method=m_smoe", "method.sequential=yes"], r"^method.sequential='yes' must be true or false"),
     (["method=hc_smoe", "method.align_tokens=many"], r"^method.align_tokens='many' is not an integer"),
     (["method=ream", "+method.groupsize=4"],
      r"^unknown setting method.groupsize \(method=ream\); allowed: .*group_size"),
     (["method=reap", "+method.group_size=4"],
-     r"^unknown setting method.group_size \(method=reap\); allowed: name, saliency_form, sequential$"),
+     r"^unknown setting method.group_size \(method=reap\); allowed: name, protect, saliency_form, sequential$"),
     (["method=freq_official", "method.saliency_form=renormalised"],
      r"^method.saliency_form='renormalised'; valid: paper, official$"),
-    (["method=ean", "+method.sequential=true"], r"^unknown setting method.sequential \(method=ean\); allowed: name$"),
+    (["method=ean", "+method.sequential=true"], r"^unknown setting method.sequential \(method=ean\); allowed: name, protect$"),
     (["method=random", "+method.sed=3"],
      r"^unknown setting method.sed \(method=random\); allowed: name, seed \(did you mean seed\?\)$"),
     (["logger=wandb", "logger.mode=loud"], r"^logger.mode='loud'; valid: null, offline, online, disabled$"),
@@ -366,7 +368,7 @@ def test_cli_unknown_group_option_is_one_line(tmp_path):
     done = _cli(tmp_path, "method=magic", f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
-    assert line.startswith("error: In 'config': Could not find 'method/magic'; available: ean, freq, freq_official, hc_smoe")
+    assert line.startswith("error: In 'config': Could not find 'method/magic'; available: aimer, ean, freq, freq_official, hc_smoe")
     assert "ream_official" in line
     done = _cli(tmp_path, "ratio=[0.25,", f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 1
