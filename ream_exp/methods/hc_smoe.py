@@ -22,7 +22,8 @@ from .merging import (ALIGN_MODES, align_groups, average_linkage, closest_to_mea
 NEEDS_CALIBRATION = True
 
 # pca_seed: seed of the PCA used when align is both | weights (null: the run seed), as in REAM.
-DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None)
+DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None,
+                align_cache_mb=None)
 CHOICES = dict(align=ALIGN_MODES)
 
 
@@ -50,14 +51,15 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
     with timings("group"):
         groups = groups_per_router_group(layer, n_keep, lambda m, k: centred_clusters(features[m], k))
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings,
+                             obs.align_hidden)
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
 
 
 def plan(ctx: Context) -> Plan:
     s = settings(ctx.cfg)
     needs = Needs(dense="plain", align=s["align"] in ("both", "activations"), sim_tokens=s["sim_tokens"],
-                  align_tokens=int(s["align_tokens"]))
+                  align_tokens=int(s["align_tokens"]), align_cache_mb=s["align_cache_mb"])
     timings = Timings()
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
                            bool(s["sequential"]), timings)

@@ -38,6 +38,7 @@ NEEDS_CALIBRATION = True
 DEFAULTS = dict(
     saliency="reap", saliency_form="paper", gated_sim=True, gate_output=True, group_size=16,
     align="both", pca_dim=64, pca_seed=None, align_tokens=32768, sim_tokens=None, sequential=True,
+    align_cache_mb=None,
 )
 CHOICES = dict(saliency=("reap", "freq"), saliency_form=("paper", "official"), align=ALIGN_MODES)
 
@@ -72,7 +73,8 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
         groups = groups_per_router_group(layer, n_keep, lambda m, k: group_by_pseudo_pruning(
             score[m], distance[m][:, m], k, s["group_size"]))
     with timings("align"):
-        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
+        perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings,
+                             obs.align_hidden)
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
               "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
     return merge_layer_plan(layer, groups, score, perms, score, scores)
@@ -85,7 +87,7 @@ def plan(ctx: Context) -> Plan:
     for layer in ctx.layers:  # reject an impossible C before any calibration runs
         check_group_size(layer.num_experts, ctx.n_keep(layer), s["group_size"])
     needs = Needs(dense="gated" if s["gated_sim"] else "plain", align=s["align"] in ("both", "activations"),
-                  sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]))
+                  sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]), align_cache_mb=s["align_cache_mb"])
     timings = Timings()
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
                            bool(s["sequential"]), timings)
