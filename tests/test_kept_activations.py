@@ -7,6 +7,7 @@ alignment's own, so the tests that need the rows kept run on one batch."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,8 @@ import torch
 from tests.merging_helpers import method_cfg, planned_copy
 
 from ream_exp.methods import merging, observation
-from ream_exp.methods.observation import ALIGN_CACHE_CPU_MB, KeptActivations, Needs, kept_activation_bytes
+from ream_exp.methods.observation import (ALIGN_CACHE_CPU_MB, DENSE_BLOCK, DENSE_BYTES, GPU_BLOCK_SHARE, KeptActivations,
+                                          Needs, kept_activation_bytes, work_block)
 from ream_exp.methods.observation_cache import observation_cache
 from ream_exp.moe import expert_hidden
 from ream_exp.moe.tiny import tiny_batch, tiny_model
@@ -134,3 +136,44 @@ def test_the_budget_leaves_the_observation_cache_key_and_is_never_saved(tmp_path
     assert len(set(keys.values())) == 1
     assert {"align_keep", "align_hidden"} <= set(observation.NOT_SAVED)
     assert isinstance(keys[None], Path)
+
+
+def test_blocks_of_work_follow_the_free_gpu_memory_and_stay_constant_on_a_cpu(monkeypatch):
+    assert work_block("cpu", DENSE_BLOCK, DENSE_BYTES) == DENSE_BLOCK
+    free = 64 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    assert work_block("cuda:0", DENSE_BLOCK, DENSE_BYTES) == free // GPU_BLOCK_SHARE // DENSE_BYTES
+    free = 1 << 20  # a nearly full card: never below the CPU's block
+    assert work_block("cuda", DENSE_BLOCK, DENSE_BYTES) == DENSE_BLOCK
+
+
+def test_the_dense_block_is_the_layers_and_leaves_the_plan(model, batch, monkeypatch):
+    """A smaller dense block (more blocks per batch, as a GPU with little free memory gets) keeps the same rows:
+    the kept products fill across block edges and the plan is the one without them."""
+    reference = _plan(model, batch, "method.align_cache_mb=0", "method.align_tokens=40")
+    blocks = []
+    monkeypatch.setattr(observation, "work_block", lambda device, elements, size: blocks.append(elements) or
+                        EXPERTS * 2 * model.config.moe_intermediate_size * 5)  # 5 tokens per block
+    _same_plans(_plan(model, batch, "method.align_tokens=40"), reference)
+    assert blocks == [DENSE_BLOCK] * 2
+
+
+def test_kept_products_are_released_before_the_pca(model, batch, monkeypatch):
+    """The PCA's float32 copy of the layer and the kept products are never alive together (the streamed peak)."""
+    alive = []
+    pca, result = merging.pca_weight_features, KeptActivations.result
+    refs = []
+
+    def watched(self, experts, x):
+        out = result(self, experts, x)
+        refs.append(weakref.ref(out[0]))
+        return out
+
+    def checked(layer, dim, seed):
+        alive.append(refs[-1]() is not None)
+        return pca(layer, dim, seed)
+
+    monkeypatch.setattr(KeptActivations, "result", watched)
+    monkeypatch.setattr(merging, "pca_weight_features", checked)
+    _plan(model, batch, batch_size=6)
+    assert alive == [False, False]

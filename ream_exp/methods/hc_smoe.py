@@ -52,7 +52,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
         groups = groups_per_router_group(layer, n_keep, lambda m, k: centred_clusters(features[m], k))
     with timings("align"):
         perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings,
-                             obs.align_hidden)
+                             obs.take_align_hidden)
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()})
 
 

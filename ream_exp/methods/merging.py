@@ -24,10 +24,12 @@ from ..moe import MoELayer, activated, canonical_weights, expert_hidden, experts
 from ..moe.groups import group_members, per_group
 from ..plan import LayerPlan
 from ..timing import Timings
+from .observation import work_block
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
-# Elements of the aligned members' activations alive at once, gate and up ([k, T, I] each; ~256 MB in
-# float32): a group's members are computed in one call when they fit, else block by block.
+# Elements of the aligned members' activations alive at once on a CPU, gate and up ([k, T, I] each; ~256 MB in
+# float32): a group's members are computed in one call when they fit, else block by block. On a GPU the free
+# memory bounds it (observation.work_block): there an activation rounds each element alike whatever the block.
 ALIGN_BLOCK = 1 << 26
 # torch.cdist computes |a|^2 + |b|^2 - 2 a.b by one matrix product when a side has more rows than this.
 CDIST_MM_ROWS = 25
@@ -283,7 +285,7 @@ def activation_costs(experts, c: int, members: list[int], x: torch.Tensor, kept:
             yield j, torch.cdist(u_c, unit_neuron_rows(_hidden(experts, j, x, kept)))
         return
     side_c = _cdist_side(a_c, centroid=True).T
-    per_block = max(1, ALIGN_BLOCK // (2 * a_c.numel()))  # gate and up of a block alive at once
+    per_block = max(1, work_block(x.device, ALIGN_BLOCK, 4) // (2 * a_c.numel()))  # gate and up alive at once
     for s in range(0, len(members), per_block):
         block = members[s:s + per_block]
         for j, a_j in zip(block, _block_hidden(experts, block, x, kept)):
@@ -301,13 +303,15 @@ def match_neurons(cost: torch.Tensor) -> list[int]:
 @torch.no_grad()
 def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | None, mode: str,
                  pca_dim: int = 64, seed: int = 0, timings: Timings | None = None,
-                 kept: tuple | None = None) -> dict[int, list[int]]:
+                 take_kept=None) -> dict[int, list[int]]:
     """Permutation of every non-centroid member's neurons onto its centroid's (docs/algorithms.md REAM 4).
 
     cost = cdist(normalised activations on tokens x) ("activations") + cdist(PCA weight features)
     ("weights"); "both" sums them, "none" aligns nothing. `timings` gets the PCA's time as "pca" and the
-    assignments' (scipy's linear_sum_assignment, on the CPU) as "hungarian". `kept`: the products before the
-    activation on x of the first experts, as observing computed them (LayerObservation.align_hidden).
+    assignments' (scipy's linear_sum_assignment, on the CPU) as "hungarian". `take_kept()` hands over the
+    products before the activation on x of the first experts, as observing computed them
+    (LayerObservation.take_align_hidden); with the PCA, every activation cost ([I, I] per member) is computed
+    first and those products freed before the PCA's float32 copy of the layer, so the two are never alive together.
     """
     if mode not in ALIGN_MODES:
         raise ConfigError(f"method.align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
@@ -317,8 +321,14 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
     if use_act and (x is None or x.shape[0] == 0):
         raise ValueError("activation alignment needs the MoE inputs of the alignment tokens")
     timings = timings if timings is not None else Timings()
-    z = None
+    kept = take_kept() if take_kept is not None else None  # the only reference: freed when spent
+    z, act = None, {}
     if use_w:
+        if use_act:
+            for group in groups:
+                if len(group) > 1:
+                    act.update(activation_costs(layer.experts, group[0], group[1:], x, kept))
+            kept = None  # spent: not alive with the PCA's features
         with timings("pca"):
             z = pca_weight_features(layer, pca_dim, seed)
     perms = {}
@@ -326,7 +336,10 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
         if len(group) == 1:
             continue
         c, members = group[0], group[1:]
-        costs = activation_costs(layer.experts, c, members, x, kept) if use_act else ((j, 0) for j in members)
+        if act or not use_act:
+            costs = ((j, act.pop(j, 0)) for j in members)
+        else:
+            costs = activation_costs(layer.experts, c, members, x, kept)
         for j, cost in costs:
             if use_w:
                 cost = cost + torch.cdist(z[c], z[j])

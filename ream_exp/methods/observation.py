@@ -29,8 +29,14 @@ from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
 from ..observe import LayerStats, Routed, observing_experts, zero_compute
 
-# Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
+# Elements of one [experts, tokens, 2I] block of the dense statistics on a CPU (~256 MB in float32); on a GPU
+# the memory free when a layer's observation starts bounds it (`work_block`).
 DENSE_BLOCK = 1 << 26
+# Bytes per element of a dense block alive at once: the products in the model's dtype and the activations in
+# float32 (2 + 4 in bf16, 4 + 2 in float32), rounded up.
+DENSE_BYTES = 8
+# The share of the free GPU memory one block of work may take.
+GPU_BLOCK_SHARE = 8
 # The version of the code that fills a LayerObservation (its sink, token samples and `finish`), recorded
 # with observe.STATS_VERSION in every per-layer observation cache entry: bump it when a change here changes
 # what is observed (docs/caches.md).
@@ -39,7 +45,7 @@ OBSERVATION_VERSION = 1
 # of the device memory free when the layer's observation starts.
 ALIGN_CACHE_CPU_MB = 1024
 # What a LayerObservation holds only while its layer is planned: never saved in the observation cache.
-NOT_SAVED = ("align_chunks", "device", "align_keep", "align_hidden")
+NOT_SAVED = ("align_chunks", "device", "align_keep", "align_hidden", "dense_block")
 
 log = logging.getLogger("ream_exp")
 
@@ -55,6 +61,16 @@ class Needs:
     # MiB of the alignment sample's activations kept from the dense pass (None: ALIGN_CACHE_CPU_MB on a CPU, a
     # quarter of the free memory on a GPU; 0: none kept). Where and how it computes, never what.
     align_cache_mb: int | None = None
+
+
+def work_block(device, cpu_elements: int, bytes_per_element: int) -> int:
+    """Elements of one block of work alive at once: `cpu_elements` on a CPU (the constant whose blocks give the CPU
+    results their bits), on a GPU 1/GPU_BLOCK_SHARE of the memory free now, at least `cpu_elements`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cpu_elements
+    free = torch.cuda.mem_get_info(device)[0]
+    return max(cpu_elements, free // GPU_BLOCK_SHARE // bytes_per_element)
 
 
 def kept_activation_bytes(align_cache_mb: int | None, device) -> int:
@@ -124,6 +140,7 @@ class LayerObservation(LayerStats):
     sigma2_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i^2 ||E_i||
     logit_gram: torch.Tensor = field(init=False)  # G^T G of the router logits G [|X|, N]
     dense_tokens: int = 0
+    dense_block: int = DENSE_BLOCK  # elements of one [N, t', 2I] block of the dense pass (`work_block`)
     dense_hidden: torch.Tensor | None = None  # sum_t w_ti a_i(x_t) [N, I] (w = sigma or 1)
     dense_weight: torch.Tensor | None = None  # sum_t w_ti [N]
     mean_outputs: torch.Tensor | None = None  # mean_t w_ti E_i(x_t) [N, H], set by `finish`
@@ -143,6 +160,12 @@ class LayerObservation(LayerStats):
         """Official-code form: mean over X_i of sigma_i(x)^power ||E_i(x)||, sigma not renormalised."""
         return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
 
+    def take_align_hidden(self) -> tuple | None:
+        """The kept alignment products, handed over: the observation no longer holds them (so the alignment can
+        free them once spent)."""
+        kept, self.align_hidden = self.align_hidden, None
+        return kept
+
     # ---- accumulation ------------------------------------------------------------------------
     def add_routed(self, routed: Routed, sigma: torch.Tensor) -> None:
         """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]:
@@ -159,7 +182,7 @@ class LayerObservation(LayerStats):
         if t == 0:
             return
         width = fused_up(experts)[0].numel() // x.shape[1]  # 2I (I ungated), whatever the layout
-        step = max(1, DENSE_BLOCK // (n * width))
+        step = max(1, self.dense_block // (n * width))
         for s in range(0, t, step):
             products = experts_products(experts, x[s:s + step])
             if align is not None:
@@ -251,6 +274,8 @@ def observing_layer(layer: MoELayer, needs: Needs, align_rows: int | None = None
     Offloaded experts and router weights are loaded once for the whole block (`materialised`)."""
     with materialised([layer.experts, layer.router]):
         obs = LayerObservation(layer.num_experts, execution_device(layer.router))
+        if needs.dense:
+            obs.dense_block = work_block(obs.device, DENSE_BLOCK, DENSE_BYTES)
         budget = kept_activation_bytes(needs.align_cache_mb, obs.device) if align_rows else 0
         if budget > 0:
             obs.align_keep = KeptActivations(align_rows, budget)

@@ -74,7 +74,7 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int):
             score[m], distance[m][:, m], k, s["group_size"]))
     with timings("align"):
         perms = align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings,
-                             obs.align_hidden)
+                             obs.take_align_hidden)
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
               "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
     return merge_layer_plan(layer, groups, score, perms, score, scores)
