@@ -205,6 +205,10 @@ def parse(argv=None):
                         "SamsungSAILMontreal/ream DIR); it runs in bench legacy's transformers 4.57 environment")
     p.add_argument("--official-python", default=None,
                    help="parity: the python to run the official code with (default: that environment, built once)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="parity: what the stopwatches read, the wall clock or each process's CPU time "
+                        "(time.process_time: with --threads 1 on a machine shared with other work, the work a run "
+                        "did, not its waiting)")
     p.add_argument("--variant", nargs="*", default=[],
                    help="parity: also run ream-exp with these overrides in each pair (e.g. method.align_cache_mb=0)")
     p.add_argument("--ours-set", action="append", default=[], help=argparse.SUPPRESS)
