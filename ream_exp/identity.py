@@ -12,7 +12,8 @@ A result depends on the weights, the method and all its settings, the ratio, the
 settings, the seed, the eval settings and the package files a config names (the toy checkpoint, data and
 tasks, by path relative to the package and content digest: a second clone at another path is the same run).
 It does not depend on the settings in NOT_IDENTITY: where weights and intermediate data are placed (device,
-device map, memory limits, offload, streaming, where hidden states wait), where caches live, progress bars,
+device map, memory limits, offload, streaming, where hidden states wait, how much of the alignment's
+activations observing keeps), where caches live, progress bars,
 the logger and the run directory. Each of those is in the list only because tests/test_identity.py shows
 that changing it leaves the plan, the weights and the scores unchanged. A sweep's run directories are named
 without them (`override_dirname_excluded`, read by conf/config.yaml), so a relaunch with another placement
@@ -41,6 +42,7 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
     "": ("progress", "logger", "cache_dir", "device", "run_dir"),
     "model": ("device_map", "max_memory", "offload_folder", "stream"),
     "calib": ("states_device", "states_dir"),
+    "method": ("align_cache_mb",),
 }
 # Eval settings that change what is written beside the scores, not the scores: out of the baseline's key
 # (a run's own identity keeps them, since its directory holds what they write).

@@ -16,8 +16,8 @@ import torch
 from tests.merging_helpers import method_cfg, planned_copy
 
 from ream_exp.methods import merging, observation
-from ream_exp.methods.observation import (ALIGN_CACHE_CPU_MB, DENSE_BLOCK, DENSE_BYTES, GPU_BLOCK_SHARE, KeptActivations,
-                                          Needs, kept_activation_bytes, work_block)
+from ream_exp.methods.observation import (ALIGN_CACHE_CPU_MB, DENSE_BLOCK, DENSE_BYTES, GPU_BLOCK_SHARE,
+                                          KeptActivations, Needs, kept_activation_bytes, work_block)
 from ream_exp.methods.observation_cache import observation_cache
 from ream_exp.moe import expert_hidden
 from ream_exp.moe.tiny import tiny_batch, tiny_model

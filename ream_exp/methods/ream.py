@@ -91,4 +91,5 @@ def plan(ctx: Context) -> Plan:
     timings = Timings()
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed), needs,
                            bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers, info={"settings": s, "timings": dict(timings)})
+    recorded = {k: v for k, v in s.items() if k != "align_cache_mb"}  # how it computes, not what (the plan is one)
+    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers, info={"settings": recorded, "timings": dict(timings)})
