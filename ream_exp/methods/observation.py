@@ -111,9 +111,15 @@ class KeptActivations:
                 self.full = True
                 return
             self.products = tuple(p.new_empty(k, self.rows, p.shape[2]) for p in products)
-        rows, k = dev[lo:hi] - start, len(self.products[0])
-        for kept, p in zip(self.products, products):
-            kept[:, self.filled:self.filled + hi - lo] = p[:k].index_select(1, rows)
+        k, into = len(self.products[0]), slice(self.filled, self.filled + hi - lo)
+        first = int(host[lo]) - start
+        if int(host[hi - 1]) - start == first + hi - lo - 1:  # consecutive rows (every token aligned): one copy
+            for kept, p in zip(self.products, products):
+                kept[:, into].copy_(p[:k, first:first + hi - lo])
+        else:
+            rows = dev[lo:hi] - start
+            for kept, p in zip(self.products, products):
+                kept[:, into] = p[:k].index_select(1, rows)
         self.filled += hi - lo
 
     def result(self, experts: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
