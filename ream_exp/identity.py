@@ -12,9 +12,10 @@ A result depends on the weights, the method and all its settings, the ratio, the
 settings, the seed, the eval settings and the package files a config names (the toy checkpoint, data and
 tasks, by path relative to the package and content digest: a second clone at another path is the same run).
 It does not depend on the settings in NOT_IDENTITY: where weights and intermediate data are placed (device,
-device map, memory limits, offload, streaming, where hidden states wait), where caches live, progress bars,
-the logger and the run directory. quant=none is no quant stage at all, so it leaves the identity as
-it was before the quant group existed. Each of those is in the list only because tests/test_identity.py shows
+device map, memory limits, offload, streaming, where hidden states wait, how much of the alignment's
+activations observing keeps), where caches live, progress bars, the logger and the run directory. quant=none is
+no quant stage at all, so it leaves the identity as it was before the quant group existed. Each of those is in
+the list only because tests/test_identity.py shows
 that changing it leaves the plan, the weights and the scores unchanged. A sweep's run directories are named
 without them (`override_dirname_excluded`, read by conf/config.yaml), so a relaunch with another placement
 finds the finished runs. A setting added later is left out at the value every earlier run had
@@ -43,6 +44,7 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
     "": ("progress", "logger", "cache_dir", "device", "run_dir"),
     "model": ("device_map", "max_memory", "offload_folder", "stream"),
     "calib": ("states_device", "states_dir"),
+    "method": ("align_cache_mb",),
 }
 # Settings added after runs were made, left out of the identity at the value those runs had (what the code did
 # before the setting existed), so finished runs stay finished.

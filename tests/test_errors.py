@@ -67,9 +67,9 @@ BAD_SETTINGS = [
     (["calib.min_fill=2"], r"^calib.min_fill=2.0 is outside \[0, 1\]"),
     (["calib.n=2", "calib.mix=[0.3,0.3,0.3]"], r"^calib.n=2 with calib.mix=.* takes int\(n \* ratio\) = 0 sequences"),
     (["method=hc_smoe", "+method.sequental=true"],
-     r"^unknown setting method.sequental \(method=hc_smoe\); allowed: align, align_tokens, group_size, grouping, "
-     r"merge, merge_density, merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, sequential, "
-     r"sim_tokens \(did you mean sequential\?\)$"),
+     r"^unknown setting method.sequental \(method=hc_smoe\); allowed: align, align_cache_mb, align_tokens, group_size, "
+     r"grouping, merge, merge_density, merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, "
+     r"sequential, sim_tokens \(did you mean sequential\?\)$"),
     (["method=m_smoe", "+method.sequental=true"],
      r"^unknown setting method.sequental \(method=m_smoe\); allowed: align, align_tokens, group_size, grouping, "
      r"merge, merge_density, merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, saliency, "

@@ -27,7 +27,8 @@ from tests.test_stream import _overrides, _source
 # Settings outside the identity, each with a value other than the default, as a user would type them.
 IDENTITY_FREE = ["progress=false", "logger=none", "cache_dir=/elsewhere/cache", "device=cpu",
                  "model.device_map=cpu", "++model.max_memory={cpu: 8GiB}", "++model.offload_folder=/scratch/offload",
-                 "model.stream=true", "calib.states_device=disk", "calib.states_dir=/scratch/states"]
+                 "model.stream=true", "calib.states_device=disk", "calib.states_dir=/scratch/states",
+                 "method.align_cache_mb=0"]
 
 
 def test_every_identity_free_setting_is_listed_and_leaves_the_identity():
@@ -123,7 +124,7 @@ def test_identity_free_settings_leave_plan_weights_and_scores_unchanged(calib_fi
     evaluation = ["eval=mc", "eval.name=tiny", "eval.tasks=[tiny_mc]", f"eval.include_path={TINY_TASKS}",
                   "eval.batch_size=4"]
     variants = {"memory": [], "placed": ["model.device_map=cpu", "++model.max_memory={cpu: 8GiB}", "device=cpu",
-                                         "progress=true"],
+                                         "progress=true", "method.align_cache_mb=0"],
                 "streamed": ["model.stream=true", "calib.states_device=disk",
                              f"calib.states_dir={tmp_path / 'states'}"]}
     results = {}

@@ -70,7 +70,7 @@ BAD = [
                       r"eval, logger, method, model, progress, quant, ratio, run_dir, save, seed "
                       r"\(did you mean method\?\)$"),
     (["+method.group_sise=4"], r"^unknown setting method.group_sise \(method=ream_official\); allowed: align, "
-                               r"align_tokens, .*group_size.* \(did you mean group_size\?\)$"),
+                               r"align_cache_mb, align_tokens, .*group_size.* \(did you mean group_size\?\)$"),
     (["+model.dtpye=bfloat16"], r"^unknown setting model.dtpye \(model=local\); allowed: device_map, dtype, .*"
                                 r"\(did you mean dtype\?\)$"),
     (["+calib.sources.math.feild=text"], r"^unknown setting calib.sources.math.feild; allowed: field, fields, format"),
@@ -228,7 +228,7 @@ def _cli(tmp_path, *overrides):
     ("metod=reap", "error: unknown setting metod (top level); allowed: baseline, budget, cache_dir, calib, device, "
                    "eval, logger, method, model, progress, quant, ratio, run_dir, save, seed (did you mean method?)"),
     ("method.group_sise=4", "error: unknown setting method.group_sise (method=ream_official); allowed: align, "
-                            "align_tokens, gate_output, gated_sim, group_size, grouping, merge, merge_density, "
+                            "align_cache_mb, align_tokens, gate_output, gated_sim, group_size, grouping, merge, merge_density, "
                             "merge_max_iter, merge_rank, merge_tol, name, pca_dim, pca_seed, protect, saliency, "
                             "saliency_form, sequential, sim_tokens (did you mean group_size?)"),
     ("eval.limit=abc", "error: eval.limit='abc' is not a number: eval.limit is null (every example), a positive "

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..methods.capture import BatchState
+from ..methods.capture import BatchState, kept_align_rows
 from ..methods.observation import Needs, observing_layer, token_sample
 from ..methods.merging import (align_groups, floor_zero_saliency, group_by_pseudo_pruning, merge_layer_plan,
                                ream_distance)
@@ -111,13 +111,13 @@ def observe(layer, x, needs: Needs, chunk: int):
     mask = torch.ones(1, x.shape[0], dtype=torch.long)
     sim = token_sample(mask, needs.sim_tokens, 0).reshape(-1).to(x.device)
     align = token_sample(mask, needs.align_tokens, 0).reshape(-1).to(x.device)
-    with observing_layer(layer, needs) as (obs, current):
-        for s in range(0, x.shape[0], chunk):
-            part = slice(s, s + chunk)
-            n = x[part].shape[0]
-            current["batch"] = BatchState(StateStore(), "bench", x.device, [], False,
-                                          torch.ones(n, dtype=torch.bool, device=x.device), sim[part], align[part])
-            layer.block(x[part][None])
+    states = [BatchState(StateStore(), "bench", x.device, [], False,
+                         torch.ones(len(sim[s:s + chunk]), dtype=torch.bool, device=x.device), sim[s:s + chunk],
+                         align[s:s + chunk]) for s in range(0, x.shape[0], chunk)]
+    with observing_layer(layer, needs, kept_align_rows(states, needs)) as (obs, current):
+        for n, s in enumerate(range(0, x.shape[0], chunk)):
+            current["batch"] = states[n]
+            layer.block(x[s:s + chunk][None])
     return obs
 
 
@@ -156,7 +156,8 @@ def layer_rows(args) -> tuple[list[dict], dict]:
     seconds, peak, groups = timed(group, device)
     add(f"group (C={args.group_size}, N'={n_keep})", seconds, peak, roofline.grouping(n, h))
     timings = Timings()
-    seconds, peak, perms = timed(lambda: align_groups(layer, groups, observed.align_x, "both", 64, 0, timings), device)
+    seconds, peak, perms = timed(lambda: align_groups(layer, groups, observed.align_x, "both", 64, 0, timings,
+                                                      observed.take_align_hidden), device)
     aligned, members = roofline.aligned_counts(groups)
     t_align = observed.align_x.shape[0]
     add("PCA (q 64)", timings["pca"], peak, roofline.pca(n, i, h, 64))
@@ -204,6 +205,13 @@ def parse(argv=None):
                         "SamsungSAILMontreal/ream DIR); it runs in bench legacy's transformers 4.57 environment")
     p.add_argument("--official-python", default=None,
                    help="parity: the python to run the official code with (default: that environment, built once)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="parity: what the stopwatches read, the wall clock or each process's CPU time "
+                        "(time.process_time: with --threads 1 on a machine shared with other work, the work a run "
+                        "did, not its waiting)")
+    p.add_argument("--variant", nargs="*", default=[],
+                   help="parity: also run ream-exp with these overrides in each pair (e.g. method.align_cache_mb=0)")
+    p.add_argument("--ours-set", action="append", default=[], help=argparse.SUPPRESS)
     add_worker_arguments(p, ("ours",))
     layer = p.add_argument_group("layer shape (Qwen3-30B-A3B's by default)")
     layer.add_argument("--experts", type=int, default=128)

@@ -57,11 +57,11 @@ def calibration_file(root: Path, ids: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def run(python: str, code: Path, root: Path, model_dir: Path, out: Path, *, size: int, seq_len: int,
-        merge_size: int, group_size: int, batch_size: int, threads: int) -> dict:
+        merge_size: int, group_size: int, batch_size: int, threads: int, clock: str = "wall") -> dict:
     """The official merge of model_dir in a fresh process (working directory root): {seconds, stages}."""
     flags = {"--code": code, "--model": model_dir, "--out": out, "--size": size, "--seq-len": seq_len,
              "--merge-size": merge_size, "--group-size": group_size, "--batch-size": batch_size,
-             "--threads": threads}
+             "--threads": threads, "--clock": clock}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run([python, str(RUN_SCRIPT), *[str(x) for kv in flags.items() for x in kv]], cwd=root,
                           env=env, capture_output=True, text=True)

@@ -78,7 +78,10 @@ def main() -> None:
         p.add_argument(flag, required=True)
     for flag in ("--size", "--seq-len", "--merge-size", "--group-size", "--batch-size", "--threads"):
         p.add_argument(flag, type=int, required=True)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = p.parse_args()
+    if args.clock == "cpu":  # every stopwatch reads this process's CPU time (bench merge --clock)
+        time.perf_counter = time.process_time
     torch.set_num_threads(args.threads)
     sys.path.insert(0, args.code)
     from transformers import AutoModelForCausalLM

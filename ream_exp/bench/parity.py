@@ -5,7 +5,9 @@ The model (built here, saved once in the work directory): 8 decoder layers, all 
 ream-exp's calibrate + compress (plan and apply) runs in a fresh process; its stage times are the plan's
 timings, each set against its roofline (roofline.py). When the official code is installed (official.py) its
 merge of the same saved model runs in a fresh process too, the two interleaved in pairs (the order alternating),
-each on `--threads` threads; the medians are compared and so are the merged weights.
+each on `--threads` threads; the medians are compared and so are the merged weights. `--variant` adds a third run
+to each pair: ream-exp with those overrides (e.g. method.align_cache_mb=0, what computing the alignment activations
+again costs), its time and merged weights set beside the default's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .worker import in_fresh_process, run_config
 
 SHAPE = dict(layers=8, experts=64, top_k=8, hidden=256, width=128, seqs=64, seq_len=128, ratio=0.5,
              group_size=4, batch_size=8, std=0.2)
-FORWARDED = ("threads", "device")
+FORWARDED = ("threads", "device", "clock")
+VARIANT_WEIGHTS = "variant.pt"
 
 
 def describe(s: dict) -> str:
@@ -82,10 +85,13 @@ def ours(root: Path, args) -> dict:
     from ..moe import apply_plan, canonical_weights, moe_layers
 
     torch.set_num_threads(args.threads)
+    if getattr(args, "clock", "wall") == "cpu":  # every stopwatch of the run (its stages, the peak clock) reads this process's CPU time
+        time.perf_counter = time.process_time
     s = json.loads((root / "shape.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32).to(args.device).eval()
     calib = torch.load(root / "calib.pt")
-    cfg = run_config(["method=ream_official", f"method.group_size={s['group_size']}", f"ratio={s['ratio']}"])
+    cfg = run_config(["method=ream_official", f"method.group_size={s['group_size']}", f"ratio={s['ratio']}",
+                      *getattr(args, "ours_set", [])])
     method = OmegaConf.to_container(cfg.method, resolve=True)
     ctx = Context(model, calib, s["ratio"], method, seed=0, batch_size=s["batch_size"], progress=False)
     start = time.perf_counter()
@@ -111,7 +117,7 @@ def ours(root: Path, args) -> dict:
         merged[layer.index] = {k: v.detach().float().cpu().clone() for k, v in
                                (("gate", w["gate"]), ("up", w["up"]), ("down", w["down"]),
                                 ("router", layer.router.weight))}
-    torch.save(merged, root / "ours.pt")
+    torch.save(merged, root / (VARIANT_WEIGHTS if getattr(args, "ours_set", []) else "ours.pt"))
     return {"seconds": total, "rows": rows, "floor_seconds": clock.seconds(floor),
             "floor_gflop": roofline.flops(floor) / 1e9}
 
@@ -124,18 +130,34 @@ def run(root: Path, args, flags: list[str], s: dict = SHAPE) -> list[str]:
     if args.official:
         official.check_code(Path(args.official))
         python = official.official_python(args.official_python)
-    ours_runs, theirs_runs = [], []
+    ours_runs, theirs_runs, variant_runs = [], [], []
     for pair in range(args.pairs):
-        jobs = ["ours", "official"] if pair % 2 == 0 else ["official", "ours"]
+        jobs = ["ours", "official"] + (["variant"] if args.variant else [])
+        jobs = jobs if pair % 2 == 0 else jobs[::-1]
         for job in jobs:
             if job == "ours":
                 ours_runs.append(in_fresh_process("merge", "ours", root, flags))
+            elif job == "variant":
+                variant = [f"--ours-set={o}" for o in args.variant]
+                variant_runs.append(in_fresh_process("merge", "ours", root, flags + variant))
             elif python:
                 theirs_runs.append(official.run(
                     python, Path(args.official).resolve(), root, root / "model", root / "official.pt",
                     size=s["seqs"], seq_len=s["seq_len"], merge_size=int(s["experts"] * s["ratio"]),
-                    group_size=s["group_size"], batch_size=s["batch_size"], threads=args.threads))
-    return report(s, ours_runs, theirs_runs, root, args)
+                    group_size=s["group_size"], batch_size=s["batch_size"], threads=args.threads, clock=args.clock))
+    return report(s, ours_runs, theirs_runs, root, args) + variant_report(ours_runs, variant_runs, root, args)
+
+
+def variant_report(ours_runs: list[dict], variant_runs: list[dict], root: Path, args) -> list[str]:
+    """The variant's median time beside the default's, and how far its merged weights are from the default's."""
+    if not variant_runs:
+        return []
+    ours_s, theirs_s = [r["seconds"] for r in ours_runs], [r["seconds"] for r in variant_runs]
+    diff = official.max_difference(torch.load(root / "ours.pt"), torch.load(root / VARIANT_WEIGHTS))
+    return [f"ream-exp with {' '.join(args.variant)}: median {statistics.median(theirs_s):.2f} s "
+            f"({', '.join(f'{x:.2f}' for x in theirs_s)}); the default is "
+            f"{statistics.median(theirs_s) / statistics.median(ours_s):.2f}x faster",
+            f"merged experts and routers, default vs variant: max |difference| {diff:.2e}"]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -146,7 +168,7 @@ def median_run(runs: list[dict]) -> dict:
 def report(s: dict, ours_runs: list[dict], theirs_runs: list[dict], root: Path, args) -> list[str]:
     mid = median_run(ours_runs)
     lines = [describe(s), f"ream-exp method=ream_official, {args.device}, {args.threads} thread(s), "
-             f"{len(ours_runs)} run(s); the median run's stages:"]
+             f"{len(ours_runs)} run(s), {getattr(args, 'clock', 'wall')} clock; the median run's stages:"]
     lines += roofline.table(mid["rows"])
     lines.append(roofline.floor_line(mid["seconds"], mid["floor_seconds"], mid["floor_gflop"]))
     ours_s = [r["seconds"] for r in ours_runs]

@@ -68,6 +68,14 @@ class BatchState:
             self.row_index[name] = getattr(self, name).nonzero().squeeze(1)
         return self.row_index[name]
 
+    def align_in_sim(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the alignment-sample tokens sit among the similarity-sample tokens: their positions in
+        rows("sim"), in order, on the host and on the masks' device; None when one of them is not in the
+        similarity sample (capture computes it on the host; a batch built without it reads its masks once)."""
+        if "align_in_sim" not in self.row_index:
+            self.row_index["align_in_sim"] = align_in_sim(self.sim.cpu(), self.align.cpu(), self.sim.device)
+        return self.row_index["align_in_sim"]
+
     def load(self) -> tuple[torch.Tensor, list]:
         """The hidden states and every decoder layer's (args, kwargs), on the execution device."""
         hidden = self.store.get(f"{self.key}-hidden", self.device)[0]
@@ -76,6 +84,15 @@ class BatchState:
 
     def keep(self, hidden: torch.Tensor) -> None:
         self.store.put(f"{self.key}-hidden", [hidden])
+
+
+def align_in_sim(sim: torch.Tensor, align: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Positions of the `align` tokens among the `sim` tokens (host bool masks [B*S]) on the host and on `device`;
+    None when some alignment token is not a similarity token."""
+    if bool((align & ~sim).any()):
+        return None
+    pos = (sim.long().cumsum(0) - 1)[align]
+    return pos, pos.to(device)
 
 
 def state_keys(states: list[BatchState]) -> list[str]:
@@ -167,8 +184,9 @@ def capture_inputs(model: nn.Module, batches: list[dict], store: StateStore | No
                 pass
             layer_args, own = shared.split(record["args"])
             masks = [b[k].reshape(-1).bool() for k in ("attention_mask", "sim", "align")]
-            state = BatchState(store, f"batch{n}", device, layer_args, bool(own), *(m.to(device) for m in masks),
-                               {k: m.nonzero().squeeze(1).to(device) for k, m in zip(("valid", "sim", "align"), masks)})
+            rows = {k: m.nonzero().squeeze(1).to(device) for k, m in zip(("valid", "sim", "align"), masks)}
+            rows["align_in_sim"] = align_in_sim(masks[1], masks[2], device)
+            state = BatchState(store, f"batch{n}", device, layer_args, bool(own), *(m.to(device) for m in masks), rows)
             hidden = record.pop("hidden")
             if fill:
                 if own:
@@ -196,12 +214,21 @@ def advance(states: list[BatchState], model: nn.Module, start: int, stop: int) -
         s.keep(hidden)
 
 
+def kept_align_rows(states: list[BatchState], needs: Needs) -> int | None:
+    """The alignment tokens of all batches, when the observing pass can keep their activations for the alignment
+    (it computes every similarity token's, and each alignment token is one); else None."""
+    if not (needs.align and needs.dense):
+        return None
+    where = [s.align_in_sim() for s in states]
+    return None if any(w is None for w in where) else sum(len(w[0]) for w in where)
+
+
 @torch.no_grad()
 def observe_layer(model: nn.Module, layer: MoELayer, states: list[BatchState], needs: Needs,
                   keep_outputs: bool) -> LayerObservation:
     """Run decoder layer `layer.index` on every batch, observing its experts; optionally keep its outputs."""
     dec = decoder_layers(model)[layer.index]
-    with observing_layer(layer, needs) as (obs, current):
+    with observing_layer(layer, needs, kept_align_rows(states, needs)) as (obs, current):
         for s in states:
             current["batch"] = s
             hidden, layer_args = s.load()

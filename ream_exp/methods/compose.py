@@ -142,7 +142,8 @@ def align_layer(layer, groups, obs, s: dict, seed: int, timings) -> dict[int, li
     """Neuron permutations by method.align: REAM 4's costs, or M-SMoE's weight matching (matching)."""
     if s["align"] == "matching":
         return weight_matching(layer, groups)
-    return align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings)
+    return align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings,
+                        obs.take_align_hidden)
 
 
 def needs_alignment_tokens(s: dict) -> bool:

@@ -30,7 +30,7 @@ NEEDS_CALIBRATION = True
 
 # pca_seed: seed of the PCA used when align is both | weights (null: the run seed), as in REAM.
 DEFAULTS = dict(align="activations", align_tokens=32768, sim_tokens=None, sequential=False, pca_dim=64, pca_seed=None,
-                group_size=None, protect="none", **composition_defaults("hc_smoe"))
+                align_cache_mb=None, group_size=None, protect="none", **composition_defaults("hc_smoe"))
 CHOICES = dict(align=ALIGN_CHOICES, protect=PROTECT, **COMPOSITION_CHOICES)
 SPECS = MERGE_SPECS
 
@@ -62,10 +62,11 @@ def plan(ctx: Context) -> Plan:
     for layer in ctx.layers:  # reject an impossible C before any calibration runs
         check_grouping(s, layer.num_experts, ctx.n_keep(layer))
     needs = Needs(dense=dense_need(s, "plain"), align=needs_alignment_tokens(s), sim_tokens=s["sim_tokens"],
-                  align_tokens=int(s["align_tokens"]))
+                  align_tokens=int(s["align_tokens"]), align_cache_mb=s["align_cache_mb"])
     timings = Timings()
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
                            needs, bool(s["sequential"]), timings)
+    recorded = {k: v for k, v in s.items() if k != "align_cache_mb"}  # how it computes, not what (the plan is one)
     return Plan(ctx.cfg.get("name", "hc_smoe"), ctx.ratio, layers,
-                info={"settings": s, "timings": dict(timings), **protected_info(protected)})
+                info={"settings": recorded, "timings": dict(timings), **protected_info(protected)})

@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from ..config import ConfigError
-from ..moe import MoELayer, canonical_weights, expert_hidden, experts_hidden
+from ..moe import MoELayer, activated, canonical_weights, expert_hidden, experts_hidden, experts_products
 from ..moe.groups import group_members, per_group
 from ..plan import LayerPlan
 from ..timing import Timings
+from .observation import work_block
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
-# Elements of the aligned members' activations alive at once, gate and up ([k, T, I] each; ~256 MB in
-# float32): a group's members are computed in one call when they fit, else block by block.
+# Elements of the aligned members' activations alive at once on a CPU, gate and up ([k, T, I] each; ~256 MB in
+# float32): a group's members are computed in one call when they fit, else block by block. On a GPU the free
+# memory bounds it (observation.work_block): there an activation rounds each element alike whatever the block.
 ALIGN_BLOCK = 1 << 26
 # torch.cdist computes |a|^2 + |b|^2 - 2 a.b by one matrix product when a side has more rows than this.
 CDIST_MM_ROWS = 25
@@ -249,27 +251,54 @@ def _cdist_side(a: torch.Tensor, centroid: bool) -> torch.Tensor:
     return torch.cat([u.T, one[None], sq[None]])
 
 
-def activation_costs(experts, c: int, members: list[int], x: torch.Tensor):
+def _kept_count(kept: tuple | None) -> int:
+    return 0 if kept is None else len(kept[0])
+
+
+def _block_hidden(experts, block: list[int], x: torch.Tensor, kept: tuple | None) -> torch.Tensor:
+    """experts_hidden(experts, x, block)'s bits [len(block), T, I]: the products of the experts the observing pass
+    kept (below _kept_count(kept)) taken from `kept`, the others' computed, the activation applied to the block."""
+    n = _kept_count(kept)
+    todo = [j for j in block if j >= n]
+    if len(todo) == len(block):
+        return experts_hidden(experts, x, block)
+    computed = experts_products(experts, x, todo) if todo else None
+    products = []
+    for p, held in enumerate(kept):
+        out = held.new_empty(len(block), *held.shape[1:])
+        for i, j in enumerate(block):
+            out[i] = held[j] if j < n else computed[p][todo.index(j)]
+        products.append(out)
+    return activated(experts, tuple(products))
+
+
+def _hidden(experts, e: int, x: torch.Tensor, kept: tuple | None) -> torch.Tensor:
+    """expert_hidden(experts, e, x)'s bits [T, I], from the kept products when expert e's were kept."""
+    return _block_hidden(experts, [e], x, kept)[0] if e < _kept_count(kept) else expert_hidden(experts, e, x)
+
+
+def activation_costs(experts, c: int, members: list[int], x: torch.Tensor, kept: tuple | None = None):
     """(member, cost [I, I]) for each member: cdist between the centroid's and the member's neuron activations
     on the tokens x, each neuron's row L2-normalised over the tokens (docs/algorithms.md, REAM 4).
 
-    Each expert's activations are computed, normalised and laid out once (the centroid's for all its members,
-    the members' in blocks of ALIGN_BLOCK elements); each cost is one product of cdist's own shape, so the costs
+    Each expert's activations are computed (from the products the observing pass kept where it did, `kept`,
+    observation.KeptActivations), normalised and laid out once (the centroid's for all its members, the
+    members' in blocks of ALIGN_BLOCK elements); each cost is one product of cdist's own shape, so the costs
     are the bits torch.cdist gives (bit-equal costs keep near-tied assignments as they were; one product for all
     members can round otherwise under a multi-threaded BLAS).
     """
-    a_c = expert_hidden(experts, c, x)
+    a_c = _hidden(experts, c, x, kept)
     width = a_c.shape[1]
     if width <= CDIST_MM_ROWS:  # cdist's exact form, for a tiny width
         u_c = unit_neuron_rows(a_c)
         for j in members:
-            yield j, torch.cdist(u_c, unit_neuron_rows(expert_hidden(experts, j, x)))
+            yield j, torch.cdist(u_c, unit_neuron_rows(_hidden(experts, j, x, kept)))
         return
     side_c = _cdist_side(a_c, centroid=True).T
-    per_block = max(1, ALIGN_BLOCK // (2 * a_c.numel()))  # gate and up of a block alive at once
+    per_block = max(1, work_block(x.device, ALIGN_BLOCK, 4) // (2 * a_c.numel()))  # gate and up alive at once
     for s in range(0, len(members), per_block):
         block = members[s:s + per_block]
-        for j, a_j in zip(block, experts_hidden(experts, x, block)):
+        for j, a_j in zip(block, _block_hidden(experts, block, x, kept)):
             yield j, (side_c @ _cdist_side(a_j, centroid=False)).clamp_min_(0).sqrt_()
 
 
@@ -283,12 +312,16 @@ def match_neurons(cost: torch.Tensor) -> list[int]:
 
 @torch.no_grad()
 def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | None, mode: str,
-                 pca_dim: int = 64, seed: int = 0, timings: Timings | None = None) -> dict[int, list[int]]:
+                 pca_dim: int = 64, seed: int = 0, timings: Timings | None = None,
+                 take_kept=None) -> dict[int, list[int]]:
     """Permutation of every non-centroid member's neurons onto its centroid's (docs/algorithms.md REAM 4).
 
     cost = cdist(normalised activations on tokens x) ("activations") + cdist(PCA weight features)
     ("weights"); "both" sums them, "none" aligns nothing. `timings` gets the PCA's time as "pca" and the
-    assignments' (scipy's linear_sum_assignment, on the CPU) as "hungarian".
+    assignments' (scipy's linear_sum_assignment, on the CPU) as "hungarian". `take_kept()` hands over the
+    products before the activation on x of the first experts, as observing computed them
+    (LayerObservation.take_align_hidden); with the PCA, every activation cost ([I, I] per member) is computed
+    first and those products freed before the PCA's float32 copy of the layer, so the two are never alive together.
     """
     if mode not in ALIGN_MODES:
         raise ConfigError(f"method.align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
@@ -298,8 +331,14 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
     if use_act and (x is None or x.shape[0] == 0):
         raise ValueError("activation alignment needs the MoE inputs of the alignment tokens")
     timings = timings if timings is not None else Timings()
-    z = None
+    kept = take_kept() if take_kept is not None else None  # the only reference: freed when spent
+    z, act = None, {}
     if use_w:
+        if use_act:
+            for group in groups:
+                if len(group) > 1:
+                    act.update(activation_costs(layer.experts, group[0], group[1:], x, kept))
+            kept = None  # spent: not alive with the PCA's features
         with timings("pca"):
             z = pca_weight_features(layer, pca_dim, seed)
     perms = {}
@@ -307,7 +346,10 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
         if len(group) == 1:
             continue
         c, members = group[0], group[1:]
-        costs = activation_costs(layer.experts, c, members, x) if use_act else ((j, 0) for j in members)
+        if act or not use_act:
+            costs = ((j, act.pop(j, 0)) for j in members)
+        else:
+            costs = activation_costs(layer.experts, c, members, x, kept)
         for j, cost in costs:
             if use_w:
                 cost = cost + torch.cdist(z[c], z[j])

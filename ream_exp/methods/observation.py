@@ -8,29 +8,46 @@
 The routing sums are kept always (LayerObservation extends observe.LayerStats, the one accumulator of
 them; docs/algorithms.md, REAM 1); `Needs` says what a method needs beyond them: the mean expert outputs
 on a seeded token sample (dense statistics) and the MoE inputs of the alignment token sample
-(`token_sample`). Pads never count. OBSERVATION_VERSION versions this code in every per-layer
+(`token_sample`). Pads never count. When every alignment token is a similarity token, the dense pass has
+computed the alignment tokens' activations already: it keeps them (`KeptActivations`, within
+`Needs.align_cache_mb`; their products before the activation, the alignment's own bits) so that the
+alignment does not compute them again. OBSERVATION_VERSION versions this code in every per-layer
 observation cache entry (observation_cache.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..moe import MoELayer, canonical_weights, experts_hidden, router_probs
+from ..moe import MoELayer, activated, canonical_weights, experts_products, router_probs
 from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
 from ..observe import LayerStats, Routed, observing_experts, zero_compute
 
-# Elements of one [experts, tokens, 2I] block of the dense statistics (~256 MB in float32).
+# Elements of one [experts, tokens, 2I] block of the dense statistics on a CPU (~256 MB in float32); on a GPU
+# the memory free when a layer's observation starts bounds it (`work_block`).
 DENSE_BLOCK = 1 << 26
+# Bytes per element of a dense block alive at once: the products in the model's dtype and the activations in
+# float32 (2 + 4 in bf16, 4 + 2 in float32), rounded up.
+DENSE_BYTES = 8
+# The share of the free GPU memory one block of work may take.
+GPU_BLOCK_SHARE = 8
 # The version of the code that fills a LayerObservation (its sink, token samples and `finish`), recorded
 # with observe.STATS_VERSION in every per-layer observation cache entry: bump it when a change here changes
 # what is observed (docs/caches.md).
 OBSERVATION_VERSION = 1
+# The kept alignment activations' budget on a CPU when method.align_cache_mb is null (MiB); on a GPU a quarter
+# of the device memory free when the layer's observation starts.
+ALIGN_CACHE_CPU_MB = 1024
+# What a LayerObservation holds only while its layer is planned: never saved in the observation cache.
+NOT_SAVED = ("align_chunks", "device", "align_keep", "align_hidden", "dense_block")
+
+log = logging.getLogger("ream_exp")
 
 
 @dataclass
@@ -41,6 +58,82 @@ class Needs:
     align: bool = False  # keep the MoE inputs of the alignment token sample
     sim_tokens: int | None = None  # similarity sample size (None/0: every non-pad token, exact)
     align_tokens: int = 32768
+    # MiB of the alignment sample's activations kept from the dense pass (None: ALIGN_CACHE_CPU_MB on a CPU, a
+    # quarter of the free memory on a GPU; 0: none kept). Where and how it computes, never what.
+    align_cache_mb: int | None = None
+
+
+def work_block(device, cpu_elements: int, bytes_per_element: int) -> int:
+    """Elements of one block of work alive at once: `cpu_elements` on a CPU (the constant whose blocks give the CPU
+    results their bits), on a GPU 1/GPU_BLOCK_SHARE of the memory free now, at least `cpu_elements`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cpu_elements
+    free = torch.cuda.mem_get_info(device)[0]
+    return max(cpu_elements, free // GPU_BLOCK_SHARE // bytes_per_element)
+
+
+def kept_activation_bytes(align_cache_mb: int | None, device) -> int:
+    """The bytes of alignment activations the observing pass may keep (Needs.align_cache_mb)."""
+    if align_cache_mb is not None:
+        return int(align_cache_mb) << 20
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return ALIGN_CACHE_CPU_MB << 20
+
+
+@dataclass
+class KeptActivations:
+    """The products of a_e(x) before the activation (moe.experts_products: gate and up, [k, T_a, I] each, in the
+    model's dtype) of experts 0..k-1 on the alignment sample: the rows of the observing pass's dense products (the
+    alignment tokens are similarity tokens), filled block by block in the order of the sample; k = as many
+    experts as `budget` bytes hold. The alignment applies the activation to them in the shapes it computes in
+    (moe.activated), so it gets its own bits wherever the products are."""
+
+    rows: int  # T_a
+    budget: int
+    products: tuple[torch.Tensor, ...] | None = None
+    filled: int = 0
+    full: bool = False  # no expert fits the budget
+
+    def add(self, products: tuple[torch.Tensor, ...], where: tuple[torch.Tensor, torch.Tensor], start: int) -> None:
+        """Keep the alignment tokens' rows of `products` ([N, t', .] each) of similarity tokens start..start+t'-1
+        (`where`: the batch's alignment tokens as positions among its similarity tokens, host and device)."""
+        host, dev = where
+        lo, hi = torch.searchsorted(host, torch.tensor([start, start + products[0].shape[1]])).tolist()
+        if hi == lo or self.full:
+            return
+        if self.products is None:
+            per_expert = sum(self.rows * p.shape[2] * p.element_size() for p in products)
+            k = min(products[0].shape[0], self.budget // max(1, per_expert))
+            if k == 0:
+                self.full = True
+                return
+            self.products = tuple(p.new_empty(k, self.rows, p.shape[2]) for p in products)
+        k, into = len(self.products[0]), slice(self.filled, self.filled + hi - lo)
+        first = int(host[lo]) - start
+        if int(host[hi - 1]) - start == first + hi - lo - 1:  # consecutive rows (every token aligned): one copy
+            for kept, p in zip(self.products, products):
+                kept[:, into].copy_(p[:k, first:first + hi - lo])
+        else:
+            rows = dev[lo:hi] - start
+            for kept, p in zip(self.products, products):
+                kept[:, into] = p[:k].index_select(1, rows)
+        self.filled += hi - lo
+
+    def result(self, experts: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The kept products when they are the bits the alignment computes on x, else None. Checked on expert 0:
+        each expert's product is its own call of the same shapes, and where a library rounds a row differently
+        in products of different row counts it does so by the shapes, never by the values."""
+        if self.products is None or self.filled != self.rows:
+            return None
+        again = experts_products(experts, x, slice(0, 1))
+        if not all(torch.equal(a[0], k[0]) for a, k in zip(again, self.products)):
+            log.info("alignment activations are recomputed: the dense pass's products round differently from "
+                     "the alignment's on this device")
+            return None
+        return self.products
 
 
 @dataclass
@@ -53,11 +146,14 @@ class LayerObservation(LayerStats):
     sigma2_reap: torch.Tensor = field(init=False)  # sum_{X_i} sigma_i^2 ||E_i||
     logit_gram: torch.Tensor = field(init=False)  # G^T G of the router logits G [|X|, N]
     dense_tokens: int = 0
+    dense_block: int = DENSE_BLOCK  # elements of one [N, t', 2I] block of the dense pass (`work_block`)
     dense_hidden: torch.Tensor | None = None  # sum_t w_ti a_i(x_t) [N, I] (w = sigma or 1)
     dense_weight: torch.Tensor | None = None  # sum_t w_ti [N]
     mean_outputs: torch.Tensor | None = None  # mean_t w_ti E_i(x_t) [N, H], set by `finish`
     align_chunks: list = field(default_factory=list, repr=False)
     align_x: torch.Tensor | None = None  # MoE inputs of the alignment sample [T_a, H], set by `finish`
+    align_keep: KeptActivations | None = field(default=None, repr=False)  # filled while observing
+    align_hidden: tuple | None = field(default=None, repr=False)  # its kept products (`finish`)
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +166,12 @@ class LayerObservation(LayerStats):
         """Official-code form: mean over X_i of sigma_i(x)^power ||E_i(x)||, sigma not renormalised."""
         return self._mean_routed(self.sigma2_reap if power == 2 else self.sigma_reap)
 
+    def take_align_hidden(self) -> tuple | None:
+        """The kept alignment products, handed over: the observation no longer holds them (so the alignment can
+        free them once spent)."""
+        kept, self.align_hidden = self.align_hidden, None
+        return kept
+
     # ---- accumulation ------------------------------------------------------------------------
     def add_routed(self, routed: Routed, sigma: torch.Tensor) -> None:
         """One forward's routed pairs (pads and "no expert" slots add 0), with sigma_e(x) of each pair [P]:
@@ -79,15 +181,19 @@ class LayerObservation(LayerStats):
         self.sigma_reap.index_add_(0, e, s * norms)
         self.sigma2_reap.index_add_(0, e, s * s * norms)
 
-    def add_dense(self, experts: nn.Module, x: torch.Tensor, weight: torch.Tensor | None) -> None:
-        """Accumulate sum_t w_ti a_i(x_t) for every expert on tokens x [t, H] (w [t, N], or 1)."""
+    def add_dense(self, experts: nn.Module, x: torch.Tensor, weight: torch.Tensor | None, align=None) -> None:
+        """Accumulate sum_t w_ti a_i(x_t) for every expert on tokens x [t, H] (w [t, N], or 1); `align`: the
+        alignment tokens among x (BatchState.align_in_sim), whose activations `align_keep` keeps."""
         n, t = self.num_experts, x.shape[0]
         if t == 0:
             return
         width = fused_up(experts)[0].numel() // x.shape[1]  # 2I (I ungated), whatever the layout
-        step = max(1, DENSE_BLOCK // (n * width))
+        step = max(1, self.dense_block // (n * width))
         for s in range(0, t, step):
-            a = experts_hidden(experts, x[s:s + step]).float()  # [N, t', I]
+            products = experts_products(experts, x[s:s + step])
+            if align is not None:
+                self.align_keep.add(products, align, s)
+            a = activated(experts, products).float()  # [N, t', I]
             if weight is None:
                 part, wsum = a.sum(1), torch.full((n,), float(a.shape[1]), device=a.device)
             else:
@@ -118,6 +224,9 @@ class LayerObservation(LayerStats):
         if self.align_chunks:
             self.align_x = torch.cat(self.align_chunks)
             self.align_chunks = []
+        if self.align_keep is not None and self.align_x is not None:
+            self.align_hidden = self.align_keep.result(experts, self.align_x)
+        self.align_keep = None
 
 
 # ---- token samples -------------------------------------------------------------------------------
@@ -153,7 +262,8 @@ def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, curr
         if needs.dense:
             sim = batch.rows("sim")
             weight = sigma.index_select(0, sim) if needs.dense == "gated" else None
-            obs.add_dense(layer.experts, routed.x.index_select(0, sim), weight)
+            align = batch.align_in_sim() if obs.align_keep is not None else None
+            obs.add_dense(layer.experts, routed.x.index_select(0, sim), weight, align)
         if needs.align:
             obs.align_chunks.append(routed.x.index_select(0, batch.rows("align")))
 
@@ -161,13 +271,20 @@ def _observation_sink(layer: MoELayer, obs: LayerObservation, needs: Needs, curr
 
 
 @contextlib.contextmanager
-def observing_layer(layer: MoELayer, needs: Needs):
+def observing_layer(layer: MoELayer, needs: Needs, align_rows: int | None = None):
     """Within the block, forwards of the layer's sparse block fill the yielded LayerObservation; set
     `current["batch"]` (a BatchState, for its token masks) before each forward. `finish` runs on exit.
+    `align_rows`: the alignment tokens of all batches when each is a similarity token (capture.kept_align_rows);
+    their activations are then kept for the alignment within `needs.align_cache_mb`.
 
     Offloaded experts and router weights are loaded once for the whole block (`materialised`)."""
     with materialised([layer.experts, layer.router]):
         obs = LayerObservation(layer.num_experts, execution_device(layer.router))
+        if needs.dense:
+            obs.dense_block = work_block(obs.device, DENSE_BLOCK, DENSE_BYTES)
+        budget = kept_activation_bytes(needs.align_cache_mb, obs.device) if align_rows else 0
+        if budget > 0:
+            obs.align_keep = KeptActivations(align_rows, budget)
         current: dict = {}
 
         def grab_logits(_module, _inputs, output):

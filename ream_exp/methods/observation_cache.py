@@ -34,7 +34,8 @@ def observation_cache(ctx, needs: Needs, layers: list[MoELayer]) -> dict[int, Pa
     """
     if ctx.stats_path is None:
         return None
-    key = hashlib.sha256(repr((sorted(vars(needs).items()), ctx.seed)).encode()).hexdigest()[:12]
+    observed = {k: v for k, v in vars(needs).items() if k != "align_cache_mb"}  # what is saved does not depend on it
+    key = hashlib.sha256(repr((sorted(observed.items()), ctx.seed)).encode()).hexdigest()[:12]
     stem = Path(ctx.stats_path)
     return {l.index: stem.with_name(f"{stem.stem}-layers-{key}-{l.index}.pt") for l in layers}
 
@@ -46,12 +47,12 @@ def observation_made_by() -> dict:
 
 
 def save_observation(obs: LayerObservation, path: Path) -> None:
-    state = {k: v for k, v in vars(obs).items() if k not in ("align_chunks", "device")}
+    state = {k: v for k, v in vars(obs).items() if k not in observation.NOT_SAVED}
     state["made_by"] = observation_made_by()
     atomic_torch_save(state, path)  # a killed run never leaves a half-written entry
 
 
-OBSERVATION_KEYS = tuple(f.name for f in fields(LayerObservation) if f.name not in ("align_chunks", "device"))
+OBSERVATION_KEYS = tuple(f.name for f in fields(LayerObservation) if f.name not in observation.NOT_SAVED)
 
 
 def _observation_state(path: Path, num_experts: int, **load) -> dict:

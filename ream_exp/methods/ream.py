@@ -48,7 +48,7 @@ NEEDS_CALIBRATION = True
 DEFAULTS = dict(
     saliency="reap", saliency_form="paper", gated_sim=True, gate_output=True, group_size=16,
     align="both", pca_dim=64, pca_seed=None, align_tokens=32768, sim_tokens=None, sequential=True, protect="none",
-    **composition_defaults("ream"),
+    align_cache_mb=None, **composition_defaults("ream"),
 )
 CHOICES = dict(saliency=SALIENCIES, saliency_form=("paper", "official"), align=ALIGN_CHOICES, protect=PROTECT,
                **COMPOSITION_CHOICES)
@@ -104,10 +104,11 @@ def plan(ctx: Context) -> Plan:
     for layer in ctx.layers:  # reject an impossible C before any calibration runs
         check_grouping(s, layer.num_experts, ctx.n_keep(layer))
     needs = Needs(dense=dense_need(s, "gated" if s["gated_sim"] else "plain"), align=needs_alignment_tokens(s),
-                  sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]))
+                  sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]), align_cache_mb=s["align_cache_mb"])
     timings = Timings()
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
     layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
                            needs, bool(s["sequential"]), timings)
+    recorded = {k: v for k, v in s.items() if k != "align_cache_mb"}  # how it computes, not what (the plan is one)
     return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers,
-                info={"settings": s, "timings": dict(timings), **protected_info(protected)})
+                info={"settings": recorded, "timings": dict(timings), **protected_info(protected)})

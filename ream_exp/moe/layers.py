@@ -123,9 +123,10 @@ def _gate_up_bias(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
-    """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
-    [k, T, I], gate and up as separate contiguous products (the activation applied in place).
+def experts_products(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> tuple[torch.Tensor, ...]:
+    """The products of a_e(x) before its activation, for experts `which` (a slice, all by default, or a list of
+    indices) on the same tokens x [T, H], [k, T, ...] each: gate and up as separate contiguous products, or
+    (GPT-OSS's own gate, ungated experts) the one fused product; biases added.
 
     A slice reads the weights as views; `which` bounds the memory. Statistics only: no autograd."""
     if not _plain_gate(experts):  # GPT-OSS's own gate, or ungated experts (act(up x))
@@ -133,7 +134,7 @@ def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> to
         h = torch.matmul(x, w) if experts.is_transposed else torch.matmul(x, w.transpose(1, 2))
         if experts.has_bias:
             h = h + _fused_up_bias(experts)[which][:, None, :]
-        return _activate(experts, h)
+        return (h,)
     gate_w, up_w = _gate_up_halves(experts, which)
     gate = x.new_empty(gate_w.shape[0], x.shape[0], gate_w.shape[2])
     up = torch.empty_like(gate)
@@ -144,7 +145,25 @@ def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> to
     if gate_b is not None:
         gate += gate_b[:, None, :]
         up += up_b[:, None, :]
+    return gate, up
+
+
+@torch.no_grad()
+def activated(experts: nn.Module, products: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """a_e(x) [k, T, I] from `experts_products` (the gate's activation applied in place on it).
+
+    An elementwise activation can round a value differently by where it sits in the tensor (vectorised body or
+    scalar tail, per thread), so the same products in a tensor of the same shape give the same bits."""
+    if len(products) == 1:
+        return _activate(experts, products[0])
+    gate, up = products
     return _activate_(experts, gate).mul_(up)
+
+
+def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
+    """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
+    [k, T, I], gate and up as separate contiguous products (the activation applied in place)."""
+    return activated(experts, experts_products(experts, x, which))
 
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
