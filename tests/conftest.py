@@ -25,6 +25,16 @@ TEXTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _same_threads():
+    """Each test starts with the suite's thread count: a test that runs a benchmark job in-process (it sets its
+    own, e.g. bench.parity.ours) must not change the float sums of later tests, nor the count a test's child
+    process gets (tests/stream_child.py sets the same count)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def calib_files(tmp_path_factory):
     """One JSONL file per domain with a `text` field."""
