@@ -161,7 +161,8 @@ def test_global_budget_run_reloads_with_the_same_logits(tiny_checkpoint, calib_f
     _stock_transformers_cannot(out / "checkpoint", _logits(original))
 
 
-@pytest.mark.parametrize("name", ["freq", "freq_official", "reap", "ean", "hc_smoe", "m_smoe"])
+@pytest.mark.parametrize("name", ["freq", "freq_official", "reap", "ean", "hc_smoe", "m_smoe", "man", "msan", "aimer",
+                                  "router_norm"])
 def test_every_supported_method_keeps_per_layer_counts(name):
     """Given per-layer counts (3 and 5 of 8), each method keeps them layer by layer, sequential ones included,
     and the model ends with them."""
@@ -193,6 +194,33 @@ def test_allot_ranks_the_methods_own_score():
         stats = ctx.stats()
         expected = global_counts({l.index: stats[l.index].score(score) for l in moe_layers(model)}, 0.5, 2)
         assert allot(ctx) == expected
+
+
+def test_allot_ranks_activation_norms_and_weights_only_scores():
+    """man / msan rank by their statistic; aimer and router_norm by a float64 score recomputed here from the
+    fused weights (AIMER: 1 / (mean|w| / rms w) over gate, up and down), with no calibration data at all."""
+    from ream_exp.methods import Context
+    from ream_exp.methods.budget import allot
+
+    model = tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=3).eval()
+    layers = moe_layers(model)
+    ids, mask = tiny_batch(batch=4, seq=16)
+    for name in ("man", "msan"):
+        ctx = Context(model, {"input_ids": ids, "attention_mask": mask}, 0.5, {"name": name}, progress=False)
+        stats = ctx.stats()
+        assert allot(ctx) == global_counts({l.index: stats[l.index].score(name) for l in layers}, 0.5, 2)
+
+    def aimer_reference(layer):
+        gate_up, down = (layer.experts.gate_up_proj.detach().double(), layer.experts.down_proj.detach().double())
+        w = torch.cat([gate_up.flatten(1), down.flatten(1)], dim=1)
+        return 1 / (w.abs().mean(1) / w.square().mean(1).sqrt())
+
+    references = {"aimer": aimer_reference, "router_norm": lambda l: l.router.weight.detach().double().norm(dim=1)}
+    for name, reference in references.items():
+        ctx = Context(model, None, 0.5, {"name": name}, progress=False)  # no calibration: stats() cannot run
+        for ratio in (0.25, 0.5):
+            ctx.ratio = ratio
+            assert allot(ctx) == global_counts({l.index: reference(l) for l in layers}, ratio, 2)
 
 
 def test_a_bad_budget_is_one_line():

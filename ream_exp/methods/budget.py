@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..moe.offload import materialised
 from ..plan import experts_to_keep
+from .scores import WEIGHT_SCORES, weight_score
 
 BUDGETS = ("uniform", "global")
 
@@ -31,6 +33,9 @@ BUDGET_SCORES = {
     "reap": "reap", "reap_official": "reap",  # paper form only: see budget_score
     "ean": "ean",
     "hc_smoe": "freq", "m_smoe": "freq",  # the frequencies their centroids and merge weights come from
+    "man": "man", "msan": "msan",
+    # weights-only: ranked as the method ranks them (AIMER's 1 / A_i), read from the weights, no calibration
+    "aimer": "aimer", "router_norm": "router_norm",
 }
 REFUSED = {
     "none": "compresses nothing",
@@ -101,10 +106,17 @@ def global_removed(scores: dict[int, torch.Tensor], ratio: float, top_k: int) ->
 
 def allot(ctx) -> dict[int, int]:
     """budget=global's N'_l for the job `ctx` (a methods.Context): its method's score on the uncompressed
-    model's one-pass statistics (ctx.stats(), shared with non-sequential pruning and its cache)."""
+    model's one-pass statistics (ctx.stats(), shared with non-sequential pruning and its cache), or, for a
+    weights-only score, on the layers' weights (no calibration token read)."""
     name = budget_score(ctx.cfg)
-    stats = ctx.stats()
-    scores = {layer.index: stats[layer.index].score(name).cpu() for layer in ctx.layers}
+    if name in WEIGHT_SCORES:
+        scores = {}
+        for layer in ctx.layers:
+            with materialised([layer.experts, layer.router]):
+                scores[layer.index] = weight_score(name, layer).cpu()
+    else:
+        stats = ctx.stats()
+        scores = {layer.index: stats[layer.index].score(name).cpu() for layer in ctx.layers}
     return global_counts(scores, ctx.ratio, ctx.layers[0].top_k)
 
 
