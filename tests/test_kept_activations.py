@@ -88,11 +88,13 @@ def test_a_budget_for_some_experts_computes_only_the_others(model, batch, kept, 
     tokens = int(batch[1].sum())
     monkeypatch.setattr(observation, "kept_activation_bytes", lambda mb, device: 5 * tokens * 2 * width * 4)
     computed = []
-    one, many, products = merging.expert_hidden, merging.experts_hidden, merging.experts_products
-    monkeypatch.setattr(merging, "expert_hidden", lambda ex, e, x: computed.append(e) or one(ex, e, x))
-    monkeypatch.setattr(merging, "experts_hidden", lambda ex, x, which: computed.extend(which) or many(ex, x, which))
-    monkeypatch.setattr(merging, "experts_products",
-                        lambda ex, x, which: computed.extend(which) or products(ex, x, which))
+    products = merging.experts_products  # the alignment's one way to compute activations
+
+    def counted(ex, x, which, out=None):
+        computed.extend(range(which.start, which.stop) if isinstance(which, slice) else which)
+        return products(ex, x, which, out=out)
+
+    monkeypatch.setattr(merging, "experts_products", counted)
     plan = _plan(model, batch, batch_size=6)
     assert kept == [(5, True)] * 2
     assert computed and min(computed) >= 5

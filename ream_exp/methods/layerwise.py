@@ -37,6 +37,7 @@ from ..timing import Timings
 from .capture import BatchState, advance, capture_inputs, observe_layer, observe_mtp_layer, state_keys
 from .observation import Needs, token_sample
 from .observation_cache import cached_observations, load_observation, observation_cache, save_observation
+from .scratch import scratch_buffers
 from .states import StateStore, state_store
 
 log = logging.getLogger("ream_exp")
@@ -157,7 +158,7 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
     The calibration hidden states wait where calib.states_device says (ctx.states, see states.py).
     With `ctx.stream` (model.stream=true, layer_stream.py) each decoder layer is loaded before it runs,
     written and freed once done, and layers finished by an earlier attempt are taken from disk."""
-    with state_store(ctx.states) as store:
+    with state_store(ctx.states) as store, scratch_buffers():
         return _run_layerwise(ctx, plan_layer, needs, sequential, timings, store)
 
 

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from ..config import ConfigError
-from ..moe import MoELayer, activated, canonical_weights, expert_hidden, experts_hidden, experts_products
+from ..moe import MoELayer, activated, canonical_weights, experts_products
 from ..moe.groups import group_members, per_group
 from ..plan import LayerPlan
 from ..timing import Timings
 from .observation import work_block
+from .scratch import scratch
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
 # Elements of the aligned members' activations alive at once on a CPU, gate and up ([k, T, I] each; ~256 MB in
@@ -255,26 +256,36 @@ def _kept_count(kept: tuple | None) -> int:
     return 0 if kept is None else len(kept[0])
 
 
-def _block_hidden(experts, block: list[int], x: torch.Tensor, kept: tuple | None) -> torch.Tensor:
+def _block_hidden(experts, block: list[int], x: torch.Tensor, kept: tuple | None, name: str = "members"
+                  ) -> torch.Tensor:
     """experts_hidden(experts, x, block)'s bits [len(block), T, I]: the products of the experts the observing pass
-    kept (below _kept_count(kept)) taken from `kept`, the others' computed, the activation applied to the block."""
+    kept (below _kept_count(kept)) taken from `kept`, the others' computed, the activation applied to the block.
+    The result lives in the scratch buffers `name` (scratch.py): valid until the next call with that name."""
     n = _kept_count(kept)
     todo = [j for j in block if j >= n]
     if len(todo) == len(block):
-        return experts_hidden(experts, x, block)
-    computed = experts_products(experts, x, todo) if todo else None
+        return activated(experts, experts_products(experts, x, block, out=_align_buffer(name, x)))
+    computed = experts_products(experts, x, todo, out=_align_buffer(f"{name}.computed", x)) if todo else None
     products = []
     for p, held in enumerate(kept):
-        out = held.new_empty(len(block), *held.shape[1:])
+        out = scratch(f"align.{name}.{p}", (len(block), *held.shape[1:]), held.dtype, held.device)
         for i, j in enumerate(block):
             out[i] = held[j] if j < n else computed[p][todo.index(j)]
         products.append(out)
     return activated(experts, tuple(products))
 
 
+def _align_buffer(name: str, x: torch.Tensor):
+    """Where the alignment writes the gate and up products of `name` (scratch.py)."""
+    return lambda p, shape: scratch(f"align.{name}.{p}", shape, x.dtype, x.device)
+
+
 def _hidden(experts, e: int, x: torch.Tensor, kept: tuple | None) -> torch.Tensor:
-    """expert_hidden(experts, e, x)'s bits [T, I], from the kept products when expert e's were kept."""
-    return _block_hidden(experts, [e], x, kept)[0] if e < _kept_count(kept) else expert_hidden(experts, e, x)
+    """expert_hidden(experts, e, x)'s bits [T, I], from the kept products when expert e's were kept (in the scratch
+    buffers "centroid": valid until the next centroid's)."""
+    if e < _kept_count(kept):
+        return _block_hidden(experts, [e], x, kept, "centroid")[0]
+    return activated(experts, experts_products(experts, x, slice(e, e + 1), out=_align_buffer("centroid", x)))[0]
 
 
 def activation_costs(experts, c: int, members: list[int], x: torch.Tensor, kept: tuple | None = None):

@@ -28,6 +28,7 @@ from ..moe import MoELayer, activated, canonical_weights, experts_products, rout
 from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
 from ..observe import LayerStats, Routed, observing_experts, zero_compute
+from .scratch import scratch
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics on a CPU (~256 MB in float32); on a GPU
 # the memory free when a layer's observation starts bounds it (`work_block`).
@@ -110,7 +111,8 @@ class KeptActivations:
             if k == 0:
                 self.full = True
                 return
-            self.products = tuple(p.new_empty(k, self.rows, p.shape[2]) for p in products)
+            self.products = tuple(scratch(f"kept.{i}", (k, self.rows, p.shape[2]), p.dtype, p.device)
+                                  for i, p in enumerate(products))
         k, into = len(self.products[0]), slice(self.filled, self.filled + hi - lo)
         first = int(host[lo]) - start
         if int(host[hi - 1]) - start == first + hi - lo - 1:  # consecutive rows (every token aligned): one copy
@@ -190,7 +192,7 @@ class LayerObservation(LayerStats):
         width = fused_up(experts)[0].numel() // x.shape[1]  # 2I (I ungated), whatever the layout
         step = max(1, self.dense_block // (n * width))
         for s in range(0, t, step):
-            products = experts_products(experts, x[s:s + step])
+            products = experts_products(experts, x[s:s + step], out=_dense_buffer(x))
             if align is not None:
                 self.align_keep.add(products, align, s)
             a = activated(experts, products).float()  # [N, t', I]
@@ -227,6 +229,11 @@ class LayerObservation(LayerStats):
         if self.align_keep is not None and self.align_x is not None:
             self.align_hidden = self.align_keep.result(experts, self.align_x)
         self.align_keep = None
+
+
+def _dense_buffer(x: torch.Tensor):
+    """Where the dense pass writes its gate and up products: buffers reused batch after batch (scratch.py)."""
+    return lambda p, shape: scratch(f"dense.{p}", shape, x.dtype, x.device)
 
 
 # ---- token samples -------------------------------------------------------------------------------

@@ -123,10 +123,11 @@ def _gate_up_bias(experts: nn.Module, which) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def experts_products(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> tuple[torch.Tensor, ...]:
+def experts_products(experts: nn.Module, x: torch.Tensor, which=slice(None), out=None) -> tuple[torch.Tensor, ...]:
     """The products of a_e(x) before its activation, for experts `which` (a slice, all by default, or a list of
     indices) on the same tokens x [T, H], [k, T, ...] each: gate and up as separate contiguous products, or
-    (GPT-OSS's own gate, ungated experts) the one fused product; biases added.
+    (GPT-OSS's own gate, ungated experts) the one fused product; biases added. `out(p, shape)`, when given, is
+    where gate (p=0) and up (p=1) are written (a reused buffer of that shape); the values never depend on it.
 
     A slice reads the weights as views; `which` bounds the memory. Statistics only: no autograd."""
     if not _plain_gate(experts):  # GPT-OSS's own gate, or ungated experts (act(up x))
@@ -136,8 +137,8 @@ def experts_products(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> 
             h = h + _fused_up_bias(experts)[which][:, None, :]
         return (h,)
     gate_w, up_w = _gate_up_halves(experts, which)
-    gate = x.new_empty(gate_w.shape[0], x.shape[0], gate_w.shape[2])
-    up = torch.empty_like(gate)
+    shape = (gate_w.shape[0], x.shape[0], gate_w.shape[2])
+    gate, up = (x.new_empty(shape), x.new_empty(shape)) if out is None else (out(0, shape), out(1, shape))
     for e in range(gate_w.shape[0]):  # one plain product per expert: no copy of x for each
         torch.mm(x, gate_w[e], out=gate[e])
         torch.mm(x, up_w[e], out=up[e])
