@@ -1,18 +1,38 @@
-"""Shared helpers of the merging tests (test_ream.py, test_merging_baselines.py); not a test module."""
+"""Shared helpers of the merging tests (test_ream.py, test_merging_baselines.py, test_compositions.py); not a test
+module."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ream_exp.methods import Context, get_method
 from ream_exp.moe import apply_plan, canonical_weights, moe_layers
+from ream_exp.moe.tiny import tiny_batch, tiny_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def tiny_fixtures(name: str = "qwen16", num_experts: int = 16, top_k: int = 4, layers: int = 3, seed: int = 1,
+                  seq: int = 16, batch_seed: int = 3):
+    """A test module's two module-scoped fixtures, `qwen16, batch = tiny_fixtures()`: `name`, a tiny Qwen3-MoE (by
+    default 16 experts, top-4, norm_topk_prob; MoE layers 0 and 2 with a dense layer between), and `batch`, a
+    tiny batch of 4 sequences of `seq` tokens."""
+
+    @pytest.fixture(scope="module", name=name)
+    def model():
+        return tiny_model("qwen3_moe", num_experts=num_experts, top_k=top_k, layers=layers, seed=seed)
+
+    @pytest.fixture(scope="module", name="batch")
+    def batch():
+        return tiny_batch(batch=4, seq=seq, seed=batch_seed)
+
+    return model, batch
 
 
 def method_cfg(name: str, *overrides: str) -> dict:

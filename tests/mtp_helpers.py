@@ -1,4 +1,5 @@
-"""Tiny checkpoints with a multi-token-prediction layer, as the real ones carry it (tests/test_mtp.py)."""
+"""Tiny checkpoints with a multi-token-prediction layer, as the real ones carry it (tests/test_mtp.py), and
+`read_all`, every tensor of a checkpoint directory (tests/test_stream.py too)."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ream_exp.moe.tiny import TINY_FAMILIES, tiny_model, tiny_model_of, tiny_tok
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's *.safetensors files, by name."""
     out = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(f, "pt") as h:

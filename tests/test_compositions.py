@@ -18,18 +18,11 @@ from ream_exp.moe.merge_ops import merge_tensor
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model
 from ream_exp.plan import Plan
 from ream_exp.settings import check_settings
-from tests.merging_helpers import method_cfg, planned_copy
+from tests.merging_helpers import method_cfg, planned_copy, tiny_fixtures
 from tests.test_config import make_cfg
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=2, seed=4)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return tiny_batch(batch=4, seq=12, seed=5)
+tiny, batch = tiny_fixtures("tiny", num_experts=8, top_k=2, layers=2, seed=4, seq=12, batch_seed=5)
 
 
 def aligned_members(layer, group, perms) -> dict:

@@ -14,18 +14,12 @@ from ream_exp.moe import moe_layers
 from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model
 from ream_exp.observe import observe
 from ream_exp.plan import experts_to_keep
-from tests.merging_helpers import as_partition, expert_weights64, method_cfg, moe_inputs, planned_copy, run_method
+from tests.merging_helpers import (as_partition, expert_weights64, method_cfg, moe_inputs, planned_copy, run_method,
+                                   tiny_fixtures)
 from tests.test_ream import _permute_expert
 
 
-@pytest.fixture(scope="module")
-def qwen16():
-    return tiny_model("qwen3_moe", num_experts=16, top_k=4, layers=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return tiny_batch(batch=4, seq=16, seed=3)
+qwen16, batch = tiny_fixtures()
 
 
 def scipy_average_clusters(features: torch.Tensor, n_clusters: int) -> set[frozenset]:
@@ -62,12 +56,23 @@ def _mean_expert_outputs(layer, x):
     return torch.stack(outs)
 
 
-def test_hc_smoe_clusters_mean_outputs_like_scipy(qwen16, batch):
+def _planned_and_observed(model, batch, method: str):
+    """The method's plan (on a copy of `model`), and the model's MoE inputs, routing statistics and non-pad mask."""
     ids, mask = batch
-    _, plan = planned_copy(qwen16, method_cfg("hc_smoe"), ids, mask)
-    inputs = moe_inputs(qwen16, ids, mask)
-    stats = observe(qwen16, [{"input_ids": ids, "attention_mask": mask}], progress=False)
-    valid = mask.reshape(-1).bool()
+    _, plan = planned_copy(model, method_cfg(method), ids, mask)
+    inputs = moe_inputs(model, ids, mask)
+    stats = observe(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    return plan, inputs, stats, mask.reshape(-1).bool()
+
+
+def _frequency_weights(freq, group) -> torch.Tensor:
+    """The group's merge weights by frequency (uniform where no member was routed), in float64."""
+    f = freq[group]
+    return (f / f.sum() if f.sum() > 0 else torch.full((len(group),), 1 / len(group))).double()
+
+
+def test_hc_smoe_clusters_mean_outputs_like_scipy(qwen16, batch):
+    plan, inputs, stats, valid = _planned_and_observed(qwen16, batch, "hc_smoe")
     for layer, lp in zip(moe_layers(qwen16), plan.layers):
         features = _mean_expert_outputs(layer, inputs[layer.index][valid])
         n_keep = experts_to_keep(layer.num_experts, 0.5)
@@ -80,18 +85,12 @@ def test_hc_smoe_clusters_mean_outputs_like_scipy(qwen16, batch):
             assert dist[0] <= dist.min() + 1e-4 * dist.max()
             if len(group) == 2:  # a pair is an exact tie: the lower index represents it
                 assert group[0] == min(group)
-            f = freq[group]
-            expected = f / f.sum() if f.sum() > 0 else torch.full((len(group),), 1 / len(group))
-            torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), expected.double())
+            torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), _frequency_weights(freq, group))
         assert lp.keep == lp.centroids == sorted(g[0] for g in lp.groups)
 
 
 def test_m_smoe_groups_by_frequency_and_router_logit_cosine(qwen16, batch):
-    ids, mask = batch
-    _, plan = planned_copy(qwen16, method_cfg("m_smoe"), ids, mask)
-    inputs = moe_inputs(qwen16, ids, mask)
-    stats = observe(qwen16, [{"input_ids": ids, "attention_mask": mask}], progress=False)
-    valid = mask.reshape(-1).bool()
+    plan, inputs, stats, valid = _planned_and_observed(qwen16, batch, "m_smoe")
     for layer, lp in zip(moe_layers(qwen16), plan.layers):
         freq = stats[layer.index].freq
         n_keep = experts_to_keep(layer.num_experts, 0.5)
@@ -102,9 +101,7 @@ def test_m_smoe_groups_by_frequency_and_router_logit_cosine(qwen16, batch):
         for group, weights in zip(lp.groups, lp.merge_weights):
             for j in group[1:]:
                 assert group[0] == max(dominant, key=lambda c: (float(cos[j, c]), -dominant.index(c)))
-            f = freq[group]
-            expected = f / f.sum() if f.sum() > 0 else torch.full((len(group),), 1 / len(group))
-            torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), expected.double())
+            torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), _frequency_weights(freq, group))
 
 
 def test_weight_matching_recovers_a_permuted_copy():

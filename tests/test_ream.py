@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.merging_helpers import as_partition, expert_weights64, method_cfg, moe_inputs, planned_copy, run_method
+from tests.merging_helpers import (as_partition, expert_weights64, method_cfg, moe_inputs, planned_copy, run_method,
+                                   tiny_fixtures)
 from transformers import AutoModelForCausalLM
 
 from ream_exp.methods import METHODS, REAM_VARIANTS, Context, ream
@@ -22,15 +23,7 @@ from ream_exp.plan import LayerPlan
 from tests.tolerances import assert_f32_close
 
 
-@pytest.fixture(scope="module")
-def qwen16():
-    """Tiny Qwen3-MoE, 16 experts, top-4, norm_topk_prob; MoE layers 0 and 2 with a dense layer between."""
-    return tiny_model("qwen3_moe", num_experts=16, top_k=4, layers=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return tiny_batch(batch=4, seq=16, seed=3)
+qwen16, batch = tiny_fixtures()  # 16 experts, top-4; MoE layers 0 and 2 with a dense layer between
 
 
 # ---- the float64 reference of docs/algorithms.md, REAM 1-3 (every expert on every token, plain loops) --------------

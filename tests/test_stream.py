@@ -23,6 +23,7 @@ from ream_exp.moe.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_tokeni
 from ream_exp.partial_checkpoint import PARTIAL, PLANS, PROGRESS
 from ream_exp.run import run, validate
 from ream_exp.weight_files import INDEX
+from tests.mtp_helpers import read_all
 from tests.test_config import make_cfg
 
 
@@ -45,17 +46,9 @@ def _cfg(source, calib_files, cache, method, *extra):
     return make_cfg(*_overrides(source, calib_files, cache, method, *extra))
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     """Same tensors (names, dtypes, bytes), same config.json and plan, and both load in stock transformers."""
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = read_all(a), read_all(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k

@@ -10,7 +10,8 @@ Pruning by a saliency (reap, freq) has two switches, `method.saliency_form` and 
 
 and every pruning method has `method.protect` (methods/protect.py): none, or super (REAP's super experts are
 never removed). Scores from the weights alone (aimer, router_norm) prune through `weights_prune_plan`,
-which reads no calibration token unless method.protect needs the observation.
+which reads no calibration token unless method.protect needs the observation; `weights_method` makes
+such a method's functions.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from .states import StatesConfig
 PRUNE_DEFAULTS = dict(saliency_form="paper", sequential=False, protect="none")
 SALIENCY_FORMS = ("paper", "official")
 PRUNE_CHOICES = dict(saliency_form=SALIENCY_FORMS, protect=PROTECT)
+# The one switch of pruning by a score from the weights alone (aimer, router_norm): method.protect.
+WEIGHTS_DEFAULTS = dict(protect="none")
+WEIGHTS_CHOICES = dict(protect=PROTECT)
 TIE_RULES = ("lower", "higher")
 
 
@@ -221,6 +225,28 @@ def weights_prune_plan(ctx: Context, score_name: str, protect: str = "none") -> 
         keep = top_experts(score, ctx.n_keep(layer), layer.router_groups, protected=protected.get(layer.index, set()))
         layers.append(LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=recorded))
     return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers, info=protected_info(protected))
+
+
+def weights_method(score_name: str, label: str):
+    """`settings`, `check`, `needs_calibration` and `plan` of the method that prunes by the weights-only score
+    `score_name` (methods/scores.py) with method.protect as its one switch; `label` names it where the config
+    has no `name`. Its module takes WEIGHTS_DEFAULTS and WEIGHTS_CHOICES, and NEEDS_CALIBRATION = False."""
+
+    def settings(cfg: dict) -> dict:
+        return method_settings(cfg, WEIGHTS_DEFAULTS, WEIGHTS_CHOICES, label)
+
+    def check(cfg: dict, num_experts: int, n_keep: int) -> None:
+        """The settings, checked before any weights are loaded."""
+        settings(cfg)
+
+    def needs_calibration(cfg: dict) -> bool:
+        """Calibration tokens only to find the experts method.protect protects."""
+        return settings(cfg)["protect"] != "none"
+
+    def plan(ctx: Context) -> Plan:
+        return weights_prune_plan(ctx, score_name, settings(ctx.cfg)["protect"])
+
+    return settings, check, needs_calibration, plan
 
 
 def _prune_layer(layer: MoELayer, s: LayerStats, n_keep: int, score_name: str, protected=frozenset()) -> LayerPlan:

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from ..config import ConfigError, rule_group_size, shown
 from ..moe.merge_ops import MERGE_DEFAULTS, MERGE_OPERATORS, MERGE_PARAMS
+from ..plan import Plan
 from ..setting_types import Custom
-from .protect import keep_apart
+from ..timing import Timings
+from .layerwise import run_layerwise
+from .observation import Needs
+from .protect import keep_apart, protected_experts, protected_info
 from .merging import (ALIGN_MODES, align_groups, centred_clusters, check_group_size, group_by_pseudo_pruning,
                       groups_per_router_group, logit_cosine, pca_seed, ream_distance, weight_matching)
 
@@ -148,3 +152,25 @@ def align_layer(layer, groups, obs, s: dict, seed: int, timings) -> dict[int, li
 
 def needs_alignment_tokens(s: dict) -> bool:
     return s["align"] in ("both", "activations")
+
+
+# ---- the layer-wise run every merging method shares ----------------------------------------------------------
+
+def composed_plan(ctx, s: dict, dense: str, plan_layer, own: str) -> Plan:
+    """A merging method's plan from its settings `s`: the grouping's C checked on every layer before any
+    calibration runs, method.protect's experts found on the uncompressed model, then layer by layer
+    (methods/layerwise.py) `plan_layer(layer, obs, n_keep, timings, s, seed, protected)`, observing the mean
+    expert outputs of kind `dense` ("gated" | "plain") where the grouping needs them. The plan records the
+    settings but align_cache_mb (how it computes, not what: the plan is one) and the timings; `own`: its name
+    where the config has none."""
+    for layer in ctx.layers:  # reject an impossible C before any calibration runs
+        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
+    needs = Needs(dense=dense_need(s, dense), align=needs_alignment_tokens(s), sim_tokens=s.get("sim_tokens"),
+                  align_tokens=int(s["align_tokens"]), align_cache_mb=s.get("align_cache_mb"))
+    timings = Timings()
+    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
+                           needs, bool(s["sequential"]), timings)
+    recorded = {k: v for k, v in s.items() if k != "align_cache_mb"}
+    return Plan(ctx.cfg.get("name", own), ctx.ratio, layers,
+                info={"settings": recorded, "timings": dict(timings), **protected_info(protected)})

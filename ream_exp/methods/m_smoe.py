@@ -26,13 +26,10 @@ from __future__ import annotations
 from ..plan import Plan
 from .base import Context, method_settings
 from ..timing import Timings
-from .layerwise import run_layerwise
-from .observation import Needs
 from .compose import (ALIGN_CHOICES, ALIGN_DEFAULTS, COMPOSITION_CHOICES, MERGE_SPECS, align_layer,
-                      check_composition, check_grouping, composition_defaults, dense_need, group_layer, merge_op,
-                      needs_alignment_tokens)
+                      check_composition, check_grouping, composed_plan, composition_defaults, group_layer, merge_op)
 from .merging import floor_zero_saliency, merge_layer_plan
-from .protect import PROTECT, protected_experts, protected_info
+from .protect import PROTECT
 from .scores import SALIENCIES
 from . import scores as expert_scores
 
@@ -72,13 +69,4 @@ def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, pr
 
 
 def plan(ctx: Context) -> Plan:
-    s = settings(ctx.cfg)
-    for layer in ctx.layers:  # reject an impossible C before any calibration runs
-        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
-    needs = Needs(dense=dense_need(s, "plain"), align=needs_alignment_tokens(s), align_tokens=int(s["align_tokens"]))
-    timings = Timings()
-    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
-    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
-                           needs, bool(s["sequential"]), timings)
-    return Plan(ctx.cfg.get("name", "m_smoe"), ctx.ratio, layers,
-                info={"settings": s, "timings": dict(timings), **protected_info(protected)})
+    return composed_plan(ctx, settings(ctx.cfg), "plain", plan_layer, "m_smoe")

@@ -34,12 +34,10 @@ from ..config import rule_group_size
 from ..plan import Plan
 from .base import Context, method_settings
 from ..timing import Timings
-from .layerwise import run_layerwise
-from .observation import Needs
 from .compose import (ALIGN_CHOICES, COMPOSITION_CHOICES, MERGE_SPECS, align_layer, check_composition,
-                      check_grouping, composition_defaults, dense_need, group_layer, merge_op, needs_alignment_tokens)
+                      check_grouping, composed_plan, composition_defaults, group_layer, merge_op)
 from .merging import floor_zero_saliency, merge_layer_plan
-from .protect import PROTECT, protected_experts, protected_info
+from .protect import PROTECT
 from .scores import SALIENCIES
 from . import scores as expert_scores
 
@@ -101,14 +99,4 @@ def plan(ctx: Context) -> Plan:
     s = settings(ctx.cfg)
     first = ctx.layers[0]  # every MoE layer has the same N, so one C serves all (recorded in plan.info)
     s["group_size"] = group_size(s, first.num_experts, ctx.n_keep(first))
-    for layer in ctx.layers:  # reject an impossible C before any calibration runs
-        check_grouping(s, layer.num_experts, ctx.n_keep(layer))
-    needs = Needs(dense=dense_need(s, "gated" if s["gated_sim"] else "plain"), align=needs_alignment_tokens(s),
-                  sim_tokens=s["sim_tokens"], align_tokens=int(s["align_tokens"]), align_cache_mb=s["align_cache_mb"])
-    timings = Timings()
-    protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
-    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
-                           needs, bool(s["sequential"]), timings)
-    recorded = {k: v for k, v in s.items() if k != "align_cache_mb"}  # how it computes, not what (the plan is one)
-    return Plan(ctx.cfg.get("name", "ream"), ctx.ratio, layers,
-                info={"settings": recorded, "timings": dict(timings), **protected_info(protected)})
+    return composed_plan(ctx, s, "gated" if s["gated_sim"] else "plain", plan_layer, "ream")
