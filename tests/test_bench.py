@@ -74,6 +74,7 @@ def test_the_roofline_counts_two_flops_per_multiply_add():
     n, t, h, i = 4, 10, 6, 3
     assert roofline.flops(roofline.dense(t, n, h, i)) == 4 * t * n * h * i  # gate and up of every expert
     assert roofline.aligned_counts([[0, 1, 2], [3], [4, 5]]) == (5, 3)  # experts computed, members aligned
+    assert roofline.aligned_counts([[0, 1, 2], [3], [4, 5]], kept=2) == (3, 3)  # 0 and 1 kept from observing
     clock = roofline.PeakClock("cpu", torch.float32, reps=1)
     assert clock.seconds([roofline.Product(8, 8, 8, count=3)]) == pytest.approx(3 * clock.shape_seconds(8, 8, 8))
 

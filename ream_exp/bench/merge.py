@@ -156,9 +156,10 @@ def layer_rows(args) -> tuple[list[dict], dict]:
     seconds, peak, groups = timed(group, device)
     add(f"group (C={args.group_size}, N'={n_keep})", seconds, peak, roofline.grouping(n, h))
     timings = Timings()
+    kept = len(observed.align_hidden[0]) if observed.align_hidden is not None else 0  # not computed again
     seconds, peak, perms = timed(lambda: align_groups(layer, groups, observed.align_x, "both", 64, 0, timings,
                                                       observed.take_align_hidden), device)
-    aligned, members = roofline.aligned_counts(groups)
+    aligned, members = roofline.aligned_counts(groups, kept)
     t_align = observed.align_x.shape[0]
     add("PCA (q 64)", timings["pca"], peak, roofline.pca(n, i, h, 64))
     add(f"align ({members} members, {t_align} tokens)", seconds - timings["pca"] - timings["hungarian"], peak,

@@ -54,8 +54,9 @@ def prepare(root: Path, s: dict = SHAPE) -> None:
     official.calibration_file(root, ids, mask)
 
 
-def stage_products(s: dict, config, plan, tokens: int) -> dict[str, list[roofline.Product]]:
-    """The products each stage must do on the whole model (roofline.py), from the config and the plan."""
+def stage_products(s: dict, config, plan, tokens: int, kept: int = 0) -> dict[str, list[roofline.Product]]:
+    """The products each stage must do on the whole model (roofline.py), from the config and the plan; `kept`:
+    the experts per layer whose alignment activations the observing pass kept (`kept_by_observation`)."""
     n, k, h, i = s["experts"], s["top_k"], s["hidden"], s["width"]
     heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     settings = plan.info["settings"]
@@ -71,9 +72,22 @@ def stage_products(s: dict, config, plan, tokens: int) -> dict[str, list[rooflin
             out["propagation"] += attn + roofline.routed(tokens, k, n_keep, h, i)
         out["grouping"] += roofline.grouping(n, h)
         out["PCA"] += roofline.pca(n, i, h, int(settings["pca_dim"]))
-        aligned, members = roofline.aligned_counts(lp.groups)
+        aligned, members = roofline.aligned_counts(lp.groups, kept)
         out["alignment"] += roofline.alignment(t_align, h, i, int(settings["pca_dim"]), aligned, members)
     return out
+
+
+def kept_by_observation(method: dict, s: dict, tokens: int, dtype: torch.dtype, device) -> int:
+    """The experts per layer whose alignment activations the observing pass keeps with these method settings
+    (their gate and up products, within method.align_cache_mb, when every alignment token is a similarity token,
+    as with the default sim_tokens=null): the alignment does not compute them again."""
+    from ..methods.observation import kept_activation_bytes, kept_experts
+
+    if method.get("sim_tokens") or method.get("align") not in ("both", "activations"):
+        return 0
+    rows = min(int(method["align_tokens"]), tokens)
+    row_bytes = 2 * s["width"] * torch.empty((), dtype=dtype).element_size()
+    return kept_experts(s["experts"], rows, row_bytes, kept_activation_bytes(method.get("align_cache_mb"), device))
 
 
 def ours(root: Path, args) -> dict:
@@ -100,7 +114,8 @@ def ours(root: Path, args) -> dict:
     total = time.perf_counter() - start
     t = plan.info["timings"]
     tokens = int(calib["attention_mask"].sum())
-    products = stage_products(s, model.config, plan, tokens)
+    products = stage_products(s, model.config, plan, tokens,
+                              kept_by_observation(method, s, tokens, torch.float32, args.device))
     clock = roofline.PeakClock(args.device, torch.float32)
     stage_seconds = {"observation": t.get("observe", 0.0), "propagation": t.get("propagate", 0.0),
                      "grouping": t.get("group", 0.0), "PCA": t.get("pca", 0.0),

@@ -14,7 +14,8 @@ hidden H, width I, N' kept, T_a alignment tokens, q PCA dimensions):
     propagation  the compressed layer's forward (N' experts), when sequential
     grouping     cosines of the N mean outputs (N x H times H x N)
     PCA          torch.pca_lowrank on the [N I, 3H] neuron features: 7 products of N I x 3H x q (niter 2)
-    alignment    each aligned expert's activations on T_a tokens (T_a x H times H x 2I), and per member
+    alignment    each aligned expert's activations on T_a tokens (T_a x H times H x 2I) unless the observing pass
+                 kept them (method.align_cache_mb), and per member
                  the activation cost (I x T_a+2 times T_a+2 x I) and the weight cost (I x q+2 times q+2 x I);
                  the Hungarian assignments (scipy, CPU) are no products and are timed apart
     merge        weighted sums, no products
@@ -119,10 +120,12 @@ def alignment(align_tokens: int, hidden: int, width: int, q: int, aligned: int, 
     return out
 
 
-def aligned_counts(groups: list[list[int]]) -> tuple[int, int]:
-    """(experts whose activations alignment computes, members it aligns) for one layer's groups."""
+def aligned_counts(groups: list[list[int]], kept: int = 0) -> tuple[int, int]:
+    """(experts whose activations alignment computes, members it aligns) for one layer's groups, where the
+    observing pass kept the activations of experts 0..kept-1 (observation.KeptActivations): those are not
+    computed again."""
     merged = [g for g in groups if len(g) > 1]
-    return sum(len(g) for g in merged), sum(len(g) - 1 for g in merged)
+    return sum(e >= kept for g in merged for e in g), sum(len(g) - 1 for g in merged)
 
 
 # ---- the table --------------------------------------------------------------------------------------

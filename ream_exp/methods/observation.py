@@ -84,6 +84,12 @@ def kept_activation_bytes(align_cache_mb: int | None, device) -> int:
     return ALIGN_CACHE_CPU_MB << 20
 
 
+def kept_experts(num_experts: int, rows: int, row_bytes: int, budget: int) -> int:
+    """How many experts' alignment products `budget` bytes hold: experts 0..k-1, each `rows` rows of `row_bytes`
+    (gate and up together)."""
+    return min(num_experts, budget // max(1, rows * row_bytes))
+
+
 @dataclass
 class KeptActivations:
     """The products of a_e(x) before the activation (moe.experts_products: gate and up, [k, T_a, I] each, in the
@@ -106,8 +112,8 @@ class KeptActivations:
         if hi == lo or self.full:
             return
         if self.products is None:
-            per_expert = sum(self.rows * p.shape[2] * p.element_size() for p in products)
-            k = min(products[0].shape[0], self.budget // max(1, per_expert))
+            k = kept_experts(products[0].shape[0], self.rows, sum(p.shape[2] * p.element_size() for p in products),
+                             self.budget)
             if k == 0:
                 self.full = True
                 return
