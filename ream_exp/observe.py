@@ -175,7 +175,8 @@ def _observing_forward(inner, num_experts: int, sink, token_mask, zero_compute: 
         t, k = top_k_index.shape
         rows = torch.arange(t, device=hidden_states.device).repeat_interleave(k)
         idx = top_k_index.reshape(-1)
-        y = inner(hidden_states[rows], idx[:, None], torch.ones_like(top_k_weights.reshape(-1, 1)))
+        repeated = hidden_states[:, None].expand(t, k, hidden_states.shape[-1]).reshape(t * k, -1)  # = [rows]
+        y = inner(repeated, idx[:, None], torch.ones_like(top_k_weights.reshape(-1, 1)))
         w = top_k_weights.reshape(-1).to(y.device)
         out = torch.zeros_like(hidden_states).index_add_(0, rows, (y * w[:, None].to(y.dtype)).to(hidden_states.dtype))
         valid = token_mask()
