@@ -98,6 +98,8 @@ def test_the_parity_run_accounts_for_its_whole_time(tmp_path):
     assert sorted(merged) == [0, 1] and merged[0]["gate"].shape == (4, 16, 32)
     lines = parity.report(TINY_PARITY, [result], [], tmp_path, args)
     assert any(line.startswith("REAM as a whole") and "ratio" in line for line in lines)
+    bound = next(line for line in lines if line.startswith("every stage's products at peak"))
+    assert float(bound.split(", ")[1].split(" times")[0]) >= 1  # observation's products include the floor's
     assert official.max_difference(merged, merged) == 0.0
 
 
@@ -108,4 +110,4 @@ def test_the_layer_benchmark_prints_each_stage(capsys):
     out = capsys.readouterr().out
     for stage in ("plain forward", "observe, dense exact", "group", "PCA", "align", "Hungarian", "merge"):
         assert stage in out
-    assert "REAM as a whole" in out and "of peak" in out
+    assert "REAM as a whole" in out and "of peak" in out and "every stage's products at peak" in out

@@ -184,6 +184,7 @@ def layer_report(args, rows, summary) -> list[str]:
         lines.append(f"{line} {'peak MiB':>9}" if row is None else f"{line} {row['mib']:>9.1f}")
     lines.append(roofline.floor_line(summary["total"], summary["floor_seconds"], summary["floor_gflop"])
                  + " (observe exact + group + PCA + align + Hungarian + merge)")
+    lines.append(roofline.bound_line(rows[1:2] + rows[4:], summary["floor_seconds"]))  # the stages of `total`
     if summary["members"]:
         per_solve = summary["hungarian"] / summary["members"]
         line = f"Hungarian assignment: {per_solve * 1e3:.1f} ms per {args.width} x {args.width} solve"

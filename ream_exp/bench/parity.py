@@ -186,6 +186,7 @@ def report(s: dict, ours_runs: list[dict], theirs_runs: list[dict], root: Path, 
              f"{len(ours_runs)} run(s), {getattr(args, 'clock', 'wall')} clock; the median run's stages:"]
     lines += roofline.table(mid["rows"])
     lines.append(roofline.floor_line(mid["seconds"], mid["floor_seconds"], mid["floor_gflop"]))
+    lines.append(roofline.bound_line(mid["rows"], mid["floor_seconds"]))
     ours_s = [r["seconds"] for r in ours_runs]
     lines.append(f"ream-exp calibrate + compress: median {statistics.median(ours_s):.2f} s "
                  f"({', '.join(f'{x:.2f}' for x in ours_s)})")

@@ -154,3 +154,10 @@ def table(rows: list[dict]) -> list[str]:
 def floor_line(total: float, floor_seconds: float, floor_gflop: float) -> str:
     return (f"REAM as a whole: {total:.3g} s; its floor, the all-expert gate/up pass ({floor_gflop:.3g} GFLOP) "
             f"at this machine's matmul peak: {floor_seconds:.3g} s; ratio {total / floor_seconds:.2f}")
+
+
+def bound_line(rows: list[dict], floor_seconds: float) -> str:
+    """Every stage's products at peak together: the least time these stages can take, beside the floor."""
+    bound = sum(r["peak_seconds"] or 0.0 for r in rows)
+    return (f"every stage's products at peak: {bound:.3g} s, {bound / floor_seconds:.2f} times the floor (the "
+            "least ratio an implementation of these stages can reach on this machine)")
