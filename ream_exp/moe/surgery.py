@@ -65,7 +65,7 @@ def _keep_rows_in_place(module: nn.Module, name: str, keep: torch.Tensor) -> tor
             or p.storage_offset() != 0 or storage.nbytes() != p.numel() * p.element_size()
             or storage.nbytes() < IN_PLACE_MIN_BYTES or not storage.resizable() or k == 0
             or torch._C._storage_Use_Count(storage._cdata) != 2  # the parameter and `storage`
-            or sys.getrefcount(p) != 3  # module._parameters, `p` and getrefcount's argument
+            or sys.getrefcount(p) != _lone_refcount() + 1  # module._parameters and `p`, nothing else
             or _madvise() is None):
         return None
     rows = keep.tolist()
@@ -84,6 +84,14 @@ def _keep_rows_in_place(module: nn.Module, name: str, keep: torch.Tensor) -> tor
     if end > start:
         _madvise()(ctypes.c_void_p(start), end - start, _MADV_DONTNEED)  # on failure the pages merely stay
     return kept
+
+
+def _lone_refcount() -> int:
+    """What sys.getrefcount says of an object held by one local variable alone (interpreters differ)."""
+    import sys
+
+    lone = object()
+    return sys.getrefcount(lone)
 
 
 @functools.cache
