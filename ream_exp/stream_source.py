@@ -4,13 +4,16 @@
     model, dtype = meta_model(cfg.model, source_dir(cfg.model))   # the CausalLM on the meta device
     key_files(source)                       # checkpoint tensor name -> the shard that holds it
     stacked, rest = stacked_experts(model, mapping, keys)   # fused expert tensors read expert by expert
+    loading_dtypes(model, mapping, rest)    # the dtype transformers gives each renamed-only tensor
 
 methods/layer_stream.py reads each decoder layer's tensors (`checkpoint_layers` says whose a tensor is) from the
 shards into the meta skeleton, as `from_pretrained` would convert them. The fused expert tensors that
 transformers builds by stacking per-expert checkpoint tensors (and concatenating gate and up) are built
 here instead, one expert at a time into the preallocated fused tensor in the run's dtype (`read_stacked`):
 the same values (stacking and concatenating copy, converting the dtype is `copy_`'s conversion), without
-every expert's converted tensor alive at once.
+every expert's converted tensor alive at once. The other tensors are read for transformers by plain reads
+too (weight_files.LazyTensor), each converted on reading to the dtype transformers would give it
+(`loading_dtypes`), so no shard is memory-mapped and no tensor is held in two dtypes at once.
 """
 
 from __future__ import annotations
@@ -199,6 +202,24 @@ def stacked_experts(model: nn.Module, mapping: list, keys: list[str]) -> tuple[l
             continue
         stacked.append(Stacked(name, _stacking_dim(converter), parts))
     return stacked, rest
+
+
+def loading_dtypes(model: nn.Module, mapping: list, keys: list[str]) -> dict[str, torch.dtype | None]:
+    """Checkpoint tensor name -> the dtype `convert_and_load_state_dict_in_model` gives it, where the tensor is
+    only renamed into a model entry (that entry's dtype: no dtype plan, no quantizer); None where a
+    conversion takes it (it converts its result itself). Renamed as transformers renames (stacked_experts)."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta, prefix = model.state_dict(), model.base_model_prefix
+    out = {}
+    for key in keys:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:  # transformers' second try: the key itself, prefixed if need be
+            name, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        out[key] = meta[name].dtype if pattern is None and name in meta else None
+    return out
 
 
 @torch.no_grad()

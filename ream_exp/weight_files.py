@@ -10,7 +10,10 @@ whose tensor sizes disagree with their dtype and shape, without reading any tens
 one line with the numbers behind it (`refusal`). A sharded checkpoint's model.safetensors.index.json must
 name shards that exist. Hub ids are checked where their files are already in the local hub cache.
 `ShardReader` reads one tensor's bytes with plain file reads (no memory mapping, so the pages read are the
-page cache's, not the process's) into a tensor the caller allocated, converting its dtype on the way.
+page cache's, not the process's) into a tensor the caller allocated, converting its dtype on the way a
+bounded piece at a time (`CONVERT_CHUNK` bytes of the file), so that converting a tensor holds no second
+copy of it; `shard.lazy(name, dtype)` is a tensor read only when indexed (`t[...]`), as a safetensors
+slice is, for transformers' loading.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -146,8 +150,12 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
                 "BOOL": torch.bool}
 
 
+CONVERT_CHUNK = 64 * 2**20  # file bytes read and converted at a time (a tensor converted on reading)
+
+
 class ShardReader:
-    """One safetensors file, read tensor by tensor with plain file reads (see the module doc)."""
+    """One safetensors file, read tensor by tensor with plain file reads (see the module doc). Reads may come
+    from several threads (transformers' loading materialises tensors in a thread pool)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -157,6 +165,7 @@ class ShardReader:
         header_len, self.header = read  # {name: (dtype, shape, (begin, end))}
         self.data_start = 8 + header_len
         self.file = self.path.open("rb")
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "ShardReader":
         return self
@@ -167,19 +176,65 @@ class ShardReader:
     def shape(self, name: str) -> list[int]:
         return list(self.header[name][1])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self.header[name][0]]
+
+    def _read(self, name: str, begin: int, target: torch.Tensor) -> None:
+        """The file's data bytes from `begin` on, as many as the contiguous CPU tensor `target` holds, into it."""
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        with self._lock:
+            self.file.seek(self.data_start + begin)
+            got = self.file.readinto(view)
+        if got != len(view):
+            raise ValueError(f"{self.path} is truncated: tensor {name!r} could not be read whole")
+
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor `name` copied into `out` (same shape; any dtype and device: converted as `Tensor.copy_`
-        converts). Read straight into `out` when it is a contiguous CPU tensor of the file's dtype, else
-        through a buffer of one tensor's bytes."""
+        converts). Read straight into `out` when it is a contiguous CPU tensor of the file's dtype; into a
+        contiguous `out` of another dtype or device through a buffer of at most CONVERT_CHUNK bytes, one
+        piece after the other (elementwise, so the same values as converting the whole); else through a
+        buffer of one tensor's bytes."""
         file_dtype, file_shape, (begin, end) = self.header[name]
         dtype, shape = TORCH_DTYPES[file_dtype], tuple(file_shape)
         if tuple(out.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}, not {list(out.shape)}")
-        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
-        target = out if direct else torch.empty(shape, dtype=dtype)
-        self.file.seek(self.data_start + begin)
-        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-        if self.file.readinto(view) != end - begin:
-            raise ValueError(f"{self.path} is truncated: tensor {name!r} could not be read whole")
-        if not direct:
-            out.copy_(target)
+        if end - begin != out.numel() * dtype.itemsize:
+            raise ValueError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, not {list(shape)} of {dtype}")
+        if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
+            self._read(name, begin, out)
+            return
+        if not out.is_contiguous():
+            buffer = torch.empty(shape, dtype=dtype)
+            self._read(name, begin, buffer)
+            out.copy_(buffer)
+            return
+        flat, numel = out.view(-1), out.numel()
+        step = max(1, CONVERT_CHUNK // dtype.itemsize)
+        buffer = torch.empty(min(step, numel), dtype=dtype)
+        for first in range(0, numel, step):
+            piece = buffer[:min(step, numel - first)]
+            self._read(name, begin + first * dtype.itemsize, piece)
+            flat[first:first + len(piece)].copy_(piece)
+
+    def lazy(self, name: str, dtype: torch.dtype | None = None) -> "LazyTensor":
+        return LazyTensor(self, name, dtype)
+
+
+class LazyTensor:
+    """Tensor `name` of a shard, read when indexed (`t[...]`: a new CPU tensor in `dtype`, by default the
+    file's), as a safetensors slice is read; the reader must be open then."""
+
+    def __init__(self, reader: ShardReader, name: str, dtype: torch.dtype | None = None):
+        self.reader, self.name = reader, name
+        self.dtype = dtype or reader.dtype(name)
+
+    def get_shape(self) -> list[int]:
+        return self.reader.shape(self.name)
+
+    def get_dtype(self) -> str:
+        return self.reader.header[self.name][0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        out = torch.empty(self.get_shape(), dtype=self.dtype)
+        self.reader.read_into(self.name, out)
+        return out if index is Ellipsis else out[index]

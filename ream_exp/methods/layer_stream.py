@@ -24,6 +24,7 @@ not written. A model held in memory whole is the driver's other layer source (la
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from pathlib import Path
 
@@ -34,8 +35,9 @@ from ..checkpoint import write_provenance
 from ..moe import apply_layer_plan, decoder_layers, family_for, keep_experts, moe_layers
 from ..partial_checkpoint import PARTIAL, PartialCheckpoint
 from ..plan import LayerPlan
-from ..stream_source import (checkpoint_layers, decoder_layer_of, key_files, meta_model, read_stacked, source_dir,
-                             stacked_experts)
+from ..stream_source import (checkpoint_layers, decoder_layer_of, key_files, loading_dtypes, meta_model, read_stacked,
+                             source_dir, stacked_experts)
+from ..weight_files import ShardReader
 
 
 def _is_meta(t: torch.Tensor | None) -> bool:
@@ -95,7 +97,7 @@ class LayerStream:
         convert or move: attention, norms, router on CPU) a copy of its own. Such a tensor's storage is
         the mapping's memory (not torch's, so not resizable) and keeps the whole mapping alive, with the
         shard's pages read so far (the experts' too, though fusing copied them): resident memory that
-        would stay until the layer is freed."""
+        would stay until the layer is freed. `read_into` maps no shard (plain reads), so this is a guard."""
         for t in self.model.state_dict(keep_vars=True).values():
             if t is not None and not _is_meta(t) and not t.untyped_storage().resizable():
                 t.data = t.data.clone()
@@ -186,7 +188,8 @@ class LayerStream:
         for ignored in self.model._keys_to_ignore_on_save or ():
             state.pop(ignored, None)
         state = remove_tied_weights_from_state_dict(state, self.model)
-        self.model._weight_conversions = [c for c in self.mapping if c.was_used()]  # as after from_pretrained
+        # as after from_pretrained, but splitting fused tensors into views (_chunking_views)
+        self.model._weight_conversions = _chunking_views([c for c in self.mapping if c.was_used()])
         return {k: v.contiguous() for k, v in revert_weight_conversion(self.model, state).items()}
 
     def shard_name(self, index: int) -> str:
@@ -242,8 +245,8 @@ class LayerStream:
 def read_into(model: nn.Module, mapping: list, keys: list[str], files: dict[str, Path], device, dtype) -> None:
     """Read checkpoint tensors `keys` (in `files`) into `model`, converted as from_pretrained converts them: the
     fused expert tensors expert by expert (stream_source.read_stacked), the rest by transformers (also used
-    by ream_exp.compressed.load_compressed)."""
-    from safetensors import safe_open
+    by ream_exp.compressed.load_compressed), from plain reads of the shards (weight_files.LazyTensor), each
+    tensor only renamed already in the dtype transformers gives it (stream_source.loading_dtypes)."""
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
     from transformers.utils import logging as hf_logging
@@ -253,14 +256,55 @@ def read_into(model: nn.Module, mapping: list, keys: list[str], files: dict[str,
         _set_parameter(model, target.name, read_stacked(target, files, model.get_parameter(target.name), device))
     if not keys:
         return
+    dtypes = loading_dtypes(model, mapping, keys)
     with contextlib.ExitStack() as stack:
         if hf_logging.is_progress_bar_enabled():  # one "Loading weights" bar per layer says nothing
             hf_logging.disable_progress_bar()
             stack.callback(hf_logging.enable_progress_bar)
-        handles = {f: stack.enter_context(safe_open(f, "pt")) for f in sorted({files[k] for k in keys})}
-        tensors = {k: handles[files[k]].get_slice(k) for k in keys}
+        readers = {f: stack.enter_context(ShardReader(f)) for f in sorted({files[k] for k in keys})}
+        tensors = {k: readers[files[k]].lazy(k, dtypes[k]) for k in keys}
         config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=mapping)
         convert_and_load_state_dict_in_model(model, tensors, config)
+
+
+def _chunking_views(conversions: list) -> list:
+    """`conversions`, each converter's Concatenate replaced by one whose reverse (the split on saving) chunks
+    into views: transformers' Chunk copies every chunk (`.contiguous()`), a second copy of a fused gate_up_proj
+    while its layer is written. The per-expert views of a fused tensor split along a later dimension than
+    the experts' are contiguous (any other is made contiguous on writing, as before): the same values."""
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    out = []
+    for c in conversions:
+        if isinstance(c, WeightConverter) and any(type(op) is Concatenate for op in c.operations):
+            c = copy.copy(c)
+            c.operations = [_view_ops()[0](op.dim, op.num_shards_attribute) if type(op) is Concatenate else op
+                            for op in c.operations]
+        out.append(c)
+    return out
+
+
+@functools.cache
+def _view_ops():
+    """(Concatenate whose reverse is ViewChunk, ViewChunk: transformers' Chunk without its copies)."""
+    from transformers.core_model_loading import Chunk, Concatenate
+
+    class ViewChunk(Chunk):
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            if len(input_dict) > 1:
+                raise ValueError("Undefined Operation encountered")
+            tensors = next(iter(input_dict.values()))
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            targets = self.get_target_patterns(target_patterns, **kwargs)
+            return dict(zip(targets, torch.chunk(tensor, len(targets), dim=self.dim)))
+
+    class ViewConcatenate(Concatenate):
+        @property
+        def reverse_op(self):
+            return ViewChunk(self.dim, self.num_shards_attribute)
+
+    return ViewConcatenate, ViewChunk
 
 
 def _rest_parameters(model: nn.Module, layers: nn.ModuleList):

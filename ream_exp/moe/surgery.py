@@ -12,6 +12,8 @@ surgery refuses any other.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -23,18 +25,95 @@ from .merge_ops import merge_tensor
 from .offload import materialised
 
 
+# Expert-indexed tensors at least this large are sliced in place where they can be (`_keep_rows_in_place`).
+IN_PLACE_MIN_BYTES = 1 << 20
+_MADV_DONTNEED = 4  # Linux
+
+
 def _slice_expert_dim(module: nn.Module, keep: torch.Tensor, n: int) -> None:
     """Index dim 0 of every direct parameter/buffer of `module` that has one entry per expert.
 
-    Indexing by a tensor copies; each original is dropped as soon as its copy replaces it, smallest first, so
-    a layer's largest tensor and its kept rows are the most held at once (a streamed run's peak)."""
+    A large parameter that owns its CPU memory alone keeps its rows in place (`_keep_rows_in_place`): no
+    second copy at all. Any other is indexed by a tensor (a copy); each original is dropped as soon as its
+    copy replaces it, smallest first, so a layer's largest tensor and its kept rows are the most held at once."""
     params = [k for k, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == n]
     for name in sorted(params, key=lambda k: getattr(module, k).numel()):
         requires_grad = getattr(module, name).requires_grad
-        setattr(module, name, nn.Parameter(getattr(module, name).data[keep], requires_grad=requires_grad))
+        kept = _keep_rows_in_place(module, name, keep)
+        if kept is None:
+            kept = getattr(module, name).data[keep]
+        setattr(module, name, nn.Parameter(kept, requires_grad=requires_grad))
     for name, b in list(module.named_buffers(recurse=False)):
         if b is not None and b.dim() >= 1 and b.shape[0] == n:
             module._buffers[name] = b[keep]
+
+
+def _keep_rows_in_place(module: nn.Module, name: str, keep: torch.Tensor) -> torch.Tensor | None:
+    """Rows `keep` (increasing) of parameter `name` moved to its first rows, and the memory of the rows
+    after them handed back to the operating system (madvise MADV_DONTNEED on their whole pages): the kept
+    rows as a view of the parameter's own memory, the same values as indexing copies. None (nothing
+    changed) unless the parameter is a contiguous CPU tensor of at least IN_PLACE_MIN_BYTES on Linux
+    that owns its memory alone (torch's allocation, not a mapped file's; no other tensor, view or
+    reference shares it: moving rows must change nothing anyone else can see)."""
+    import ctypes
+    import sys
+
+    p = module._parameters[name]
+    k = len(keep)
+    storage = p.untyped_storage()
+    if (not sys.platform.startswith("linux") or p.device.type != "cpu" or not p.is_contiguous()
+            or p.storage_offset() != 0 or storage.nbytes() != p.numel() * p.element_size()
+            or storage.nbytes() < IN_PLACE_MIN_BYTES or not storage.resizable() or k == 0
+            or torch._C._storage_Use_Count(storage._cdata) != 2  # the parameter and `storage`
+            or sys.getrefcount(p) != _lone_refcount() + 1  # module._parameters and `p`, nothing else
+            or _madvise() is None):
+        return None
+    rows = keep.tolist()
+    if any(b <= a for a, b in zip(rows, rows[1:])) or rows[0] < 0 or rows[-1] >= p.shape[0]:
+        return None
+    del storage
+    data = p.data
+    with torch.no_grad():
+        for i, e in enumerate(rows):  # e >= i and increasing: row e is read before any write reaches it
+            if e != i:
+                data[i].copy_(data[e])
+    kept = data[:k]
+    page = _page_size()
+    start = -(-(data.data_ptr() + kept.numel() * data.element_size()) // page) * page
+    end = (data.data_ptr() + data.numel() * data.element_size()) // page * page
+    if end > start:
+        _madvise()(ctypes.c_void_p(start), end - start, _MADV_DONTNEED)  # on failure the pages merely stay
+    return kept
+
+
+def _lone_refcount() -> int:
+    """What sys.getrefcount says of an object held by one local variable alone (interpreters differ)."""
+    import sys
+
+    lone = object()
+    return sys.getrefcount(lone)
+
+
+@functools.cache
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise(addr, length, advice), or None where it cannot be had."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
 
 
 def _slice_named(module: nn.Module, name: str, dim: int, keep: list[int]) -> None:
