@@ -6,6 +6,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -87,8 +88,10 @@ def test_the_parity_run_accounts_for_its_whole_time(tmp_path):
     """ream_official on a tiny stand-in of the parity model: every stage has a row, the rows add up to the run's
     time, the stages that do products have their FLOPs, and the merged weights are written for the comparison."""
     parity.prepare(tmp_path, TINY_PARITY)
-    args = argparse.Namespace(threads=1, device="cpu", official=None)
+    args = argparse.Namespace(threads=1, device="cpu", official=None, clock="cpu")
+    threads, perf_counter = torch.get_num_threads(), time.perf_counter
     result = parity.ours(tmp_path, args)
+    assert (torch.get_num_threads(), time.perf_counter) == (threads, perf_counter)  # the job's settings undone
     rows = {r["stage"]: r for r in result["rows"]}
     assert list(rows)[:5] == ["observation", "propagation", "grouping", "PCA", "alignment"]
     assert sum(r["seconds"] for r in result["rows"]) == pytest.approx(result["seconds"])

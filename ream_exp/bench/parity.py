@@ -12,6 +12,7 @@ again costs), its time and merged weights set beside the default's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -90,17 +91,34 @@ def kept_by_observation(method: dict, s: dict, tokens: int, dtype: torch.dtype, 
     return kept_experts(s["experts"], rows, row_bytes, kept_activation_bytes(method.get("align_cache_mb"), device))
 
 
+@contextlib.contextmanager
+def job_settings(threads: int, clock: str):
+    """Within the block torch uses `threads` threads and, with clock="cpu", every stopwatch of the run (its stages,
+    the peak clock) reads this process's CPU time; both are restored on exit (the job may run in-process)."""
+    threads_before, perf_counter = torch.get_num_threads(), time.perf_counter
+    torch.set_num_threads(threads)
+    if clock == "cpu":
+        time.perf_counter = time.process_time
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads_before)
+        time.perf_counter = perf_counter
+
+
 def ours(root: Path, args) -> dict:
     """Worker job: ream_official's calibrate + compress of the saved model, timed, with its roofline."""
+    with job_settings(args.threads, getattr(args, "clock", "wall")):
+        return _ours(root, args)
+
+
+def _ours(root: Path, args) -> dict:
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
     from ..methods import Context, get_method
     from ..moe import apply_plan, canonical_weights, moe_layers
 
-    torch.set_num_threads(args.threads)
-    if getattr(args, "clock", "wall") == "cpu":  # every stopwatch of the run (its stages, the peak clock) reads this process's CPU time
-        time.perf_counter = time.process_time
     s = json.loads((root / "shape.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32).to(args.device).eval()
     calib = torch.load(root / "calib.pt")
