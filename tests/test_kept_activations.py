@@ -179,3 +179,22 @@ def test_kept_products_are_released_before_the_pca(model, batch, monkeypatch):
     monkeypatch.setattr(merging, "pca_weight_features", checked)
     _plan(model, batch, batch_size=6)
     assert alive == [False, False]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-pool", "plain-pool"])
+def test_a_lean_pool_frees_the_kept_buffers_before_the_pca(model, batch, monkeypatch, lean):
+    """A streamed run's pool (lean) holds none of the observing pass's or the alignment's buffers while the PCA copies
+    the layer; an in-memory run's keeps its kept products' buffers for the next layer (and no page faults)."""
+    from ream_exp.methods import layerwise, scratch
+
+    pooled, pca = [], merging.pca_weight_features
+    monkeypatch.setattr(layerwise, "scratch_buffers", lambda lean_=False, **_: scratch.scratch_buffers(lean=lean))
+    monkeypatch.setattr(merging, "pca_weight_features", lambda *a: pooled.append(scratch.pooled()) or pca(*a))
+    reference = _plan(model, batch, "method.align_cache_mb=0", batch_size=6)
+    pooled.clear()
+    _same_plans(_plan(model, batch, batch_size=6), reference)
+    assert len(pooled) == 2
+    if lean:
+        assert pooled == [[], []]
+    else:
+        assert all(any(n.startswith("kept.") for n in names) for names in pooled)

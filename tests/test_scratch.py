@@ -59,7 +59,19 @@ def test_a_layerwise_run_gives_the_same_plan_with_and_without_reused_buffers(mon
     assert plan() == reused
 
 
-def _no_pool():
+def _no_pool(lean: bool = False):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_a_lean_pool_frees_what_is_spent_and_a_plain_pool_keeps_it():
+    from ream_exp.methods.scratch import pooled, spent
+
+    for lean in (True, False):
+        with scratch_buffers(lean=lean):
+            scratch("kept.0", (4,), torch.float32, "cpu")
+            scratch("dense.0", (4,), torch.float32, "cpu")
+            spent("kept.")
+            assert pooled() == (["dense.0"] if lean else ["dense.0", "kept.0"])
+    assert pooled() == []

@@ -158,7 +158,7 @@ def run_layerwise(ctx, plan_layer, needs: Needs, sequential: bool, timings: Timi
     The calibration hidden states wait where calib.states_device says (ctx.states, see states.py).
     With `ctx.stream` (model.stream=true, layer_stream.py) each decoder layer is loaded before it runs,
     written and freed once done, and layers finished by an earlier attempt are taken from disk."""
-    with state_store(ctx.states) as store, scratch_buffers():
+    with state_store(ctx.states) as store, scratch_buffers(lean=getattr(ctx, "stream", None) is not None):
         return _run_layerwise(ctx, plan_layer, needs, sequential, timings, store)
 
 

@@ -26,7 +26,7 @@ from ..moe.groups import group_members, per_group
 from ..plan import LayerPlan
 from ..timing import Timings
 from .observation import work_block
-from .scratch import scratch
+from .scratch import scratch, spent
 
 ALIGN_MODES = ("both", "activations", "weights", "none")
 # Elements of the aligned members' activations alive at once on a CPU, gate and up ([k, T, I] each; ~256 MB in
@@ -349,7 +349,9 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
             for group in groups:
                 if len(group) > 1:
                     act.update(activation_costs(layer.experts, group[0], group[1:], x, kept))
-            kept = None  # spent: not alive with the PCA's features
+            kept = None  # spent: not alive with the PCA's features (in a lean pool, their buffers too)
+            spent("kept.")
+            spent("align.")
         with timings("pca"):
             z = pca_weight_features(layer, pca_dim, seed)
     perms = {}

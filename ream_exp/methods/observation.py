@@ -28,7 +28,7 @@ from ..moe import MoELayer, activated, canonical_weights, experts_products, rout
 from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
 from ..observe import LayerStats, Routed, observing_experts, zero_compute
-from .scratch import scratch
+from .scratch import scratch, spent
 
 # Elements of one [experts, tokens, 2I] block of the dense statistics on a CPU (~256 MB in float32); on a GPU
 # the memory free when a layer's observation starts bounds it (`work_block`).
@@ -218,6 +218,7 @@ class LayerObservation(LayerStats):
     def finish(self, experts: nn.Module, chunk: int = 8) -> None:
         """mean_t w_ti E_i(x_t) = (down_i (sum_t w_ti a_i(x_t)) + b_i sum_t w_ti) / T, in float64."""
         super().finish()  # the one host sync of the token count
+        spent("dense.")  # the dense pass is over (a lean pool frees its buffers)
         if self.dense_hidden is not None:
             means = []
             for s in range(0, self.num_experts, chunk):

@@ -12,6 +12,11 @@ buffer, grown when a call asks for more. A name's tensor is valid until the next
 takes its names for what it holds at once and no longer. Outside the block, and on a GPU (whose caching
 allocator reuses memory already), `scratch` allocates as torch.empty does. Where the memory comes from never
 changes what is computed in it.
+
+A lean pool (`scratch_buffers(lean=True)`, a streamed run's: its peak is a layer plus the working set) frees the
+buffers a user declares spent (`spent("kept.")`, the kept alignment products before the PCA's copy of the layer),
+so they are never alive with what comes next; a plain pool keeps them for the next layer, trading that memory for
+the page faults of allocating them again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import torch
 
 _POOL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ream_exp_scratch", default=None)
+_LEAN = "__lean__"  # the pool's entry that marks it lean
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -40,13 +46,28 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> to
     return buf[:n].view(shape)
 
 
+def spent(prefix: str) -> None:
+    """The buffers whose names start with `prefix` are not needed before the next layer: a lean pool frees them."""
+    pool = _POOL.get()
+    if pool is not None and pool.get(_LEAN):
+        for name in [n for n in pool if n.startswith(prefix)]:
+            del pool[name]
+
+
+def pooled() -> list[str]:
+    """The names of the buffers the pool holds now (none outside `scratch_buffers`)."""
+    pool = _POOL.get()
+    return sorted(n for n in pool or {} if n != _LEAN)
+
+
 @contextlib.contextmanager
-def scratch_buffers():
-    """Within the block `scratch` reuses its buffers; they are freed on exit. Nested blocks share the outer one."""
+def scratch_buffers(lean: bool = False):
+    """Within the block `scratch` reuses its buffers; they are freed on exit. Nested blocks share the outer one.
+    `lean`: `spent` buffers are freed at once (see the module doc)."""
     if _POOL.get() is not None:
         yield
         return
-    token = _POOL.set({})
+    token = _POOL.set({_LEAN: True} if lean else {})
     try:
         yield
     finally:
