@@ -45,7 +45,7 @@ def kept(monkeypatch):
 
     def spy(self, experts, x):
         out = result(self, experts, x)
-        n = None if out is None else len(out[0])
+        n = None if out is None else out.count
         same = n is not None and all(torch.equal(merging._hidden(experts, e, x, out), expert_hidden(experts, e, x))
                                      for e in range(n))
         seen.append((n, same))
@@ -107,13 +107,26 @@ def test_kept_rows_that_differ_are_computed_again(model, batch, monkeypatch):
     result = KeptActivations.result
 
     def perturbed(self, experts, x):
-        self.products[0][0, 0, 0] += 1e-3
+        self.blocks[0][0][0, 0, 0] += 1e-3
         results.append(result(self, experts, x))
         return results[-1]
 
     monkeypatch.setattr(KeptActivations, "result", perturbed)
     _same_plans(_plan(model, batch, batch_size=6), reference)
     assert results == [None, None]
+
+
+@pytest.mark.parametrize("sample", [[], ["method.align_tokens=40"]], ids=["every-token", "align-sample"])
+def test_blocks_of_alignment_tokens_are_kept_where_they_are_computed(model, batch, kept, monkeypatch, sample):
+    """Every expert kept: a dense block whose tokens are all alignment tokens is written straight into the kept
+    products (no copy); one with other tokens too has its aligned rows copied. The plan is the one without them."""
+    reference = _plan(model, batch, *sample, "method.align_cache_mb=0")
+    added, add = [], KeptActivations.add
+    monkeypatch.setattr(KeptActivations, "add", lambda self, *a, direct=False: added.append(direct) or
+                        add(self, *a, direct=direct))
+    _same_plans(_plan(model, batch, *sample), reference)
+    assert kept == [(EXPERTS, True)] * 2
+    assert all(added) if not sample else not any(added)
 
 
 def test_nothing_is_kept_when_alignment_tokens_are_not_all_similarity_tokens(model, batch, kept):
@@ -168,7 +181,7 @@ def test_kept_products_are_released_before_the_pca(model, batch, monkeypatch):
 
     def watched(self, experts, x):
         out = result(self, experts, x)
-        refs.append(weakref.ref(out[0]))
+        refs.append(weakref.ref(out.blocks[0][0]))
         return out
 
     def checked(layer, dim, seed):

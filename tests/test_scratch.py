@@ -75,3 +75,27 @@ def test_a_lean_pool_frees_what_is_spent_and_a_plain_pool_keeps_it():
             spent("kept.")
             assert pooled() == (["dense.0"] if lean else ["dense.0", "kept.0"])
     assert pooled() == []
+
+
+def test_the_activation_out_of_place_is_the_in_place_activations_bits():
+    """moe.activated_into (the dense pass's, when its products are kept) against moe.activated, for SiLU and another
+    activation, on shapes whose sizes are no multiple of a vector width, on one and two threads."""
+    from torch import nn
+
+    from ream_exp.moe import activated, activated_into
+
+    experts = moe_layers(tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=1).eval())[0].experts
+    threads = torch.get_num_threads()
+    try:
+        for act in (experts.act_fn, nn.GELU()):
+            experts.act_fn = act
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                for shape in [(8, 1001, 77), (3, 5, 13), (64, 512, 128)]:
+                    gate, up = torch.randn(shape) * 4, torch.randn(shape)
+                    kept = (gate.clone(), up.clone())
+                    out = activated_into(experts, kept, lambda s: torch.empty(s))
+                    assert torch.equal(kept[0], gate) and torch.equal(kept[1], up)  # left as they were
+                    assert torch.equal(out, activated(experts, (gate.clone(), up.clone())))
+    finally:
+        torch.set_num_threads(threads)

@@ -156,7 +156,7 @@ def layer_rows(args) -> tuple[list[dict], dict]:
     seconds, peak, groups = timed(group, device)
     add(f"group (C={args.group_size}, N'={n_keep})", seconds, peak, roofline.grouping(n, h))
     timings = Timings()
-    kept = len(observed.align_hidden[0]) if observed.align_hidden is not None else 0  # not computed again
+    kept = observed.align_hidden.count if observed.align_hidden is not None else 0  # not computed again
     seconds, peak, perms = timed(lambda: align_groups(layer, groups, observed.align_x, "both", 64, 0, timings,
                                                       observed.take_align_hidden), device)
     aligned, members = roofline.aligned_counts(groups, kept)

@@ -252,25 +252,29 @@ def _cdist_side(a: torch.Tensor, centroid: bool) -> torch.Tensor:
     return torch.cat([u.T, one[None], sq[None]])
 
 
-def _kept_count(kept: tuple | None) -> int:
-    return 0 if kept is None else len(kept[0])
+def _kept_count(kept) -> int:
+    return 0 if kept is None else kept.count
 
 
-def _block_hidden(experts, block: list[int], x: torch.Tensor, kept: tuple | None, name: str = "members"
-                  ) -> torch.Tensor:
+def _block_hidden(experts, block: list[int], x: torch.Tensor, kept, name: str = "members") -> torch.Tensor:
     """experts_hidden(experts, x, block)'s bits [len(block), T, I]: the products of the experts the observing pass
-    kept (below _kept_count(kept)) taken from `kept`, the others' computed, the activation applied to the block.
-    The result lives in the scratch buffers `name` (scratch.py): valid until the next call with that name."""
+    kept (below _kept_count(kept); observation.KeptProducts) taken from `kept`, the others' computed, the activation
+    applied to the block. The result lives in the scratch buffers `name` (scratch.py): valid until the next call
+    with that name."""
     n = _kept_count(kept)
     todo = [j for j in block if j >= n]
     if len(todo) == len(block):
         return activated(experts, experts_products(experts, x, block, out=_align_buffer(name, x)))
     computed = experts_products(experts, x, todo, out=_align_buffer(f"{name}.computed", x)) if todo else None
     products = []
-    for p, held in enumerate(kept):
-        out = scratch(f"align.{name}.{p}", (len(block), *held.shape[1:]), held.dtype, held.device)
+    for p in range(kept.parts):
+        held = kept.blocks[0][p]
+        out = scratch(f"align.{name}.{p}", (len(block), *kept.shape(p)), held.dtype, held.device)
         for i, j in enumerate(block):
-            out[i] = held[j] if j < n else computed[p][todo.index(j)]
+            if j < n:
+                kept.expert(p, j, out=out[i])
+            else:
+                out[i] = computed[p][todo.index(j)]
         products.append(out)
     return activated(experts, tuple(products))
 
@@ -280,7 +284,7 @@ def _align_buffer(name: str, x: torch.Tensor):
     return lambda p, shape: scratch(f"align.{name}.{p}", shape, x.dtype, x.device)
 
 
-def _hidden(experts, e: int, x: torch.Tensor, kept: tuple | None) -> torch.Tensor:
+def _hidden(experts, e: int, x: torch.Tensor, kept) -> torch.Tensor:
     """expert_hidden(experts, e, x)'s bits [T, I], from the kept products when expert e's were kept (in the scratch
     buffers "centroid": valid until the next centroid's)."""
     if e < _kept_count(kept):
@@ -288,7 +292,7 @@ def _hidden(experts, e: int, x: torch.Tensor, kept: tuple | None) -> torch.Tenso
     return activated(experts, experts_products(experts, x, slice(e, e + 1), out=_align_buffer("centroid", x)))[0]
 
 
-def activation_costs(experts, c: int, members: list[int], x: torch.Tensor, kept: tuple | None = None):
+def activation_costs(experts, c: int, members: list[int], x: torch.Tensor, kept=None):
     """(member, cost [I, I]) for each member: cdist between the centroid's and the member's neuron activations
     on the tokens x, each neuron's row L2-normalised over the tokens (docs/algorithms.md, REAM 4).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..moe import MoELayer, activated, canonical_weights, experts_products, router_probs
+from ..moe import MoELayer, activated, activated_into, canonical_weights, experts_products, router_probs
 from ..moe.layers import fused_up
 from ..moe.offload import execution_device, materialised
 from ..observe import LayerStats, Routed, observing_experts, zero_compute
@@ -91,57 +91,127 @@ def kept_experts(num_experts: int, rows: int, row_bytes: int, budget: int) -> in
 
 
 @dataclass
+class KeptProducts:
+    """The alignment products the observing pass kept, handed to the alignment: gate and up (moe.experts_products, in
+    the model's dtype) of experts 0..count-1 on the T_a alignment tokens, in blocks of rows in the sample's order:
+    `blocks[b][p]` is part p of block b, [count, r_b, .] (one block of all T_a rows when fewer than all experts are
+    kept)."""
+
+    blocks: list[tuple[torch.Tensor, ...]]
+
+    @property
+    def count(self) -> int:
+        return self.blocks[0][0].shape[0]
+
+    @property
+    def parts(self) -> int:
+        return len(self.blocks[0])
+
+    def shape(self, p: int) -> tuple[int, int]:
+        """(T_a, width) of part p of one expert."""
+        return sum(b[p].shape[1] for b in self.blocks), self.blocks[0][p].shape[2]
+
+    def expert(self, p: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Part p of expert j's products on the alignment tokens [T_a, width] (into `out` when given)."""
+        if len(self.blocks) == 1:
+            held = self.blocks[0][p][j]
+            return held if out is None else out.copy_(held)
+        rows = [b[p][j] for b in self.blocks]
+        return torch.cat(rows) if out is None else torch.cat(rows, out=out)
+
+
+@dataclass
 class KeptActivations:
-    """The products of a_e(x) before the activation (moe.experts_products: gate and up, [k, T_a, I] each, in the
-    model's dtype) of experts 0..k-1 on the alignment sample: the rows of the observing pass's dense products (the
-    alignment tokens are similarity tokens), filled block by block in the order of the sample; k = as many
-    experts as `budget` bytes hold. The alignment applies the activation to them in the shapes it computes in
-    (moe.activated), so it gets its own bits wherever the products are."""
+    """Collects, while the dense pass runs, the products of a_e(x) before the activation (moe.experts_products: gate
+    and up, [T_a, I] each per expert, in the model's dtype) of experts 0..k-1 on the alignment sample: the rows of
+    the observing pass's dense products (the alignment tokens are similarity tokens), in the order of the sample;
+    k = as many experts as `budget` bytes hold. The alignment applies the activation to them in the shapes it
+    computes in (moe.activated), so it gets its own bits wherever the products are.
+
+    When every expert fits, each block of the dense pass whose tokens are all alignment tokens writes its products
+    straight into a kept block (`direct`, no copy; the dense pass then activates them out of place); the aligned
+    rows of any other block are copied into a block of their own. Otherwise one block of k experts and all T_a rows
+    is filled by copies. The buffers come from the run's scratch pool (scratch.py), names "kept.*"."""
 
     rows: int  # T_a
     budget: int
-    products: tuple[torch.Tensor, ...] | None = None
+    blocks: list = field(default_factory=list)
     filled: int = 0
     full: bool = False  # no expert fits the budget
+    k: int | None = None  # experts kept, set on the first block
 
-    def add(self, products: tuple[torch.Tensor, ...], where: tuple[torch.Tensor, torch.Tensor], start: int) -> None:
+    def _count(self, num_experts: int, row_bytes: int) -> int:
+        if self.k is None:
+            self.k = kept_experts(num_experts, self.rows, row_bytes, self.budget)
+            self.full = self.k == 0
+        return self.k
+
+    @staticmethod
+    def _span(where: tuple[torch.Tensor, torch.Tensor], start: int, t: int) -> tuple[int, int]:
+        """The alignment tokens among similarity tokens start..start+t-1, as a range of `where`'s positions."""
+        lo, hi = torch.searchsorted(where[0], torch.tensor([start, start + t])).tolist()
+        return lo, hi
+
+    def direct(self, num_experts: int, row_bytes: int, where, start: int, t: int, x: torch.Tensor):
+        """Where the dense pass writes the products of similarity tokens start..start+t-1 (an `out` of
+        moe.experts_products) when they are a kept block as they are: every expert kept and every token an
+        alignment token; else None."""
+        if self._count(num_experts, row_bytes) < num_experts or self.full:
+            return None
+        lo, hi = self._span(where, start, t)
+        if hi - lo != t:
+            return None
+        b = len(self.blocks)
+        return lambda p, shape: scratch(f"kept.{b}.{p}", shape, x.dtype, x.device)
+
+    def add(self, products: tuple[torch.Tensor, ...], where: tuple[torch.Tensor, torch.Tensor], start: int,
+            direct: bool = False) -> None:
         """Keep the alignment tokens' rows of `products` ([N, t', .] each) of similarity tokens start..start+t'-1
-        (`where`: the batch's alignment tokens as positions among its similarity tokens, host and device)."""
-        host, dev = where
-        lo, hi = torch.searchsorted(host, torch.tensor([start, start + products[0].shape[1]])).tolist()
+        (`where`: the batch's alignment tokens as positions among its similarity tokens, host and device);
+        `direct`: the products were written where `direct` said, and are the block itself."""
+        n, t = products[0].shape[0], products[0].shape[1]
+        if direct:
+            self.blocks.append(products)
+            self.filled += t
+            return
+        lo, hi = self._span(where, start, t)
+        k = self._count(n, sum(p.shape[2] * p.element_size() for p in products))
         if hi == lo or self.full:
             return
-        if self.products is None:
-            k = kept_experts(products[0].shape[0], self.rows, sum(p.shape[2] * p.element_size() for p in products),
-                             self.budget)
-            if k == 0:
-                self.full = True
-                return
-            self.products = tuple(scratch(f"kept.{i}", (k, self.rows, p.shape[2]), p.dtype, p.device)
-                                  for i, p in enumerate(products))
-        k, into = len(self.products[0]), slice(self.filled, self.filled + hi - lo)
+        host, dev = where
         first = int(host[lo]) - start
-        if int(host[hi - 1]) - start == first + hi - lo - 1:  # consecutive rows (every token aligned): one copy
-            for kept, p in zip(self.products, products):
-                kept[:, into].copy_(p[:k, first:first + hi - lo])
-        else:
-            rows = dev[lo:hi] - start
-            for kept, p in zip(self.products, products):
-                kept[:, into] = p[:k].index_select(1, rows)
+        consecutive = int(host[hi - 1]) - start == first + hi - lo - 1  # every token aligned: one copy
+        if k == n:  # a block of its own: the aligned rows
+            b = len(self.blocks)
+            block = tuple(scratch(f"kept.{b}.{i}", (n, hi - lo, p.shape[2]), p.dtype, p.device)
+                          for i, p in enumerate(products))
+        else:  # one block of the first k experts and every alignment row, filled block by block
+            if not self.blocks:
+                self.blocks.append(tuple(scratch(f"kept.flat.{i}", (k, self.rows, p.shape[2]), p.dtype, p.device)
+                                         for i, p in enumerate(products)))
+            block = tuple(kept[:, self.filled:self.filled + hi - lo] for kept in self.blocks[0])
+        for kept, p in zip(block, products):
+            if consecutive:
+                kept.copy_(p[:k, first:first + hi - lo])
+            else:
+                kept.copy_(p[:k].index_select(1, dev[lo:hi] - start))
+        if k == n:
+            self.blocks.append(block)
         self.filled += hi - lo
 
-    def result(self, experts: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def result(self, experts: nn.Module, x: torch.Tensor) -> KeptProducts | None:
         """The kept products when they are the bits the alignment computes on x, else None. Checked on expert 0:
         each expert's product is its own call of the same shapes, and where a library rounds a row differently
         in products of different row counts it does so by the shapes, never by the values."""
-        if self.products is None or self.filled != self.rows:
+        if not self.blocks or self.filled != self.rows:
             return None
+        kept = KeptProducts(self.blocks)
         again = experts_products(experts, x, slice(0, 1))
-        if not all(torch.equal(a[0], k[0]) for a, k in zip(again, self.products)):
+        if not all(torch.equal(a[0], kept.expert(p, 0)) for p, a in enumerate(again)):
             log.info("alignment activations are recomputed: the dense pass's products round differently from "
                      "the alignment's on this device")
             return None
-        return self.products
+        return kept
 
 
 @dataclass
@@ -197,11 +267,18 @@ class LayerObservation(LayerStats):
             return
         width = fused_up(experts)[0].numel() // x.shape[1]  # 2I (I ungated), whatever the layout
         step = max(1, self.dense_block // (n * width))
+        row_bytes = width * x.element_size()
         for s in range(0, t, step):
-            products = experts_products(experts, x[s:s + step], out=_dense_buffer(x))
+            t_block = min(step, t - s)
+            direct = self.align_keep.direct(n, row_bytes, align, s, t_block, x) if align is not None else None
+            products = experts_products(experts, x[s:s + step], out=direct or _dense_buffer(x))
             if align is not None:
-                self.align_keep.add(products, align, s)
-            a = activated(experts, products).float()  # [N, t', I]
+                self.align_keep.add(products, align, s, direct=direct is not None)
+            if direct is None:
+                a = activated(experts, products).float()  # [N, t', I]
+            else:  # the products are kept: activated out of place, the same bits
+                a = activated_into(experts, products, lambda shape: scratch("dense.act", shape, x.dtype, x.device))
+                a = a.float()
             if weight is None:
                 part, wsum = a.sum(1), torch.full((n,), float(a.shape[1]), device=a.device)
             else:

@@ -161,6 +161,22 @@ def activated(experts: nn.Module, products: tuple[torch.Tensor, ...]) -> torch.T
     return _activate_(experts, gate).mul_(up)
 
 
+@torch.no_grad()
+def activated_into(experts: nn.Module, products: tuple[torch.Tensor, ...], out) -> torch.Tensor:
+    """`activated`'s values, bit for bit, with `products` left as they are: the activation written into out(shape)
+    (a buffer of the gate's shape) and multiplied by up there. The same elementwise kernel on tensors of the same
+    shape and layout, so the same bits."""
+    if len(products) == 1:
+        return _activate(experts, products[0])  # the fused forms' activations allocate their result
+    gate, up = products
+    act = out(gate.shape)
+    if isinstance(experts.act_fn, (SiLUActivation, nn.SiLU)):
+        torch.ops.aten.silu.out(gate, out=act)
+    else:
+        act.copy_(experts.act_fn(gate))
+    return act.mul_(up)
+
+
 def experts_hidden(experts: nn.Module, x: torch.Tensor, which=slice(None)) -> torch.Tensor:
     """a_e(x) for experts `which` (a slice, all by default, or a list of indices) on the same tokens x [T, H]:
     [k, T, I], gate and up as separate contiguous products (the activation applied in place)."""
