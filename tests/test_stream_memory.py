@@ -5,6 +5,8 @@ path's) and for the copy it avoids."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -158,8 +160,8 @@ def test_alignment_pca_runs_with_the_experts_spilled(dtype, extra, calib_files, 
 
     source = _source(tmp_path, "qwen3_moe", dtype)
     run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", *extra), tmp_path / "memory")
-    streams, during_pca, blocks = [], [], []
-    init, pca, read = LayerStream.__init__, torch.pca_lowrank, layer_stream.read_stacked
+    streams, during_pca, blocks, freed = [], [], [], []
+    init, pca, read, to_meta = LayerStream.__init__, torch.pca_lowrank, layer_stream.read_stacked, layer_stream._to_meta
 
     def opened(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -167,8 +169,13 @@ def test_alignment_pca_runs_with_the_experts_spilled(dtype, extra, calib_files, 
 
     def spy(x, *args, **kwargs):
         real = [n for n, p in streams[-1].model.named_parameters() if ".experts." in n and p.device.type != "meta"]
-        during_pca.append(real)
+        during_pca.append(real + [f() for f in freed if f() is not None])
         return pca(x, *args, **kwargs)
+
+    def released(model, name, tensor):  # every expert tensor freed before the PCA (no reference left)
+        if ".experts." in name and tensor.device.type != "meta":
+            freed.append(weakref.ref(tensor))
+        to_meta(model, name, tensor)
 
     def reading(target, files, like, device):
         blocks.append(like.shape[0])
@@ -177,6 +184,7 @@ def test_alignment_pca_runs_with_the_experts_spilled(dtype, extra, calib_files, 
     monkeypatch.setattr(LayerStream, "__init__", opened)
     monkeypatch.setattr(torch, "pca_lowrank", spy)
     monkeypatch.setattr(layer_stream, "read_stacked", reading)
+    monkeypatch.setattr(layer_stream, "_to_meta", released)
     monkeypatch.setattr(layer_stream, "SPILL_BLOCK", 1)
     run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.stream=true", *extra),
         tmp_path / "streamed")

@@ -188,9 +188,9 @@ class LayerStream:
         shapes = {t.name: self.model.get_parameter(t.name) for t in targets}
         per_expert = sum(p[0].numel() * p.element_size() for p in shapes.values())
         per_block = max(1, SPILL_BLOCK // per_expert)
-        for name, p in shapes.items():
-            _to_meta(self.model, name, p)
-        shapes = {name: self.model.get_parameter(name) for name in shapes}  # the meta ones: nothing held
+        for name in list(shapes):
+            _to_meta(self.model, name, shapes.pop(name))
+            shapes[name] = self.model.get_parameter(name)  # the meta one: nothing of the expert tensors held
         _return_freed_memory()
 
         def blocks():
