@@ -11,7 +11,9 @@ conversion mapping (per-expert checkpoint tensors fused into `gate_up_proj`, Mix
 writes it to checkpoint.partial/ as a shard of its own, in the format `save_pretrained` writes (the
 reverse conversion; partial_checkpoint.py), and puts the layer back on the meta device. Embeddings,
 final norm and head are copied last; `save` writes the index, config.json with its provenance, the
-tokenizer and the plan, then renames checkpoint.partial/ to checkpoint/.
+tokenizer and the plan, then renames checkpoint.partial/ to checkpoint/. While a merging method's alignment
+PCA holds a layer's neuron features (as large as its experts in float32), `spilled` keeps that layer's
+experts out of memory and reads them back after (docs/models.md, "The scale rehearsal").
 
 Resume: the layers an earlier attempt of the same config wrote are kept (partial_checkpoint.py). The
 driver reads the calibration hidden states at the boundary from a kept calib.states_dir when its
@@ -209,8 +211,7 @@ class LayerStream:
         finally:
             for name, meta in shapes.items():
                 _to_meta(self.model, name, meta)
-            read_into(self.model, self.mapping, [k for t in targets for keys in t.parts for k in keys], self.keys,
-                      self.device, self.dtype)
+            self._load([k for t in targets for keys in t.parts for k in keys], self.keys)  # as `load` reads them
 
     def _expert_targets(self, layer) -> list[Stacked] | None:
         """The fused tensors of `layer`'s experts module, each stacked from per-expert checkpoint tensors (all its
