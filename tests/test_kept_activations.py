@@ -184,9 +184,9 @@ def test_kept_products_are_released_before_the_pca(model, batch, monkeypatch):
         refs.append(weakref.ref(out.blocks[0][0]))
         return out
 
-    def checked(layer, dim, seed):
+    def checked(layer, dim, seed, spill=None):
         alive.append(refs[-1]() is not None)
-        return pca(layer, dim, seed)
+        return pca(layer, dim, seed, spill)
 
     monkeypatch.setattr(KeptActivations, "result", watched)
     monkeypatch.setattr(merging, "pca_weight_features", checked)

@@ -30,9 +30,9 @@ def seeds_seen(monkeypatch) -> list[int]:
     """Record the seed of every alignment PCA (the real function still runs)."""
     seen = []
 
-    def recording(layer, dim, seed):
+    def recording(layer, dim, seed, spill=None):
         seen.append(seed)
-        return pca_weight_features(layer, dim, seed)
+        return pca_weight_features(layer, dim, seed, spill)
 
     monkeypatch.setattr(merging, "pca_weight_features", recording)
     return seen

@@ -5,6 +5,8 @@ path's) and for the copy it avoids."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -146,3 +148,46 @@ def test_written_expert_tensors_are_views_of_the_fused_ones(tmp_path):
     gate_up = [k for k in written if k.endswith(("gate_proj.weight", "up_proj.weight")) and ".experts." in k]
     assert gate_up and all(written[k].untyped_storage().data_ptr() == storage for k in gate_up)
     assert all(stock[k].untyped_storage().data_ptr() != storage for k in gate_up)
+
+
+@pytest.mark.parametrize("dtype, extra", [(torch.float32, ()),
+                                          (torch.bfloat16, ("model.dtype=auto", "method.align=weights"))])
+def test_alignment_pca_runs_with_the_experts_spilled(dtype, extra, calib_files, tmp_path, monkeypatch):
+    """A streamed run builds the alignment PCA's features from its layer's experts read back one expert at a time
+    (SPILL_BLOCK below one expert's bytes) and reduces them with no expert tensor of the model in memory; it then
+    reads the experts back: the same checkpoint as the in-memory run, bit for bit."""
+    from ream_exp.methods import layer_stream
+
+    source = _source(tmp_path, "qwen3_moe", dtype)
+    run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", *extra), tmp_path / "memory")
+    streams, during_pca, blocks, freed = [], [], [], []
+    init, pca, read, to_meta = LayerStream.__init__, torch.pca_lowrank, layer_stream.read_stacked, layer_stream._to_meta
+
+    def opened(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        streams.append(self)
+
+    def spy(x, *args, **kwargs):
+        real = [n for n, p in streams[-1].model.named_parameters() if ".experts." in n and p.device.type != "meta"]
+        during_pca.append(real + [f() for f in freed if f() is not None])
+        return pca(x, *args, **kwargs)
+
+    def released(model, name, tensor):  # every expert tensor freed before the PCA (no reference left)
+        if ".experts." in name and tensor.device.type != "meta":
+            freed.append(weakref.ref(tensor))
+        to_meta(model, name, tensor)
+
+    def reading(target, files, like, device):
+        blocks.append(like.shape[0])
+        return read(target, files, like, device)
+
+    monkeypatch.setattr(LayerStream, "__init__", opened)
+    monkeypatch.setattr(torch, "pca_lowrank", spy)
+    monkeypatch.setattr(layer_stream, "read_stacked", reading)
+    monkeypatch.setattr(layer_stream, "_to_meta", released)
+    monkeypatch.setattr(layer_stream, "SPILL_BLOCK", 1)
+    run(_cfg(source, calib_files, tmp_path / "cache", "ream_official", "model.stream=true", *extra),
+        tmp_path / "streamed")
+    assert during_pca == [[], [], []]  # three MoE layers (layer 1 is dense), each PCA without the experts
+    assert blocks.count(1) == 3 * 8 * 2  # per MoE layer: its 8 experts one at a time, gate_up_proj and down_proj
+    assert_same_checkpoint(tmp_path / "memory" / "checkpoint", tmp_path / "streamed" / "checkpoint")

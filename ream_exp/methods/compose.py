@@ -142,12 +142,13 @@ def group_layer(layer, obs, n_keep: int, score, s: dict, protected=frozenset(), 
     return groups_per_router_group(layer, n_keep, keep_apart(form, protected, layer.index))
 
 
-def align_layer(layer, groups, obs, s: dict, seed: int, timings) -> dict[int, list[int]]:
-    """Neuron permutations by method.align: REAM 4's costs, or M-SMoE's weight matching (matching)."""
+def align_layer(layer, groups, obs, s: dict, seed: int, timings, spill=None) -> dict[int, list[int]]:
+    """Neuron permutations by method.align: REAM 4's costs, or M-SMoE's weight matching (matching). `spill`: how
+    the PCA of the weight costs holds the layer's experts (merging.pca_weight_features; None: in memory)."""
     if s["align"] == "matching":
         return weight_matching(layer, groups)
     return align_groups(layer, groups, obs.align_x, s["align"], int(s["pca_dim"]), pca_seed(s, seed), timings,
-                        obs.take_align_hidden)
+                        obs.take_align_hidden, spill)
 
 
 def needs_alignment_tokens(s: dict) -> bool:
@@ -159,18 +160,20 @@ def needs_alignment_tokens(s: dict) -> bool:
 def composed_plan(ctx, s: dict, dense: str, plan_layer, own: str) -> Plan:
     """A merging method's plan from its settings `s`: the grouping's C checked on every layer before any
     calibration runs, method.protect's experts found on the uncompressed model, then layer by layer
-    (methods/layerwise.py) `plan_layer(layer, obs, n_keep, timings, s, seed, protected)`, observing the mean
+    (methods/layerwise.py) `plan_layer(layer, obs, n_keep, timings, s, seed, protected, spill)`, observing the mean
     expert outputs of kind `dense` ("gated" | "plain") where the grouping needs them. The plan records the
     settings but align_cache_mb (how it computes, not what: the plan is one) and the timings; `own`: its name
-    where the config has none."""
+    where the config has none. A streamed run (ctx.stream) spills each layer's experts during the alignment PCA
+    (layer_stream.LayerStream.spilled): the same plan, a smaller peak."""
     for layer in ctx.layers:  # reject an impossible C before any calibration runs
         check_grouping(s, layer.num_experts, ctx.n_keep(layer))
     needs = Needs(dense=dense_need(s, dense), align=needs_alignment_tokens(s), sim_tokens=s.get("sim_tokens"),
                   align_tokens=int(s["align_tokens"]), align_cache_mb=s.get("align_cache_mb"))
     timings = Timings()
     protected = protected_experts(ctx, s["protect"])  # from the uncompressed model, before any layer changes
-    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set())),
-                           needs, bool(s["sequential"]), timings)
+    spill = getattr(getattr(ctx, "stream", None), "spilled", None)
+    layers = run_layerwise(ctx, lambda l, o, k, t: plan_layer(l, o, k, t, s, ctx.seed, protected.get(l.index, set()),
+                                                              spill), needs, bool(s["sequential"]), timings)
     recorded = {k: v for k, v in s.items() if k != "align_cache_mb"}
     return Plan(ctx.cfg.get("name", own), ctx.ratio, layers,
                 info={"settings": recorded, "timings": dict(timings), **protected_info(protected)})

@@ -47,11 +47,11 @@ def check(cfg: dict, num_experts: int, n_keep: int) -> None:
     check_grouping(s, num_experts, n_keep)
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset(), spill=None):
     with timings("group"):
         groups = group_layer(layer, obs, n_keep, obs.freq, s, protected)
     with timings("align"):
-        perms = align_layer(layer, groups, obs, s, seed, timings)
+        perms = align_layer(layer, groups, obs, s, seed, timings, spill)
     return merge_layer_plan(layer, groups, obs.freq, perms, obs.freq, {"freq": obs.freq.tolist()}, merge_op(s))
 
 

@@ -11,7 +11,9 @@ conversion mapping (per-expert checkpoint tensors fused into `gate_up_proj`, Mix
 writes it to checkpoint.partial/ as a shard of its own, in the format `save_pretrained` writes (the
 reverse conversion; partial_checkpoint.py), and puts the layer back on the meta device. Embeddings,
 final norm and head are copied last; `save` writes the index, config.json with its provenance, the
-tokenizer and the plan, then renames checkpoint.partial/ to checkpoint/.
+tokenizer and the plan, then renames checkpoint.partial/ to checkpoint/. While a merging method's alignment
+PCA holds a layer's neuron features (as large as its experts in float32), `spilled` keeps that layer's
+experts out of memory and reads them back after (docs/models.md, "The scale rehearsal").
 
 Resume: the layers an earlier attempt of the same config wrote are kept (partial_checkpoint.py). The
 driver reads the calibration hidden states at the boundary from a kept calib.states_dir when its
@@ -35,9 +37,12 @@ from ..checkpoint import write_provenance
 from ..moe import apply_layer_plan, decoder_layers, family_for, keep_experts, moe_layers
 from ..partial_checkpoint import PARTIAL, PartialCheckpoint
 from ..plan import LayerPlan
-from ..stream_source import (checkpoint_layers, decoder_layer_of, key_files, loading_dtypes, meta_model, read_stacked,
-                             source_dir, stacked_experts)
+from ..stream_source import (Stacked, checkpoint_layers, decoder_layer_of, key_files, loading_dtypes, meta_model,
+                             read_stacked, source_dir, stacked_experts)
 from ..weight_files import ShardReader
+
+# The experts read back at a time while a spilled layer's alignment features are built (LayerStream.spilled).
+SPILL_BLOCK = 1 << 27
 
 
 def _is_meta(t: torch.Tensor | None) -> bool:
@@ -167,6 +172,55 @@ class LayerStream:
             _to_meta(self.model, f"{prefix}.{name}", p)
         self._compressed_skeleton(index)
         _return_freed_memory()
+
+    @contextlib.contextmanager
+    def spilled(self, layer):
+        """The alignment PCA's spill (merging.pca_weight_features): MoE layer `layer`'s routed experts freed while
+        its neuron features are built and reduced, read back from the source a block of SPILL_BLOCK bytes at a
+        time to build them (the iteration yields range(a, b) while the experts module holds experts a..b-1), and
+        read back whole once the features are freed, bit for bit as `load` read them. A layer that is not this
+        stream's (an MTP layer) or whose experts are not stacked from per-expert checkpoint tensors keeps its
+        experts: one block of all of them."""
+        own = self.moe.get(layer.index)
+        targets = self._expert_targets(layer) if own is not None and own.experts is layer.experts else None
+        if not targets:
+            yield [range(layer.num_experts)]
+            return
+        n = layer.num_experts
+        shapes = {t.name: self.model.get_parameter(t.name) for t in targets}
+        per_expert = sum(p[0].numel() * p.element_size() for p in shapes.values())
+        per_block = max(1, SPILL_BLOCK // per_expert)
+        for name in list(shapes):
+            _to_meta(self.model, name, shapes.pop(name))
+            shapes[name] = self.model.get_parameter(name)  # the meta one: nothing of the expert tensors held
+        _return_freed_memory()
+
+        def blocks():
+            for a in range(0, n, per_block):
+                b = min(n, a + per_block)
+                for t in targets:
+                    like = torch.empty((b - a, *shapes[t.name].shape[1:]), dtype=shapes[t.name].dtype, device="meta")
+                    part = Stacked(t.name, t.dim, [keys[a:b] for keys in t.parts])
+                    _set_parameter(self.model, t.name, read_stacked(part, self.keys, like, self.device))
+                yield range(a, b)
+            for name, meta in shapes.items():  # the last block freed
+                _to_meta(self.model, name, meta)
+
+        try:
+            yield blocks()
+        finally:
+            for name, meta in shapes.items():
+                _to_meta(self.model, name, meta)
+            self._load([k for t in targets for keys in t.parts for k in keys], self.keys)  # as `load` reads them
+
+    def _expert_targets(self, layer) -> list[Stacked] | None:
+        """The fused tensors of `layer`'s experts module, each stacked from per-expert checkpoint tensors (all its
+        parameters), else None."""
+        prefix = self.names[id(layer.experts)] + "."
+        keys = [k for k in self.keys if self.key_layer[k] == layer.index]
+        targets = [t for t in stacked_experts(self.model, self.mapping, keys)[0] if t.name.startswith(prefix)]
+        params = {prefix + name for name, _ in layer.experts.named_parameters()}
+        return targets if targets and {t.name for t in targets} == params else None
 
     @contextlib.contextmanager
     def capturing(self):

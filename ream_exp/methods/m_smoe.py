@@ -59,12 +59,12 @@ def dominance(layer, obs, name: str):
     return obs.freq if name == "freq" else floor_zero_saliency(expert_scores.saliency(name, layer, obs))
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset(), spill=None):
     freq = dominance(layer, obs, s["saliency"])
     with timings("group"):
         groups = group_layer(layer, obs, n_keep, freq, s, protected, dominant=freq)
     with timings("align"):
-        perms = align_layer(layer, groups, obs, s, seed, timings)
+        perms = align_layer(layer, groups, obs, s, seed, timings, spill)
     return merge_layer_plan(layer, groups, freq, perms, freq, {s["saliency"]: freq.tolist()}, merge_op(s))
 
 

@@ -15,6 +15,8 @@ Each function is one formula of docs/algorithms.md (REAM, HC-SMoE, M-SMoE) and w
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -192,26 +194,46 @@ def centred_clusters(features, n_clusters: int) -> list[list[int]]:
 
 # ---- neuron alignment (4.4) --------------------------------------------------------------------------
 
-def weight_features(layer: MoELayer, experts: list[int] | None = None) -> torch.Tensor:
+def weight_features(layer: MoELayer, experts: list[int] | None = None, out: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Per neuron p: [gate row p | up row p | down column p], [k, I, 3H] in float32 (all experts by default);
-    [up row p | down column p], [k, I, 2H], for ungated experts."""
+    [up row p | down column p], [k, I, 2H], for ungated experts. `out`: written there (its shape)."""
     # every expert: views of the parameters, so the float32 features are the stage's only copy of the layer
     w = canonical_weights(layer.experts, slice(None) if experts is None else experts)
     parts = [p for p in (w["gate"], w["up"], w["down"].transpose(1, 2)) if p is not None]  # no gate: ungated
     up = w["up"]
-    feats = torch.empty(*up.shape[:2], len(parts) * up.shape[2], dtype=torch.float32, device=up.device)
+    feats = out if out is not None else torch.empty(*up.shape[:2], len(parts) * up.shape[2], dtype=torch.float32,
+                                                    device=up.device)
     for k, part in enumerate(parts):
         feats[..., k * part.shape[2]:(k + 1) * part.shape[2]] = part  # one float32 copy, no cat
     return feats
 
 
-def pca_weight_features(layer: MoELayer, dim: int, seed: int) -> torch.Tensor:
-    """Row-normalised neuron features, centred over the layer's neurons, reduced by a seeded randomised
-    PCA (torch.pca_lowrank, q = dim), projected as X V diag(s) and L2-normalised again: [N, I, q].
+def feature_shape(layer: MoELayer) -> tuple[tuple[int, int, int], torch.device]:
+    """The shape of weight_features(layer), [N, I, 3H] (ungated: 2H), and the device of the layer's experts."""
+    w = canonical_weights(layer.experts, slice(None))  # views: no memory
+    up = w["up"]
+    return (*up.shape[:2], sum(p is not None for p in (w["gate"], w["up"], w["down"])) * up.shape[2]), up.device
 
-    The random projection comes from the device's generator, so CPU and CUDA runs can differ slightly.
-    """
-    feats = weight_features(layer)
+
+@contextlib.contextmanager
+def in_memory(layer: MoELayer):
+    """The default `spill` of pca_weight_features: the layer keeps its experts; one block of all of them."""
+    yield [range(layer.num_experts)]
+
+
+def layer_features(layer: MoELayer, blocks, shape, device) -> torch.Tensor:
+    """weight_features(layer) for every expert (`shape` and `device`: feature_shape(layer)), filled block by block:
+    while `blocks` yields range(a, b), the layer's experts module holds experts a..b-1 (all of them, or only those:
+    a spill, see pca_weight_features)."""
+    feats = torch.empty(shape, dtype=torch.float32, device=device)
+    for block in blocks:
+        weight_features(layer, out=feats[block.start:block.stop])
+    return feats
+
+
+def reduce_features(feats: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Neuron features [N, I, W] (normalised and centred in place) reduced by the seeded PCA: [N, I, q]."""
     n, i, width = feats.shape
     x = feats.reshape(n * i, width)
     x.div_(x.norm(dim=1, keepdim=True).clamp(min=1e-12))  # in place: this matrix is the stage's peak memory
@@ -223,6 +245,24 @@ def pca_weight_features(layer: MoELayer, dim: int, seed: int) -> torch.Tensor:
         _, s, v = torch.pca_lowrank(x, q=q, center=False)
     z = F.normalize((x @ v[:, :q]) * s[:q], dim=1)
     return z.reshape(n, i, q)
+
+
+def pca_weight_features(layer: MoELayer, dim: int, seed: int, spill=None) -> torch.Tensor:
+    """Row-normalised neuron features, centred over the layer's neurons, reduced by a seeded randomised
+    PCA (torch.pca_lowrank, q = dim), projected as X V diag(s) and L2-normalised again: [N, I, q].
+
+    The random projection comes from the device's generator, so CPU and CUDA runs can differ slightly.
+    `spill(layer)`: a context manager yielding the expert blocks the features are built from (layer_features);
+    a streamed run's (layer_stream.LayerStream.spilled) frees the layer's experts while the features are alive,
+    builds them from the experts read back a block at a time and reads the experts back whole once the features
+    are freed: the features and the experts are never in memory together. The same values, so the same z.
+    """
+    shape, device = feature_shape(layer)
+    with (spill or in_memory)(layer) as blocks:
+        feats = layer_features(layer, blocks, shape, device)
+        z = reduce_features(feats, dim, seed)
+        del feats  # before the spill reads the experts back
+    return z
 
 
 def pca_seed(settings: dict, run_seed: int) -> int:
@@ -328,7 +368,7 @@ def match_neurons(cost: torch.Tensor) -> list[int]:
 @torch.no_grad()
 def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | None, mode: str,
                  pca_dim: int = 64, seed: int = 0, timings: Timings | None = None,
-                 take_kept=None) -> dict[int, list[int]]:
+                 take_kept=None, spill=None) -> dict[int, list[int]]:
     """Permutation of every non-centroid member's neurons onto its centroid's (docs/algorithms.md REAM 4).
 
     cost = cdist(normalised activations on tokens x) ("activations") + cdist(PCA weight features)
@@ -336,7 +376,8 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
     assignments' (scipy's linear_sum_assignment, on the CPU) as "hungarian". `take_kept()` hands over the
     products before the activation on x of the first experts, as observing computed them
     (LayerObservation.take_align_hidden); with the PCA, every activation cost ([I, I] per member) is computed
-    first and those products freed before the PCA's float32 copy of the layer, so the two are never alive together.
+    first and those products freed before the PCA's float32 copy of the layer, so the two are never alive together;
+    `spill`: how the PCA holds the layer's experts meanwhile (pca_weight_features; None: in memory).
     """
     if mode not in ALIGN_MODES:
         raise ConfigError(f"method.align={mode!r}; valid: {', '.join(ALIGN_MODES)}")
@@ -357,7 +398,7 @@ def align_groups(layer: MoELayer, groups: list[list[int]], x: torch.Tensor | Non
             spent("kept.")
             spent("align.")
         with timings("pca"):
-            z = pca_weight_features(layer, pca_dim, seed)
+            z = pca_weight_features(layer, pca_dim, seed, spill)
     perms = {}
     for group in groups:
         if len(group) == 1:

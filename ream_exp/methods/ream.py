@@ -81,13 +81,13 @@ def saliency(obs, s: dict, layer=None):
     return obs.reap_score
 
 
-def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset()):
+def plan_layer(layer, obs, n_keep: int, timings: Timings, s: dict, seed: int, protected=frozenset(), spill=None):
     raw = saliency(obs, s, layer)
     score = floor_zero_saliency(raw)
     with timings("group"):
         groups = group_layer(layer, obs, n_keep, score, s, protected)
     with timings("align"):
-        perms = align_layer(layer, groups, obs, s, seed, timings)
+        perms = align_layer(layer, groups, obs, s, seed, timings, spill)
     scores = {"freq": obs.freq.tolist(), "reap": obs.reap_score.tolist(),
               "reap_official": obs.sigma_score(2 if s["gated_sim"] else 1).tolist()}
     if s["saliency"] not in scores:
