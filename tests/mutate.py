@@ -49,7 +49,7 @@ MUTANTS = [
            "(x @ v[:, :q]) * s[:q]", "(x @ v[:, :q])",
            (f"{FORMULA_TESTS}::test_pca_weight_features_are_scaled_by_the_singular_values",)),
     Mutant("activation-rows-not-normalised", "ream_exp/methods/merging.py",
-           "return F.normalize(a.float().T, dim=1)", "return a.float().T",
+           "return torch.div(a, norm, out=out).T", "return a.T",
            (f"{FORMULA_TESTS}::test_activation_alignment_ignores_the_scale_of_each_neuron",)),
     Mutant("down-bias-dropped-from-mean-outputs", "ream_exp/methods/observation.py",
            'if w["down_bias"] is not None:', "if False:",

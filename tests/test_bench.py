@@ -46,6 +46,16 @@ def test_a_worker_gets_the_parents_settings(module, argv, tmp_path):
         assert (child.dtype, child.layers, child.n, child.seq_len) == (parent.dtype, 3, 4, 32)
 
 
+def test_a_missing_work_directory_is_created(tmp_path, capsys):
+    """--dir names the parent of the benchmark's temporary directory: a folder not there yet is made, not a
+    FileNotFoundError from tempfile."""
+    work = tmp_path / "not" / "yet"
+    args = argparse.Namespace(worker=None, dir=str(work))
+    worker.main_of("scale", args, None, lambda root, _args: root.parent, [], (),
+                   lambda _root, built, results: f"built under {built}, {len(results)} jobs")
+    assert capsys.readouterr().out.strip() == f"built under {work}, 0 jobs" and work.is_dir()
+
+
 def test_memory_fields_are_bytes():
     assert 0 < worker.rss() <= worker.peak_rss()
 

@@ -173,10 +173,25 @@ def test_activation_costs_are_the_bits_of_cdist_on_the_normalised_rows(width, bl
     layer = moe_layers(model)[0]
     x = torch.randn(300, 32, generator=torch.Generator().manual_seed(7))
     costs = dict(merging.activation_costs(layer.experts, 1, [4, 6, 0], x))
-    rows = {e: F.normalize(expert_hidden(layer.experts, e, x).T, dim=1) for e in (1, 4, 6, 0)}
+    rows = {e: merging.unit_neuron_rows(expert_hidden(layer.experts, e, x)) for e in (1, 4, 6, 0)}
     assert list(costs) == [4, 6, 0]
     for j in (4, 6, 0):
         assert torch.equal(costs[j], torch.cdist(rows[1], rows[j]))
+
+
+def test_unit_neuron_rows_are_the_l2_normalised_rows():
+    """Each neuron's row over the tokens divided by its L2 norm (F.normalize's, a zero row left zero); the norm from
+    a float32 sum of squares over T tokens, so within T-term float32 rounding of F.normalize's."""
+    a = torch.randn(300, 24, generator=torch.Generator().manual_seed(8)) * torch.logspace(-3, 3, 24)
+    a[:, 5] = 0
+    rows = merging.unit_neuron_rows(a)
+    expected = F.normalize(a.double().T, dim=1)
+    assert rows.shape == (24, 300) and rows.dtype == torch.float32
+    assert_f32_close(rows.double(), expected, terms=300, stages=2, scale=torch.ones(()))
+    assert torch.equal(rows[5], torch.zeros(300))
+    out = torch.empty(300, 24)
+    written = merging.unit_neuron_rows(a, out=out)
+    assert torch.equal(written, rows) and written.data_ptr() == out.data_ptr()
 
 
 # ---- docs/algorithms.md REAM 2: mean expert outputs, biases included -----------------------------------------------

@@ -48,10 +48,13 @@ def in_fresh_process(bench: str, job: str, root: Path, flags: list[str]) -> dict
 
 def main_of(bench: str, args: argparse.Namespace, measure, build, jobs, forwarded, finish) -> None:
     """The whole main of a benchmark of whole runs. A worker (--worker JOB) serves its job; the parent builds the
-    model in a temporary directory under --dir (`build(root, args)`), runs each of `jobs` in a fresh process with
-    the settings `forwarded`, and prints `finish(root, built, results)` (the report) while the directory exists."""
+    model in a temporary directory under --dir (created if missing; `build(root, args)`), runs each of `jobs` in a
+    fresh process with the settings `forwarded`, and prints `finish(root, built, results)` (the report) while the
+    directory exists."""
     if args.worker:
         return serve(measure, args)
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)  # the temporary directory's parent
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         built = build(root, args)

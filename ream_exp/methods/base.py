@@ -24,7 +24,7 @@ from torch import nn
 
 from ..calib import calibration_batches
 from ..moe import MoELayer, moe_layers, within_router_groups
-from ..moe.offload import execution_device, materialised
+from ..moe.offload import execution_device
 from ..observe import LayerStats, load_cache_entry, load_stats, observe, save_stats
 from ..plan import LayerPlan, Plan, experts_to_keep
 from ..setting_types import settings_group
@@ -32,7 +32,7 @@ from .layerwise import run_layerwise
 from .observation import Needs
 from .merging import floor_zero_saliency
 from .protect import PROTECT, protected_experts, protected_info
-from .scores import ranked_and_recorded
+from .scores import layers_weight_scores
 from .states import StatesConfig
 
 # The switches of pruning by a saliency (reap, freq) and their defaults: the one-pass paper form, and
@@ -211,19 +211,12 @@ def weights_prune_plan(ctx: Context, score_name: str, protect: str = "none") -> 
     one `protect` protects. A streamed model's decoder layers are loaded one at a time to be scored."""
     protected = protected_experts(ctx, protect)
     stream = ctx.stream
-    layers = []
-    for layer in ctx.layers:
-        if stream is not None and stream.done(layer.index):  # written by an earlier attempt of this run
-            layers.append(stream.plan_of(layer.index))
-            continue
-        if stream is not None:
-            stream.load(layer.index)
-        with materialised([layer.experts, layer.router]):
-            score, recorded = ranked_and_recorded(score_name, layer)
-        if stream is not None:
-            stream.release(layer.index)
+    done = {layer.index for layer in ctx.layers if stream is not None and stream.done(layer.index)}
+    plans = {i: stream.plan_of(i) for i in done}  # written by an earlier attempt of this run
+    for layer, score, recorded in layers_weight_scores(ctx.layers, score_name, stream, skip=done):
         keep = top_experts(score, ctx.n_keep(layer), layer.router_groups, protected=protected.get(layer.index, set()))
-        layers.append(LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=recorded))
+        plans[layer.index] = LayerPlan(layer.index, layer.num_experts, keep, saliency=score.tolist(), scores=recorded)
+    layers = [plans[layer.index] for layer in ctx.layers]
     return Plan(ctx.cfg.get("name", score_name), ctx.ratio, layers, info=protected_info(protected))
 
 

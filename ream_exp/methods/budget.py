@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..moe.offload import materialised
 from ..plan import experts_to_keep
-from .scores import WEIGHT_SCORES, weight_score
+from .scores import WEIGHT_SCORES, layers_weight_scores
 
 BUDGETS = ("uniform", "global")
 
@@ -110,10 +109,7 @@ def allot(ctx) -> dict[int, int]:
     weights-only score, on the layers' weights (no calibration token read)."""
     name = budget_score(ctx.cfg)
     if name in WEIGHT_SCORES:
-        scores = {}
-        for layer in ctx.layers:
-            with materialised([layer.experts, layer.router]):
-                scores[layer.index] = weight_score(name, layer).cpu()
+        scores = {layer.index: score.cpu() for layer, score, _ in layers_weight_scores(ctx.layers, name)}
     else:
         stats = ctx.stats()
         scores = {layer.index: stats[layer.index].score(name).cpu() for layer in ctx.layers}

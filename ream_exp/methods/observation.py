@@ -137,46 +137,42 @@ class KeptActivations:
     budget: int
     blocks: list = field(default_factory=list)
     filled: int = 0
-    full: bool = False  # no expert fits the budget
-    k: int | None = None  # experts kept, set on the first block
+    k: int | None = None  # experts kept (0: none fits the budget), set on the first block
 
     def _count(self, num_experts: int, row_bytes: int) -> int:
         if self.k is None:
             self.k = kept_experts(num_experts, self.rows, row_bytes, self.budget)
-            self.full = self.k == 0
         return self.k
 
     @staticmethod
-    def _span(where: tuple[torch.Tensor, torch.Tensor], start: int, t: int) -> tuple[int, int]:
+    def span(where: tuple[torch.Tensor, torch.Tensor], start: int, t: int) -> tuple[int, int]:
         """The alignment tokens among similarity tokens start..start+t-1, as a range of `where`'s positions."""
         lo, hi = torch.searchsorted(where[0], torch.tensor([start, start + t])).tolist()
         return lo, hi
 
-    def direct(self, num_experts: int, row_bytes: int, where, start: int, t: int, x: torch.Tensor):
-        """Where the dense pass writes the products of similarity tokens start..start+t-1 (an `out` of
-        moe.experts_products) when they are a kept block as they are: every expert kept and every token an
-        alignment token; else None."""
-        if self._count(num_experts, row_bytes) < num_experts or self.full:
-            return None
-        lo, hi = self._span(where, start, t)
-        if hi - lo != t:
+    def direct(self, num_experts: int, row_bytes: int, span: tuple[int, int], t: int, x: torch.Tensor):
+        """Where the dense pass writes the products of a block of t similarity tokens (`span`: its alignment
+        tokens, `span()`) when they are a kept block as they are (an `out` of moe.experts_products): every expert
+        kept and every token an alignment token; else None."""
+        if self._count(num_experts, row_bytes) < num_experts or span[1] - span[0] != t:
             return None
         b = len(self.blocks)
         return lambda p, shape: scratch(f"kept.{b}.{p}", shape, x.dtype, x.device)
 
     def add(self, products: tuple[torch.Tensor, ...], where: tuple[torch.Tensor, torch.Tensor], start: int,
-            direct: bool = False) -> None:
+            span: tuple[int, int], direct: bool = False) -> None:
         """Keep the alignment tokens' rows of `products` ([N, t', .] each) of similarity tokens start..start+t'-1
-        (`where`: the batch's alignment tokens as positions among its similarity tokens, host and device);
-        `direct`: the products were written where `direct` said, and are the block itself."""
+        (`where`: the batch's alignment tokens as positions among its similarity tokens, host and device; `span`:
+        this block's, `span()`); `direct`: the products were written where `direct` said, and are the block
+        itself."""
         n, t = products[0].shape[0], products[0].shape[1]
         if direct:
             self.blocks.append(products)
             self.filled += t
             return
-        lo, hi = self._span(where, start, t)
+        lo, hi = span
         k = self._count(n, sum(p.shape[2] * p.element_size() for p in products))
-        if hi == lo or self.full:
+        if hi == lo or k == 0:
             return
         host, dev = where
         first = int(host[lo]) - start
@@ -270,10 +266,13 @@ class LayerObservation(LayerStats):
         row_bytes = width * x.element_size()
         for s in range(0, t, step):
             t_block = min(step, t - s)
-            direct = self.align_keep.direct(n, row_bytes, align, s, t_block, x) if align is not None else None
+            direct = None
+            if align is not None:
+                span = self.align_keep.span(align, s, t_block)
+                direct = self.align_keep.direct(n, row_bytes, span, t_block, x)
             products = experts_products(experts, x[s:s + step], out=direct or _dense_buffer(x))
             if align is not None:
-                self.align_keep.add(products, align, s, direct=direct is not None)
+                self.align_keep.add(products, align, s, span, direct=direct is not None)
             if direct is None:
                 a = activated(experts, products).float()  # [N, t', I]
             else:  # the products are kept: activated out of place, the same bits

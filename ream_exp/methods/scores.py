@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..moe import MoELayer, canonical_weights
+from ..moe.offload import materialised
 
 # Scores a method can rank experts by (method.saliency), and which of them need no calibration data.
 ACTIVATION_SCORES = ("reap", "freq", "man", "msan")
@@ -87,3 +88,19 @@ def ranked_and_recorded(name: str, layer: MoELayer) -> tuple[torch.Tensor, dict[
         return aimer_importance(layer, ratio), {"aimer": ratio.tolist()}
     score = weight_score(name, layer)
     return score, {name: score.tolist()}
+
+
+def layers_weight_scores(layers: list[MoELayer], name: str, stream=None, skip=frozenset()):
+    """(layer, score as ranked, what plan.json records) for each layer not in `skip` (indices), in order: the
+    weights-only score `name` of its weights, materialised where offloaded; with a `stream`
+    (methods.layer_stream), each layer is loaded to be scored and released after."""
+    for layer in layers:
+        if layer.index in skip:
+            continue
+        if stream is not None:
+            stream.load(layer.index)
+        with materialised([layer.experts, layer.router]):
+            score, recorded = ranked_and_recorded(name, layer)
+        if stream is not None:
+            stream.release(layer.index)
+        yield layer, score, recorded

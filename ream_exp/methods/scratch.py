@@ -27,8 +27,16 @@ import math
 
 import torch
 
-_POOL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ream_exp_scratch", default=None)
-_LEAN = "__lean__"  # the pool's entry that marks it lean
+
+class _Pool:
+    """The buffers of one `scratch_buffers` block, by name, and whether `spent` frees them (lean)."""
+
+    def __init__(self, lean: bool):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.lean = lean
+
+
+_POOL: contextvars.ContextVar[_Pool | None] = contextvars.ContextVar("ream_exp_scratch", default=None)
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -38,26 +46,27 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> to
     if pool is None or device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     n = math.prod(shape)
-    buf = pool.get(name)
+    buffers = pool.buffers
+    buf = buffers.get(name)
     if buf is None or buf.numel() < n or buf.dtype != dtype:
-        pool.pop(name, None)
+        buffers.pop(name, None)
         del buf  # the old buffer is freed before the larger one is allocated
-        buf = pool[name] = torch.empty(n, dtype=dtype, device=device)
+        buf = buffers[name] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
 def spent(prefix: str) -> None:
     """The buffers whose names start with `prefix` are not needed before the next layer: a lean pool frees them."""
     pool = _POOL.get()
-    if pool is not None and pool.get(_LEAN):
-        for name in [n for n in pool if n.startswith(prefix)]:
-            del pool[name]
+    if pool is not None and pool.lean:
+        for name in [n for n in pool.buffers if n.startswith(prefix)]:
+            del pool.buffers[name]
 
 
 def pooled() -> list[str]:
     """The names of the buffers the pool holds now (none outside `scratch_buffers`)."""
     pool = _POOL.get()
-    return sorted(n for n in pool or {} if n != _LEAN)
+    return sorted(pool.buffers) if pool is not None else []
 
 
 @contextlib.contextmanager
@@ -67,9 +76,9 @@ def scratch_buffers(lean: bool = False):
     if _POOL.get() is not None:
         yield
         return
-    token = _POOL.set({_LEAN: True} if lean else {})
+    token = _POOL.set(_Pool(lean))
     try:
         yield
     finally:
-        _POOL.get().clear()
+        _POOL.get().buffers.clear()
         _POOL.reset(token)
