@@ -124,3 +124,16 @@ def test_the_layer_benchmark_prints_each_stage(capsys):
     for stage in ("plain forward", "observe, dense exact", "group", "PCA", "align", "Hungarian", "merge"):
         assert stage in out
     assert "REAM as a whole" in out and "of peak" in out and "every stage's products at peak" in out
+
+
+def test_the_layer_benchmark_aligns_from_the_exact_observations_kept_products():
+    """The stages share one scratch pool, as a run's do: the exact observation runs last, so the products it kept
+    for the alignment are not overwritten by another variant's before the alignment reads them."""
+    args = merge.parse(["--shape", "layer", "--device", "cpu", "--experts", "8", "--hidden", "32", "--width", "16",
+                        "--top-k", "2", "--tokens", "64", "--sim-tokens", "16", "--chunk", "32", "--group-size",
+                        "4", "--ratio", "0.5"])
+    rows, summary = merge.layer_rows(args)
+    assert summary["kept"] == 8  # every expert's alignment products came from the observing pass
+    assert [r["stage"] for r in rows[1:4]] == ["observe, dense on 16 tokens", "observe, routing only",
+                                               "observe, dense exact"]
+    assert summary["total"] == pytest.approx(sum(r["seconds"] for r in rows[3:]))
