@@ -122,7 +122,7 @@ class LayerStats:
         self.ean.index_add_(0, e, norms)
         self.reap.index_add_(0, e, w * norms)
         self.sq.index_add_(0, e, norms * norms)
-        self.peak.scatter_reduce_(0, e, routed.kept(routed.y.max(dim=-1).values), "amax")  # 0 where not kept
+        self.peak.scatter_reduce_(0, e, routed.kept(routed.y.amax(dim=-1)), "amax")  # 0 where not kept
         self.tokens = self.tokens + routed.valid.sum()
 
     def finish(self) -> None:
