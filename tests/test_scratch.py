@@ -99,3 +99,33 @@ def test_the_activation_out_of_place_is_the_in_place_activations_bits():
                     assert torch.equal(out, activated(experts, (gate.clone(), up.clone())))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_pca_features_are_a_pooled_buffer_a_lean_pool_frees(monkeypatch):
+    """pca_weight_features builds the layer's weight features in the buffer "pca.features": a plain pool keeps it
+    for the next layer (the same memory), a lean pool frees it once the PCA is done; the features are the same
+    bits wherever they live (z equal to the unpooled PCA's, whatever the buffer held before)."""
+    from ream_exp.methods import merging
+    from ream_exp.methods.scratch import pooled
+
+    torch.manual_seed(0)
+    layers = moe_layers(tiny_model("qwen3_moe", num_experts=8, top_k=2, layers=2).eval())
+    with torch.no_grad():
+        fresh = [merging.pca_weight_features(layer, 8, 0) for layer in layers]
+    built, layer_features = [], merging.layer_features
+
+    def spy(*args):
+        feats = layer_features(*args)
+        built.append(feats.data_ptr())
+        return feats
+
+    monkeypatch.setattr(merging, "layer_features", spy)
+    for lean in (False, True):
+        built.clear()
+        with scratch_buffers(lean=lean), torch.no_grad():
+            scratch("pca.features", (4096,), torch.float32, "cpu").fill_(float("nan"))  # stale contents
+            z = [merging.pca_weight_features(layer, 8, 0) for layer in layers]
+            assert pooled() == ([] if lean else ["pca.features"])
+        assert all(torch.equal(a, b) for a, b in zip(z, fresh))
+        if not lean:  # the second layer's features in the first one's memory (a lean pool's may reuse it by chance)
+            assert built[0] == built[1]

@@ -225,8 +225,9 @@ def in_memory(layer: MoELayer):
 def layer_features(layer: MoELayer, blocks, shape, device) -> torch.Tensor:
     """weight_features(layer) for every expert (`shape` and `device`: feature_shape(layer)), filled block by block:
     while `blocks` yields range(a, b), the layer's experts module holds experts a..b-1 (all of them, or only those:
-    a spill, see pca_weight_features)."""
-    feats = torch.empty(shape, dtype=torch.float32, device=device)
+    a spill, see pca_weight_features). The features live in the scratch buffer "pca.features" (scratch.py): a run's
+    layers reuse it, and a lean pool frees it once the PCA is done (`pca_weight_features`)."""
+    feats = scratch("pca.features", shape, torch.float32, device)
     for block in blocks:
         weight_features(layer, out=feats[block.start:block.stop])
     return feats
@@ -261,7 +262,8 @@ def pca_weight_features(layer: MoELayer, dim: int, seed: int, spill=None) -> tor
     with (spill or in_memory)(layer) as blocks:
         feats = layer_features(layer, blocks, shape, device)
         z = reduce_features(feats, dim, seed)
-        del feats  # before the spill reads the experts back
+        del feats
+        spent("pca.")  # before the spill reads the experts back
     return z
 
 

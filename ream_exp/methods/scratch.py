@@ -5,13 +5,13 @@
 
 A large tensor allocated afresh is mapped afresh by the C allocator (glibc maps each block of 32 MiB or more on
 its own and unmaps it when it is freed), so every new one pays a page fault per 4 KiB page on its first write:
-at the merge benchmark's parity shape that was about a quarter of REAM's CPU time (docs/benchmarks.md, "Merge speed"). Inside
-`scratch_buffers()` the few large tensors of observing and aligning (the dense pass's products, the kept
-alignment products, the alignment's blocks) come from buffers that live as long as the block, each name one
-buffer, grown when a call asks for more. A name's tensor is valid until the next call of that name: each user
-takes its names for what it holds at once and no longer. Outside the block, and on a GPU (whose caching
-allocator reuses memory already), `scratch` allocates as torch.empty does. Where the memory comes from never
-changes what is computed in it.
+at the merge benchmark's parity shape that was about a quarter of REAM's CPU time (docs/benchmarks.md, "Merge
+speed"). Inside `scratch_buffers()` the few large tensors of observing and aligning (the dense pass's products,
+the kept alignment products, the alignment's blocks and cost operands, the PCA's weight features) come from
+buffers that live as long as the block, each name one buffer, grown when a call asks for more. A name's tensor
+is valid until the next call of that name: each user takes its names for what it holds at once and no longer.
+Outside the block, and on a GPU (whose caching allocator reuses memory already), `scratch` allocates as
+torch.empty does. Where the memory comes from never changes what is computed in it.
 
 A lean pool (`scratch_buffers(lean=True)`, a streamed run's: its peak is a layer plus the working set) frees the
 buffers a user declares spent (`spent("kept.")`, the kept alignment products before the PCA's copy of the layer),
